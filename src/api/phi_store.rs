@@ -1,0 +1,156 @@
+//! `PHIStore`: a PostgreSQL database holding PHI, and how it is reached.
+//!
+//! Only the broker reads `adminSecretRef`; the operator uses `endpoints` to
+//! open egress to the store exactly while some allowed tool uses it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A PostgreSQL database holding protected health information.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "mcpwarden.io",
+    version = "v1alpha1",
+    kind = "PHIStore",
+    plural = "phistores",
+    singular = "phistore",
+    shortname = "phis",
+    category = "mcpwarden",
+    namespaced,
+    status = "PHIStoreStatus",
+    derive = "PartialEq",
+    doc = "A PostgreSQL database holding PHI. Its admin credential is read by the mcp-warden broker only.",
+    printcolumn(name = "Host", type_ = "string", json_path = ".spec.postgres.host"),
+    printcolumn(name = "Database", type_ = "string", json_path = ".spec.postgres.database"),
+    printcolumn(name = "TLS", type_ = "string", json_path = ".spec.postgres.sslMode"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PHIStoreSpec {
+    /// Connection settings.
+    pub postgres: PostgresConnection,
+    /// Where the store is on the network (used for egress NetworkPolicy).
+    pub endpoints: StoreEndpoints,
+}
+
+/// How the broker and the sidecar's proxy reach the database.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresConnection {
+    /// Host name or address.
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// TCP port.
+    #[serde(default = "default_pg_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Database name.
+    #[schemars(length(min = 1, max = 63))]
+    pub database: String,
+    /// Secret with `username` and `password` of a role with CREATEROLE.
+    /// Read by the broker only, never mounted into an MCP pod.
+    pub admin_secret_ref: SecretRef,
+    /// libpq `sslmode`. Only `verify-full` passes the transmission-security
+    /// control.
+    #[serde(default)]
+    pub ssl_mode: SslMode,
+}
+
+fn default_pg_port() -> i32 {
+    5432
+}
+
+/// A Secret in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// libpq's `sslmode` values.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS only if the server insists.
+    Allow,
+    /// TLS if available.
+    Prefer,
+    /// TLS without certificate verification.
+    Require,
+    /// TLS, certificate chain verified, host name not checked.
+    VerifyCa,
+    /// TLS, certificate chain and host name verified.
+    #[default]
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// The store's network location: pods by selector and/or IP blocks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.podSelector) || (has(self.ipBlocks) && size(self.ipBlocks) > 0)").message("endpoints must select the store's pods (podSelector) or name its ipBlocks"),
+    validation = Rule::new("!has(self.namespaceSelector) || has(self.podSelector)").message("namespaceSelector must be paired with podSelector: alone it selects every pod of those namespaces").field_path(".namespaceSelector"),
+    validation = Rule::new("!has(self.podSelector) || (has(self.podSelector.matchLabels) && size(self.podSelector.matchLabels) > 0) || (has(self.podSelector.matchExpressions) && size(self.podSelector.matchExpressions) > 0)").message("podSelector must not be empty: an empty selector selects every pod").field_path(".podSelector"),
+)]
+pub struct StoreEndpoints {
+    /// Pods serving the database (in this namespace unless
+    /// `namespaceSelector` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// Namespaces of those pods; only together with `podSelector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Addresses of a database outside the cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub ip_blocks: Vec<StoreIpBlock>,
+    /// TCP ports the database listens on.
+    #[schemars(length(min = 1, max = 8), inner(range(min = 1, max = 65535)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub ports: Vec<i32>,
+}
+
+/// A CIDR holding the database. Must be specific: the whole Internet is not a
+/// database.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreIpBlock {
+    /// An IPv4 or IPv6 CIDR.
+    #[schemars(length(min = 3, max = 49), regex(pattern = r"^[0-9A-Fa-f.:]+/[0-9]{1,3}$"))]
+    #[x_kube(validation = Rule::new("!(self in ['0.0.0.0/0', '::/0'])").message("an ipBlock of the whole address space is not a database endpoint"))]
+    pub cidr: String,
+}
+
+/// Observed state of a PHIStore.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PHIStoreStatus {
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` (the broker reached the store with its admin role) and
+    /// `TLSVerified`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}

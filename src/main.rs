@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", mcp_warden::api::crds_yaml().unwrap());
+}
