@@ -1,0 +1,112 @@
+//! audit-controls (164.312(b)), integrity (164.312(c)(1)) and
+//! emergency-access (164.312(a)(2)(ii)).
+
+use k8s_openapi::api::core::v1::PodSpec;
+use kube::ResourceExt;
+
+use super::identity::sidecar_of;
+use super::{Assessment, Input, Source};
+use crate::api::FailurePolicy;
+use crate::render::names::{MCP_CONTAINER, SIDECAR_CONTAINER};
+
+const AUDIT_DIR_FLAG: &str = "--audit-dir";
+
+pub(super) fn audit_controls(input: &Input<'_>) -> Assessment {
+    let mut a = Assessment::default();
+    match input.server.spec.audit.failure_policy {
+        FailurePolicy::Closed => a.held("a call whose audit record cannot be made durable is refused (failurePolicy Closed)"),
+        FailurePolicy::Open => a.failed(
+            "audit.failurePolicy is Open: calls proceed when their audit record cannot be written; set Closed",
+        ),
+    }
+    match input.rendered {
+        Ok(rendered) => {
+            let problems = rendered.deployment.spec.template.spec.as_ref().map(auditing_pod_problems);
+            match problems {
+                Some(problems) if problems.is_empty() => a.held(format!(
+                    "every pod runs {SIDECAR_CONTAINER} as a native sidecar; its audit WAL volume is not mounted by {MCP_CONTAINER}"
+                )),
+                Some(problems) => problems.into_iter().for_each(|p| a.failed(format!("the rendered Deployment: {p}"))),
+                None => a.failed("the rendered Deployment has no pod template"),
+            }
+        }
+        Err(e) => a.unseen(format!("no objects can be rendered ({e}), so no call is audited")),
+    }
+    if let Some(pods) = &input.observed.pods {
+        let bare: Vec<String> = pods
+            .iter()
+            .filter(|pod| pod.spec.as_ref().is_none_or(|spec| !auditing_pod_problems(spec).is_empty()))
+            .map(|pod| pod.name_any())
+            .collect();
+        if bare.is_empty() {
+            a.held(format!("all {} running pod(s) carry the auditing sidecar", pods.len()));
+        } else {
+            a.failed(format!("pod(s) running without the auditing sidecar: {}", bare.join(", ")));
+        }
+    }
+    match (&input.observed.collector, input.observed.source) {
+        (Some(c), _) if c.receiving => a.held("the audit collector, outside the pod, is receiving this server's records"),
+        (Some(_), _) => a.failed("the audit collector is not receiving this server's records"),
+        (None, Source::Manifests) => a.unseen("records reaching the audit collector cannot be observed from manifests"),
+        (None, Source::Cluster) => a.unseen("the audit collector has not reported on this server"),
+    }
+    a
+}
+
+/// What keeps a pod from auditing every call: the sidecar must run as a
+/// native sidecar with an audit WAL volume that no other container mounts.
+fn auditing_pod_problems(pod: &PodSpec) -> Vec<String> {
+    let Some(sidecar) = sidecar_of(pod) else {
+        return vec![format!("no {SIDECAR_CONTAINER} container")];
+    };
+    let mut problems = Vec::new();
+    let native = pod.init_containers.iter().flatten().any(|c| c.name == SIDECAR_CONTAINER)
+        && sidecar.restart_policy.as_deref() == Some("Always");
+    if !native {
+        problems.push(format!(
+            "{SIDECAR_CONTAINER} runs outside the native-sidecar slot (an init container with restartPolicy Always)"
+        ));
+    }
+    let args = sidecar.args.as_deref().unwrap_or_default();
+    let Some(audit_dir) = args.iter().position(|x| x == AUDIT_DIR_FLAG).and_then(|i| args.get(i + 1)) else {
+        problems.push(format!("{SIDECAR_CONTAINER} has no {AUDIT_DIR_FLAG}"));
+        return problems;
+    };
+    let audit_volume = sidecar.volume_mounts.iter().flatten().find(|m| &m.mount_path == audit_dir).map(|m| &m.name);
+    let Some(audit_volume) = audit_volume else {
+        problems.push(format!("the audit directory {audit_dir} is not a volume of its own"));
+        return problems;
+    };
+    let shared = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .filter(|c| c.name != SIDECAR_CONTAINER)
+        .any(|c| c.volume_mounts.iter().flatten().any(|m| &m.name == audit_volume));
+    if shared {
+        problems.push(format!("the audit volume {audit_volume} is mounted by another container, which could alter the trail"));
+    }
+    problems
+}
+
+pub(super) fn integrity(input: &Input<'_>) -> Assessment {
+    let mut a = Assessment::default();
+    match &input.observed.collector {
+        Some(c) if c.open_incidents > 0 => a.failed(format!(
+            "the audit collector reports {} open integrity incident(s) on this server's streams",
+            c.open_incidents
+        )),
+        Some(c) if !c.chain_verified => a.failed("the audit collector could not verify this server's hash chain"),
+        Some(_) => a.held("the audit collector verified every stream's hash chain of this server"),
+        None => a.unseen("no audit collector has verified this server's hash chain yet, so the trail's integrity is not verified"),
+    }
+    a
+}
+
+pub(super) fn emergency_access(_input: &Input<'_>) -> Assessment {
+    let mut a = Assessment::default();
+    a.unseen(
+        "no break-glass procedure is configured: mcp-warden does not implement emergency access yet, so none is granted, bounded or recorded through it",
+    );
+    a
+}

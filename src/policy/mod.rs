@@ -1,0 +1,389 @@
+//! The compiled policy: one MCPServer's declarations, resolved against its
+//! PHIStores into the form the sidecar (and later the broker) enforces.
+//!
+//! ```text
+//!   MCPServer.spec ─┐
+//!                   ├─ compile() ─▶ CompiledPolicy ─▶ ConfigMap `<name>-policy` (policy.json)
+//!   PHIStores ──────┘                 │                 └─ its hash rolls the pods
+//!                                     └─ CallerSet::admits(caller) — the one decision
+//! ```
+//!
+//! The compiled form holds no secret: stores carry host, port, database and
+//! TLS mode only. It is deterministic (sorted maps and sets), so its hash
+//! changes exactly when the policy does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use kube::ResourceExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::api::{AllowedCallers, FailurePolicy, MCPServer, PHIStore, Privilege, SslMode};
+
+/// Version of the compiled-policy format; the sidecar refuses others.
+pub const POLICY_FORMAT_VERSION: u32 = 1;
+
+/// What the sidecar enforces for one MCPServer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledPolicy {
+    /// [`POLICY_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// The MCPServer this policy belongs to.
+    pub server: ServerRef,
+    /// Authentication settings.
+    pub authentication: CompiledAuthentication,
+    /// Tools by name. A tool absent here is refused and hidden.
+    pub tools: BTreeMap<String, CompiledTool>,
+    /// Resource policies, longest prefix first.
+    pub resources: Vec<CompiledResource>,
+    /// Prompts by name.
+    pub prompts: BTreeMap<String, CallerSet>,
+    /// Lifetime of issued database credentials, in seconds.
+    pub credential_ttl_seconds: u64,
+    /// What happens when an audit record cannot be written.
+    pub audit_failure_policy: FailurePolicy,
+    /// The PHIStores tools use, by name (connection facts only).
+    pub stores: BTreeMap<String, CompiledStore>,
+}
+
+/// Namespace and name of an MCPServer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerRef {
+    /// Namespace (empty when a manifest names none).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ServerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() { f.write_str(&self.name) } else { write!(f, "{}/{}", self.namespace, self.name) }
+    }
+}
+
+/// Token checks of the resource server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledAuthentication {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Expected `aud`: this server's resource URI.
+    pub audience: String,
+    /// Claim holding groups.
+    pub groups_claim: String,
+    /// Scopes every token must carry.
+    pub required_scopes: BTreeSet<String>,
+}
+
+/// One tool's policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledTool {
+    /// Touches PHI.
+    pub phi: bool,
+    /// Declared purpose (recorded with every call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    /// Who may list and call it.
+    pub callers: CallerSet,
+    /// Grants per store.
+    pub data_access: BTreeMap<String, Vec<CompiledTableGrant>>,
+}
+
+/// Column grants on one table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledTableGrant {
+    /// `schema.table`.
+    pub table: String,
+    /// Columns, sorted.
+    pub columns: BTreeSet<String>,
+    /// Privileges, sorted.
+    pub privileges: BTreeSet<Privilege>,
+}
+
+/// One resource policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledResource {
+    /// URI prefix.
+    pub uri_prefix: String,
+    /// Holds PHI.
+    pub phi: bool,
+    /// Who may list and read.
+    pub callers: CallerSet,
+}
+
+/// Connection facts of a PHIStore (no credential).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledStore {
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Database.
+    pub database: String,
+    /// libpq sslmode.
+    pub ssl_mode: SslMode,
+}
+
+/// The callers admitted to one tool, resource or prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CallerSet {
+    /// Admitted groups.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub groups: BTreeSet<String>,
+    /// Admitted subjects.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub subjects: BTreeSet<String>,
+    /// Any authenticated caller.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub any_authenticated: bool,
+}
+
+/// An authenticated caller, as the sidecar learns it from a verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// `sub`.
+    pub subject: String,
+    /// Groups from the groups claim.
+    pub groups: BTreeSet<String>,
+}
+
+impl CallerSet {
+    /// Whether this set admits the caller: by subject, by any shared group,
+    /// or because any authenticated caller is admitted.
+    pub fn admits(&self, caller: &Caller) -> bool {
+        self.any_authenticated
+            || self.subjects.contains(&caller.subject)
+            || caller.groups.iter().any(|g| self.groups.contains(g))
+    }
+
+    /// Whether the set names nobody.
+    pub fn is_empty(&self) -> bool {
+        !self.any_authenticated && self.groups.is_empty() && self.subjects.is_empty()
+    }
+}
+
+impl From<&AllowedCallers> for CallerSet {
+    fn from(a: &AllowedCallers) -> Self {
+        CallerSet {
+            groups: a.groups.iter().cloned().collect(),
+            subjects: a.subjects.iter().cloned().collect(),
+            any_authenticated: a.any_authenticated,
+        }
+    }
+}
+
+/// Why a policy cannot be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// A tool names a PHIStore that does not exist in the namespace.
+    #[error("tool {tool:?} uses PHIStore {store:?}, which does not exist in namespace {namespace:?}")]
+    MissingStore {
+        /// The tool.
+        tool: String,
+        /// The missing store.
+        store: String,
+        /// Where it was looked for.
+        namespace: String,
+    },
+    /// The credential TTL is not a duration mcp-warden accepts.
+    #[error("credentials.ttl {ttl:?} is invalid: {reason}")]
+    InvalidTtl {
+        /// The declared value.
+        ttl: String,
+        /// Why.
+        reason: String,
+    },
+    /// A PHIStore's port is out of range.
+    #[error("PHIStore {store:?} has port {port}, outside 1-65535")]
+    InvalidStorePort {
+        /// The store.
+        store: String,
+        /// The port.
+        port: i32,
+    },
+}
+
+/// Namespace of an object, empty when unset.
+pub fn namespace_of<K: ResourceExt>(obj: &K) -> String {
+    obj.namespace().unwrap_or_default()
+}
+
+/// Names of the PHIStores that the server's tools use (callers are always
+/// named: the schema refuses an empty `allowedCallers`).
+pub fn stores_in_use(server: &MCPServer) -> BTreeSet<String> {
+    server
+        .spec
+        .tools
+        .iter()
+        .filter(|t| !CallerSet::from(&t.allowed_callers).is_empty())
+        .flat_map(|t| t.data_access.iter().map(|d| d.store.clone()))
+        .collect()
+}
+
+/// Compiles the server's policy. `stores` maps store names to PHIStores of
+/// the server's namespace.
+pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Result<CompiledPolicy, PolicyError> {
+    let spec = &server.spec;
+    let namespace = namespace_of(server);
+    let mut compiled_stores = BTreeMap::new();
+    let mut tools = BTreeMap::new();
+    for tool in &spec.tools {
+        let mut data_access = BTreeMap::new();
+        for access in &tool.data_access {
+            let Some(store) = stores.get(&access.store) else {
+                return Err(PolicyError::MissingStore {
+                    tool: tool.name.clone(),
+                    store: access.store.clone(),
+                    namespace: namespace.clone(),
+                });
+            };
+            let pg = &store.spec.postgres;
+            let port = u16::try_from(pg.port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| PolicyError::InvalidStorePort { store: access.store.clone(), port: pg.port })?;
+            compiled_stores.insert(
+                access.store.clone(),
+                CompiledStore { host: pg.host.clone(), port, database: pg.database.clone(), ssl_mode: pg.ssl_mode },
+            );
+            let grants = access
+                .tables
+                .iter()
+                .map(|t| CompiledTableGrant {
+                    table: t.name.clone(),
+                    columns: t.columns.iter().cloned().collect(),
+                    privileges: t.privileges.iter().copied().collect(),
+                })
+                .collect();
+            data_access.insert(access.store.clone(), grants);
+        }
+        tools.insert(
+            tool.name.clone(),
+            CompiledTool {
+                phi: tool.phi,
+                purpose: tool.purpose.clone(),
+                callers: CallerSet::from(&tool.allowed_callers),
+                data_access,
+            },
+        );
+    }
+    let mut resources: Vec<CompiledResource> = spec
+        .resources
+        .iter()
+        .map(|r| CompiledResource {
+            uri_prefix: r.uri_prefix.clone(),
+            phi: r.phi,
+            callers: CallerSet::from(&r.allowed_callers),
+        })
+        .collect();
+    resources.sort_by(|a, b| b.uri_prefix.len().cmp(&a.uri_prefix.len()).then_with(|| a.uri_prefix.cmp(&b.uri_prefix)));
+    let ttl = parse_go_duration(&spec.credentials.ttl)
+        .map_err(|reason| PolicyError::InvalidTtl { ttl: spec.credentials.ttl.clone(), reason })?;
+    let oidc = &spec.authentication.oidc;
+    Ok(CompiledPolicy {
+        format_version: POLICY_FORMAT_VERSION,
+        server: ServerRef { namespace, name: server.name_any() },
+        authentication: CompiledAuthentication {
+            issuer: oidc.issuer.clone(),
+            audience: oidc.audience.clone(),
+            groups_claim: oidc.groups_claim.clone(),
+            required_scopes: oidc.required_scopes.iter().cloned().collect(),
+        },
+        tools,
+        resources,
+        prompts: spec.prompts.iter().map(|p| (p.name.clone(), CallerSet::from(&p.allowed_callers))).collect(),
+        credential_ttl_seconds: ttl.as_secs(),
+        audit_failure_policy: spec.audit.failure_policy,
+        stores: compiled_stores,
+    })
+}
+
+impl CompiledPolicy {
+    /// Canonical JSON of the policy (what the ConfigMap holds).
+    pub fn to_json(&self) -> String {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// SHA-256 of [`Self::to_json`], hex.
+    pub fn hash(&self) -> String {
+        hex::encode(Sha256::digest(self.to_json().as_bytes()))
+    }
+
+    /// Names of the tools this caller may see and call, sorted.
+    pub fn tools_for<'a>(&'a self, caller: &'a Caller) -> impl Iterator<Item = &'a str> + 'a {
+        self.tools.iter().filter(|(_, t)| t.callers.admits(caller)).map(|(n, _)| n.as_str())
+    }
+}
+
+/// Parses the subset of Go durations the schema admits (`1h30m`, `15m`,
+/// `900s`).
+pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
+    if text.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for ch in text.chars() {
+        if ch.is_ascii_digit() {
+            digits.push(ch);
+            continue;
+        }
+        let unit = match ch {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            other => return Err(format!("unexpected {other:?}: use h, m and s, as in 15m or 1h")),
+        };
+        let n: u64 = digits.parse().map_err(|_| format!("a number must come before {ch:?}"))?;
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or("duration too large")?;
+        digits.clear();
+    }
+    if !digits.is_empty() {
+        return Err("a unit (h, m or s) must follow every number".into());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(sub: &str, groups: &[&str]) -> Caller {
+        Caller { subject: sub.into(), groups: groups.iter().map(|g| g.to_string()).collect() }
+    }
+
+    #[test]
+    fn caller_set_admits_by_group_subject_or_anyone() {
+        let set = CallerSet { groups: ["front-desk".into()].into(), subjects: ["bob".into()].into(), any_authenticated: false };
+        assert!(set.admits(&caller("alice", &["front-desk"])));
+        assert!(set.admits(&caller("bob", &[])));
+        assert!(!set.admits(&caller("mallory", &["billing"])));
+        // Group names are exact: no prefix or case folding.
+        assert!(!set.admits(&caller("eve", &["front-desk-2", "Front-Desk"])));
+        let anyone = CallerSet { any_authenticated: true, ..CallerSet::default() };
+        assert!(anyone.admits(&caller("x", &[])));
+        assert!(CallerSet::default().is_empty());
+        assert!(!CallerSet::default().admits(&caller("x", &["any"])));
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("45s"), Ok(Duration::from_secs(45)));
+        assert!(parse_go_duration("").is_err());
+        assert!(parse_go_duration("15").is_err());
+        assert!(parse_go_duration("m").is_err());
+        assert!(parse_go_duration("1d").is_err());
+        assert!(parse_go_duration("99999999999999999999h").is_err());
+    }
+}
