@@ -1,6 +1,29 @@
 //! mcp-warden: run MCP servers next to PHI and answer a HIPAA auditor.
+//!
+//! ```text
+//!   api ─────────── MCPServer, PHIStore (CRDs)
+//!    │
+//!   manifest ────── read + admit manifests offline (schema + CEL)
+//!    │
+//!   policy ──────── CompiledPolicy: the one declaration, resolved
+//!    │
+//!   render ──────── owned objects (Deployment, Service, NetworkPolicies, …)
+//!    │
+//!   compliance ──── per-control HIPAA verdicts from rendered + observed state
+//!    │
+//!   check ───────── the GitOps gate          cli ─── subcommands
+//! ```
+//!
+//! Later homes, one module each: `operator` (the controller), `sidecar`
+//! (MCP gateway + PostgreSQL proxy), `broker` (per-caller database roles),
+//! `audit` (records, WAL, collector, verify/query).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![warn(missing_docs)]
+
 pub mod api;
+pub mod check;
+pub mod cli;
+pub mod compliance;
 pub mod manifest;
 pub mod policy;
 pub mod render;
-pub mod compliance;

@@ -1,3 +1,5 @@
-fn main() {
-    print!("{}", mcp_warden::api::crds_yaml().unwrap());
+//! The `mcp-warden` binary: every subcommand is in the library.
+
+fn main() -> std::process::ExitCode {
+    mcp_warden::cli::main()
 }

@@ -24,21 +24,19 @@ pub(super) fn unique_user_identification(input: &Input<'_>) -> Assessment {
     } else {
         a.held("no tool reaches a database");
     }
-    for (i, env) in input.server.spec.env.iter().enumerate() {
-        if let Some(why) = credential_in_env(env) {
-            a.failed(format!(
-                "env[{i}] {} {why}: the MCP container must hold no credential; tools get per-caller database credentials from the broker",
-                env.name
-            ));
-        }
-    }
     match input.rendered {
-        Ok(rendered) => {
-            if let Some(pod) = &rendered.deployment.spec.template.spec {
-                check_pod_isolation(pod, "the rendered Deployment", &mut a);
+        Ok(rendered) => match &rendered.deployment.spec.template.spec {
+            Some(pod) => check_pod_isolation(pod, "the rendered Deployment", &mut a),
+            None => a.failed("the rendered Deployment has no pod template"),
+        },
+        // Nothing is rendered; the declared environment still tells.
+        Err(_) => {
+            for (i, env) in input.server.spec.env.iter().enumerate() {
+                if let Some(why) = credential_in_env(env) {
+                    a.failed(format!("spec.env[{i}] {} {why}", env.name));
+                }
             }
         }
-        Err(e) => a.unseen(format!("no objects can be rendered ({e})")),
     }
     if let Some(pods) = &input.observed.pods {
         for pod in pods {
@@ -65,7 +63,10 @@ fn check_pod_isolation(pod: &PodSpec, what: &str, a: &mut Assessment) {
     };
     for env in mcp.env.iter().flatten() {
         if let Some(why) = credential_in_env(env) {
-            a.failed(format!("{what}: {MCP_CONTAINER} env {} {why}", env.name));
+            a.failed(format!(
+                "{what}: {MCP_CONTAINER} env {} {why}; the MCP container must hold no credential: tools get per-caller database credentials from the broker",
+                env.name
+            ));
         }
     }
     for from in mcp.env_from.iter().flatten() {

@@ -165,11 +165,11 @@ impl Walk<'_> {
         let additional = schema.get("additionalProperties");
         for (key, v) in map {
             let child = join(path, key);
+            // The API server owns the root's type and object metadata.
+            if path.is_empty() && ROOT_FIELDS.contains(&key.as_str()) {
+                continue;
+            }
             if let Some(sub) = props.and_then(|p| p.get(key)) {
-                // `metadata` is ObjectMeta, validated by the caller.
-                if path.is_empty() && key == "metadata" {
-                    continue;
-                }
                 self.node(sub, v, &child);
             } else if let Some(sub) = additional.filter(|a| a.is_object()) {
                 self.node(sub, v, &child);
@@ -268,6 +268,9 @@ impl Walk<'_> {
         }
     }
 }
+
+/// Root fields every object has, validated by the API server itself.
+const ROOT_FIELDS: [&str; 3] = ["apiVersion", "kind", "metadata"];
 
 fn join(path: &str, key: &str) -> String {
     if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }

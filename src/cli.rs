@@ -1,0 +1,166 @@
+//! Command-line interface: parses arguments and runs one subcommand. Each
+//! subcommand lives in its own module; this file only wires them.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::check::{self, EXIT_INVALID};
+use crate::render::Settings;
+use crate::{api, manifest, render};
+
+/// mcp-warden: run MCP servers next to PHI and answer a HIPAA auditor.
+#[derive(Debug, Parser)]
+#[command(name = "mcp-warden", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (MCPServer, PHIStore) as YAML.
+    Crd,
+    /// Print the objects the operator would create for each MCPServer.
+    Render(RenderArgs),
+    /// Offline compliance check of manifests: a table (or JSON) of every
+    /// control per MCPServer. Exit 0: no control fails; 1: a control fails
+    /// (or is Unknown, with --strict); 2: invalid input.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct SettingsArgs {
+    /// Image of the mcp-warden sidecar.
+    #[arg(long, env = "MCPW_SIDECAR_IMAGE")]
+    sidecar_image: Option<String>,
+    /// Namespace of the warden's control plane (broker, audit collector).
+    #[arg(long, env = "MCPW_WARDEN_NAMESPACE", default_value = "mcp-warden")]
+    warden_namespace: String,
+}
+
+impl SettingsArgs {
+    fn settings(&self) -> Settings {
+        let mut settings = Settings::for_namespace(&self.warden_namespace);
+        if let Some(image) = &self.sidecar_image {
+            settings.sidecar_image = image.clone();
+        }
+        settings
+    }
+}
+
+#[derive(Debug, Args)]
+struct RenderArgs {
+    /// Manifest files or directories holding the MCPServers and their PHIStores.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// JWKS document to place in the JWKS ConfigMap (for jwksUri; the
+    /// operator fetches it in a cluster).
+    #[arg(long)]
+    jwks_file: Option<PathBuf>,
+    #[command(flatten)]
+    settings: SettingsArgs,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// Manifest files or directories.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Fail on Unknown verdicts too.
+    #[arg(long)]
+    strict: bool,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+    #[command(flatten)]
+    settings: SettingsArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+}
+
+/// Parses the process arguments and runs the chosen subcommand.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => print_crds(),
+        Command::Render(args) => render_cmd(&args),
+        Command::Check(args) => check_cmd(&args),
+    }
+}
+
+fn print_crds() -> ExitCode {
+    match api::crds_yaml() {
+        Ok(yaml) => emit(&yaml, ExitCode::SUCCESS),
+        Err(e) => fail(&format!("cannot serialize the CRDs: {e}")),
+    }
+}
+
+fn render_cmd(args: &RenderArgs) -> ExitCode {
+    let settings = args.settings.settings();
+    let jwks = match &args.jwks_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Some(text),
+            Err(e) => return fail(&format!("{}: cannot read: {e}", path.display())),
+        },
+        None => None,
+    };
+    let (set, errors) = manifest::load_paths(&args.files);
+    if !errors.is_empty() {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        return fail(&text.join("\n"));
+    }
+    if set.servers.is_empty() {
+        return fail("no MCPServer found in the given manifests");
+    }
+    let mut out = String::new();
+    for loaded in &set.servers {
+        let server = &loaded.object;
+        let namespace = crate::policy::namespace_of(server);
+        let stores = set
+            .stores
+            .iter()
+            .filter(|s| crate::policy::namespace_of(&s.object) == namespace)
+            .map(|s| (kube::ResourceExt::name_any(&s.object), s.object.clone()))
+            .collect();
+        let objects = match render::render(server, &stores, &settings, jwks.as_deref()) {
+            Ok(objects) => objects,
+            Err(e) => return fail(&format!("{}: {e}", loaded.origin)),
+        };
+        match objects.to_yaml() {
+            Ok(yaml) => out.push_str(&yaml),
+            Err(e) => return fail(&format!("cannot serialize rendered objects: {e}")),
+        }
+    }
+    emit(&out, ExitCode::SUCCESS)
+}
+
+fn check_cmd(args: &CheckArgs) -> ExitCode {
+    let result = check::check_paths(&args.paths, &args.settings.settings());
+    let text = match args.output {
+        OutputFormat::Table => result.to_table(args.strict),
+        OutputFormat::Json => format!("{:#}\n", result.to_json(args.strict)),
+    };
+    emit(&text, ExitCode::from(result.exit_code(args.strict)))
+}
+
+/// Writes to stdout; a closed pipe is not an error worth a panic.
+fn emit(text: &str, code: ExitCode) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()) {
+        Ok(()) => code,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => code,
+        Err(e) => fail(&format!("cannot write output: {e}")),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("mcp-warden: {message}");
+    ExitCode::from(EXIT_INVALID)
+}
