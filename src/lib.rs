@@ -27,3 +27,6 @@ pub mod compliance;
 pub mod manifest;
 pub mod policy;
 pub mod render;
+
+#[cfg(test)]
+pub(crate) mod fixtures;

@@ -36,3 +36,6 @@ pub const SIDECAR_PG_PROXY_PORT: i32 = 15432;
 
 /// Longest accepted credential TTL, in seconds (the schema says `1h`).
 pub const MAX_CREDENTIAL_TTL_SECS: u64 = 3600;
+
+#[cfg(test)]
+mod tests;

@@ -224,30 +224,33 @@ where
         errors.push(error("metadata.name", "required field is missing".into()));
         return None;
     }
-    let crd = K::crd();
-    let Some(schema) = crd.spec.versions.first().and_then(|v| v.schema.as_ref()).and_then(|s| s.open_api_v3_schema.as_ref())
-    else {
-        errors.push(error("", format!("internal error: the {kind} CRD has no schema")));
-        return None;
-    };
-    let schema = match serde_json::to_value(schema) {
-        Ok(schema) => schema,
-        Err(e) => {
-            errors.push(error("", format!("internal error: the {kind} schema does not serialize: {e}")));
-            return None;
-        }
-    };
-    match schema::admit(&schema, value) {
-        Ok(defaulted) => match serde_json::from_value::<K>(defaulted) {
-            Ok(object) => Some(object),
-            Err(e) => {
-                errors.push(error("", format!("does not match the {kind} type: {e}")));
-                None
-            }
-        },
+    match admit::<K>(value) {
+        Ok(object) => Some(object),
         Err(field_errors) => {
             errors.extend(field_errors.into_iter().map(|fe| error(&fe.field, fe.message)));
             None
         }
     }
+}
+
+/// Admits one custom resource against its CRD schema (structure, defaults,
+/// CEL) and returns it typed, or every reason it is refused.
+pub fn admit<K>(value: &Value) -> Result<K, Vec<FieldError>>
+where
+    K: CustomResourceExt + DeserializeOwned,
+{
+    let internal = |message: String| vec![FieldError { field: String::new(), message }];
+    let crd = K::crd();
+    let kind = crd.spec.names.kind.clone();
+    let schema = crd
+        .spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .ok_or_else(|| internal(format!("internal error: the {kind} CRD has no schema")))?;
+    let schema = serde_json::to_value(schema)
+        .map_err(|e| internal(format!("internal error: the {kind} schema does not serialize: {e}")))?;
+    let defaulted = schema::admit(&schema, value)?;
+    serde_json::from_value::<K>(defaulted).map_err(|e| internal(format!("does not match the {kind} type: {e}")))
 }
