@@ -9,6 +9,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A PostgreSQL database holding protected health information.
+// clippy reads the repeated `type_ = "string"` of printcolumn(...) as a
+// duplicated attribute; they are arguments of distinct columns.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "mcpwarden.io",

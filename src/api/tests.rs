@@ -20,10 +20,7 @@ fn store_refusals(value: Value) -> Vec<String> {
 /// Asserts the value is refused with a message containing `needle`.
 #[track_caller]
 fn assert_refused(messages: Vec<String>, needle: &str) {
-    assert!(
-        messages.iter().any(|m| m.contains(needle)),
-        "expected a refusal containing {needle:?}, got {messages:#?}"
-    );
+    assert!(messages.iter().any(|m| m.contains(needle)), "expected a refusal containing {needle:?}, got {messages:#?}");
 }
 
 fn server() -> Value {
@@ -38,10 +35,7 @@ fn store() -> Value {
 fn committed_crds_are_fresh() {
     let committed = include_str!("../../crds/mcpwarden.io.yaml");
     let generated = crds_yaml().expect("CRDs serialize");
-    assert!(
-        committed == generated,
-        "crds/mcpwarden.io.yaml is stale: run `cargo run -- crd > crds/mcpwarden.io.yaml`"
-    );
+    assert!(committed == generated, "crds/mcpwarden.io.yaml is stale: run `cargo run -- crd > crds/mcpwarden.io.yaml`");
 }
 
 #[test]
@@ -54,12 +48,8 @@ fn mcpserver_crd_names_columns_and_status() {
     assert_eq!(names.categories.as_deref(), Some(&["mcpwarden".to_string()][..]));
     let version = &crd.spec.versions[0];
     assert_eq!(version.name, VERSION);
-    let columns: Vec<(&str, &str)> = version
-        .additional_printer_columns
-        .iter()
-        .flatten()
-        .map(|c| (c.name.as_str(), c.json_path.as_str()))
-        .collect();
+    let columns: Vec<(&str, &str)> =
+        version.additional_printer_columns.iter().flatten().map(|c| (c.name.as_str(), c.json_path.as_str())).collect();
     assert_eq!(
         columns,
         [
@@ -108,14 +98,23 @@ fn every_cel_rule_compiles_and_is_bounded() {
             assert!(warnings.is_empty(), "rule {rule:?} at {path}: {warnings:?}");
             if let Some(props) = node.get("properties").and_then(Value::as_object) {
                 for (name, prop) in props {
-                    let used_beyond_has = rule.replace(&format!("has(self.{name})"), "").contains(&format!("self.{name}"));
+                    let used_beyond_has =
+                        rule.replace(&format!("has(self.{name})"), "").contains(&format!("self.{name}"));
                     if !used_beyond_has {
                         continue;
                     }
                     match prop.get("type").and_then(Value::as_str) {
-                        Some("array") => assert!(prop.get("maxItems").is_some(), "{path}.{name} needs maxItems for {rule:?}"),
-                        Some("string") if !rule.contains(&format!("size(self.{name})")) || rule.contains(&format!("self.{name} ")) => {
-                            assert!(prop.get("maxLength").is_some() || prop.get("enum").is_some(), "{path}.{name} needs maxLength for {rule:?}")
+                        Some("array") => {
+                            assert!(prop.get("maxItems").is_some(), "{path}.{name} needs maxItems for {rule:?}")
+                        }
+                        Some("string")
+                            if !rule.contains(&format!("size(self.{name})"))
+                                || rule.contains(&format!("self.{name} ")) =>
+                        {
+                            assert!(
+                                prop.get("maxLength").is_some() || prop.get("enum").is_some(),
+                                "{path}.{name} needs maxLength for {rule:?}"
+                            )
                         }
                         _ => {}
                     }
@@ -169,13 +168,19 @@ fn defaults_are_applied() {
 #[test]
 fn tool_names_are_unique() {
     let tool = server()["spec"]["tools"][1].clone();
-    assert_refused(server_refusals(set(server(), "/spec/tools/2", tool)), r#"spec.tools[2]: duplicate entry with name="clinic_hours""#);
+    assert_refused(
+        server_refusals(set(server(), "/spec/tools/2", tool)),
+        r#"spec.tools[2]: duplicate entry with name="clinic_hours""#,
+    );
 }
 
 #[test]
 fn a_phi_tool_states_its_purpose() {
     assert_refused(server_refusals(remove(server(), "/spec/tools/0/purpose")), "a PHI tool must state its purpose");
-    assert_refused(server_refusals(set(server(), "/spec/tools/0/purpose", json!(""))), "a PHI tool must state its purpose");
+    assert_refused(
+        server_refusals(set(server(), "/spec/tools/0/purpose", json!(""))),
+        "a PHI tool must state its purpose",
+    );
 }
 
 #[test]
@@ -199,7 +204,10 @@ fn allowed_callers_must_name_someone() {
 fn star_and_non_identifier_columns_are_refused() {
     let cols = "/spec/tools/0/dataAccess/0/tables/0/columns";
     assert_refused(server_refusals(set(server(), cols, json!(["mrn", "*"]))), "'*' is refused");
-    assert_refused(server_refusals(set(server(), cols, json!(["mrn; drop table x"]))), "a column is a plain identifier");
+    assert_refused(
+        server_refusals(set(server(), cols, json!(["mrn; drop table x"]))),
+        "a column is a plain identifier",
+    );
     assert_refused(server_refusals(set(server(), cols, json!([]))), "must have at least 1 item");
     assert_refused(server_refusals(set(server(), cols, json!(["mrn", "mrn"]))), "duplicate value");
 }
@@ -207,15 +215,30 @@ fn star_and_non_identifier_columns_are_refused() {
 #[test]
 fn tables_are_schema_qualified_and_privileges_column_level() {
     let table = "/spec/tools/0/dataAccess/0/tables/0";
-    assert_refused(server_refusals(set(server(), &format!("{table}/name"), json!("patients"))), "must match the pattern");
-    assert_refused(server_refusals(set(server(), &format!("{table}/privileges"), json!(["DELETE"]))), "unsupported value \"DELETE\"");
-    assert_refused(server_refusals(set(server(), &format!("{table}/privileges"), json!(["TRUNCATE"]))), "unsupported value");
+    assert_refused(
+        server_refusals(set(server(), &format!("{table}/name"), json!("patients"))),
+        "must match the pattern",
+    );
+    assert_refused(
+        server_refusals(set(server(), &format!("{table}/privileges"), json!(["DELETE"]))),
+        "unsupported value \"DELETE\"",
+    );
+    assert_refused(
+        server_refusals(set(server(), &format!("{table}/privileges"), json!(["TRUNCATE"]))),
+        "unsupported value",
+    );
 }
 
 #[test]
 fn data_access_is_explicit() {
-    assert_refused(server_refusals(remove(server(), "/spec/tools/1/noDataAccessReason")), "must say why in noDataAccessReason");
-    assert_refused(server_refusals(remove(server(), "/spec/tools/1/dataAccess")), "spec.tools[1].dataAccess: required field is missing");
+    assert_refused(
+        server_refusals(remove(server(), "/spec/tools/1/noDataAccessReason")),
+        "must say why in noDataAccessReason",
+    );
+    assert_refused(
+        server_refusals(remove(server(), "/spec/tools/1/dataAccess")),
+        "spec.tools[1].dataAccess: required field is missing",
+    );
     let v = set(server(), "/spec/tools/0/noDataAccessReason", json!("none"));
     assert_refused(server_refusals(v), "noDataAccessReason is only for tools with empty dataAccess");
     // A tool reading a PHIStore is a PHI tool.
@@ -226,15 +249,24 @@ fn data_access_is_explicit() {
 
 #[test]
 fn phi_must_be_declared() {
-    assert_refused(server_refusals(remove(server(), "/spec/tools/1/phi")), "spec.tools[1].phi: required field is missing");
+    assert_refused(
+        server_refusals(remove(server(), "/spec/tools/1/phi")),
+        "spec.tools[1].phi: required field is missing",
+    );
 }
 
 #[test]
 fn credential_ttl_is_capped_at_one_hour() {
     assert_eq!(server_refusals(set(server(), "/spec/credentials/ttl", json!("1h"))), Vec::<String>::new());
     assert_eq!(server_refusals(set(server(), "/spec/credentials/ttl", json!("59m60s"))), Vec::<String>::new());
-    assert_refused(server_refusals(set(server(), "/spec/credentials/ttl", json!("61m"))), "credentials.ttl may be at most 1h");
-    assert_refused(server_refusals(set(server(), "/spec/credentials/ttl", json!("2h"))), "credentials.ttl may be at most 1h");
+    assert_refused(
+        server_refusals(set(server(), "/spec/credentials/ttl", json!("61m"))),
+        "credentials.ttl may be at most 1h",
+    );
+    assert_refused(
+        server_refusals(set(server(), "/spec/credentials/ttl", json!("2h"))),
+        "credentials.ttl may be at most 1h",
+    );
     assert_refused(server_refusals(set(server(), "/spec/credentials/ttl", json!("30s"))), "at least 1m");
     assert_refused(server_refusals(set(server(), "/spec/credentials/ttl", json!("1d"))), "must match the pattern");
 }
@@ -242,7 +274,10 @@ fn credential_ttl_is_capped_at_one_hour() {
 #[test]
 fn fail_open_is_refused_while_anything_is_phi() {
     let open = set(server(), "/spec/audit/failurePolicy", json!("Open"));
-    assert_refused(server_refusals(open.clone()), "audit.failurePolicy Open is refused while any tool or resource is PHI");
+    assert_refused(
+        server_refusals(open.clone()),
+        "audit.failurePolicy Open is refused while any tool or resource is PHI",
+    );
     // Without PHI tools it is admitted (and fails audit-controls instead).
     let no_phi = remove(open, "/spec/tools/0");
     assert_eq!(server_refusals(no_phi.clone()), Vec::<String>::new());
@@ -258,7 +293,10 @@ fn fail_open_is_refused_while_anything_is_phi() {
 #[test]
 fn port_may_not_collide_with_the_sidecar() {
     for port in [SIDECAR_PUBLIC_PORT, SIDECAR_METRICS_PORT, SIDECAR_PG_PROXY_PORT] {
-        assert_refused(server_refusals(set(server(), "/spec/port", json!(port))), "port collides with a port of the mcp-warden sidecar");
+        assert_refused(
+            server_refusals(set(server(), "/spec/port", json!(port))),
+            "port collides with a port of the mcp-warden sidecar",
+        );
     }
     assert_refused(server_refusals(set(server(), "/spec/port", json!(70000))), "must be less than or equal to 65535");
     assert_eq!(server_refusals(set(server(), "/spec/port", json!(3000))), Vec::<String>::new());
@@ -281,16 +319,26 @@ fn exactly_one_jwks_source() {
     assert_refused(server_refusals(remove(server(), &format!("{oidc}/jwksUri"))), "set exactly one of jwksUri");
     let two = set(server(), &format!("{oidc}/jwksSecretRef"), json!({"name": "jwks"}));
     assert_refused(server_refusals(two), "set exactly one of jwksUri");
-    let cm = set(remove(server(), &format!("{oidc}/jwksUri")), &format!("{oidc}/jwksConfigMapRef"), json!({"name": "jwks"}));
+    let cm =
+        set(remove(server(), &format!("{oidc}/jwksUri")), &format!("{oidc}/jwksConfigMapRef"), json!({"name": "jwks"}));
     assert_eq!(server_refusals(cm), Vec::<String>::new());
 }
 
 #[test]
 fn issuer_and_audience_are_https() {
     let oidc = "/spec/authentication/oidc";
-    assert_refused(server_refusals(set(server(), &format!("{oidc}/issuer"), json!("http://login.example.org"))), "must match the pattern");
-    assert_refused(server_refusals(set(server(), &format!("{oidc}/audience"), json!("patient-lookup"))), "must match the pattern");
-    assert_refused(server_refusals(remove(server(), "/spec/authentication")), "spec.authentication: required field is missing");
+    assert_refused(
+        server_refusals(set(server(), &format!("{oidc}/issuer"), json!("http://login.example.org"))),
+        "must match the pattern",
+    );
+    assert_refused(
+        server_refusals(set(server(), &format!("{oidc}/audience"), json!("patient-lookup"))),
+        "must match the pattern",
+    );
+    assert_refused(
+        server_refusals(remove(server(), "/spec/authentication")),
+        "spec.authentication: required field is missing",
+    );
 }
 
 #[test]
@@ -306,17 +354,31 @@ fn bounds_are_enforced() {
         .map(|i| json!({"name": format!("t{i}"), "phi": false, "allowedCallers": {"anyAuthenticated": true}, "dataAccess": [], "noDataAccessReason": "x"}))
         .collect();
     assert_refused(server_refusals(set(server(), "/spec/tools", json!(many))), "must have at most 128 items");
-    assert_refused(server_refusals(set(server(), "/spec/tools/0/purpose", json!("x".repeat(1025)))), "may not be longer than 1024");
+    assert_refused(
+        server_refusals(set(server(), "/spec/tools/0/purpose", json!("x".repeat(1025)))),
+        "may not be longer than 1024",
+    );
 }
 
 #[test]
 fn phistore_endpoints_are_specific() {
     let ep = "/spec/endpoints";
-    assert_refused(store_refusals(set(store(), &format!("{ep}/podSelector"), json!({}))), "podSelector must not be empty");
-    let ns_only = set(remove(store(), &format!("{ep}/podSelector")), &format!("{ep}/namespaceSelector"), json!({"matchLabels": {"a": "b"}}));
+    assert_refused(
+        store_refusals(set(store(), &format!("{ep}/podSelector"), json!({}))),
+        "podSelector must not be empty",
+    );
+    let ns_only = set(
+        remove(store(), &format!("{ep}/podSelector")),
+        &format!("{ep}/namespaceSelector"),
+        json!({"matchLabels": {"a": "b"}}),
+    );
     assert_refused(store_refusals(ns_only), "must select the store's pods");
     let ns_alone = set(
-        set(remove(store(), &format!("{ep}/podSelector")), &format!("{ep}/namespaceSelector"), json!({"matchLabels": {"a": "b"}})),
+        set(
+            remove(store(), &format!("{ep}/podSelector")),
+            &format!("{ep}/namespaceSelector"),
+            json!({"matchLabels": {"a": "b"}}),
+        ),
         &format!("{ep}/ipBlocks"),
         json!([{"cidr": "10.0.0.1/32"}]),
     );
@@ -324,6 +386,9 @@ fn phistore_endpoints_are_specific() {
     let world = set(store(), &format!("{ep}/ipBlocks"), json!([{"cidr": "0.0.0.0/0"}]));
     assert_refused(store_refusals(world), "whole address space");
     assert_refused(store_refusals(set(store(), &format!("{ep}/ports"), json!([]))), "must have at least 1 item");
-    assert_refused(store_refusals(remove(store(), "/spec/postgres/adminSecretRef")), "adminSecretRef: required field is missing");
+    assert_refused(
+        store_refusals(remove(store(), "/spec/postgres/adminSecretRef")),
+        "adminSecretRef: required field is missing",
+    );
     assert_refused(store_refusals(set(store(), "/spec/postgres/sslMode", json!("verify_full"))), "unsupported value");
 }

@@ -61,8 +61,7 @@ pub fn check_paths(paths: &[PathBuf], settings: &Settings) -> CheckResult {
             errors.push(duplicate(origin, "PHIStore", object));
         }
     }
-    let observations =
-        Observations::from_manifests(set.network_policies.iter().map(|p| p.object.clone()).collect());
+    let observations = Observations::from_manifests(set.network_policies.iter().map(|p| p.object.clone()).collect());
     let mut seen = BTreeMap::new();
     let mut servers = Vec::new();
     for Loaded { origin, object: server } in &set.servers {
@@ -98,13 +97,7 @@ fn evaluate(
     observed: &Observations,
 ) -> Report {
     let rendered = render::render(server, stores, settings, None);
-    compliance::evaluate(&compliance::Input {
-        server,
-        stores,
-        rendered: rendered.as_ref(),
-        settings,
-        observed,
-    })
+    compliance::evaluate(&compliance::Input { server, stores, rendered: rendered.as_ref(), settings, observed })
 }
 
 fn duplicate<K: ResourceExt>(origin: &Origin, kind: &str, obj: &K) -> ManifestError {
@@ -155,20 +148,30 @@ impl CheckResult {
         if !self.errors.is_empty() {
             out.push('\n');
         }
-        let id_width = "CONTROL".len().max(
-            self.servers.iter().flat_map(|s| &s.report.controls).map(|c| c.id.len()).max().unwrap_or(0),
-        );
-        let cite_width = "CITATION".len().max(
-            self.servers.iter().flat_map(|s| &s.report.controls).map(|c| c.citation.len()).max().unwrap_or(0),
-        );
+        let id_width = "CONTROL"
+            .len()
+            .max(self.servers.iter().flat_map(|s| &s.report.controls).map(|c| c.id.len()).max().unwrap_or(0));
+        let cite_width = "CITATION"
+            .len()
+            .max(self.servers.iter().flat_map(|s| &s.report.controls).map(|c| c.citation.len()).max().unwrap_or(0));
         for server in &self.servers {
-            let qualified =
-                if server.namespace.is_empty() { server.name.clone() } else { format!("{}/{}", server.namespace, server.name) };
+            let qualified = if server.namespace.is_empty() {
+                server.name.clone()
+            } else {
+                format!("{}/{}", server.namespace, server.name)
+            };
             let _ = writeln!(out, "MCPServer {qualified} — {}", server.origin);
             let _ = writeln!(out, "Compliant: {}", condition_status(server.report.compliant));
             let _ = writeln!(out, "  {:id_width$}  {:cite_width$}  {:7}  MESSAGE", "CONTROL", "CITATION", "VERDICT");
             for c in &server.report.controls {
-                let _ = writeln!(out, "  {:id_width$}  {:cite_width$}  {:7}  {}", c.id, c.citation, c.verdict.to_string(), c.message);
+                let _ = writeln!(
+                    out,
+                    "  {:id_width$}  {:cite_width$}  {:7}  {}",
+                    c.id,
+                    c.citation,
+                    c.verdict.to_string(),
+                    c.message
+                );
             }
             out.push('\n');
         }

@@ -14,10 +14,12 @@ const AUDIT_DIR_FLAG: &str = "--audit-dir";
 pub(super) fn audit_controls(input: &Input<'_>) -> Assessment {
     let mut a = Assessment::default();
     match input.server.spec.audit.failure_policy {
-        FailurePolicy::Closed => a.held("a call whose audit record cannot be made durable is refused (failurePolicy Closed)"),
-        FailurePolicy::Open => a.failed(
-            "audit.failurePolicy is Open: calls proceed when their audit record cannot be written; set Closed",
-        ),
+        FailurePolicy::Closed => {
+            a.held("a call whose audit record cannot be made durable is refused (failurePolicy Closed)")
+        }
+        FailurePolicy::Open => {
+            a.failed("audit.failurePolicy is Open: calls proceed when their audit record cannot be written; set Closed")
+        }
     }
     match input.rendered {
         Ok(rendered) => {
@@ -45,7 +47,9 @@ pub(super) fn audit_controls(input: &Input<'_>) -> Assessment {
         }
     }
     match (&input.observed.collector, input.observed.source) {
-        (Some(c), _) if c.receiving => a.held("the audit collector, outside the pod, is receiving this server's records"),
+        (Some(c), _) if c.receiving => {
+            a.held("the audit collector, outside the pod, is receiving this server's records")
+        }
         (Some(_), _) => a.failed("the audit collector is not receiving this server's records"),
         (None, Source::Manifests) => a.unseen("records reaching the audit collector cannot be observed from manifests"),
         (None, Source::Cluster) => a.unseen("the audit collector has not reported on this server"),
@@ -84,7 +88,9 @@ fn auditing_pod_problems(pod: &PodSpec) -> Vec<String> {
         .filter(|c| c.name != SIDECAR_CONTAINER)
         .any(|c| c.volume_mounts.iter().flatten().any(|m| &m.name == audit_volume));
     if shared {
-        problems.push(format!("the audit volume {audit_volume} is mounted by another container, which could alter the trail"));
+        problems.push(format!(
+            "the audit volume {audit_volume} is mounted by another container, which could alter the trail"
+        ));
     }
     problems
 }
@@ -98,7 +104,9 @@ pub(super) fn integrity(input: &Input<'_>) -> Assessment {
         )),
         Some(c) if !c.chain_verified => a.failed("the audit collector could not verify this server's hash chain"),
         Some(_) => a.held("the audit collector verified every stream's hash chain of this server"),
-        None => a.unseen("no audit collector has verified this server's hash chain yet, so the trail's integrity is not verified"),
+        None => a.unseen(
+            "no audit collector has verified this server's hash chain yet, so the trail's integrity is not verified",
+        ),
     }
     a
 }

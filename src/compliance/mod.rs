@@ -133,7 +133,12 @@ pub struct Observations {
 impl Observations {
     /// What `check` can see: the NetworkPolicies among its manifests.
     pub fn from_manifests(network_policies: Vec<NetworkPolicy>) -> Self {
-        Observations { source: Source::Manifests, network_policies: Some(network_policies), pods: None, collector: None }
+        Observations {
+            source: Source::Manifests,
+            network_policies: Some(network_policies),
+            pods: None,
+            collector: None,
+        }
     }
 }
 

@@ -47,14 +47,19 @@ fn check_rendered_ingress(policy: &NetworkPolicy, a: &mut Assessment) {
             a.failed(format!("NetworkPolicy {} rule {i} has no `from`: it admits every source", policy.name_any()));
         }
         if !only_sidecar_port(rule) {
-            a.failed(format!("NetworkPolicy {} rule {i} admits ports other than the sidecar's {SIDECAR_PUBLIC_PORT}", policy.name_any()));
+            a.failed(format!(
+                "NetworkPolicy {} rule {i} admits ports other than the sidecar's {SIDECAR_PUBLIC_PORT}",
+                policy.name_any()
+            ));
         }
         peers += from.len();
     }
     if rules.is_empty() {
         a.held("ingress admits nobody (network.allowedClients is empty)");
     } else {
-        a.held(format!("ingress admits only the sidecar port {SIDECAR_PUBLIC_PORT}, from {peers} declared client peer(s)"));
+        a.held(format!(
+            "ingress admits only the sidecar port {SIDECAR_PUBLIC_PORT}, from {peers} declared client peer(s)"
+        ));
     }
 }
 
@@ -131,7 +136,9 @@ fn check_other_policies(input: &Input<'_>, rendered: &OwnedObjects, a: &mut Asse
         selecting += 1;
         let who = format!("NetworkPolicy {}", qualified(policy));
         if widens_ingress(spec.ingress.as_deref().unwrap_or_default(), &ours_in) {
-            a.failed(format!("{who} selects these pods and admits ingress beyond the sidecar port from network.allowedClients"));
+            a.failed(format!(
+                "{who} selects these pods and admits ingress beyond the sidecar port from network.allowedClients"
+            ));
         }
         if widens_egress(spec.egress.as_deref().unwrap_or_default(), &ours_out) {
             a.failed(format!("{who} selects these pods and allows egress beyond the warden's egress policy"));
@@ -144,7 +151,9 @@ fn check_other_policies(input: &Input<'_>, rendered: &OwnedObjects, a: &mut Asse
     if selecting == 0 {
         a.held(format!("no other NetworkPolicy {place} selects these pods"));
     } else if a.failed.is_empty() {
-        a.held(format!("{selecting} other NetworkPolicy(ies) {place} select these pods without widening their traffic"));
+        a.held(format!(
+            "{selecting} other NetworkPolicy(ies) {place} select these pods without widening their traffic"
+        ));
     }
 }
 

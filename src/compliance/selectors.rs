@@ -15,11 +15,7 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// an empty selector selects everything; an unknown operator selects
 /// nothing).
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
+    let labels_ok = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
     let expressions_ok = selector.match_expressions.iter().flatten().all(|req| {
         let values = req.values.as_deref().unwrap_or_default();
         let value = labels.get(&req.key);
@@ -152,11 +148,15 @@ mod tests {
         assert!(peer_reaches_store(&peer(None, Some(LabelSelector::default())), "clinic", &s).is_some());
         assert!(peer_reaches_store(&peer(None, Some(sel(&[("app", "ehr-db")]))), "clinic", &s).is_some());
         assert!(peer_reaches_store(&peer(Some(LabelSelector::default()), None), "clinic", &s).is_some());
-        assert!(peer_reaches_store(&peer(Some(sel(&[(NAMESPACE_NAME_LABEL, "clinic")])), None), "clinic", &s).is_some());
+        assert!(
+            peer_reaches_store(&peer(Some(sel(&[(NAMESPACE_NAME_LABEL, "clinic")])), None), "clinic", &s).is_some()
+        );
         assert!(peer_reaches_store(&peer(None, None), "clinic", &s).is_some());
         // Other pods, other namespaces: no.
         assert!(peer_reaches_store(&peer(None, Some(sel(&[("app", "web")]))), "clinic", &s).is_none());
-        assert!(peer_reaches_store(&peer(Some(sel(&[(NAMESPACE_NAME_LABEL, "billing")])), None), "clinic", &s).is_none());
+        assert!(
+            peer_reaches_store(&peer(Some(sel(&[(NAMESPACE_NAME_LABEL, "billing")])), None), "clinic", &s).is_none()
+        );
     }
 
     #[test]

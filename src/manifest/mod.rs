@@ -117,7 +117,12 @@ pub fn parse_into(text: &str, file: &Path, set: &mut ManifestSet, errors: &mut V
             Ok(Value::Null) => {}
             Ok(value) => classify(value, &origin, set, errors),
             Err(e) => {
-                errors.push(ManifestError { origin, object: None, field: None, message: format!("not valid YAML: {e}") });
+                errors.push(ManifestError {
+                    origin,
+                    object: None,
+                    field: None,
+                    message: format!("not valid YAML: {e}"),
+                });
                 // The YAML parser cannot resume after a syntax error.
                 return;
             }

@@ -31,11 +31,7 @@ pub struct FieldError {
 
 impl std::fmt::Display for FieldError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.field.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.field, self.message)
-        }
+        if self.field.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.field, self.message) }
     }
 }
 
@@ -79,7 +75,7 @@ fn prune_nulls(schema: &Value, value: &mut Value) {
             let additional = schema.get("additionalProperties").filter(|a| a.is_object());
             map.retain(|key, v| {
                 let sub = props.and_then(|p| p.get(key)).or(additional);
-                !(v.is_null() && !sub.is_some_and(is_nullable))
+                !v.is_null() || sub.is_some_and(is_nullable)
             });
             for (key, v) in map.iter_mut() {
                 if let Some(sub) = props.and_then(|p| p.get(key)).or(additional) {
@@ -217,7 +213,8 @@ impl Walk<'_> {
                     .unwrap_or_default();
                 let mut seen = BTreeSet::new();
                 for (i, item) in items.iter().enumerate() {
-                    let key: Vec<String> = keys.iter().map(|k| item.get(*k).map(render_scalar).unwrap_or_default()).collect();
+                    let key: Vec<String> =
+                        keys.iter().map(|k| item.get(*k).map(render_scalar).unwrap_or_default()).collect();
                     if !seen.insert(key.clone()) {
                         let described: Vec<String> = keys.iter().zip(&key).map(|(k, v)| format!("{k}={v}")).collect();
                         self.fail(&format!("{path}[{i}]"), format!("duplicate entry with {}", described.join(", ")));
@@ -352,11 +349,20 @@ mod tests {
     fn required_type_enum_bounds_and_pattern() {
         assert_eq!(errors(json!({"spec": {}})), ["spec.name: required field is missing"]);
         assert_eq!(errors(json!({"spec": {"name": 3}})), ["spec.name: must be of type string, found integer"]);
-        assert_eq!(errors(json!({"spec": {"name": "ok", "mode": "C"}})), [r#"spec.mode: unsupported value "C": must be one of "A", "B""#]);
+        assert_eq!(
+            errors(json!({"spec": {"name": "ok", "mode": "C"}})),
+            [r#"spec.mode: unsupported value "C": must be one of "A", "B""#]
+        );
         assert_eq!(errors(json!({"spec": {"name": "abcdef"}})), ["spec.name: may not be longer than 5 characters"]);
         assert_eq!(errors(json!({"spec": {"name": "AB"}})), ["spec.name: must match the pattern ^[a-z]+$"]);
-        assert_eq!(errors(json!({"spec": {"name": "ok", "port": 11}})), ["spec.port: must be less than or equal to 10"]);
-        assert_eq!(errors(json!({"spec": {"name": "ok", "port": 0}})), ["spec.port: must be greater than or equal to 1"]);
+        assert_eq!(
+            errors(json!({"spec": {"name": "ok", "port": 11}})),
+            ["spec.port: must be less than or equal to 10"]
+        );
+        assert_eq!(
+            errors(json!({"spec": {"name": "ok", "port": 0}})),
+            ["spec.port: must be greater than or equal to 1"]
+        );
     }
 
     #[test]
@@ -368,8 +374,14 @@ mod tests {
 
     #[test]
     fn list_types_enforce_uniqueness_and_bounds() {
-        assert_eq!(errors(json!({"spec": {"name": "ok", "tags": ["a", "a"]}})), [r#"spec.tags[1]: duplicate value "a""#]);
-        assert_eq!(errors(json!({"spec": {"name": "ok", "tags": ["a", "b", "c"]}})), ["spec.tags: must have at most 2 items, found 3"]);
+        assert_eq!(
+            errors(json!({"spec": {"name": "ok", "tags": ["a", "a"]}})),
+            [r#"spec.tags[1]: duplicate value "a""#]
+        );
+        assert_eq!(
+            errors(json!({"spec": {"name": "ok", "tags": ["a", "b", "c"]}})),
+            ["spec.tags: must have at most 2 items, found 3"]
+        );
         assert_eq!(
             errors(json!({"spec": {"name": "ok", "items": [{"id": "x"}, {"id": "x"}]}})),
             [r#"spec.items[1]: duplicate entry with id="x""#]
@@ -380,7 +392,10 @@ mod tests {
     fn int_or_string() {
         assert!(errors(json!({"spec": {"name": "ok", "qty": "1Gi"}})).is_empty());
         assert!(errors(json!({"spec": {"name": "ok", "qty": 2}})).is_empty());
-        assert_eq!(errors(json!({"spec": {"name": "ok", "qty": true}})), ["spec.qty: must be an integer or a string, found boolean"]);
+        assert_eq!(
+            errors(json!({"spec": {"name": "ok", "qty": true}})),
+            ["spec.qty: must be an integer or a string, found boolean"]
+        );
     }
 
     #[test]

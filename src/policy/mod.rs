@@ -363,7 +363,11 @@ mod tests {
 
     #[test]
     fn caller_set_admits_by_group_subject_or_anyone() {
-        let set = CallerSet { groups: ["front-desk".into()].into(), subjects: ["bob".into()].into(), any_authenticated: false };
+        let set = CallerSet {
+            groups: ["front-desk".into()].into(),
+            subjects: ["bob".into()].into(),
+            any_authenticated: false,
+        };
         assert!(set.admits(&caller("alice", &["front-desk"])));
         assert!(set.admits(&caller("bob", &[])));
         assert!(!set.admits(&caller("mallory", &["billing"])));

@@ -22,13 +22,13 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::Context;
 use super::config_maps::{JWKS_FILE, POLICY_FILE};
 use super::names::{
     BROKER_TOKEN_AUDIENCE, COLLECTOR_TOKEN_AUDIENCE, MCP_CONTAINER, POLICY_HASH_ANNOTATION, SIDECAR_CONTAINER,
     common_labels, selector_labels,
 };
 use super::service::PUBLIC_PORT_NAME;
-use super::Context;
 use crate::api::{SIDECAR_METRICS_PORT, SIDECAR_PUBLIC_PORT};
 use crate::policy::CompiledPolicy;
 
@@ -192,7 +192,8 @@ fn sidecar_container(ctx: &Context<'_>) -> Container {
 
 fn pod_volumes(ctx: &Context<'_>) -> Vec<Volume> {
     let oidc = &ctx.server.spec.authentication.oidc;
-    let jwks_item = |key: &str| Some(vec![KeyToPath { key: key.to_string(), path: JWKS_FILE.into(), ..KeyToPath::default() }]);
+    let jwks_item =
+        |key: &str| Some(vec![KeyToPath { key: key.to_string(), path: JWKS_FILE.into(), ..KeyToPath::default() }]);
     let jwks = if let Some(secret) = &oidc.jwks_secret_ref {
         Volume {
             name: volumes::JWKS.into(),
@@ -277,7 +278,12 @@ fn field_env(name: &str, field: &str) -> EnvVar {
 }
 
 fn container_port(name: &str, port: i32) -> ContainerPort {
-    ContainerPort { name: Some(name.into()), container_port: port, protocol: Some("TCP".into()), ..ContainerPort::default() }
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
 }
 
 fn http_probe(path: &str, failure_threshold: i32) -> Probe {

@@ -32,8 +32,8 @@ use serde::Serialize;
 
 use crate::api::{MCPServer, PHIStore};
 use crate::policy::{self, CompiledPolicy, PolicyError};
-pub use network_policy::{StoreEgress, store_peers};
 pub use names::OwnedNames;
+pub use network_policy::{StoreEgress, store_peers};
 
 /// Operator-wide settings that shape what is rendered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,3 +207,6 @@ impl Context<'_> {
         self.server.name_any()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -35,10 +35,7 @@ pub(super) fn ingress(ctx: &Context<'_>) -> NetworkPolicy {
     let rules = if clients.is_empty() {
         Vec::new()
     } else {
-        vec![NetworkPolicyIngressRule {
-            from: Some(clients.clone()),
-            ports: Some(vec![tcp_port(SIDECAR_PUBLIC_PORT)]),
-        }]
+        vec![NetworkPolicyIngressRule { from: Some(clients.clone()), ports: Some(vec![tcp_port(SIDECAR_PUBLIC_PORT)]) }]
     };
     NetworkPolicy {
         metadata: ctx.meta(&ctx.names.ingress_policy),

@@ -1,0 +1,246 @@
+//! The `mcp-warden` binary as a pipeline runs it: `crd`, `render` and
+//! `check` against the committed examples and against broken input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn warden(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("MCPW_SIDECAR_IMAGE")
+        .env_remove("MCPW_WARDEN_NAMESPACE")
+        .output()
+        .expect("mcp-warden runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
+        .expect("examples dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no examples in {dir}");
+    files
+}
+
+/// The control an example targets, from its `# fails: <control>` header.
+fn targeted_control(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("example");
+    text.lines()
+        .find_map(|l| l.strip_prefix("# fails: "))
+        .unwrap_or_else(|| panic!("{} has no '# fails:' header", path.display()))
+        .trim()
+        .to_string()
+}
+
+fn check_json(path: &str) -> (i32, Value) {
+    let out = warden(&["check", "--output", "json", path]);
+    let json: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {}", stdout(&out)));
+    (out.status.code().unwrap_or(-1), json)
+}
+
+#[test]
+fn crd_prints_the_committed_crds() {
+    let out = warden(&["crd"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let committed = std::fs::read_to_string(root().join("crds/mcpwarden.io.yaml")).expect("committed CRDs");
+    assert_eq!(stdout(&out), committed, "crds/ is stale: cargo run -- crd > crds/mcpwarden.io.yaml");
+}
+
+#[test]
+fn the_compliant_example_passes_and_strict_fails_on_unknown() {
+    let out = warden(&["check", "examples/compliant"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("MCPServer clinic/patient-lookup"), "{text}");
+    assert!(text.contains("Compliant: Unknown"), "{text}");
+    assert!(!text.contains(" Fail "), "{text}");
+    let strict = warden(&["check", "--strict", "examples/compliant"]);
+    assert_eq!(strict.status.code(), Some(1), "{}", stdout(&strict));
+}
+
+#[test]
+fn each_noncompliant_example_fails_exactly_the_control_it_targets() {
+    for file in yaml_files("examples/noncompliant") {
+        let target = targeted_control(&file);
+        let (code, json) = check_json(file.to_str().expect("utf-8 path"));
+        assert_eq!(code, 1, "{}: {json:#}", file.display());
+        assert_eq!(json["result"], "fail");
+        let controls = json["servers"][0]["controls"].as_array().expect("controls");
+        let failing: Vec<&str> =
+            controls.iter().filter(|c| c["verdict"] == "Fail").map(|c| c["id"].as_str().unwrap_or_default()).collect();
+        assert_eq!(failing, [target.as_str()], "{}", file.display());
+        let message =
+            controls.iter().find(|c| c["id"] == target.as_str()).map(|c| c["message"].to_string()).unwrap_or_default();
+        assert!(message.len() > 40, "{}: the message should say what to fix: {message}", file.display());
+        assert_eq!(json["servers"][0]["compliant"], "Fail");
+    }
+}
+
+#[test]
+fn no_secret_value_from_an_example_reaches_the_output() {
+    let out = warden(&["check", "examples/noncompliant/password-in-env.yaml"]);
+    assert!(!stdout(&out).contains("not-a-real-password"));
+    let out = warden(&["check", "-o", "json", "examples/noncompliant/password-in-env.yaml"]);
+    assert!(!stdout(&out).contains("not-a-real-password"));
+}
+
+#[test]
+fn invalid_examples_are_refused_naming_file_and_field() {
+    let expected = [
+        (
+            "phi-tool-open-to-anyone.yaml",
+            "spec.tools[0].allowedCallers.anyAuthenticated: anyAuthenticated is refused on a PHI tool",
+        ),
+        ("star-column.yaml", "spec.tools[0].dataAccess[0].tables[0].columns: '*' is refused"),
+        ("unknown-field.yaml", "spec.tools[0].allowedCaller: unknown field"),
+    ];
+    assert_eq!(yaml_files("examples/invalid").len(), expected.len(), "every invalid example is covered here");
+    for (file, needle) in expected {
+        let path = format!("examples/invalid/{file}");
+        let out = warden(&["check", &path]);
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(text.contains(&format!("ERROR {path} (document 1)")), "{text}");
+        assert!(text.contains(needle), "{text}");
+    }
+}
+
+#[test]
+fn all_examples_at_once() {
+    let out = warden(&["check", "examples/compliant", "examples/noncompliant"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let servers = yaml_files("examples/noncompliant").len() + 1;
+    assert!(
+        text.contains(&format!("{servers} MCPServer(s): 0 compliant, {} failing, 1 unknown", servers - 1)),
+        "{text}"
+    );
+}
+
+#[test]
+fn garbage_and_missing_input_get_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.yaml");
+    std::fs::write(&garbage, "apiVersion: mcpwarden.io/v1alpha1\nkind: MCPServer\nspec: [unclosed\n").expect("write");
+    let out = warden(&["check", garbage.to_str().expect("path")]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("garbage.yaml") && text.contains("not valid YAML"), "{text}");
+
+    let not_object = dir.path().join("list.yaml");
+    std::fs::write(&not_object, "- just\n- a list\n").expect("write");
+    let text = stdout(&warden(&["check", not_object.to_str().expect("path")]));
+    assert!(text.contains("list.yaml") && text.contains("apiVersion and kind are required"), "{text}");
+
+    let wrong_version = dir.path().join("v2.yaml");
+    std::fs::write(&wrong_version, "apiVersion: mcpwarden.io/v2\nkind: MCPServer\nmetadata: {name: x}\n")
+        .expect("write");
+    let text = stdout(&warden(&["check", wrong_version.to_str().expect("path")]));
+    assert!(text.contains("unsupported version \"mcpwarden.io/v2\""), "{text}");
+
+    let missing = dir.path().join("nope.yaml");
+    let out = warden(&["check", missing.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stdout(&out).contains("no such file or directory"));
+
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = warden(&["check", empty.path().to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stdout(&out).contains("no MCPServer found"), "{}", stdout(&out));
+}
+
+#[test]
+fn duplicates_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["a.yaml", "b.yaml"] {
+        std::fs::copy(root().join("examples/compliant/clinic.yaml"), dir.path().join(name)).expect("copy");
+    }
+    let out = warden(&["check", dir.path().to_str().expect("path")]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("b.yaml") && text.contains("already declared"), "{text}");
+}
+
+#[test]
+fn json_output_is_complete() {
+    let (code, json) = check_json("examples/compliant");
+    assert_eq!(code, 0);
+    assert_eq!(json["result"], "pass");
+    assert_eq!(json["strict"], false);
+    let server = &json["servers"][0];
+    assert_eq!(server["namespace"], "clinic");
+    assert_eq!(server["name"], "patient-lookup");
+    assert_eq!(server["origin"]["file"], "examples/compliant/clinic.yaml");
+    assert_eq!(server["controls"].as_array().map(Vec::len), Some(9));
+    for c in server["controls"].as_array().into_iter().flatten() {
+        assert!(c["citation"].as_str().is_some_and(|s| s.starts_with("45 CFR")));
+        assert!(["Pass", "Fail", "Unknown"].contains(&c["verdict"].as_str().unwrap_or_default()));
+    }
+}
+
+#[test]
+fn render_prints_every_owned_object() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[]}"#).expect("write");
+    let out = warden(&[
+        "render",
+        "-f",
+        "examples/compliant",
+        "--jwks-file",
+        jwks.to_str().expect("path"),
+        "--sidecar-image",
+        "registry.example/mcp-warden:test",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&stdout(&out))
+        .map(|d| serde::Deserialize::deserialize(d).expect("YAML document"))
+        .collect();
+    let kinds: Vec<(&str, &str)> = docs
+        .iter()
+        .map(|d| (d["kind"].as_str().unwrap_or_default(), d["metadata"]["name"].as_str().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("ServiceAccount", "patient-lookup-mcpw"),
+            ("ConfigMap", "patient-lookup-policy"),
+            ("ConfigMap", "patient-lookup-jwks"),
+            ("NetworkPolicy", "patient-lookup-ingress"),
+            ("NetworkPolicy", "patient-lookup-egress"),
+            ("Service", "patient-lookup"),
+            ("Deployment", "patient-lookup"),
+        ]
+    );
+    assert_eq!(docs[2]["data"]["jwks.json"], r#"{"keys":[]}"#);
+    assert_eq!(docs[6]["spec"]["template"]["spec"]["initContainers"][0]["image"], "registry.example/mcp-warden:test");
+}
+
+#[test]
+fn render_refuses_what_it_cannot_render_whole() {
+    let out = warden(&["render", "-f", "examples/noncompliant/missing-phistore.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stdout(&out).is_empty(), "nothing partial is printed");
+    assert!(stderr(&out).contains(r#"uses PHIStore "ehr", which does not exist"#), "{}", stderr(&out));
+    let out = warden(&["render", "-f", "examples/invalid/star-column.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("'*' is refused"));
+}
