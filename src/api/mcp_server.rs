@@ -111,6 +111,22 @@ pub struct MCPServerSpec {
     pub network: NetworkSettings,
 }
 
+impl MCPServerSpec {
+    /// The counts status reports (and the `PHI tools` printer column shows).
+    pub fn counts(&self) -> Counts {
+        let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+        let stores: std::collections::BTreeSet<&str> =
+            self.tools.iter().flat_map(|t| t.data_access.iter().map(|d| d.store.as_str())).collect();
+        Counts {
+            tools: count(self.tools.len()),
+            phi_tools: count(self.tools.iter().filter(|t| t.phi).count()),
+            resources: count(self.resources.len()),
+            prompts: count(self.prompts.len()),
+            stores: count(stores.len()),
+        }
+    }
+}
+
 fn default_port() -> i32 {
     8080
 }

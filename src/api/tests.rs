@@ -392,3 +392,9 @@ fn phistore_endpoints_are_specific() {
     );
     assert_refused(store_refusals(set(store(), "/spec/postgres/sslMode", json!("verify_full"))), "unsupported value");
 }
+
+#[test]
+fn counts_for_the_printer_columns() {
+    let server = admit_server(&server()).expect("admitted");
+    assert_eq!(server.spec.counts(), Counts { tools: 2, phi_tools: 1, resources: 0, prompts: 0, stores: 1 });
+}

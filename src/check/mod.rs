@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use kube::ResourceExt;
 use serde::Serialize;
 
-use crate::api::{MCPServer, PHIStore, Verdict};
+use crate::api::{Counts, MCPServer, PHIStore, Verdict};
 use crate::compliance::{self, Observations, Report};
 use crate::manifest::{self, Loaded, ManifestError, Origin};
 use crate::policy::namespace_of;
@@ -37,6 +37,8 @@ pub struct ServerResult {
     pub namespace: String,
     /// Name.
     pub name: String,
+    /// What it declares (the printer columns' counts).
+    pub counts: Counts,
     /// Verdicts.
     #[serde(flatten)]
     pub report: Report,
@@ -75,6 +77,7 @@ pub fn check_paths(paths: &[PathBuf], settings: &Settings) -> CheckResult {
             origin: origin.clone(),
             namespace: namespace_of(server),
             name: server.name_any(),
+            counts: server.spec.counts(),
             report: evaluate(server, stores, settings, &observations),
         });
     }
