@@ -50,20 +50,15 @@ pub fn admit(schema: &Value, object: &Value) -> Result<Value, Vec<FieldError>> {
     let defaulted = apply_defaults(schema, &object);
 
     let mut errors = Vec::new();
-    let root = Walk { errors: &mut errors };
-    root.check(schema, &defaulted, "");
-    if !errors.is_empty() {
-        return Err(errors);
+    let mut blocking = false;
+    Walk { errors: &mut errors, blocking: &mut blocking }.check(schema, &defaulted, "");
+    // As in the API server, a wrong type (or here a missing required field)
+    // blocks CEL, whose rules would only fail on it again; other structural
+    // errors (patterns, bounds) are reported together with the CEL ones.
+    if !blocking && let Err(cel) = Validator::new().validate(schema, &defaulted, None) {
+        errors.extend(cel.iter().map(|e| FieldError { field: e.field_path.clone(), message: e.message.clone() }));
     }
-    // CEL runs on structurally valid objects only, so its messages are about
-    // meaning, never about a value of the wrong type.
-    if let Err(cel) = Validator::new().validate(schema, &defaulted, None) {
-        return Err(cel
-            .iter()
-            .map(|e| FieldError { field: e.field_path.clone(), message: e.message.clone() })
-            .collect());
-    }
-    Ok(defaulted)
+    if errors.is_empty() { Ok(defaulted) } else { Err(errors) }
 }
 
 /// Removes `null` values of fields that are not `nullable`, as the API server
@@ -102,11 +97,18 @@ fn flag(schema: &Value, key: &str) -> bool {
 
 struct Walk<'e> {
     errors: &'e mut Vec<FieldError>,
+    blocking: &'e mut bool,
 }
 
 impl Walk<'_> {
     fn fail(&mut self, path: &str, message: impl Into<String>) {
         self.errors.push(FieldError { field: path.to_string(), message: message.into() });
+    }
+
+    /// An error after which CEL rules cannot be evaluated meaningfully.
+    fn block(&mut self, path: &str, message: impl Into<String>) {
+        *self.blocking = true;
+        self.fail(path, message);
     }
 
     fn check(mut self, schema: &Value, value: &Value, path: &str) {
@@ -116,13 +118,13 @@ impl Walk<'_> {
     fn node(&mut self, schema: &Value, value: &Value, path: &str) {
         if value.is_null() {
             if !is_nullable(schema) {
-                self.fail(path, "must not be null");
+                self.block(path, "must not be null");
             }
             return;
         }
         if flag(schema, "x-kubernetes-int-or-string") {
             if !(value.is_string() || value.is_i64() || value.is_u64()) {
-                self.fail(path, format!("must be an integer or a string, found {}", type_name(value)));
+                self.block(path, format!("must be an integer or a string, found {}", type_name(value)));
             }
             return;
         }
@@ -136,7 +138,7 @@ impl Walk<'_> {
             (Some("boolean"), Value::Bool(_)) => {}
             (None, _) => {}
             (Some(expected), v) => {
-                self.fail(path, format!("must be of type {expected}, found {}", type_name(v)));
+                self.block(path, format!("must be of type {expected}, found {}", type_name(v)));
                 return;
             }
         }
@@ -153,7 +155,7 @@ impl Walk<'_> {
         if let Some(required) = schema.get("required").and_then(Value::as_array) {
             for name in required.iter().filter_map(Value::as_str) {
                 if !map.contains_key(name) {
-                    self.fail(&join(path, name), "required field is missing");
+                    self.block(&join(path, name), "required field is missing");
                 }
             }
         }
@@ -399,8 +401,18 @@ mod tests {
     }
 
     #[test]
-    fn cel_runs_after_structure() {
+    fn cel_runs_beside_non_blocking_errors_only() {
         assert_eq!(errors(json!({"spec": {"name": "bad"}})), ["spec: name may not be bad"]);
+        // A bound error and a CEL error are reported together...
+        assert_eq!(
+            errors(json!({"spec": {"name": "bad", "port": 11}})),
+            ["spec.port: must be less than or equal to 10", "spec: name may not be bad"]
+        );
+        // ...but a type error blocks CEL.
+        assert_eq!(
+            errors(json!({"spec": {"name": "bad", "port": "x"}})),
+            ["spec.port: must be of type integer, found string"]
+        );
     }
 
     #[test]
