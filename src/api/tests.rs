@@ -142,7 +142,10 @@ fn comprehension_variables(rule: &str) -> Vec<String> {
 
 /// Visits every rule with the number of times the API server may evaluate
 /// it (None: under an unbounded list).
-fn walk_rules(node: &Value, path: &str, cardinality: Option<u64>, f: &mut dyn FnMut(&str, &Value, &str, Option<u64>)) {
+/// Called with (path, schema node, rule, cardinality).
+type RuleVisitor<'a> = dyn FnMut(&str, &Value, &str, Option<u64>) + 'a;
+
+fn walk_rules(node: &Value, path: &str, cardinality: Option<u64>, f: &mut RuleVisitor<'_>) {
     for rule in node.get("x-kubernetes-validations").and_then(Value::as_array).into_iter().flatten() {
         f(path, node, rule["rule"].as_str().unwrap_or_default(), cardinality);
     }
