@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod check;
 pub mod cli;
 pub mod compliance;
