@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::check::{self, EXIT_INVALID};
 use crate::render::Settings;
-use crate::{api, manifest, render};
+use crate::{api, audit, manifest, render};
 
 /// mcp-warden: run MCP servers next to PHI and answer a HIPAA auditor.
 #[derive(Debug, Parser)]
@@ -25,10 +25,33 @@ enum Command {
     Crd,
     /// Print the objects the operator would create for each MCPServer.
     Render(RenderArgs),
+    /// Audit trail tools for auditors.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Offline compliance check of manifests: a table (or JSON) of every
     /// control per MCPServer. Exit 0: no control fails; 1: a control fails
     /// (or is Unknown, with --strict); 2: invalid input.
     Check(CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify every hash chain in a WAL or storage directory: PASS (exit 0)
+    /// or FAIL naming the stream and position of the first break (exit 1).
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// A WAL directory, or a directory of stream directories.
+    dir: PathBuf,
+    /// Also fail streams that do not end with a stream-end record (their
+    /// tail may have been cut).
+    #[arg(long)]
+    sealed: bool,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +115,7 @@ pub fn main() -> ExitCode {
         Command::Crd => print_crds(),
         Command::Render(args) => render_cmd(&args),
         Command::Check(args) => check_cmd(&args),
+        Command::Audit(AuditCommand::Verify(args)) => audit_verify_cmd(&args),
     }
 }
 
@@ -148,6 +172,21 @@ fn check_cmd(args: &CheckArgs) -> ExitCode {
         OutputFormat::Json => format!("{:#}\n", result.to_json(args.strict)),
     };
     emit(&text, ExitCode::from(result.exit_code(args.strict)))
+}
+
+fn audit_verify_cmd(args: &VerifyArgs) -> ExitCode {
+    let report = audit::verify::verify_dir(&args.dir, audit::verify::VerifyOptions { require_sealed: args.sealed });
+    let text = match args.output {
+        OutputFormat::Table => report.to_table(),
+        OutputFormat::Json => {
+            let mut value = serde_json::to_value(&report).unwrap_or_default();
+            if let Some(map) = value.as_object_mut() {
+                map.insert("result".into(), if report.passed() { "PASS" } else { "FAIL" }.into());
+            }
+            format!("{value:#}\n")
+        }
+    };
+    emit(&text, if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// Writes to stdout; a closed pipe is not an error worth a panic.

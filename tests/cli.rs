@@ -246,3 +246,52 @@ fn render_refuses_what_it_cannot_render_whole() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("'*' is refused"));
 }
+
+#[test]
+fn audit_verify_passes_an_intact_trail_and_names_the_first_break() {
+    use mcp_warden::audit::record::{Event, Kind};
+    use mcp_warden::audit::{Wal, WalConfig};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(WalConfig::new(dir.path(), "clinic/patient-lookup")).expect("open");
+    for n in 0..5 {
+        let event = Event {
+            lease: Some(mcp_warden::audit::record::Lease {
+                id: format!("l-{n}"),
+                action: mcp_warden::audit::record::LeaseAction::Issued,
+                role: None,
+                valid_until: None,
+            }),
+            ..Event::new(Kind::Lease)
+        };
+        wal.append_blocking(event).expect("append");
+    }
+    wal.close_blocking().expect("close");
+    let path = dir.path().to_str().expect("path");
+
+    let out = warden(&["audit", "verify", "--sealed", path]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("PASS: 1 stream(s), 7 record(s) verified"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("sealed"));
+
+    // Change one character of record 4.
+    let segment = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .expect("segment");
+    let text = std::fs::read_to_string(&segment).expect("read");
+    std::fs::write(&segment, text.replacen("l-2", "l-9", 1)).expect("tamper");
+    let out = warden(&["audit", "verify", path]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("line 4 (expected seq 4): record hash does not match its contents"), "{text}");
+
+    let out = warden(&["audit", "verify", "-o", "json", path]);
+    let json: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["result"], "FAIL");
+    assert_eq!(json["streams"][0]["break"]["expected_seq"], 4);
+    assert_eq!(json["streams"][0]["records"], 3);
+
+    let out = warden(&["audit", "verify", dir.path().join("missing").to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1));
+}

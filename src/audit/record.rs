@@ -553,7 +553,11 @@ mod tests {
     fn decision() -> Event {
         Event {
             correlation: Some("c-1".into()),
-            caller: Some(Caller { sub: "alice".into(), iss: "https://login.example.org".into(), groups: vec!["front-desk".into()] }),
+            caller: Some(Caller {
+                sub: "alice".into(),
+                iss: "https://login.example.org".into(),
+                groups: vec!["front-desk".into()],
+            }),
             method: Some("tools/call".into()),
             tool: Some("lookup_patient".into()),
             phi: Some(true),
@@ -575,7 +579,10 @@ mod tests {
         assert_eq!(Record::parse_line(line).expect("valid"), second.record);
         assert_eq!(second.record.to_line(), line);
         let text = String::from_utf8(line.to_vec()).expect("utf-8");
-        assert!(text.starts_with(r#"{"v":1,"stream":"#) && text.ends_with(&format!(r#","hash":"{}"}}"#, second.record.hash)));
+        assert!(
+            text.starts_with(r#"{"v":1,"stream":"#)
+                && text.ends_with(&format!(r#","hash":"{}"}}"#, second.record.hash))
+        );
     }
 
     #[test]

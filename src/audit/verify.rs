@@ -97,6 +97,54 @@ impl VerifyReport {
     }
 }
 
+impl VerifyReport {
+    /// A readable report: one row per stream, then PASS or FAIL naming the
+    /// stream and position of every break.
+    pub fn to_table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let name = |s: &StreamReport| s.stream.clone().unwrap_or_else(|| s.dir.display().to_string());
+        let width = self.streams.iter().map(|s| name(s).len()).max().unwrap_or(0).max("STREAM".len());
+        if !self.streams.is_empty() {
+            let _ = writeln!(
+                out,
+                "{:width$}  {:>8}  {:>17}  {:27}  {:27}  {:6}  RESULT",
+                "STREAM", "RECORDS", "SEQ", "FIRST", "LAST", "STATE"
+            );
+        }
+        for s in &self.streams {
+            let seq = match (s.first_seq, s.last_seq) {
+                (Some(a), Some(b)) => format!("{a}-{b}"),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "{:width$}  {:>8}  {:>17}  {:27}  {:27}  {:6}  {}",
+                name(s),
+                s.records,
+                seq,
+                s.first_time.as_deref().unwrap_or("-"),
+                s.last_time.as_deref().unwrap_or("-"),
+                if s.sealed { "sealed" } else { "open" },
+                if s.passed() { "PASS" } else { "FAIL" }
+            );
+        }
+        for problem in &self.problems {
+            let _ = writeln!(out, "FAIL: {problem}");
+        }
+        for s in self.streams.iter().filter(|s| !s.passed()) {
+            if let Some(b) = &s.broken {
+                let _ = writeln!(out, "FAIL: stream {}: {b}", name(s));
+            }
+        }
+        if self.passed() {
+            let records: u64 = self.streams.iter().map(|s| s.records).sum();
+            let _ = writeln!(out, "PASS: {} stream(s), {records} record(s) verified", self.streams.len());
+        }
+        out
+    }
+}
+
 /// Verifies every stream under `dir`.
 pub fn verify_dir(dir: &Path, options: VerifyOptions) -> VerifyReport {
     let mut report = VerifyReport { dir: dir.to_path_buf(), streams: Vec::new(), problems: Vec::new() };
@@ -175,7 +223,7 @@ pub fn verify_stream(dir: &Path, options: VerifyOptions) -> StreamReport {
                 return report;
             }
         };
-        if lines.first().is_some() && *named_first != walker.expected_seq {
+        if !lines.is_empty() && *named_first != walker.expected_seq {
             report.broken = Some(Break {
                 segment: path.clone(),
                 line: 0,
@@ -268,7 +316,9 @@ impl ChainWalker {
         if record.seq == 1 && record.event.kind != Kind::StreamStart {
             return Err("a stream must begin with a stream-start record".into());
         }
-        if self.last_kind == Some(Kind::StreamEnd) && !(record.event.kind == Kind::StreamStart && record.event.restart.is_some()) {
+        if self.last_kind == Some(Kind::StreamEnd)
+            && !(record.event.kind == Kind::StreamStart && record.event.restart.is_some())
+        {
             return Err("only a restart may follow a stream-end record".into());
         }
         self.expected_seq = record.seq + 1;
@@ -277,3 +327,6 @@ impl ChainWalker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

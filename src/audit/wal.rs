@@ -155,7 +155,8 @@ pub struct Opened {
 type Reply<T> = oneshot::Sender<Result<T, WalError>>;
 
 enum Command {
-    Append { event: Event, reply: Reply<Receipt> },
+    // Boxed: events are large and most commands are appends.
+    Append { event: Box<Event>, reply: Reply<Receipt> },
     Release { through: u64, reply: Reply<u64> },
     Close { reply: Reply<Receipt> },
 }
@@ -201,7 +202,7 @@ impl Wal {
     pub async fn append(&self, event: Event) -> Result<Receipt, WalError> {
         let (reply, rx) = oneshot::channel();
         let wait = async {
-            self.tx.send(Command::Append { event, reply }).await.map_err(|_| WalError::Closed)?;
+            self.tx.send(Command::Append { event: Box::new(event), reply }).await.map_err(|_| WalError::Closed)?;
             rx.await.map_err(|_| WalError::Closed)?
         };
         tokio::time::timeout(self.append_timeout, wait).await.map_err(|_| WalError::Timeout(self.append_timeout))?
@@ -210,7 +211,7 @@ impl Wal {
     /// [`Wal::append`] for threads outside an async runtime (no timeout).
     pub fn append_blocking(&self, event: Event) -> Result<Receipt, WalError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.blocking_send(Command::Append { event, reply }).map_err(|_| WalError::Closed)?;
+        self.tx.blocking_send(Command::Append { event: Box::new(event), reply }).map_err(|_| WalError::Closed)?;
         rx.blocking_recv().map_err(|_| WalError::Closed)?
     }
 
@@ -301,7 +302,9 @@ struct Tail {
 
 fn last_valid_record(content: &[u8]) -> Option<Tail> {
     segment::split_lines(content).into_iter().rev().filter(|l| l.complete).find_map(|line| {
-        Record::parse_line(&line.bytes).ok().map(|record| Tail { record, end: line.offset + line.bytes.len() as u64 + 1 })
+        Record::parse_line(&line.bytes)
+            .ok()
+            .map(|record| Tail { record, end: line.offset + line.bytes.len() as u64 + 1 })
     })
 }
 
@@ -410,7 +413,7 @@ impl Writer {
             let mut next = Some(first);
             while let Some(command) = next.take() {
                 match command {
-                    Command::Append { event, reply } => batch.push(Pending { event, reply }),
+                    Command::Append { event, reply } => batch.push(Pending { event: *event, reply }),
                     Command::Release { through, reply } => {
                         self.commit(std::mem::take(&mut batch));
                         let _ = reply.send(self.release_through(through));

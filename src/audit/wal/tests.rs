@@ -151,8 +151,11 @@ fn the_disk_bound_refuses_appends_without_writing() {
         }
     }
     assert!(matches!(refused, Some(WalError::Full { limit: 2_000, .. })), "{refused:?}");
-    let size: u64 =
-        segment::list_segments(dir.path()).expect("segments").iter().map(|(_, p)| std::fs::metadata(p).expect("m").len()).sum();
+    let size: u64 = segment::list_segments(dir.path())
+        .expect("segments")
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).expect("m").len())
+        .sum();
     assert!(size <= 2_000, "{size} bytes on disk");
     let before = records(dir.path()).len();
     assert!(wal.append_blocking(decision(999)).is_err(), "still full");
