@@ -25,6 +25,8 @@ enum Command {
     Crd,
     /// Print the objects the operator would create for each MCPServer.
     Render(RenderArgs),
+    /// Run the operator (in a cluster; uses the in-cluster or KUBECONFIG credentials).
+    Operator(crate::operator::OperatorArgs),
     /// Audit trail tools for auditors.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -116,6 +118,7 @@ pub fn main() -> ExitCode {
         Command::Render(args) => render_cmd(&args),
         Command::Check(args) => check_cmd(&args),
         Command::Audit(AuditCommand::Verify(args)) => audit_verify_cmd(&args),
+        Command::Operator(args) => serve(crate::operator::run(args)),
     }
 }
 
@@ -172,6 +175,35 @@ fn check_cmd(args: &CheckArgs) -> ExitCode {
         OutputFormat::Json => format!("{:#}\n", result.to_json(args.strict)),
     };
     emit(&text, ExitCode::from(result.exit_code(args.strict)))
+}
+
+/// Runs a long-lived service with logging, on a multi-threaded runtime.
+fn serve(service: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(service) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// JSON logs when `MCPW_LOG_FORMAT=json`, else human-readable; level from
+/// `RUST_LOG` (default info).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("MCPW_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
 
 fn audit_verify_cmd(args: &VerifyArgs) -> ExitCode {

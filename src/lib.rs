@@ -26,6 +26,7 @@ pub mod check;
 pub mod cli;
 pub mod compliance;
 pub mod manifest;
+pub mod operator;
 pub mod policy;
 pub mod render;
 

@@ -1,0 +1,120 @@
+//! What every reconcile shares: the client, settings, event recorder, JWKS
+//! source, metrics and per-object backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::jwks::JwksSource;
+use crate::render::Settings;
+
+/// Shared state of the controllers.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// How objects are rendered.
+    pub settings: Settings,
+    /// Publishes Kubernetes events.
+    pub recorder: Recorder,
+    /// Fetches `jwksUri` documents.
+    pub jwks: Arc<dyn JwksSource>,
+    /// Operator metrics.
+    pub metrics: Metrics,
+    /// Re-evaluation (and JWKS refresh) period of a healthy server.
+    pub resync: Duration,
+    /// Consecutive failures per object, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context; metrics are registered in `registry`.
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        jwks: Arc<dyn JwksSource>,
+        registry: &mut Registry,
+        resync: Duration,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter { controller: "mcp-warden-operator".into(), instance };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            jwks,
+            metrics: Metrics::register(registry),
+            resync,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records a failure of `key` and returns how long to wait before the
+    /// next attempt: 5 s, doubling, at most 5 min.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        Duration::from_secs(5u64.saturating_mul(1 << (*n - 1).min(6))).min(Duration::from_secs(300))
+    }
+
+    /// Forgets the failures of `key` after a success.
+    pub fn succeeded(&self, key: &str) {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// Label of the error counter: a stable error class, never an object name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// Error class.
+    pub error: String,
+}
+
+/// Operator metrics. No label carries an object name, caller or value.
+pub struct Metrics {
+    /// Reconciliations started.
+    pub reconciles: Counter,
+    /// Failed reconciliations by error class.
+    pub failures: Family<ErrorLabels, Counter>,
+    /// Reconciliation duration, seconds.
+    pub duration: Histogram,
+    /// Objects created or updated.
+    pub applied: Counter,
+    /// Hand edits undone.
+    pub drift_corrected: Counter,
+    /// Owned objects deleted because the spec no longer needs them.
+    pub orphans_deleted: Counter,
+    /// Failed JWKS fetches.
+    pub jwks_fetch_failures: Counter,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Metrics {
+            reconciles: Counter::default(),
+            failures: Family::default(),
+            duration: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            applied: Counter::default(),
+            drift_corrected: Counter::default(),
+            orphans_deleted: Counter::default(),
+            jwks_fetch_failures: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("mcpwarden_operator");
+        r.register("reconciles", "Reconciliations started", metrics.reconciles.clone());
+        r.register("reconcile_failures", "Failed reconciliations by error class", metrics.failures.clone());
+        r.register("reconcile_duration_seconds", "Reconciliation duration", metrics.duration.clone());
+        r.register("objects_applied", "Owned objects created or updated", metrics.applied.clone());
+        r.register("drift_corrected", "Owned objects restored after a hand edit", metrics.drift_corrected.clone());
+        r.register("orphans_deleted", "Owned objects deleted as no longer needed", metrics.orphans_deleted.clone());
+        r.register("jwks_fetch_failures", "Failed JWKS fetches", metrics.jwks_fetch_failures.clone());
+        metrics
+    }
+}

@@ -1,0 +1,198 @@
+//! `mcp-warden operator`: reconciles MCPServers into isolated workloads and
+//! reports compliance from what it observes.
+//!
+//! ```text
+//!   watch MCPServer ─────────────┐
+//!   watch owned kinds (by owner) ├─▶ Controller ─▶ reconcile (render, apply, evaluate, status)
+//!   watch PHIStore  → servers using it (same namespace)
+//!   watch NetworkPolicy → servers of its namespace
+//!   watch Pod (label) → its server
+//!   watch PHIStore ─▶ Controller ─▶ store status (Unknown until the broker reports)
+//!   :8080  /healthz /readyz /metrics
+//! ```
+
+pub mod context;
+mod health;
+pub mod jwks;
+pub mod owned;
+pub mod phi_store;
+pub mod reconcile;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::Args;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::registry::Registry;
+use tracing::{info, warn};
+
+use crate::api::{MCPServer, PHIStore};
+use crate::render::Settings;
+use crate::render::names::{MANAGER, SERVER_LABEL};
+use context::Context;
+use health::Health;
+use jwks::HttpsJwksSource;
+
+/// Flags of `mcp-warden operator` (each also read from the environment).
+#[derive(Debug, Clone, Args)]
+pub struct OperatorArgs {
+    /// Image of the sidecar injected into every MCP server pod.
+    #[arg(long, env = "MCPW_SIDECAR_IMAGE")]
+    pub sidecar_image: Option<String>,
+    /// Namespace of the warden's control plane (broker, audit collector).
+    #[arg(long, env = "MCPW_WARDEN_NAMESPACE", default_value = "mcp-warden")]
+    pub warden_namespace: String,
+    /// Labels of the control-plane pods the sidecars may reach, as
+    /// `key=value,key=value`.
+    #[arg(long, env = "MCPW_CONTROL_PLANE_LABELS", default_value = "app.kubernetes.io/part-of=mcp-warden")]
+    pub control_plane_labels: String,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "MCPW_HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
+    pub health_listen: SocketAddr,
+    /// MCPServers reconciled at the same time.
+    #[arg(long, env = "MCPW_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: u16,
+    /// Period of re-evaluation and JWKS refresh, in seconds.
+    #[arg(long, env = "MCPW_RESYNC_SECONDS", default_value_t = 300)]
+    pub resync_seconds: u64,
+    /// Timeout of one JWKS fetch, in seconds.
+    #[arg(long, env = "MCPW_JWKS_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub jwks_timeout_seconds: u64,
+    /// This pod's name, for events.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+}
+
+impl OperatorArgs {
+    /// Render settings from the flags.
+    pub fn settings(&self) -> Result<Settings, String> {
+        let mut settings = Settings::for_namespace(&self.warden_namespace);
+        if let Some(image) = &self.sidecar_image {
+            settings.sidecar_image = image.clone();
+        }
+        settings.control_plane_labels = parse_labels(&self.control_plane_labels)?;
+        Ok(settings)
+    }
+}
+
+/// Parses `key=value,key=value`.
+pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| format!("label {pair:?} is not key=value"))?;
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    if labels.is_empty() {
+        return Err("at least one control-plane label is required".into());
+    }
+    Ok(labels)
+}
+
+/// Runs the controllers and the health server until SIGTERM or SIGINT.
+pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
+    let settings = args.settings().map_err(anyhow::Error::msg)?;
+    let client = Client::try_default().await?;
+    let mut registry = Registry::default();
+    let jwks = Arc::new(HttpsJwksSource::new(Duration::from_secs(args.jwks_timeout_seconds))?);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings,
+        jwks,
+        &mut registry,
+        Duration::from_secs(args.resync_seconds),
+        args.pod_name.clone(),
+    ));
+    let health = Arc::new(Health { ready: Default::default(), registry });
+
+    let servers: Api<MCPServer> = Api::all(client.clone());
+    let stores: Api<PHIStore> = Api::all(client.clone());
+    let owned_cfg = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let controller = Controller::new(servers, watcher::Config::default())
+        .with_config(ControllerConfig::default().concurrency(args.concurrency));
+    let server_store = controller.store();
+
+    let by_store = server_store.clone();
+    let by_namespace = server_store.clone();
+    let controller = controller
+        .owns(Api::<Deployment>::all(client.clone()), owned_cfg.clone())
+        .owns(Api::<Service>::all(client.clone()), owned_cfg.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned_cfg.clone())
+        .owns(Api::<ServiceAccount>::all(client.clone()), owned_cfg.clone())
+        // A PHIStore change re-renders every server of its namespace using it.
+        .watches(stores.clone(), watcher::Config::default(), move |store: PHIStore| {
+            let namespace = store.namespace();
+            let name = store.name_any();
+            by_store
+                .state()
+                .into_iter()
+                .filter(|s| s.namespace() == namespace)
+                .filter(|s| s.spec.tools.iter().any(|t| t.data_access.iter().any(|d| d.store == name)))
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        })
+        // Any NetworkPolicy can widen a server's traffic: re-evaluate its namespace.
+        .watches(Api::<NetworkPolicy>::all(client.clone()), watcher::Config::default(), move |policy: NetworkPolicy| {
+            let namespace = policy.namespace();
+            by_namespace
+                .state()
+                .into_iter()
+                .filter(|s| s.namespace() == namespace)
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        })
+        // Pods, so status follows what really runs (label set by the renderer,
+        // and by anyone imitating it: a pod without the sidecar is what we look for).
+        .watches(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(SERVER_LABEL), |pod: Pod| {
+            let namespace = pod.namespace();
+            pod.labels().get(SERVER_LABEL).map(|name| {
+                let r = ObjectRef::<MCPServer>::new(name);
+                match namespace {
+                    Some(ns) => r.within(&ns),
+                    None => r,
+                }
+            })
+        })
+        .shutdown_on_signal();
+
+    let ready_flag = Arc::clone(&health);
+    let readiness = async move {
+        let _ = server_store.wait_until_ready().await;
+        ready_flag.ready.store(true, Ordering::Relaxed);
+        info!("caches synced; reconciling");
+    };
+
+    let servers_done =
+        controller.run(reconcile::reconcile, reconcile::error_policy, Arc::clone(&ctx)).for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "controller event");
+            }
+        });
+    let stores_done = Controller::new(stores, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(phi_store::reconcile_store, phi_store::store_error_policy, Arc::clone(&ctx))
+        .for_each(|_| async {});
+    let health_server = health::serve(args.health_listen, Arc::clone(&health), async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    info!(listen = %args.health_listen, "mcp-warden operator starting");
+    let (_, _, _, served) = tokio::join!(readiness, servers_done, stores_done, health_server);
+    served?;
+    info!("mcp-warden operator stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod tests;
