@@ -72,6 +72,9 @@ pub struct OperatorArgs {
     /// This pod's name, for events.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "MCPW_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
 }
 
 impl OperatorArgs {
@@ -99,6 +102,25 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(labels)
 }
 
+/// Where the operator watches: every namespace, or one.
+struct Scope {
+    client: Client,
+    namespace: Option<String>,
+}
+
+impl Scope {
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+}
+
 /// Runs the controllers and the health server until SIGTERM or SIGINT.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let settings = args.settings().map_err(anyhow::Error::msg)?;
@@ -115,8 +137,9 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     ));
     let health = Arc::new(Health { ready: Default::default(), registry });
 
-    let servers: Api<MCPServer> = Api::all(client.clone());
-    let stores: Api<PHIStore> = Api::all(client.clone());
+    let scope = Scope { client: client.clone(), namespace: args.watch_namespace.clone() };
+    let servers: Api<MCPServer> = scope.api();
+    let stores: Api<PHIStore> = scope.api();
     let owned_cfg = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
     let controller = Controller::new(servers, watcher::Config::default())
         .with_config(ControllerConfig::default().concurrency(args.concurrency));
@@ -125,10 +148,10 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let by_store = server_store.clone();
     let by_namespace = server_store.clone();
     let controller = controller
-        .owns(Api::<Deployment>::all(client.clone()), owned_cfg.clone())
-        .owns(Api::<Service>::all(client.clone()), owned_cfg.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned_cfg.clone())
-        .owns(Api::<ServiceAccount>::all(client.clone()), owned_cfg.clone())
+        .owns(scope.api::<Deployment>(), owned_cfg.clone())
+        .owns(scope.api::<Service>(), owned_cfg.clone())
+        .owns(scope.api::<ConfigMap>(), owned_cfg.clone())
+        .owns(scope.api::<ServiceAccount>(), owned_cfg.clone())
         // A PHIStore change re-renders every server of its namespace using it.
         .watches(stores.clone(), watcher::Config::default(), move |store: PHIStore| {
             let namespace = store.namespace();
@@ -142,7 +165,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
         })
         // Any NetworkPolicy can widen a server's traffic: re-evaluate its namespace.
-        .watches(Api::<NetworkPolicy>::all(client.clone()), watcher::Config::default(), move |policy: NetworkPolicy| {
+        .watches(scope.api::<NetworkPolicy>(), watcher::Config::default(), move |policy: NetworkPolicy| {
             let namespace = policy.namespace();
             by_namespace
                 .state()
@@ -153,7 +176,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         })
         // Pods, so status follows what really runs (label set by the renderer,
         // and by anyone imitating it: a pod without the sidecar is what we look for).
-        .watches(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(SERVER_LABEL), |pod: Pod| {
+        .watches(scope.api::<Pod>(), watcher::Config::default().labels(SERVER_LABEL), |pod: Pod| {
             let namespace = pod.namespace();
             pod.labels().get(SERVER_LABEL).map(|name| {
                 let r = ObjectRef::<MCPServer>::new(name);

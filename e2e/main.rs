@@ -1,0 +1,335 @@
+//! End-to-end tests against the cluster `KUBECONFIG` names.
+//!
+//! Run with `bash e2e/run.sh` (or `cargo test --test e2e -- --ignored
+//! --test-threads=1`). They are ignored in a plain `cargo test`; run without
+//! a reachable cluster they print why they skip and pass nothing else.
+//!
+//! Each run works in a namespace of its own, installs the CRDs (server-side
+//! apply), runs the operator binary from this build against the cluster, and
+//! deletes the namespace at the end, also when a step fails. Workload images
+//! are not pulled from anywhere real, so pods never become ready: these tests
+//! assert what the operator creates and reports, not that MCP traffic flows.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, ResourceExt};
+use mcp_warden::api::{MCPServer, PHIStore, all_crds};
+use serde_json::{Value, json};
+
+const MANAGER: &str = "mcp-warden-e2e";
+const WAIT: Duration = Duration::from_secs(120);
+const CLINIC: &str = include_str!("../examples/compliant/clinic.yaml");
+
+/// A client for a reachable cluster, or None after saying why not.
+async fn cluster(test: &str) -> Option<Client> {
+    let client = match Client::try_default().await {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("SKIP {test}: no Kubernetes cluster configured (KUBECONFIG, ~/.kube/config or in-cluster): {e}");
+            return None;
+        }
+    };
+    match client.apiserver_version().await {
+        Ok(v) => {
+            eprintln!("{test}: cluster at Kubernetes {}.{}", v.major, v.minor);
+            Some(client)
+        }
+        Err(e) => {
+            eprintln!("SKIP {test}: the configured cluster is not reachable: {e}");
+            None
+        }
+    }
+}
+
+/// The test namespace and the operator process; both go away on drop.
+struct Run {
+    client: Client,
+    namespace: String,
+    operator: Option<Child>,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(mut operator) = self.operator.take() {
+            let _ = operator.kill();
+            let _ = operator.wait();
+        }
+        let client = self.client.clone();
+        let namespace = self.namespace.clone();
+        // Drop cannot await; a short-lived runtime on another thread can.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let api: Api<Namespace> = Api::all(client);
+                let _ = api.delete(&namespace, &DeleteParams::background()).await;
+            });
+            Ok::<(), std::io::Error>(())
+        })
+        .join();
+    }
+}
+
+async fn start(client: Client) -> Run {
+    let namespace = format!("mcpw-e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let ns: Namespace = serde_json::from_value(json!({
+        "metadata": {"name": namespace, "labels": {"app.kubernetes.io/created-by": MANAGER}}
+    }))
+    .expect("namespace");
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+    Run { client, namespace, operator: None }
+}
+
+async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in all_crds() {
+        let name = crd.name_any();
+        api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd)).await.expect("apply CRD");
+        tokio::time::timeout(WAIT, await_condition(api.clone(), &name, conditions::is_crd_established()))
+            .await
+            .expect("CRD established in time")
+            .expect("CRD watch");
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Runs the operator binary of this build against the cluster.
+async fn run_operator(run: &mut Run) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+        .args([
+            "operator",
+            "--health-listen",
+            &format!("127.0.0.1:{port}"),
+            "--resync-seconds",
+            "15",
+            // Never touch MCPServers of other namespaces on a shared cluster.
+            "--watch-namespace",
+            &run.namespace,
+        ])
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the operator");
+    run.operator = Some(child);
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(started.elapsed() < WAIT, "the operator did not become ready");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The clinic example in the test namespace, keys from a ConfigMap (no
+/// network needed to an identity provider).
+fn clinic(namespace: &str) -> (Value, Value) {
+    let mut docs: Vec<Value> = serde_yaml::Deserializer::from_str(CLINIC)
+        .map(|d| serde::Deserialize::deserialize(d).expect("example YAML"))
+        .collect();
+    for doc in &mut docs {
+        doc["metadata"]["namespace"] = json!(namespace);
+    }
+    let mut server = docs.remove(1);
+    let oidc = server["spec"]["authentication"]["oidc"].as_object_mut().expect("oidc");
+    oidc.remove("jwksUri");
+    oidc.insert("jwksConfigMapRef".into(), json!({"name": "idp-keys"}));
+    (docs.remove(0), server)
+}
+
+async fn apply<K>(api: &Api<K>, object: &Value)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = object["metadata"]["name"].as_str().expect("name");
+    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(object)).await.expect("apply");
+}
+
+/// Polls until `check` returns Some, or fails after [`WAIT`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn condition(server: &MCPServer, type_: &str) -> Option<(String, String)> {
+    server.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.message.clone()))
+}
+
+fn reaches_store(policy: &NetworkPolicy) -> bool {
+    serde_json::to_string(&policy.spec).unwrap_or_default().contains("ehr-db")
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
+async fn operator_reconciles_reports_and_cleans_up() {
+    let Some(client) = cluster("operator_reconciles_reports_and_cleans_up").await else { return };
+    install_crds(&client).await;
+    let mut run = start(client.clone()).await;
+    let ns = run.namespace.clone();
+    run_operator(&mut run).await;
+
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let keys: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "idp-keys"},
+        "data": {"jwks.json": r#"{"keys":[{"kty":"RSA","kid":"e2e","n":"AQAB","e":"AQAB"}]}"#}
+    }))
+    .expect("configmap");
+    config_maps.create(&PostParams::default(), &keys).await.expect("keys");
+    let (store, server) = clinic(&ns);
+    let stores: Api<PHIStore> = Api::namespaced(client.clone(), &ns);
+    let servers: Api<MCPServer> = Api::namespaced(client.clone(), &ns);
+    apply(&stores, &store).await;
+    apply(&servers, &server).await;
+
+    // Status and owned objects.
+    let reported = eventually("status with every control", || async {
+        let s = servers.get("patient-lookup").await.ok()?;
+        (s.status.as_ref()?.controls.len() == 9 && condition(&s, "Compliant").is_some()).then_some(s)
+    })
+    .await;
+    let status = reported.status.clone().expect("status");
+    assert_eq!(status.counts.phi_tools, 1);
+    let access = status.controls.iter().find(|c| c.id == "access-control").expect("access-control");
+    assert_eq!(access.verdict, mcp_warden::api::Verdict::Pass, "{}", access.message);
+    assert_ne!(condition(&reported, "Compliant").map(|c| c.0).as_deref(), Some("True"), "break-glass is not verified");
+    let uid = reported.uid().expect("uid");
+    let owned_by_server = |owners: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+        owners.is_some_and(|o| o.iter().any(|r| r.uid == uid && r.controller == Some(true)))
+    };
+    let deployment =
+        Api::<Deployment>::namespaced(client.clone(), &ns).get("patient-lookup").await.expect("deployment");
+    assert!(owned_by_server(deployment.metadata.owner_references.as_ref()));
+    let pod = deployment.spec.template.spec.clone().expect("pod spec");
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert!(
+        pod.init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.name == "mcp-warden-sidecar" && c.restart_policy.as_deref() == Some("Always"))
+    );
+    Api::<Service>::namespaced(client.clone(), &ns).get("patient-lookup").await.expect("service");
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns).get("patient-lookup-mcpw").await.expect("service account");
+    config_maps.get("patient-lookup-policy").await.expect("policy");
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let ingress = policies.get("patient-lookup-ingress").await.expect("ingress policy");
+    assert!(owned_by_server(ingress.metadata.owner_references.as_ref()));
+    assert!(reaches_store(&policies.get("patient-lookup-egress").await.expect("egress policy")));
+
+    // A foreign widening NetworkPolicy: Compliant False, named.
+    let widen: NetworkPolicy = serde_json::from_value(json!({
+        "metadata": {"name": "allow-everything"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]}
+    }))
+    .expect("policy");
+    policies.create(&PostParams::default(), &widen).await.expect("create widening policy");
+    let message = eventually("Compliant False naming the policy", || async {
+        let s = servers.get("patient-lookup").await.ok()?;
+        let (status, _) = condition(&s, "Compliant")?;
+        let access = s.status?.controls.into_iter().find(|c| c.id == "access-control")?;
+        (status == "False" && access.message.contains("allow-everything")).then_some(access.message)
+    })
+    .await;
+    assert!(message.contains(&format!("NetworkPolicy {ns}/allow-everything")), "{message}");
+    policies.delete("allow-everything", &DeleteParams::default()).await.expect("delete widening policy");
+
+    // Dropping the PHI tool closes egress to its store.
+    let mut without_phi = server.clone();
+    without_phi["spec"]["tools"].as_array_mut().expect("tools").retain(|t| t["name"] != "lookup_patient");
+    apply(&servers, &without_phi).await;
+    eventually("egress to the store removed", || async {
+        let egress = policies.get("patient-lookup-egress").await.ok()?;
+        (!reaches_store(&egress)).then_some(())
+    })
+    .await;
+
+    // Deleting the MCPServer removes every owned object.
+    servers.delete("patient-lookup", &DeleteParams::default()).await.expect("delete server");
+    eventually("server and owned objects gone", || async {
+        let selector = ListParams::default().labels("mcpwarden.io/server=patient-lookup");
+        let left = servers.get_opt("patient-lookup").await.ok()?.is_some() as usize
+            + Api::<Deployment>::namespaced(client.clone(), &ns).list(&selector).await.ok()?.items.len()
+            + Api::<Service>::namespaced(client.clone(), &ns).list(&selector).await.ok()?.items.len()
+            + Api::<ServiceAccount>::namespaced(client.clone(), &ns).list(&selector).await.ok()?.items.len()
+            + config_maps.list(&selector).await.ok()?.items.len()
+            + policies.list(&selector).await.ok()?.items.len();
+        (left == 0).then_some(())
+    })
+    .await;
+    drop(run);
+}
+
+/// helm and kubectl: from PATH, or as installed by `.ci/k8s-tools.sh`.
+fn tool(name: &str) -> Option<String> {
+    let local = format!("{}/.ci/bin/{name}", env!("CARGO_MANIFEST_DIR"));
+    if std::path::Path::new(&local).exists() {
+        return Some(local);
+    }
+    Command::new(name).arg("version").arg("--client").output().ok().map(|_| name.to_string())
+}
+
+fn pipe(producer: &mut Command, consumer: &mut Command) -> (bool, String) {
+    let produced = producer.output().expect("run producer");
+    assert!(produced.status.success(), "{}", String::from_utf8_lossy(&produced.stderr));
+    let mut child =
+        consumer.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run consumer");
+    use std::io::Write;
+    child.stdin.take().expect("stdin").write_all(&produced.stdout).expect("pipe");
+    let out = child.wait_with_output().expect("wait");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
+async fn chart_and_rendered_objects_pass_kubectl_dry_runs() {
+    let Some(client) = cluster("chart_and_rendered_objects_pass_kubectl_dry_runs").await else { return };
+    let (Some(helm), Some(kubectl)) = (tool("helm"), tool("kubectl")) else {
+        eprintln!("SKIP chart dry runs: helm and kubectl not found (bash .ci/k8s-tools.sh installs them)");
+        return;
+    };
+    install_crds(&client).await;
+    let run = start(client.clone()).await;
+    let chart = format!("{}/charts/mcp-warden", env!("CARGO_MANIFEST_DIR"));
+    for mode in ["client", "server"] {
+        let (ok, out) = pipe(
+            Command::new(&helm).args(["template", "mcpw", &chart, "--namespace", &run.namespace]),
+            Command::new(&kubectl).args(["apply", &format!("--dry-run={mode}"), "-f", "-"]),
+        );
+        assert!(ok, "helm template | kubectl apply --dry-run={mode}: {out}");
+    }
+    // What the operator would create, as the API server would take it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example = dir.path().join("clinic.yaml");
+    std::fs::write(&example, CLINIC.replace("namespace: clinic", &format!("namespace: {}", run.namespace)))
+        .expect("write");
+    let (ok, out) = pipe(
+        Command::new(env!("CARGO_BIN_EXE_mcp-warden")).args(["render", "-f", example.to_str().expect("path")]),
+        Command::new(&kubectl).args(["apply", "--dry-run=server", "-f", "-"]),
+    );
+    assert!(ok, "render | kubectl apply --dry-run=server: {out}");
+    drop(run);
+}
