@@ -1,6 +1,5 @@
 //! `/healthz`, `/readyz` and `/metrics` on their own port.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,9 +18,9 @@ pub struct Health {
     pub registry: Registry,
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves on `listener` until `shutdown` resolves.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -30,7 +29,6 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(health);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
@@ -51,5 +49,39 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
             text,
         ),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("http://{addr}{path}")).await.expect("request");
+        (response.status().as_u16(), response.text().await.expect("body"))
+    }
+
+    #[tokio::test]
+    async fn probes_and_metrics() {
+        let mut registry = Registry::default();
+        let counter = Counter::<u64>::default();
+        registry.register("mcpwarden_operator_reconciles", "Reconciliations started", counter.clone());
+        counter.inc();
+        let health = Arc::new(Health { ready: AtomicBool::new(false), registry });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = Arc::clone(&stop);
+        let server = tokio::spawn(serve(listener, Arc::clone(&health), async move { stopped.notified().await }));
+        assert_eq!(get(addr, "/healthz").await, (200, "ok".into()));
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        health.ready.store(true, Ordering::Relaxed);
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        let (status, text) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(text.contains("mcpwarden_operator_reconciles_total 1"), "{text}");
+        stop.notify_one();
+        server.await.expect("task").expect("served");
     }
 }

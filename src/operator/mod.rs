@@ -102,6 +102,32 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(labels)
 }
 
+/// The servers of `store`'s namespace whose tools use it.
+pub fn servers_using_store(servers: &[Arc<MCPServer>], store: &PHIStore) -> Vec<ObjectRef<MCPServer>> {
+    let name = store.name_any();
+    servers
+        .iter()
+        .filter(|s| s.namespace() == store.namespace())
+        .filter(|s| s.spec.tools.iter().any(|t| t.data_access.iter().any(|d| d.store == name)))
+        .map(|s| ObjectRef::from_obj(&**s))
+        .collect()
+}
+
+/// Every server of a namespace.
+pub fn servers_in_namespace(servers: &[Arc<MCPServer>], namespace: Option<&str>) -> Vec<ObjectRef<MCPServer>> {
+    servers.iter().filter(|s| s.namespace().as_deref() == namespace).map(|s| ObjectRef::from_obj(&**s)).collect()
+}
+
+/// The server a pod says it belongs to.
+pub fn server_of_pod(pod: &Pod) -> Option<ObjectRef<MCPServer>> {
+    let name = pod.labels().get(SERVER_LABEL)?;
+    let reference = ObjectRef::<MCPServer>::new(name);
+    Some(match pod.namespace() {
+        Some(ns) => reference.within(&ns),
+        None => reference,
+    })
+}
+
 /// Where the operator watches: every namespace, or one.
 struct Scope {
     client: Client,
@@ -154,38 +180,15 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .owns(scope.api::<ServiceAccount>(), owned_cfg.clone())
         // A PHIStore change re-renders every server of its namespace using it.
         .watches(stores.clone(), watcher::Config::default(), move |store: PHIStore| {
-            let namespace = store.namespace();
-            let name = store.name_any();
-            by_store
-                .state()
-                .into_iter()
-                .filter(|s| s.namespace() == namespace)
-                .filter(|s| s.spec.tools.iter().any(|t| t.data_access.iter().any(|d| d.store == name)))
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
+            servers_using_store(&by_store.state(), &store)
         })
         // Any NetworkPolicy can widen a server's traffic: re-evaluate its namespace.
         .watches(scope.api::<NetworkPolicy>(), watcher::Config::default(), move |policy: NetworkPolicy| {
-            let namespace = policy.namespace();
-            by_namespace
-                .state()
-                .into_iter()
-                .filter(|s| s.namespace() == namespace)
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
+            servers_in_namespace(&by_namespace.state(), policy.namespace().as_deref())
         })
         // Pods, so status follows what really runs (label set by the renderer,
         // and by anyone imitating it: a pod without the sidecar is what we look for).
-        .watches(scope.api::<Pod>(), watcher::Config::default().labels(SERVER_LABEL), |pod: Pod| {
-            let namespace = pod.namespace();
-            pod.labels().get(SERVER_LABEL).map(|name| {
-                let r = ObjectRef::<MCPServer>::new(name);
-                match namespace {
-                    Some(ns) => r.within(&ns),
-                    None => r,
-                }
-            })
-        })
+        .watches(scope.api::<Pod>(), watcher::Config::default().labels(SERVER_LABEL), |pod: Pod| server_of_pod(&pod))
         .shutdown_on_signal();
 
     let ready_flag = Arc::clone(&health);
@@ -205,11 +208,19 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .shutdown_on_signal()
         .run(phi_store::reconcile_store, phi_store::store_error_policy, Arc::clone(&ctx))
         .for_each(|_| async {});
-    let health_server = health::serve(args.health_listen, Arc::clone(&health), async {
-        let _ = tokio::signal::ctrl_c().await;
-    });
+    // The controllers stop on SIGTERM/SIGINT; the health server stops after them.
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    let stop_health = Arc::clone(&stopped);
+    let listener = tokio::net::TcpListener::bind(args.health_listen).await?;
+    let health_server = health::serve(listener, Arc::clone(&health), async move { stop_health.notified().await });
+    let controllers = async move {
+        tokio::join!(servers_done, stores_done);
+        stopped.notify_one();
+    };
     info!(listen = %args.health_listen, "mcp-warden operator starting");
-    let (_, _, _, served) = tokio::join!(readiness, servers_done, stores_done, health_server);
+    let readiness = tokio::spawn(readiness);
+    let (_, served) = tokio::join!(controllers, health_server);
+    readiness.abort();
     served?;
     info!("mcp-warden operator stopped");
     Ok(())

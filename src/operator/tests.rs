@@ -406,3 +406,30 @@ async fn an_api_error_is_retried_with_growing_backoff() {
     let failures = ctx.metrics.failures.get_or_create(&super::context::ErrorLabels { error: "finalizer".into() }).get();
     assert_eq!(failures, 2);
 }
+
+#[test]
+fn watch_mappers_find_the_servers_concerned() {
+    use super::{server_of_pod, servers_in_namespace, servers_using_store};
+    let using = Arc::new(server());
+    let mut other_ns = server();
+    other_ns.metadata.namespace = Some("billing".into());
+    let mut not_using = server();
+    not_using.metadata.name = Some("scheduler".into());
+    not_using.spec.tools.retain(|t| t.data_access.is_empty());
+    let servers = vec![Arc::clone(&using), Arc::new(other_ns), Arc::new(not_using)];
+    let refs = servers_using_store(&servers, &clinic_store());
+    assert_eq!(
+        refs.iter().map(|r| (r.name.as_str(), r.namespace.as_deref())).collect::<Vec<_>>(),
+        [("patient-lookup", Some("clinic"))]
+    );
+    assert_eq!(servers_in_namespace(&servers, Some("clinic")).len(), 2);
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p", "namespace": "clinic", "labels": {"mcpwarden.io/server": "patient-lookup"}}
+    }))
+    .expect("pod");
+    let r = server_of_pod(&pod).expect("server");
+    assert_eq!((r.name.as_str(), r.namespace.as_deref()), ("patient-lookup", Some("clinic")));
+    let unlabelled: k8s_openapi::api::core::v1::Pod =
+        serde_json::from_value(json!({"metadata": {"name": "q"}})).expect("pod");
+    assert!(server_of_pod(&unlabelled).is_none());
+}
