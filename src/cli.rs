@@ -187,7 +187,7 @@ fn serve(service: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     match runtime.block_on(service) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "stopped");
+            tracing::error!(error = %e, "stopped");
             ExitCode::FAILURE
         }
     }
