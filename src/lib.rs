@@ -25,10 +25,12 @@ pub mod audit;
 pub mod check;
 pub mod cli;
 pub mod compliance;
+pub mod jwks;
 pub mod manifest;
 pub mod operator;
 pub mod policy;
 pub mod render;
+pub mod sidecar;
 
 #[cfg(test)]
 pub(crate) mod fixtures;

@@ -10,49 +10,8 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use serde_json::Value;
 
-/// Largest JWKS document accepted.
-pub const MAX_JWKS_BYTES: usize = 256 * 1024;
-const PRIVATE_MEMBERS: [&str; 7] = ["d", "p", "q", "dp", "dq", "qi", "oth"];
-
-/// Why keys could not be obtained. Messages name the failure class only.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum JwksError {
-    /// The document could not be fetched.
-    #[error("fetch failed: {0}")]
-    Fetch(String),
-    /// The document is not an acceptable JWKS.
-    #[error("not an acceptable JWKS: {0}")]
-    Invalid(String),
-}
-
-/// Validates a JWKS document and returns it in canonical (compact) form.
-pub fn validate_jwks(text: &str) -> Result<String, JwksError> {
-    let invalid = |m: &str| JwksError::Invalid(m.to_string());
-    if text.len() > MAX_JWKS_BYTES {
-        return Err(invalid("larger than 256 KiB"));
-    }
-    let value: Value = serde_json::from_str(text).map_err(|_| invalid("not JSON"))?;
-    let keys = value.get("keys").and_then(Value::as_array).ok_or_else(|| invalid("no \"keys\" array"))?;
-    if keys.is_empty() {
-        return Err(invalid("no keys"));
-    }
-    for (i, key) in keys.iter().enumerate() {
-        let Some(object) = key.as_object() else {
-            return Err(JwksError::Invalid(format!("key {i} is not an object")));
-        };
-        match object.get("kty").and_then(Value::as_str) {
-            Some("RSA" | "EC" | "OKP") => {}
-            Some("oct") => return Err(JwksError::Invalid(format!("key {i} is symmetric (kty oct)"))),
-            _ => return Err(JwksError::Invalid(format!("key {i} has no supported kty"))),
-        }
-        if let Some(member) = PRIVATE_MEMBERS.iter().find(|m| object.contains_key(**m)) {
-            return Err(JwksError::Invalid(format!("key {i} contains private member {member:?}")));
-        }
-    }
-    serde_json::to_string(&value).map_err(|_| invalid("cannot re-encode"))
-}
+pub use crate::jwks::{JwksError, MAX_JWKS_BYTES, validate_jwks};
 
 /// Where keys come from; a trait so the controller can be tested without
 /// a network.
@@ -118,32 +77,6 @@ fn classify(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn public_asymmetric_keys_pass_in_canonical_form() {
-        let jwks = r#"{ "keys": [ {"kty": "RSA", "kid": "a", "n": "xyz", "e": "AQAB"}, {"kty": "EC", "crv": "P-256", "x": "1", "y": "2"} ] }"#;
-        let out = validate_jwks(jwks).expect("valid");
-        assert!(!out.contains(' '));
-        assert!(out.contains(r#""kid":"a""#));
-    }
-
-    #[test]
-    fn private_symmetric_empty_and_garbage_are_refused() {
-        for (doc, needle) in [
-            (r#"{"keys":[{"kty":"RSA","n":"x","e":"AQAB","d":"secret"}]}"#, "private member \"d\""),
-            (r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#, "symmetric"),
-            (r#"{"keys":[]}"#, "no keys"),
-            (r#"{"keys":[{"n":"x"}]}"#, "no supported kty"),
-            ("<html>", "not JSON"),
-            (r#"{"jwks":[]}"#, "no \"keys\" array"),
-        ] {
-            let err = validate_jwks(doc).expect_err(doc);
-            assert!(err.to_string().contains(needle), "{doc}: {err}");
-            assert!(!err.to_string().contains("secret") && !err.to_string().contains("c2VjcmV0"));
-        }
-        let huge = format!(r#"{{"keys":[{{"kty":"RSA","n":"{}","e":"AQAB"}}]}}"#, "a".repeat(MAX_JWKS_BYTES));
-        assert!(validate_jwks(&huge).is_err());
-    }
 
     #[tokio::test]
     async fn plain_http_is_refused() {

@@ -1,0 +1,194 @@
+//! Hostile tokens: each is refused with its own reason class.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::json;
+
+use super::*;
+
+const ISSUER: &str = "https://login.example.org";
+const AUDIENCE: &str = "https://patient-lookup.clinic.example/mcp";
+const JWKS: &str = include_str!("../../../tests/fixtures/test-jwks.json");
+const RSA_KEY: &[u8] = include_bytes!("../../../tests/fixtures/test-rsa.pem");
+const RSA_PUBLIC: &[u8] = include_bytes!("../../../tests/fixtures/test-rsa.pub.pem");
+const EC_KEY: &[u8] = include_bytes!("../../../tests/fixtures/test-ec256.pem");
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs()
+}
+
+fn claims() -> Value {
+    json!({"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "exp": now() + 600, "nbf": now() - 10,
+           "groups": ["front-desk", "nurses"], "scope": "mcp:tools openid"})
+}
+
+fn rs256(claims: &Value, kid: &str) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.into());
+    encode(&header, claims, &EncodingKey::from_rsa_pem(RSA_KEY).expect("rsa key")).expect("sign")
+}
+
+fn es256(claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("test-ec256".into());
+    encode(&header, claims, &EncodingKey::from_ec_pem(EC_KEY).expect("ec key")).expect("sign")
+}
+
+fn settings() -> CompiledAuthentication {
+    CompiledAuthentication {
+        issuer: ISSUER.into(),
+        audience: AUDIENCE.into(),
+        groups_claim: "groups".into(),
+        required_scopes: ["mcp:tools".to_string()].into(),
+    }
+}
+
+async fn authenticator(dir: &tempfile::TempDir) -> Authenticator {
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, JWKS).expect("write jwks");
+    Authenticator::new(Keys::load(KeySource::File(file)).await.expect("keys"), settings())
+}
+
+async fn verify(auth: &Authenticator, token: &str) -> Result<Caller, AuthnError> {
+    auth.verify(token).await
+}
+
+#[tokio::test]
+async fn valid_rs256_and_es256_tokens_identify_the_caller() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = authenticator(&dir).await;
+    let caller = verify(&auth, &rs256(&claims(), "test-rsa")).await.expect("rs256");
+    assert_eq!(caller.subject, "alice");
+    assert_eq!(caller.groups, ["front-desk".to_string(), "nurses".to_string()].into());
+    assert_eq!(verify(&auth, &es256(&claims())).await.expect("es256").subject, "alice");
+}
+
+#[tokio::test]
+async fn hostile_tokens_are_refused_with_their_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = authenticator(&dir).await;
+    let with = |patch: Value| {
+        let mut c = claims();
+        for (k, v) in patch.as_object().expect("object") {
+            if v.is_null() {
+                c.as_object_mut().expect("claims").remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    };
+    let cases = [
+        (rs256(&with(json!({"exp": now() - 120})), "test-rsa"), AuthnError::Invalid("expired")),
+        (rs256(&with(json!({"nbf": now() + 600})), "test-rsa"), AuthnError::Invalid("not yet valid")),
+        (rs256(&with(json!({"iss": "https://evil.example"})), "test-rsa"), AuthnError::Invalid("wrong issuer")),
+        (
+            rs256(&with(json!({"aud": "https://other-server.example/mcp"})), "test-rsa"),
+            AuthnError::Invalid("wrong audience"),
+        ),
+        (rs256(&with(json!({"sub": null})), "test-rsa"), AuthnError::Invalid("missing claim")),
+        (rs256(&with(json!({"exp": null})), "test-rsa"), AuthnError::Invalid("missing claim")),
+        (rs256(&claims(), "rotated-away"), AuthnError::Invalid("unknown signing key")),
+        (rs256(&with(json!({"scope": "openid"})), "test-rsa"), AuthnError::InsufficientScope(vec!["mcp:tools".into()])),
+    ];
+    for (token, expected) in cases {
+        assert_eq!(verify(&auth, &token).await, Err(expected.clone()), "{expected}");
+    }
+}
+
+#[tokio::test]
+async fn alg_none_and_hmac_with_the_public_key_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = authenticator(&dir).await;
+    let unsigned = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT","kid":"test-rsa"}"#),
+        URL_SAFE_NO_PAD.encode(claims().to_string())
+    );
+    assert_eq!(verify(&auth, &unsigned).await, Err(AuthnError::Invalid("unsupported algorithm")));
+    // The classic confusion attack: HS256 keyed with the RSA public key.
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("test-rsa".into());
+    let forged = encode(&header, &claims(), &EncodingKey::from_secret(RSA_PUBLIC)).expect("sign");
+    assert_eq!(verify(&auth, &forged).await, Err(AuthnError::Invalid("algorithm does not match the key")));
+    // An ES256 token claiming the RSA key's kid.
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("test-rsa".into());
+    let mismatched = encode(&header, &claims(), &EncodingKey::from_ec_pem(EC_KEY).expect("ec")).expect("sign");
+    assert_eq!(verify(&auth, &mismatched).await, Err(AuthnError::Invalid("algorithm does not match the key")));
+}
+
+#[tokio::test]
+async fn a_tampered_payload_fails_the_signature() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = authenticator(&dir).await;
+    let token = rs256(&claims(), "test-rsa");
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut payload = claims();
+    payload["sub"] = json!("mallory");
+    let tampered = format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode(payload.to_string()), parts[2]);
+    assert_eq!(verify(&auth, &tampered).await, Err(AuthnError::Invalid("bad signature")));
+    assert_eq!(verify(&auth, "garbage").await, Err(AuthnError::Invalid("malformed")));
+    assert_eq!(verify(&auth, &format!("{}.{}", parts[0], parts[1])).await, Err(AuthnError::Invalid("malformed")));
+}
+
+#[tokio::test]
+async fn headers_and_query_strings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = authenticator(&dir).await;
+    let uri: Uri = "/mcp".parse().expect("uri");
+    assert_eq!(auth.authenticate(&HeaderMap::new(), &uri).await, Err(AuthnError::Missing));
+    let mut headers = HeaderMap::new();
+    headers.insert(header::AUTHORIZATION, "Basic YWxpY2U6cHc=".parse().expect("header"));
+    assert_eq!(auth.authenticate(&headers, &uri).await, Err(AuthnError::Invalid("not a bearer token")));
+    let token = rs256(&claims(), "test-rsa");
+    headers.insert(header::AUTHORIZATION, format!("Bearer {token}").parse().expect("header"));
+    assert!(auth.authenticate(&headers, &uri).await.is_ok());
+    let leaked: Uri = format!("/mcp?access_token={token}").parse().expect("uri");
+    assert_eq!(auth.authenticate(&headers, &leaked).await, Err(AuthnError::TokenInQuery));
+}
+
+#[tokio::test]
+async fn an_unknown_kid_reloads_the_keys_once_then_waits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("jwks.json");
+    // Start with only the EC key; the RSA key arrives by rotation.
+    let mut only_ec: Value = serde_json::from_str(JWKS).expect("jwks");
+    only_ec["keys"].as_array_mut().expect("keys").remove(0);
+    std::fs::write(&file, only_ec.to_string()).expect("write");
+    let auth = Authenticator::new(Keys::load(KeySource::File(file.clone())).await.expect("keys"), settings());
+    assert_eq!(auth.keys().len(), 1);
+    std::fs::write(&file, JWKS).expect("rotate");
+    assert!(verify(&auth, &rs256(&claims(), "test-rsa")).await.is_ok(), "rotation picked up");
+    // A flood of unknown kids does not reload again within the interval.
+    std::fs::write(&file, "{not json").expect("break the file");
+    assert_eq!(verify(&auth, &rs256(&claims(), "nope")).await, Err(AuthnError::Invalid("unknown signing key")));
+    assert_eq!(auth.keys().len(), 2, "keys kept");
+}
+
+#[tokio::test]
+async fn insecure_jwks_urls_and_bad_files_are_refused_at_start() {
+    assert!(matches!(
+        Keys::load(KeySource::Url("http://idp.example/jwks".into())).await,
+        Err(KeysError::InsecureUrl(_))
+    ));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#).expect("write");
+    let err = Keys::load(KeySource::File(file)).await.err().expect("symmetric refused");
+    assert!(!err.to_string().contains("c2VjcmV0"));
+}
+
+#[test]
+fn www_authenticate_follows_rfc_6750() {
+    let meta = "https://patient-lookup.clinic.example/.well-known/oauth-protected-resource/mcp";
+    assert_eq!(www_authenticate(&AuthnError::Missing, meta), format!(r#"Bearer resource_metadata="{meta}""#));
+    assert!(www_authenticate(&AuthnError::Invalid("expired"), meta).contains(r#"error="invalid_token""#));
+    assert!(
+        www_authenticate(&AuthnError::InsufficientScope(vec!["mcp:tools".into(), "ehr:read".into()]), meta)
+            .ends_with(r#"error="insufficient_scope", scope="mcp:tools ehr:read""#)
+    );
+}

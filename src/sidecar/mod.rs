@@ -1,0 +1,2 @@
+//! `mcp-warden sidecar`: the auditing gateway in front of an MCP server.
+pub mod authn;
