@@ -27,6 +27,8 @@ enum Command {
     Render(RenderArgs),
     /// Run the operator (in a cluster; uses the in-cluster or KUBECONFIG credentials).
     Operator(crate::operator::OperatorArgs),
+    /// Run the auditing gateway in front of one MCP server.
+    Sidecar(crate::sidecar::SidecarArgs),
     /// Audit trail tools for auditors.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -119,6 +121,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check_cmd(&args),
         Command::Audit(AuditCommand::Verify(args)) => audit_verify_cmd(&args),
         Command::Operator(args) => serve(crate::operator::run(args)),
+        Command::Sidecar(args) => serve(crate::sidecar::run(args)),
     }
 }
 

@@ -25,6 +25,7 @@ pub mod audit;
 pub mod check;
 pub mod cli;
 pub mod compliance;
+pub mod health;
 pub mod jwks;
 pub mod manifest;
 pub mod operator;

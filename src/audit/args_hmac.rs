@@ -52,6 +52,11 @@ impl ArgsKey {
         Ok(ArgsKey(bytes.to_vec()))
     }
 
+    /// The key's bytes, for deriving purpose-bound keys (never for output).
+    pub fn secret(&self) -> &[u8] {
+        &self.0
+    }
+
     /// A key from a file (e.g. a mounted Secret); one trailing newline is
     /// ignored.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {

@@ -24,7 +24,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -164,6 +165,7 @@ enum Command {
 /// A handle to an open WAL; cheap to share behind an `Arc`.
 pub struct Wal {
     tx: mpsc::Sender<Command>,
+    poisoned: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
     opened: Opened,
     append_timeout: Duration,
@@ -182,6 +184,7 @@ impl Wal {
         std::fs::create_dir_all(&config.dir).map_err(|e| WalError::io(&config.dir, &e))?;
         let lock = lock_dir(&config.dir)?;
         let (mut writer, restart) = Writer::recover_or_create(&config, lock)?;
+        let poisoned = Arc::clone(&writer.poison_flag);
         let start = writer.commit_one(Event { restart: restart.clone(), ..Event::new(Kind::StreamStart) })?;
         let opened = Opened { stream: writer.chain.stream().to_string(), restart, start };
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
@@ -189,12 +192,17 @@ impl Wal {
             .name("audit-wal".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| WalError::io(&config.dir, &e))?;
-        Ok(Wal { tx, thread: Mutex::new(Some(thread)), opened, append_timeout: config.append_timeout })
+        Ok(Wal { tx, poisoned, thread: Mutex::new(Some(thread)), opened, append_timeout: config.append_timeout })
     }
 
     /// What `open` found and wrote.
     pub fn opened(&self) -> &Opened {
         &self.opened
+    }
+
+    /// Whether the writer refuses appends until reopened (a failed fsync).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Relaxed)
     }
 
     /// Appends a record and waits until it is durable (or fails, or the
@@ -291,6 +299,7 @@ struct Writer {
     max_bytes: u64,
     max_batch: usize,
     poisoned: Option<String>,
+    poison_flag: Arc<AtomicBool>,
     _lock: File,
 }
 
@@ -402,6 +411,7 @@ impl Writer {
             max_bytes: config.max_bytes,
             max_batch: config.max_batch.max(1),
             poisoned: None,
+            poison_flag: Arc::new(AtomicBool::new(false)),
             _lock: lock,
         };
         Ok((writer, restart))
@@ -510,7 +520,7 @@ impl Writer {
             // batch and refuse everything until the log is recovered.
             self.undo(before);
             let reason = format!("fsync failed: {e}");
-            self.poisoned = Some(reason.clone());
+            self.poison(reason.clone());
             return Err(WalError::Poisoned(reason));
         }
         Ok(())
@@ -520,8 +530,14 @@ impl Writer {
     /// partial record.
     fn undo(&mut self, len: u64) {
         if let Err(e) = self.active.set_len(len).and_then(|()| self.active.sync_all()) {
-            self.poisoned = Some(format!("a partially written batch could not be removed: {e}"));
+            self.poison(format!("a partially written batch could not be removed: {e}"));
         }
+    }
+
+    fn poison(&mut self, reason: String) {
+        tracing::error!(reason = %reason, "audit WAL poisoned: refusing appends until reopened");
+        self.poisoned = Some(reason);
+        self.poison_flag.store(true, Ordering::Relaxed);
     }
 
     fn rotate_if_full(&mut self) -> Result<(), WalError> {

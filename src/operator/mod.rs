@@ -12,7 +12,6 @@
 //! ```
 
 pub mod context;
-mod health;
 pub mod jwks;
 pub mod owned;
 pub mod phi_store;
@@ -38,10 +37,10 @@ use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
 use crate::api::{MCPServer, PHIStore};
+use crate::health::{self, Health};
 use crate::render::Settings;
 use crate::render::names::{MANAGER, SERVER_LABEL};
 use context::Context;
-use health::Health;
 use jwks::HttpsJwksSource;
 
 /// Flags of `mcp-warden operator` (each also read from the environment).
@@ -161,7 +160,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.resync_seconds),
         args.pod_name.clone(),
     ));
-    let health = Arc::new(Health { ready: Default::default(), registry });
+    let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let health = Arc::new(Health::with_flag(Arc::clone(&synced), registry));
 
     let scope = Scope { client: client.clone(), namespace: args.watch_namespace.clone() };
     let servers: Api<MCPServer> = scope.api();
@@ -191,10 +191,9 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .watches(scope.api::<Pod>(), watcher::Config::default().labels(SERVER_LABEL), |pod: Pod| server_of_pod(&pod))
         .shutdown_on_signal();
 
-    let ready_flag = Arc::clone(&health);
     let readiness = async move {
         let _ = server_store.wait_until_ready().await;
-        ready_flag.ready.store(true, Ordering::Relaxed);
+        synced.store(true, Ordering::Relaxed);
         info!("caches synced; reconciling");
     };
 

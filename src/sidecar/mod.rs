@@ -1,3 +1,203 @@
 //! `mcp-warden sidecar`: the auditing gateway in front of an MCP server.
+//!
+//! ```text
+//!   client ──▶ :8443 gateway (authn → authz → audit → forward) ──▶ 127.0.0.1:<port> MCP server
+//!              :9090 /healthz /readyz /metrics (never the public port)
+//!   policy: --policy FILE (operator's ConfigMap) or --mcpserver FILE (manifests, laptops and tests)
+//!   keys:   --jwks-file FILE or --jwks-url URL       audit: --audit-dir DIR (the WAL)
+//! ```
+
 pub mod authn;
 pub mod authz;
+pub mod gateway;
+pub mod messages;
+pub mod metrics;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args;
+use prometheus_client::registry::Registry;
+
+use crate::audit::args_hmac::ArgsKey;
+use crate::audit::{Wal, WalConfig};
+use crate::health::{self, Health};
+use crate::manifest;
+use crate::policy::{self, CompiledPolicy, POLICY_FORMAT_VERSION};
+use authn::{Authenticator, KeySource, Keys};
+use gateway::{Gateway, GatewayConfig};
+use metrics::SidecarMetrics;
+
+/// Flags of `mcp-warden sidecar`.
+#[derive(Debug, Clone, Args)]
+pub struct SidecarArgs {
+    /// Manifest file(s) holding the MCPServer (and its PHIStores); the
+    /// policy is compiled from them. For laptops and tests.
+    #[arg(long, required_unless_present = "policy", conflicts_with = "policy")]
+    pub mcpserver: Vec<PathBuf>,
+    /// The compiled policy (the operator's ConfigMap, mounted).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// The MCP server's endpoint, on loopback, e.g. http://127.0.0.1:8080/mcp.
+    #[arg(long)]
+    pub upstream: String,
+    /// Public address (the only one the Service exposes).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub metrics_listen: SocketAddr,
+    /// The issuer's JWKS as a file (reloaded when a token names an unknown key).
+    #[arg(long, required_unless_present = "jwks_url", conflicts_with = "jwks_url")]
+    pub jwks_file: Option<PathBuf>,
+    /// The issuer's JWKS URL (https, or http on loopback).
+    #[arg(long)]
+    pub jwks_url: Option<String>,
+    /// Directory of the audit write-ahead log (mounted by the sidecar only).
+    #[arg(long)]
+    pub audit_dir: PathBuf,
+    /// Key of the arguments' HMAC and of session binding (>= 32 bytes; a
+    /// Secret mounted into the sidecar only).
+    #[arg(long, env = "MCPW_ARGS_KEY_FILE")]
+    pub args_key_file: PathBuf,
+    /// Additional host names this server answers to (the audience's host and
+    /// the Service's names are always allowed).
+    #[arg(long = "allowed-host")]
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call (none by default).
+    #[arg(long = "allowed-origin")]
+    pub allowed_origins: Vec<String>,
+    /// This pod's name, recorded in every audit record.
+    #[arg(long, env = "POD_NAME")]
+    pub pod: Option<String>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Bound of the audit WAL on disk, in bytes.
+    #[arg(long, default_value_t = 768 * 1024 * 1024)]
+    pub audit_max_bytes: u64,
+}
+
+/// Loads the compiled policy from `--policy` or compiles it from
+/// `--mcpserver` manifests.
+pub fn load_policy(args: &SidecarArgs) -> anyhow::Result<CompiledPolicy> {
+    if let Some(path) = &args.policy {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let policy: CompiledPolicy =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a compiled policy", path.display()))?;
+        anyhow::ensure!(
+            policy.format_version == POLICY_FORMAT_VERSION,
+            "{} has policy format {}; this sidecar reads {POLICY_FORMAT_VERSION}",
+            path.display(),
+            policy.format_version
+        );
+        return Ok(policy);
+    }
+    let (set, errors) = manifest::load_paths(&args.mcpserver);
+    if !errors.is_empty() {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::bail!("invalid manifests:\n{}", text.join("\n"));
+    }
+    let [server] = set.servers.as_slice() else {
+        anyhow::bail!("--mcpserver must name exactly one MCPServer; found {}", set.servers.len());
+    };
+    let namespace = policy::namespace_of(&server.object);
+    let stores = set
+        .stores
+        .iter()
+        .filter(|s| policy::namespace_of(&s.object) == namespace)
+        .map(|s| (kube::ResourceExt::name_any(&s.object), s.object.clone()))
+        .collect();
+    Ok(policy::compile(&server.object, &stores)?)
+}
+
+/// Host names a server answers to by default: its audience's host and its
+/// Service's DNS names.
+pub fn default_hosts(policy: &CompiledPolicy) -> Vec<String> {
+    let mut hosts = Vec::new();
+    if let Some(host) =
+        reqwest::Url::parse(&policy.authentication.audience).ok().and_then(|u| u.host_str().map(str::to_string))
+    {
+        hosts.push(host);
+    }
+    let (name, ns) = (&policy.server.name, &policy.server.namespace);
+    hosts.push(name.clone());
+    if !ns.is_empty() {
+        hosts.extend([format!("{name}.{ns}"), format!("{name}.{ns}.svc"), format!("{name}.{ns}.svc.cluster.local")]);
+    }
+    hosts
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT, then drains in-flight requests and
+/// seals the audit stream.
+pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
+    let policy = Arc::new(load_policy(&args)?);
+    let upstream =
+        reqwest::Url::parse(&args.upstream).with_context(|| format!("--upstream {} is not a URL", args.upstream))?;
+    let source = match (&args.jwks_file, &args.jwks_url) {
+        (Some(file), _) => KeySource::File(file.clone()),
+        (None, Some(url)) => KeySource::Url(url.clone()),
+        (None, None) => anyhow::bail!("one of --jwks-file or --jwks-url is required"),
+    };
+    let keys = Keys::load(source).await?;
+    let args_key = ArgsKey::from_file(&args.args_key_file)?;
+    let mut wal_config = WalConfig::new(&args.audit_dir, policy.server.to_string());
+    wal_config.pod = args.pod.clone();
+    wal_config.max_bytes = args.audit_max_bytes;
+    let wal = Arc::new(Wal::open(wal_config)?);
+    let mut registry = Registry::default();
+    let metrics = SidecarMetrics::register(&mut registry);
+    let mut allowed_hosts = default_hosts(&policy);
+    allowed_hosts.extend(args.allowed_hosts.iter().cloned());
+    let config = GatewayConfig {
+        upstream,
+        allowed_hosts,
+        allowed_origins: args.allowed_origins.clone(),
+        max_body_bytes: args.max_body_bytes,
+    };
+    let authn = Authenticator::new(keys, policy.authentication.clone());
+    let gateway = Arc::new(Gateway::new(Arc::clone(&policy), authn, Arc::clone(&wal), args_key, config, metrics)?);
+    let ready_gateway = Arc::clone(&gateway);
+    let health = Arc::new(Health { ready: Box::new(move || ready_gateway.readiness()), registry });
+
+    let public = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let private = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
+    tracing::info!(listen = %args.listen, metrics = %args.metrics_listen, server = %policy.server, stream = %wal.opened().stream, "sidecar serving");
+    let stop_health = Arc::new(tokio::sync::Notify::new());
+    let stop = Arc::clone(&stop_health);
+    let health_server = tokio::spawn(health::serve(private, health, async move { stop.notified().await }));
+    axum::serve(public, Arc::clone(&gateway).router()).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("draining done; sealing the audit stream");
+    drop(gateway);
+    match Arc::try_unwrap(wal) {
+        Ok(wal) => {
+            wal.close().await?;
+        }
+        Err(_) => tracing::warn!("audit WAL still shared at shutdown; the next start records a restart"),
+    }
+    stop_health.notify_one();
+    let _ = health_server.await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}

@@ -1,4 +1,5 @@
-//! `/healthz`, `/readyz` and `/metrics` on their own port.
+//! `/healthz`, `/readyz` and `/metrics` on their own port, for the
+//! operator and the sidecar alike (never on a public port).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,12 +11,27 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 
+/// Readiness: Ok, or why not.
+pub type ReadinessCheck = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// What the probes report.
 pub struct Health {
-    /// The controller's caches are filled and reconciling.
-    pub ready: AtomicBool,
+    /// Decides `/readyz`.
+    pub ready: ReadinessCheck,
     /// The metrics registry.
     pub registry: Registry,
+}
+
+impl Health {
+    /// Health whose readiness follows a flag.
+    pub fn with_flag(flag: Arc<AtomicBool>, registry: Registry) -> Self {
+        Health {
+            ready: Box::new(
+                move || if flag.load(Ordering::Relaxed) { Ok(()) } else { Err("caches not synced".into()) },
+            ),
+            registry,
+        }
+    }
 }
 
 /// Serves on `listener` until `shutdown` resolves.
@@ -33,10 +49,9 @@ pub async fn serve(
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    if health.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+    match (health.ready)() {
+        Ok(()) => (StatusCode::OK, "ready".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
@@ -68,7 +83,8 @@ mod tests {
         let counter = Counter::<u64>::default();
         registry.register("mcpwarden_operator_reconciles", "Reconciliations started", counter.clone());
         counter.inc();
-        let health = Arc::new(Health { ready: AtomicBool::new(false), registry });
+        let flag = Arc::new(AtomicBool::new(false));
+        let health = Arc::new(Health::with_flag(Arc::clone(&flag), registry));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let stop = Arc::new(tokio::sync::Notify::new());
@@ -76,7 +92,7 @@ mod tests {
         let server = tokio::spawn(serve(listener, Arc::clone(&health), async move { stopped.notified().await }));
         assert_eq!(get(addr, "/healthz").await, (200, "ok".into()));
         assert_eq!(get(addr, "/readyz").await.0, 503);
-        health.ready.store(true, Ordering::Relaxed);
+        flag.store(true, Ordering::Relaxed);
         assert_eq!(get(addr, "/readyz").await.0, 200);
         let (status, text) = get(addr, "/metrics").await;
         assert_eq!(status, 200);

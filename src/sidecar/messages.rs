@@ -1,0 +1,160 @@
+//! JSON-RPC and MCP transport details the gateway needs: error bodies,
+//! header/body agreement (2026-07-28 request metadata), and rewriting list
+//! results inside JSON or SSE bodies.
+
+use axum::http::HeaderMap;
+use base64::Engine;
+use serde_json::{Value, json};
+
+/// Protocol revision that introduced stateless requests and mirrored
+/// `Mcp-*` headers.
+pub const STATELESS_REVISION: &str = "2026-07-28";
+/// Revision assumed when a client sends no `MCP-Protocol-Version`.
+pub const DEFAULT_REVISION: &str = "2025-03-26";
+/// JSON-RPC parse error.
+pub const PARSE_ERROR: i64 = -32700;
+/// JSON-RPC invalid request.
+pub const INVALID_REQUEST: i64 = -32600;
+/// MCP header/body mismatch.
+pub const HEADER_MISMATCH: i64 = -32020;
+/// Server error used for refusals of the gateway itself.
+pub const GATEWAY_REFUSED: i64 = -32000;
+
+/// A JSON-RPC error response (id null when unknown).
+pub fn error_body(id: Option<&Value>, code: i64, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id.cloned().unwrap_or(Value::Null), "error": {"code": code, "message": message}})
+}
+
+/// The request's protocol revision.
+pub fn revision(headers: &HeaderMap) -> String {
+    headers
+        .get("mcp-protocol-version")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| DEFAULT_REVISION.to_string())
+}
+
+/// Whether a revision uses request metadata headers (dates compare as text).
+pub fn is_stateless(revision: &str) -> bool {
+    revision >= STATELESS_REVISION
+}
+
+/// Decodes an `Mcp-Name`/`Mcp-Param-*` value (`=?base64?…?=` sentinel).
+pub fn decode_header_value(value: &str) -> Option<String> {
+    match value.strip_prefix("=?base64?").and_then(|v| v.strip_suffix("?=")) {
+        Some(encoded) => {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).ok()?;
+            String::from_utf8(bytes).ok()
+        }
+        None => Some(value.to_string()),
+    }
+}
+
+/// Checks that `Mcp-Method` and `Mcp-Name` agree with the body (2026-07-28).
+/// The error names the header, never its value: values can carry PHI.
+pub fn check_mirrored_headers(headers: &HeaderMap, method: &str, params: Option<&Value>) -> Result<(), String> {
+    let header = |name: &str| headers.get(name).map(|v| v.to_str().map(str::to_string));
+    match header("mcp-method") {
+        None => return Err("Mcp-Method header is missing".into()),
+        Some(Err(_)) => return Err("Mcp-Method header is not valid ASCII".into()),
+        Some(Ok(m)) if m != method => return Err("Mcp-Method header does not match the body".into()),
+        Some(Ok(_)) => {}
+    }
+    let named = match method {
+        "tools/call" | "prompts/get" => params.and_then(|p| p.get("name")).and_then(Value::as_str),
+        "resources/read" => params.and_then(|p| p.get("uri")).and_then(Value::as_str),
+        _ => return Ok(()),
+    };
+    match (header("mcp-name"), named) {
+        (None, _) => Err("Mcp-Name header is missing".into()),
+        (Some(Err(_)), _) => Err("Mcp-Name header is not valid ASCII".into()),
+        (Some(Ok(value)), Some(body)) => match decode_header_value(&value) {
+            Some(decoded) if decoded == body => Ok(()),
+            Some(_) => Err("Mcp-Name header does not match the body".into()),
+            None => Err("Mcp-Name header has an invalid base64 value".into()),
+        },
+        (Some(Ok(_)), None) => Err("Mcp-Name header names something the body does not".into()),
+    }
+}
+
+/// Applies `edit` to the `result` of every JSON-RPC response in an SSE
+/// body, keeping other events as they are.
+pub fn rewrite_sse(body: &str, mut edit: impl FnMut(&mut Value)) -> String {
+    let mut out = String::with_capacity(body.len());
+    // Events are separated by a blank line; keep the separators as sent.
+    for event in body.split_inclusive("\n\n") {
+        let data: Vec<&str> =
+            event.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.strip_prefix(' ').unwrap_or(d)).collect();
+        let parsed = (!data.is_empty()).then(|| serde_json::from_str::<Value>(&data.join("\n")).ok()).flatten();
+        match parsed {
+            Some(mut message) if message.get("result").is_some() => {
+                if let Some(result) = message.get_mut("result") {
+                    edit(result);
+                }
+                for line in event.lines().filter(|l| !l.starts_with("data:") && !l.is_empty()) {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+                out.push_str("data: ");
+                out.push_str(&message.to_string());
+                out.push_str("\n\n");
+            }
+            _ => out.push_str(event),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(axum::http::HeaderName::from_bytes(k.as_bytes()).expect("name"), v.parse().expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn mirrored_headers_must_agree_with_the_body() {
+        let params = json!({"name": "lookup_patient"});
+        let ok = headers(&[("mcp-method", "tools/call"), ("mcp-name", "lookup_patient")]);
+        assert_eq!(check_mirrored_headers(&ok, "tools/call", Some(&params)), Ok(()));
+        let encoded = headers(&[("mcp-method", "tools/call"), ("mcp-name", "=?base64?bG9va3VwX3BhdGllbnQ=?=")]);
+        assert_eq!(check_mirrored_headers(&encoded, "tools/call", Some(&params)), Ok(()));
+        let lying = headers(&[("mcp-method", "tools/call"), ("mcp-name", "clinic_hours")]);
+        assert_eq!(
+            check_mirrored_headers(&lying, "tools/call", Some(&params)),
+            Err("Mcp-Name header does not match the body".into())
+        );
+        assert!(
+            check_mirrored_headers(&headers(&[("mcp-method", "tools/list")]), "tools/call", Some(&params)).is_err()
+        );
+        assert!(check_mirrored_headers(&headers(&[]), "tools/list", None).is_err());
+        assert!(
+            check_mirrored_headers(&headers(&[("mcp-method", "tools/call")]), "tools/call", Some(&params)).is_err()
+        );
+        assert_eq!(check_mirrored_headers(&headers(&[("mcp-method", "tools/list")]), "tools/list", None), Ok(()));
+    }
+
+    #[test]
+    fn sse_results_are_rewritten_and_other_events_kept() {
+        let body = "event: message\nid: 1\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\nid: 2\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"a\"},{\"name\":\"b\"}]}}\n\n";
+        let out = rewrite_sse(body, |r| {
+            if let Some(tools) = r.get_mut("tools").and_then(Value::as_array_mut) {
+                tools.retain(|t| t["name"] == "a");
+            }
+        });
+        assert!(out.starts_with(
+            "event: message\nid: 1\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n"
+        ));
+        assert!(
+            out.contains("id: 2\ndata: {\"id\":1,\"jsonrpc\":\"2.0\",\"result\":{\"tools\":[{\"name\":\"a\"}]}}\n\n")
+                || out.contains("\"tools\":[{\"name\":\"a\"}]"),
+            "{out}"
+        );
+        assert!(!out.contains("\"b\""));
+    }
+}
