@@ -191,38 +191,27 @@ fn resource_admitted(policy: &CompiledPolicy, caller: &Caller, uri: &str) -> boo
 /// Filters a list result in place to what the caller may use. Returns how
 /// many entries were removed.
 pub fn filter_list(policy: &CompiledPolicy, caller: &Caller, kind: ListKind, result: &mut Value) -> usize {
-    let (field, keep): (&str, Box<dyn Fn(&Value) -> bool>) = match kind {
-        ListKind::Tools => (
-            "tools",
-            Box::new(|t: &Value| {
-                let name = t.get("name").and_then(Value::as_str).unwrap_or_default();
-                policy.tools.get(name).is_some_and(|tool| tool.callers.admits(caller))
-            }),
-        ),
-        ListKind::Resources => (
-            "resources",
-            Box::new(|r: &Value| {
-                resource_admitted(policy, caller, r.get("uri").and_then(Value::as_str).unwrap_or_default())
-            }),
-        ),
-        ListKind::ResourceTemplates => (
-            "resourceTemplates",
-            Box::new(|r: &Value| {
-                resource_admitted(policy, caller, r.get("uriTemplate").and_then(Value::as_str).unwrap_or_default())
-            }),
-        ),
-        ListKind::Prompts => (
-            "prompts",
-            Box::new(|p: &Value| {
-                let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
-                policy.prompts.get(name).is_some_and(|c: &CallerSet| c.admits(caller))
-            }),
-        ),
+    let field = match kind {
+        ListKind::Tools => "tools",
+        ListKind::Resources => "resources",
+        ListKind::ResourceTemplates => "resourceTemplates",
+        ListKind::Prompts => "prompts",
     };
     let Some(items) = result.get_mut(field).and_then(Value::as_array_mut) else { return 0 };
     let before = items.len();
-    items.retain(|item| keep(item));
+    items.retain(|item| admits_entry(policy, caller, kind, item));
     before - items.len()
+}
+
+/// Whether the caller may see one list entry.
+fn admits_entry(policy: &CompiledPolicy, caller: &Caller, kind: ListKind, item: &Value) -> bool {
+    let text = |key: &str| item.get(key).and_then(Value::as_str).unwrap_or_default();
+    match kind {
+        ListKind::Tools => policy.tools.get(text("name")).is_some_and(|tool| tool.callers.admits(caller)),
+        ListKind::Resources => resource_admitted(policy, caller, text("uri")),
+        ListKind::ResourceTemplates => resource_admitted(policy, caller, text("uriTemplate")),
+        ListKind::Prompts => policy.prompts.get(text("name")).is_some_and(|c: &CallerSet| c.admits(caller)),
+    }
 }
 
 /// Removes client-supplied `io.mcpwarden/*` keys from `params._meta` and

@@ -284,28 +284,29 @@ async fn refuse_unauthenticated(gw: &Gateway, correlation: &str, method: &str, e
     response
 }
 
-/// Records a refusal that happened before authorization (body, transport).
-async fn refuse_request(
-    gw: &Gateway,
-    caller: &Caller,
-    correlation: &str,
-    method: &str,
-    status: StatusCode,
-    code: i64,
-    reason: &str,
-    id: Option<&Value>,
-) -> Response {
-    gw.metrics.decision("deny");
-    let event = Event {
-        correlation: Some(correlation.to_string()),
-        caller: Some(record_caller(caller, &gw.policy.authentication.issuer)),
-        method: Some(method.to_string()),
-        decision: Some(RecordDecision::Deny),
-        reason: Some(reason.to_string()),
-        ..Event::new(Kind::Decision)
-    };
-    let _ = gw.record(event).await;
-    json_response(status, &messages::error_body(id, code, reason))
+/// One authenticated request, for refusals that happen before
+/// authorization (body, transport checks).
+struct Refusal<'a> {
+    gw: &'a Gateway,
+    caller: &'a Caller,
+    correlation: &'a str,
+}
+
+impl Refusal<'_> {
+    /// Records the refusal, then answers with a JSON-RPC error.
+    async fn refuse(&self, method: &str, status: StatusCode, code: i64, reason: &str, id: Option<&Value>) -> Response {
+        self.gw.metrics.decision("deny");
+        let event = Event {
+            correlation: Some(self.correlation.to_string()),
+            caller: Some(record_caller(self.caller, &self.gw.policy.authentication.issuer)),
+            method: Some(method.to_string()),
+            decision: Some(RecordDecision::Deny),
+            reason: Some(reason.to_string()),
+            ..Event::new(Kind::Decision)
+        };
+        let _ = self.gw.record(event).await;
+        json_response(status, &messages::error_body(id, code, reason))
+    }
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, StatusCode> {
@@ -324,51 +325,22 @@ async fn post(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let refusal = Refusal { gw: &gw, caller: &caller, correlation: &correlation };
     // 3. Body.
     let bytes = match read_body(body, gw.config.max_body_bytes).await {
         Ok(bytes) => bytes,
         Err(StatusCode::PAYLOAD_TOO_LARGE) => {
             let reason = format!("request body larger than {} bytes", gw.config.max_body_bytes);
-            return refuse_request(
-                &gw,
-                &caller,
-                &correlation,
-                "POST",
-                StatusCode::PAYLOAD_TOO_LARGE,
-                INVALID_REQUEST,
-                &reason,
-                None,
-            )
-            .await;
+            return refusal.refuse("POST", StatusCode::PAYLOAD_TOO_LARGE, INVALID_REQUEST, &reason, None).await;
         }
         Err(status) => {
-            return refuse_request(
-                &gw,
-                &caller,
-                &correlation,
-                "POST",
-                status,
-                INVALID_REQUEST,
-                "unreadable body",
-                None,
-            )
-            .await;
+            return refusal.refuse("POST", status, INVALID_REQUEST, "unreadable body", None).await;
         }
     };
     let message: Value = match serde_json::from_slice(&bytes) {
         Ok(v) => v,
         Err(_) => {
-            return refuse_request(
-                &gw,
-                &caller,
-                &correlation,
-                "POST",
-                StatusCode::BAD_REQUEST,
-                PARSE_ERROR,
-                "malformed JSON",
-                None,
-            )
-            .await;
+            return refusal.refuse("POST", StatusCode::BAD_REQUEST, PARSE_ERROR, "malformed JSON", None).await;
         }
     };
     // 4. Transport checks.
@@ -383,47 +355,21 @@ async fn post(
             } else {
                 "JSON-RPC batches are not part of this protocol revision"
             };
-            return refuse_request(
-                &gw,
-                &caller,
-                &correlation,
-                "batch",
-                StatusCode::BAD_REQUEST,
-                INVALID_REQUEST,
-                reason,
-                None,
-            )
-            .await;
+            return refusal.refuse("batch", StatusCode::BAD_REQUEST, INVALID_REQUEST, reason, None).await;
         }
         _ => {
-            return refuse_request(
-                &gw,
-                &caller,
-                &correlation,
-                "POST",
-                StatusCode::BAD_REQUEST,
-                INVALID_REQUEST,
-                "not a JSON-RPC message",
-                None,
-            )
-            .await;
+            return refusal
+                .refuse("POST", StatusCode::BAD_REQUEST, INVALID_REQUEST, "not a JSON-RPC message", None)
+                .await;
         }
     };
     let id = message.get("id").cloned();
     let method = message.get("method").and_then(Value::as_str).map(str::to_string);
     let is_response = method.is_none() && (message.contains_key("result") || message.contains_key("error"));
     if message.get("jsonrpc").and_then(Value::as_str) != Some("2.0") || (method.is_none() && !is_response) {
-        return refuse_request(
-            &gw,
-            &caller,
-            &correlation,
-            "POST",
-            StatusCode::BAD_REQUEST,
-            INVALID_REQUEST,
-            "not a JSON-RPC 2.0 message",
-            id.as_ref(),
-        )
-        .await;
+        return refusal
+            .refuse("POST", StatusCode::BAD_REQUEST, INVALID_REQUEST, "not a JSON-RPC 2.0 message", id.as_ref())
+            .await;
     }
     let method_name = method.clone().unwrap_or_else(|| "response".into());
     let params = message.get("params").cloned();
@@ -431,32 +377,12 @@ async fn post(
         && let Some(m) = &method
         && let Err(reason) = messages::check_mirrored_headers(&headers, m, params.as_ref())
     {
-        return refuse_request(
-            &gw,
-            &caller,
-            &correlation,
-            &method_name,
-            StatusCode::BAD_REQUEST,
-            HEADER_MISMATCH,
-            &reason,
-            id.as_ref(),
-        )
-        .await;
+        return refusal.refuse(&method_name, StatusCode::BAD_REQUEST, HEADER_MISMATCH, &reason, id.as_ref()).await;
     }
     let upstream_session = match session_for_upstream(&gw, &caller, &revision, &headers) {
         Ok(session) => session,
         Err(reason) => {
-            return refuse_request(
-                &gw,
-                &caller,
-                &correlation,
-                &method_name,
-                StatusCode::NOT_FOUND,
-                INVALID_REQUEST,
-                reason,
-                id.as_ref(),
-            )
-            .await;
+            return refusal.refuse(&method_name, StatusCode::NOT_FOUND, INVALID_REQUEST, reason, id.as_ref()).await;
         }
     };
     // 5. Authorization.
@@ -589,33 +515,16 @@ async fn stream_or_delete(
     headers: HeaderMap,
 ) -> Response {
     let label = if method == Method::GET { "GET stream" } else { "DELETE session" };
+    let refusal = Refusal { gw: &gw, caller: &caller, correlation: &correlation };
     let session = match session_for_upstream(&gw, &caller, messages::DEFAULT_REVISION, &headers) {
         Ok(Some(session)) => session,
         Ok(None) => {
-            return refuse_request(
-                &gw,
-                &caller,
-                &correlation,
-                label,
-                StatusCode::BAD_REQUEST,
-                INVALID_REQUEST,
-                "Mcp-Session-Id required",
-                None,
-            )
-            .await;
+            return refusal
+                .refuse(label, StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id required", None)
+                .await;
         }
         Err(reason) => {
-            return refuse_request(
-                &gw,
-                &caller,
-                &correlation,
-                label,
-                StatusCode::NOT_FOUND,
-                INVALID_REQUEST,
-                reason,
-                None,
-            )
-            .await;
+            return refusal.refuse(label, StatusCode::NOT_FOUND, INVALID_REQUEST, reason, None).await;
         }
     };
     let event = Event {
