@@ -1,0 +1,490 @@
+//! The sidecar gateway over real sockets: real RS256/ES256 JWTs, a JWKS
+//! served over HTTP, the real WAL, and an upstream MCP endpoint that
+//! records exactly what reaches it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use mcp_warden::audit::args_hmac::ArgsKey;
+use mcp_warden::audit::record::{Decision, Kind, Record};
+use mcp_warden::audit::segment;
+use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
+use mcp_warden::audit::{Wal, WalConfig};
+use mcp_warden::policy::CompiledPolicy;
+use mcp_warden::sidecar::authn::{Authenticator, KeySource, Keys};
+use mcp_warden::sidecar::gateway::{Gateway, GatewayConfig};
+use mcp_warden::sidecar::metrics::SidecarMetrics;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+
+const ISSUER: &str = "https://login.example.org";
+const AUDIENCE: &str = "https://patient-lookup.clinic.example/mcp";
+const JWKS: &str = include_str!("fixtures/test-jwks.json");
+const RSA_KEY: &[u8] = include_bytes!("fixtures/test-rsa.pem");
+const RSA_PUBLIC: &[u8] = include_bytes!("fixtures/test-rsa.pub.pem");
+const EC_KEY: &[u8] = include_bytes!("fixtures/test-ec256.pem");
+const CLINIC: &str = include_str!("../examples/compliant/clinic.yaml");
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs()
+}
+
+fn claims(sub: &str, groups: &[&str]) -> Value {
+    json!({"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "exp": now() + 600, "groups": groups, "scope": "mcp:tools"})
+}
+
+fn rs256(claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("test-rsa".into());
+    encode(&header, claims, &EncodingKey::from_rsa_pem(RSA_KEY).expect("key")).expect("sign")
+}
+
+fn es256(claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("test-ec256".into());
+    encode(&header, claims, &EncodingKey::from_ec_pem(EC_KEY).expect("key")).expect("sign")
+}
+
+/// What the upstream MCP endpoint received.
+#[derive(Clone, Debug)]
+struct Seen {
+    headers: HeaderMap,
+    body: Value,
+}
+
+type Log = Arc<Mutex<Vec<Seen>>>;
+
+/// A minimal MCP endpoint: answers by method, records everything.
+async fn upstream(log: Log) -> String {
+    let app = Router::new().route(
+        "/mcp",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let log = Arc::clone(&log);
+            async move {
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                log.lock().expect("log").push(Seen { headers: headers.clone(), body: body.clone() });
+                let id = body["id"].clone();
+                let result = match body["method"].as_str() {
+                    Some("tools/list") => json!({"tools": [
+                        {"name": "lookup_patient", "inputSchema": {"type": "object"}},
+                        {"name": "clinic_hours", "inputSchema": {"type": "object"}},
+                        {"name": "undeclared_admin_tool", "inputSchema": {"type": "object"}}
+                    ]}),
+                    Some("tools/call") => json!({"content": [{"type": "text", "text": "ok"}]}),
+                    _ => json!({}),
+                };
+                let reply = json!({"jsonrpc": "2.0", "id": id, "result": result});
+                let mut response = if headers.get("x-test-sse").is_some() {
+                    let sse = format!("event: message\ndata: {}\n\n", reply);
+                    ([("content-type", "text/event-stream")], sse).into_response()
+                } else {
+                    ([("content-type", "application/json")], reply.to_string()).into_response()
+                };
+                if body["method"] == "initialize" {
+                    response.headers_mut().insert("mcp-session-id", "upstream-session-1".parse().expect("header"));
+                }
+                response
+            }
+        }),
+    );
+    serve(app).await
+}
+
+async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    format!("http://{addr}")
+}
+
+fn policy() -> CompiledPolicy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("clinic.yaml");
+    std::fs::write(&file, CLINIC).expect("write");
+    let (set, errors) = mcp_warden::manifest::load_paths(&[file]);
+    assert!(errors.is_empty(), "{errors:?}");
+    let stores = set.stores.iter().map(|s| (kube::ResourceExt::name_any(&s.object), s.object.clone())).collect();
+    mcp_warden::policy::compile(&set.servers[0].object, &stores).expect("policy")
+}
+
+struct Sidecar {
+    url: String,
+    log: Log,
+    gateway: Arc<Gateway>,
+    audit: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+async fn sidecar_with(wal_bytes: u64) -> Sidecar {
+    let log: Log = Arc::default();
+    let upstream_base = upstream(Arc::clone(&log)).await;
+    // The JWKS is served over HTTP, as an identity provider would.
+    let jwks_base =
+        serve(Router::new().route("/jwks", get(|| async { ([("content-type", "application/json")], JWKS) }))).await;
+    let keys = Keys::load(KeySource::Url(format!("{jwks_base}/jwks"))).await.expect("keys");
+    let policy = Arc::new(policy());
+    let audit = tempfile::tempdir().expect("tempdir");
+    let mut wal_config = WalConfig::new(audit.path(), policy.server.to_string());
+    wal_config.pod = Some("p-1".into());
+    wal_config.max_bytes = wal_bytes;
+    let wal = Arc::new(Wal::open(wal_config).expect("wal"));
+    let config = GatewayConfig {
+        upstream: reqwest::Url::parse(&format!("{upstream_base}/mcp")).expect("url"),
+        allowed_hosts: vec!["127.0.0.1".into()],
+        allowed_origins: vec![],
+        max_body_bytes: 1024 * 1024,
+    };
+    let authn = Authenticator::new(keys, policy.authentication.clone());
+    let metrics = SidecarMetrics::register(&mut Registry::default());
+    let args_key = ArgsKey::from_bytes(&[42; 32]).expect("key");
+    let gateway = Arc::new(Gateway::new(policy, authn, wal, args_key, config, metrics).expect("gateway"));
+    let url = serve(Arc::clone(&gateway).router()).await;
+    Sidecar { url, log, gateway, audit, http: reqwest::Client::new() }
+}
+
+async fn sidecar() -> Sidecar {
+    sidecar_with(64 * 1024 * 1024).await
+}
+
+fn rpc(id: u64, method: &str, params: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+}
+
+impl Sidecar {
+    async fn post(&self, token: Option<&str>, body: &Value, extra: &[(&str, &str)]) -> (StatusCode, HeaderMap, Value) {
+        let mut request =
+            self.http.post(format!("{}/mcp", self.url)).header("accept", "application/json, text/event-stream");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        for (k, v) in extra {
+            request = request.header(*k, *v);
+        }
+        let response = request.json(body).send().await.expect("request");
+        let status = StatusCode::from_u16(response.status().as_u16()).expect("status");
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        let value = if headers
+            .get("content-type")
+            .is_some_and(|c| c.to_str().unwrap_or_default().starts_with("text/event-stream"))
+        {
+            text.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .and_then(|d| serde_json::from_str(d).ok())
+                .unwrap_or(Value::Null)
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::Null)
+        };
+        (status, headers, value)
+    }
+
+    fn upstream_calls(&self, tool: &str) -> usize {
+        self.log.lock().expect("log").iter().filter(|s| s.body["params"]["name"] == tool).count()
+    }
+
+    fn records(&self) -> Vec<Record> {
+        segment::list_segments(self.audit.path())
+            .expect("segments")
+            .iter()
+            .flat_map(|(_, p)| segment::read_lines(p).expect("lines"))
+            .map(|l| Record::parse_line(&l.bytes).expect("record"))
+            .collect()
+    }
+}
+
+fn tool_names(result: &Value) -> Vec<String> {
+    result["result"]["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn callers_in_different_groups_see_and_call_different_tools() {
+    let s = sidecar().await;
+    let front_desk = rs256(&claims("alice", &["front-desk"]));
+    let billing = es256(&claims("bob", &["billing"]));
+    let list = rpc(1, "tools/list", json!({}));
+    let (status, _, alice_tools) = s.post(Some(&front_desk), &list, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(tool_names(&alice_tools), ["lookup_patient", "clinic_hours"]);
+    let (_, _, bob_tools) = s.post(Some(&billing), &list, &[]).await;
+    assert_eq!(tool_names(&bob_tools), ["clinic_hours"]);
+    assert_eq!(bob_tools["result"]["cacheScope"], "private");
+    // The same filtering on an SSE response.
+    let (_, headers, bob_sse) = s.post(Some(&billing), &list, &[("x-test-sse", "1")]).await;
+    assert!(headers["content-type"].to_str().unwrap_or_default().starts_with("text/event-stream"));
+    assert_eq!(tool_names(&bob_sse), ["clinic_hours"]);
+
+    // A hidden tool is refused with the error of a nonexistent one; the
+    // server never receives it.
+    let call = |tool: &str| rpc(7, "tools/call", json!({"name": tool, "arguments": {"mrn": "12345678"}}));
+    let (status, _, hidden) = s.post(Some(&billing), &call("lookup_patient"), &[]).await;
+    let (_, _, absent) = s.post(Some(&billing), &call("no_such_tool"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(hidden["error"]["code"], -32602);
+    assert_eq!(hidden["error"]["message"], "Unknown tool: lookup_patient");
+    assert_eq!(absent["error"]["message"], "Unknown tool: no_such_tool");
+    assert_eq!(s.upstream_calls("lookup_patient"), 0);
+    let (_, _, allowed) = s.post(Some(&front_desk), &call("lookup_patient"), &[]).await;
+    assert_eq!(allowed["result"]["content"][0]["text"], "ok");
+    assert_eq!(s.upstream_calls("lookup_patient"), 1);
+}
+
+#[tokio::test]
+async fn the_server_gets_the_verified_caller_and_never_the_token() {
+    let s = sidecar().await;
+    let token = rs256(&claims("alice", &["front-desk"]));
+    let body = rpc(
+        3,
+        "tools/call",
+        json!({
+            "name": "clinic_hours",
+            "arguments": {},
+            "_meta": {"io.mcpwarden/caller": {"sub": "admin"}, "io.mcpwarden/db": {"ehr": "postgres://x"}, "progressToken": 1}
+        }),
+    );
+    s.post(Some(&token), &body, &[("cookie", "session=abc")]).await;
+    let seen = s.log.lock().expect("log").last().cloned().expect("forwarded");
+    assert!(seen.headers.get("authorization").is_none(), "token forwarded");
+    assert!(seen.headers.get("cookie").is_none());
+    let meta = &seen.body["params"]["_meta"];
+    assert_eq!(meta["io.mcpwarden/caller"]["sub"], "alice");
+    assert_eq!(meta["io.mcpwarden/caller"]["groups"], json!(["front-desk"]));
+    assert!(meta.get("io.mcpwarden/db").is_none());
+    assert_eq!(meta["progressToken"], 1);
+    assert!(meta["io.mcpwarden/correlation"].is_string());
+}
+
+#[tokio::test]
+async fn every_call_has_one_decision_and_one_outcome_before_and_after() {
+    let s = sidecar().await;
+    let token = rs256(&claims("alice", &["front-desk"]));
+    for id in 0..5 {
+        let call =
+            rpc(id, "tools/call", json!({"name": "lookup_patient", "arguments": {"mrn": format!("1234567{id}")}}));
+        s.post(Some(&token), &call, &[]).await;
+    }
+    let records = s.records();
+    let decisions: Vec<&Record> = records.iter().filter(|r| r.event.kind == Kind::Decision).collect();
+    let outcomes: Vec<&Record> = records.iter().filter(|r| r.event.kind == Kind::Outcome).collect();
+    assert_eq!(decisions.len(), 5);
+    assert_eq!(outcomes.len(), 5);
+    for d in &decisions {
+        assert_eq!(d.event.decision, Some(Decision::Allow));
+        assert_eq!(d.event.phi, Some(true));
+        assert_eq!(d.event.caller.as_ref().map(|c| c.sub.as_str()), Some("alice"));
+        assert!(d.event.args_hmac.as_ref().is_some_and(|h| h.len() == 64));
+        let outcome = outcomes.iter().find(|o| o.event.correlation == d.event.correlation).expect("outcome");
+        assert!(outcome.seq > d.seq, "the decision precedes its outcome");
+    }
+    let text: String = segment::list_segments(s.audit.path())
+        .expect("segments")
+        .iter()
+        .map(|(_, p)| std::fs::read_to_string(p).expect("read"))
+        .collect();
+    assert!(!text.contains("12345670") && !text.contains(&token[..20]), "arguments or token in the trail");
+    assert!(verify_dir(s.audit.path(), VerifyOptions::default()).passed());
+}
+
+#[tokio::test]
+async fn hostile_requests_get_the_right_status_and_leave_a_record() {
+    let s = sidecar().await;
+    let good = rs256(&claims("alice", &["front-desk"]));
+    let list = rpc(1, "tools/list", json!({}));
+    let expired = rs256(&{
+        let mut c = claims("alice", &["front-desk"]);
+        c["exp"] = json!(now() - 600);
+        c
+    });
+    let early = rs256(&{
+        let mut c = claims("alice", &["front-desk"]);
+        c["nbf"] = json!(now() + 600);
+        c
+    });
+    let wrong_iss = rs256(&{
+        let mut c = claims("alice", &[]);
+        c["iss"] = json!("https://evil.example");
+        c
+    });
+    let wrong_aud = rs256(&{
+        let mut c = claims("alice", &[]);
+        c["aud"] = json!("https://other.example/mcp");
+        c
+    });
+    let unknown_kid = {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("rotated-away".into());
+        encode(&header, &claims("alice", &[]), &EncodingKey::from_rsa_pem(RSA_KEY).expect("key")).expect("sign")
+    };
+    let alg_none = {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.",
+            b64.encode(br#"{"alg":"none","kid":"test-rsa"}"#),
+            b64.encode(claims("alice", &[]).to_string())
+        )
+    };
+    let hs256 = {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("test-rsa".into());
+        encode(&header, &claims("alice", &[]), &EncodingKey::from_secret(RSA_PUBLIC)).expect("sign")
+    };
+    for (token, why) in [
+        (None, "no token"),
+        (Some(expired), "expired"),
+        (Some(early), "not yet valid"),
+        (Some(wrong_iss), "wrong issuer"),
+        (Some(wrong_aud), "wrong audience"),
+        (Some(unknown_kid), "unknown signing key"),
+        (Some(alg_none), "unsupported algorithm"),
+        (Some(hs256), "algorithm does not match the key"),
+    ] {
+        let (status, headers, body) = s.post(token.as_deref(), &list, &[]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{why}");
+        let challenge = headers["www-authenticate"].to_str().expect("ascii");
+        assert!(
+            challenge.contains(
+                r#"resource_metadata="https://patient-lookup.clinic.example/.well-known/oauth-protected-resource/mcp""#
+            ),
+            "{challenge}"
+        );
+        assert_eq!(challenge.contains("invalid_token"), token.is_some(), "{why}: {challenge}");
+        assert!(body["error"]["message"].as_str().is_some(), "{why}");
+    }
+    // Token in the query string.
+    let response = s
+        .http
+        .post(format!("{}/mcp?access_token={good}", s.url))
+        .bearer_auth(&good)
+        .json(&list)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status().as_u16(), 400);
+
+    // Transport and body abuse, authenticated.
+    let stateless =
+        [("mcp-protocol-version", "2026-07-28"), ("mcp-method", "tools/call"), ("mcp-name", "clinic_hours")];
+    let call = rpc(2, "tools/call", json!({"name": "lookup_patient"}));
+    let (status, _, body) = s.post(Some(&good), &call, &stateless).await;
+    assert_eq!((status, body["error"]["code"].as_i64()), (StatusCode::BAD_REQUEST, Some(-32020)));
+    let raw = |body: &'static str| {
+        s.http
+            .post(format!("{}/mcp", s.url))
+            .bearer_auth(&good)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let response = raw("{not json").await.expect("send");
+    assert_eq!(response.status().as_u16(), 400);
+    assert_eq!(response.json::<Value>().await.expect("json")["error"]["code"], -32700);
+    assert_eq!(raw(r#"{"id":1,"method":"tools/list"}"#).await.expect("send").status().as_u16(), 400);
+    let huge = vec![b'x'; 10 * 1024 * 1024];
+    let response = s
+        .http
+        .post(format!("{}/mcp", s.url))
+        .bearer_auth(&good)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status().as_u16(), 413);
+    let (status, _, _) = s.post(Some(&good), &json!([rpc(1, "ping", json!({}))]), &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "batches are refused, never forwarded unchecked");
+
+    // Sessions are bound to their caller.
+    let (_, headers, _) =
+        s.post(Some(&good), &rpc(9, "initialize", json!({})), &[("mcp-protocol-version", "2025-11-25")]).await;
+    let session = headers["mcp-session-id"].to_str().expect("session").to_string();
+    assert!(session.starts_with("upstream-session-1."), "{session}");
+    let bob = rs256(&claims("bob", &["front-desk"]));
+    let (status, _, _) =
+        s.post(Some(&bob), &list, &[("mcp-protocol-version", "2025-11-25"), ("mcp-session-id", &session)]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "another caller's session");
+    let (status, _, _) =
+        s.post(Some(&good), &list, &[("mcp-protocol-version", "2025-11-25"), ("mcp-session-id", &session)]).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = s.log.lock().expect("log").last().cloned().expect("forwarded");
+    assert_eq!(seen.headers["mcp-session-id"], "upstream-session-1", "the server sees its own id");
+
+    // Host and Origin (DNS rebinding).
+    let response = s
+        .http
+        .post(format!("{}/mcp", s.url))
+        .bearer_auth(&good)
+        .header("origin", "https://evil.example")
+        .json(&list)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status().as_u16(), 403);
+    let response = s
+        .http
+        .post(format!("{}/mcp", s.url))
+        .bearer_auth(&good)
+        .header("host", "evil.example")
+        .json(&list)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status().as_u16(), 403);
+
+    // Every refusal after the Host/Origin check left a decision record.
+    let records = s.records();
+    let refusals = records
+        .iter()
+        .filter(|r| matches!(r.event.decision, Some(Decision::AuthnFailure) | Some(Decision::Deny)))
+        .count();
+    assert!(refusals >= 8 + 1 + 5 + 1, "{refusals} refusal records");
+    assert!(verify_dir(s.audit.path(), VerifyOptions::default()).passed());
+    let forwarded_hidden = s.upstream_calls("lookup_patient");
+    assert_eq!(forwarded_hidden, 0, "nothing refused reached the server");
+}
+
+#[tokio::test]
+async fn a_phi_call_is_refused_when_its_record_cannot_be_written() {
+    // A WAL bound small enough to fill after a few records.
+    let s = sidecar_with(4 * 1024).await;
+    let token = rs256(&claims("alice", &["front-desk"]));
+    let call = rpc(1, "tools/call", json!({"name": "lookup_patient", "arguments": {"mrn": "12345678"}}));
+    let mut refused = None;
+    for _ in 0..40 {
+        let (status, _, body) = s.post(Some(&token), &call, &[]).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            refused = Some(body);
+            break;
+        }
+    }
+    let body = refused.expect("the WAL filled and the call was refused");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("audit trail cannot record"));
+    assert!(s.gateway.metrics.decisions_for("refused_audit") >= 1);
+    assert!(s.gateway.readiness().is_err(), "readiness reports it");
+    let forwarded = s.upstream_calls("lookup_patient");
+    let allowed_records = s.records().iter().filter(|r| r.event.decision == Some(Decision::Allow)).count();
+    assert_eq!(forwarded, allowed_records, "every forwarded call has its decision record");
+}
+
+#[tokio::test]
+async fn protected_resource_metadata_is_served_at_both_well_known_urls() {
+    let s = sidecar().await;
+    for path in ["/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp"] {
+        let response = s.http.get(format!("{}{path}", s.url)).send().await.expect("send");
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["resource"], AUDIENCE);
+        assert_eq!(body["authorization_servers"], json!([ISSUER]));
+        assert_eq!(body["scopes_supported"], json!(["mcp:tools"]));
+    }
+}
