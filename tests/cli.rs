@@ -295,3 +295,24 @@ fn audit_verify_passes_an_intact_trail_and_names_the_first_break() {
     let out = warden(&["audit", "verify", dir.path().join("missing").to_str().expect("path")]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn the_rendered_sidecar_arguments_are_the_sidecars_own_flags() {
+    let out = warden(&["render", "-f", "examples/compliant"]);
+    assert!(out.status.success());
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&stdout(&out))
+        .map(|d| serde::Deserialize::deserialize(d).expect("doc"))
+        .collect();
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("deployment");
+    let args: Vec<String> = deployment["spec"]["template"]["spec"]["initContainers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string").to_string())
+        .collect();
+    // clap rejects an unknown flag before it gets to --help.
+    let mut with_help: Vec<&str> = args.iter().map(String::as_str).collect();
+    with_help.push("--help");
+    let parsed = warden(&with_help);
+    assert!(parsed.status.success(), "{}", stderr(&parsed));
+}

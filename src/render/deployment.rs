@@ -3,7 +3,7 @@
 //! ```text
 //!   pod (automountServiceAccountToken: false, seccomp RuntimeDefault, non-root)
 //!   ├─ initContainers[mcp-warden-sidecar]  restartPolicy: Always (native sidecar), uid 10002
-//!   │    mounts: policy (ro), jwks (ro), audit WAL (rw), SA tokens (ro)
+//!   │    mounts: policy (ro), jwks (ro), audit WAL (rw), audit key Secret (ro)
 //!   │    ports:  8443 public, 9090 health/metrics
 //!   └─ containers[mcp-server]              uid 10001
 //!        mounts: /tmp only — no token, no secret, no audit volume
@@ -15,8 +15,7 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -24,10 +23,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::Context;
 use super::config_maps::{JWKS_FILE, POLICY_FILE};
-use super::names::{
-    BROKER_TOKEN_AUDIENCE, COLLECTOR_TOKEN_AUDIENCE, MCP_CONTAINER, POLICY_HASH_ANNOTATION, SIDECAR_CONTAINER,
-    common_labels, selector_labels,
-};
+use super::names::{MCP_CONTAINER, POLICY_HASH_ANNOTATION, SIDECAR_CONTAINER, common_labels, selector_labels};
 use super::service::PUBLIC_PORT_NAME;
 use crate::api::{SIDECAR_METRICS_PORT, SIDECAR_PUBLIC_PORT};
 use crate::policy::CompiledPolicy;
@@ -40,8 +36,8 @@ pub mod volumes {
     pub const JWKS: &str = "jwks";
     /// Audit write-ahead log.
     pub const AUDIT: &str = "audit-wal";
-    /// Projected service-account tokens for the broker and the collector.
-    pub const TOKENS: &str = "warden-tokens";
+    /// Key of the arguments' HMAC and of session binding (a Secret).
+    pub const AUDIT_KEY: &str = "audit-key";
     /// Scratch space of the MCP container (its root is read-only).
     pub const MCP_TMP: &str = "tmp";
 }
@@ -54,12 +50,13 @@ pub mod paths {
     pub const JWKS_DIR: &str = "/etc/mcp-warden/jwks";
     /// Audit WAL directory.
     pub const AUDIT_DIR: &str = "/var/lib/mcp-warden/audit";
-    /// Token directory.
-    pub const TOKENS_DIR: &str = "/var/run/secrets/mcp-warden";
+    /// Audit key directory.
+    pub const AUDIT_KEY_DIR: &str = "/etc/mcp-warden/audit-key";
 }
 
 const METRICS_PORT_NAME: &str = "metrics";
-const TOKEN_LIFETIME_SECS: i64 = 3600;
+/// Key of the audit-key Secret holding the HMAC key.
+pub const AUDIT_KEY_FILE: &str = "key";
 
 pub(super) fn deployment(ctx: &Context<'_>, policy: &CompiledPolicy) -> Deployment {
     let server = ctx.server_name();
@@ -149,10 +146,7 @@ fn sidecar_container(ctx: &Context<'_>) -> Container {
     args.extend(arg("--listen", format!("0.0.0.0:{SIDECAR_PUBLIC_PORT}")));
     args.extend(arg("--metrics-listen", format!("0.0.0.0:{SIDECAR_METRICS_PORT}")));
     args.extend(arg("--audit-dir", paths::AUDIT_DIR.to_string()));
-    args.extend(arg("--broker", settings.broker_url.clone()));
-    args.extend(arg("--broker-token-file", format!("{}/broker-token", paths::TOKENS_DIR)));
-    args.extend(arg("--collector", settings.collector_url.clone()));
-    args.extend(arg("--collector-token-file", format!("{}/collector-token", paths::TOKENS_DIR)));
+    args.extend(arg("--args-key-file", format!("{}/{AUDIT_KEY_FILE}", paths::AUDIT_KEY_DIR)));
     Container {
         name: SIDECAR_CONTAINER.into(),
         image: Some(settings.sidecar_image.clone()),
@@ -184,7 +178,7 @@ fn sidecar_container(ctx: &Context<'_>) -> Container {
             mount(volumes::POLICY, paths::POLICY_DIR, true),
             mount(volumes::JWKS, paths::JWKS_DIR, true),
             mount(volumes::AUDIT, paths::AUDIT_DIR, false),
-            mount(volumes::TOKENS, paths::TOKENS_DIR, true),
+            mount(volumes::AUDIT_KEY, paths::AUDIT_KEY_DIR, true),
         ]),
         ..Container::default()
     }
@@ -220,14 +214,18 @@ fn pod_volumes(ctx: &Context<'_>) -> Vec<Volume> {
             }),
             ..Volume::default()
         },
+        // Created by the platform team (see docs); mounted into the sidecar only.
         Volume {
-            name: volumes::TOKENS.into(),
-            projected: Some(ProjectedVolumeSource {
-                sources: Some(vec![
-                    token_projection(BROKER_TOKEN_AUDIENCE, "broker-token"),
-                    token_projection(COLLECTOR_TOKEN_AUDIENCE, "collector-token"),
-                ]),
-                ..ProjectedVolumeSource::default()
+            name: volumes::AUDIT_KEY.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(ctx.names.audit_key_secret.clone()),
+                items: Some(vec![KeyToPath {
+                    key: AUDIT_KEY_FILE.into(),
+                    path: AUDIT_KEY_FILE.into(),
+                    ..KeyToPath::default()
+                }]),
+                default_mode: Some(0o400),
+                ..SecretVolumeSource::default()
             }),
             ..Volume::default()
         },
@@ -240,18 +238,6 @@ fn config_map_volume(volume: &str, config_map: &str, items: Option<Vec<KeyToPath
         name: volume.into(),
         config_map: Some(ConfigMapVolumeSource { name: config_map.into(), items, ..ConfigMapVolumeSource::default() }),
         ..Volume::default()
-    }
-}
-
-fn token_projection(audience: &str, path: &str) -> VolumeProjection {
-    VolumeProjection {
-        service_account_token: Some(ServiceAccountTokenProjection {
-            audience: Some(audience.into()),
-            expiration_seconds: Some(TOKEN_LIFETIME_SECS),
-            path: path.into(),
-            ..ServiceAccountTokenProjection::default()
-        }),
-        ..VolumeProjection::default()
     }
 }
 

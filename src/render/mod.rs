@@ -6,7 +6,7 @@
 //!     ServiceAccount   <name>-mcpw      no token automount
 //!     ConfigMap        <name>-policy    CompiledPolicy (hash on the pod template)
 //!     ConfigMap        <name>-jwks      only for jwksUri (the operator fetches it)
-//!     Deployment       <name>           MCP container + native sidecar
+//!     Deployment       <name>           MCP container + native sidecar (audit key: Secret <name>-audit-key)
 //!     Service          <name>           sidecar public port only
 //!     NetworkPolicy    <name>-ingress   sidecar port, allowedClients only
 //!     NetworkPolicy    <name>-egress    DNS, warden, stores in use, extras
@@ -46,10 +46,6 @@ pub struct Settings {
     pub control_plane_labels: BTreeMap<String, String>,
     /// TCP port of the broker and the collector.
     pub control_plane_port: i32,
-    /// Broker URL given to the sidecar.
-    pub broker_url: String,
-    /// Audit collector URL given to the sidecar.
-    pub collector_url: String,
     /// Namespace labels of the cluster DNS pods.
     pub dns_namespace_labels: BTreeMap<String, String>,
     /// Pod labels of the cluster DNS pods.
@@ -72,8 +68,6 @@ impl Settings {
             warden_namespace: warden_namespace.to_string(),
             control_plane_labels: BTreeMap::from([("app.kubernetes.io/part-of".into(), "mcp-warden".into())]),
             control_plane_port: 8443,
-            broker_url: format!("https://mcp-warden-broker.{warden_namespace}.svc:8443"),
-            collector_url: format!("https://mcp-warden-audit-collector.{warden_namespace}.svc:8443"),
             dns_namespace_labels: BTreeMap::from([("kubernetes.io/metadata.name".into(), "kube-system".into())]),
             dns_pod_labels: BTreeMap::from([("k8s-app".into(), "kube-dns".into())]),
             mcp_uid: 10001,

@@ -14,10 +14,6 @@ pub const MANAGER: &str = "mcp-warden";
 pub const MCP_CONTAINER: &str = "mcp-server";
 /// Name of the sidecar (an init container with `restartPolicy: Always`).
 pub const SIDECAR_CONTAINER: &str = "mcp-warden-sidecar";
-/// Audience of the projected token the sidecar shows the broker.
-pub const BROKER_TOKEN_AUDIENCE: &str = "mcpwarden.io/broker";
-/// Audience of the projected token the sidecar shows the audit collector.
-pub const COLLECTOR_TOKEN_AUDIENCE: &str = "mcpwarden.io/audit-collector";
 
 /// Names of the objects rendered for one MCPServer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +30,9 @@ pub struct OwnedNames {
     pub ingress_policy: String,
     /// Egress NetworkPolicy.
     pub egress_policy: String,
+    /// Secret with the audit key (HMAC of arguments, session binding),
+    /// created by the platform team.
+    pub audit_key_secret: String,
 }
 
 impl OwnedNames {
@@ -46,6 +45,7 @@ impl OwnedNames {
             jwks_config_map: format!("{server}-jwks"),
             ingress_policy: format!("{server}-ingress"),
             egress_policy: format!("{server}-egress"),
+            audit_key_secret: format!("{server}-audit-key"),
         }
     }
 

@@ -184,8 +184,9 @@ fn the_sidecar_is_a_native_sidecar_wired_to_the_server() {
     assert_eq!(value_of("--upstream").as_deref(), Some("http://127.0.0.1:8080/mcp"));
     assert_eq!(value_of("--listen").as_deref(), Some("0.0.0.0:8443"));
     assert_eq!(value_of("--audit-dir").as_deref(), Some(paths::AUDIT_DIR));
-    assert_eq!(value_of("--broker").as_deref(), Some("https://mcp-warden-broker.mcp-warden.svc:8443"));
-    assert!(value_of("--jwks-file").is_some() && value_of("--collector").is_some());
+    assert_eq!(value_of("--args-key-file").as_deref(), Some("/etc/mcp-warden/audit-key/key"));
+    assert_eq!(value_of("--metrics-listen").as_deref(), Some("0.0.0.0:9090"));
+    assert!(value_of("--jwks-file").is_some());
     let ports: Vec<i32> = sidecar.ports.iter().flatten().map(|p| p.container_port).collect();
     assert_eq!(ports, [SIDECAR_PUBLIC_PORT, SIDECAR_METRICS_PORT]);
     let probe_port = sidecar.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).map(|h| h.port.clone());
@@ -231,8 +232,8 @@ fn the_mcp_container_holds_no_token_secret_or_password() {
     for env in mcp.env.iter().flatten() {
         assert!(env.value_from.as_ref().is_none_or(|f| f.secret_key_ref.is_none()));
     }
-    // Token, audit and key material belong to the sidecar alone.
-    for private in [volumes::TOKENS, volumes::AUDIT, volumes::JWKS, volumes::POLICY] {
+    // Audit, key and policy material belong to the sidecar alone.
+    for private in [volumes::AUDIT_KEY, volumes::AUDIT, volumes::JWKS, volumes::POLICY] {
         let holders: Vec<&str> = pod(&objects)
             .init_containers
             .iter()
@@ -243,20 +244,16 @@ fn the_mcp_container_holds_no_token_secret_or_password() {
             .collect();
         assert_eq!(holders, [SIDECAR_CONTAINER], "volume {private}");
     }
-    let tokens = pod(&objects).volumes.iter().flatten().find(|v| v.name == volumes::TOKENS).expect("tokens");
-    let audiences: Vec<String> = tokens
-        .projected
-        .as_ref()
-        .and_then(|p| p.sources.clone())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|s| s.service_account_token.as_ref().and_then(|t| t.audience.clone()))
-        .collect();
-    assert_eq!(audiences, ["mcpwarden.io/broker", "mcpwarden.io/audit-collector"]);
-    // Nothing in the whole rendered Deployment names a Secret.
+    let key = pod(&objects).volumes.iter().flatten().find(|v| v.name == volumes::AUDIT_KEY).expect("audit key");
+    let secret = key.secret.as_ref().expect("secret volume");
+    assert_eq!(secret.secret_name.as_deref(), Some("patient-lookup-audit-key"));
+    assert_eq!(secret.default_mode, Some(0o400));
+    // No secret reference anywhere in the MCP container, and no credential.
+    let mcp_json = serde_json::to_string(mcp).expect("json");
+    assert!(!mcp_json.contains("secretKeyRef") && !mcp_json.to_ascii_lowercase().contains("password"));
+    // No projected service-account token anywhere: nothing uses one yet.
     let deployment = serde_json::to_string(&objects.deployment).expect("json");
-    assert!(!deployment.contains("secretKeyRef") && !deployment.contains("\"secret\""));
-    assert!(!deployment.to_ascii_lowercase().contains("password"));
+    assert!(!deployment.contains("serviceAccountToken"));
 }
 
 #[test]
