@@ -2,54 +2,23 @@
 //! served over HTTP, the real WAL, and an upstream MCP endpoint that
 //! records exactly what reaches it.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::*;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::post;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use mcp_warden::audit::args_hmac::ArgsKey;
 use mcp_warden::audit::record::{Decision, Kind, Record};
 use mcp_warden::audit::segment;
 use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
-use mcp_warden::audit::{Wal, WalConfig};
-use mcp_warden::policy::CompiledPolicy;
-use mcp_warden::sidecar::authn::{Authenticator, KeySource, Keys};
-use mcp_warden::sidecar::gateway::{Gateway, GatewayConfig};
-use mcp_warden::sidecar::metrics::SidecarMetrics;
-use prometheus_client::registry::Registry;
+use mcp_warden::sidecar::gateway::Gateway;
 use serde_json::{Value, json};
-
-const ISSUER: &str = "https://login.example.org";
-const AUDIENCE: &str = "https://patient-lookup.clinic.example/mcp";
-const JWKS: &str = include_str!("fixtures/test-jwks.json");
-const RSA_KEY: &[u8] = include_bytes!("fixtures/test-rsa.pem");
-const RSA_PUBLIC: &[u8] = include_bytes!("fixtures/test-rsa.pub.pem");
-const EC_KEY: &[u8] = include_bytes!("fixtures/test-ec256.pem");
-const CLINIC: &str = include_str!("../examples/compliant/clinic.yaml");
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs()
-}
-
-fn claims(sub: &str, groups: &[&str]) -> Value {
-    json!({"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "exp": now() + 600, "groups": groups, "scope": "mcp:tools"})
-}
-
-fn rs256(claims: &Value) -> String {
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some("test-rsa".into());
-    encode(&header, claims, &EncodingKey::from_rsa_pem(RSA_KEY).expect("key")).expect("sign")
-}
-
-fn es256(claims: &Value) -> String {
-    let mut header = Header::new(Algorithm::ES256);
-    header.kid = Some("test-ec256".into());
-    encode(&header, claims, &EncodingKey::from_ec_pem(EC_KEY).expect("key")).expect("sign")
-}
 
 /// What the upstream MCP endpoint received.
 #[derive(Clone, Debug)]
@@ -96,23 +65,6 @@ async fn upstream(log: Log) -> String {
     serve(app).await
 }
 
-async fn serve(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
-    format!("http://{addr}")
-}
-
-fn policy() -> CompiledPolicy {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("clinic.yaml");
-    std::fs::write(&file, CLINIC).expect("write");
-    let (set, errors) = mcp_warden::manifest::load_paths(&[file]);
-    assert!(errors.is_empty(), "{errors:?}");
-    let stores = set.stores.iter().map(|s| (kube::ResourceExt::name_any(&s.object), s.object.clone())).collect();
-    mcp_warden::policy::compile(&set.servers[0].object, &stores).expect("policy")
-}
-
 struct Sidecar {
     url: String,
     log: Log,
@@ -124,27 +76,7 @@ struct Sidecar {
 async fn sidecar_with(wal_bytes: u64) -> Sidecar {
     let log: Log = Arc::default();
     let upstream_base = upstream(Arc::clone(&log)).await;
-    // The JWKS is served over HTTP, as an identity provider would.
-    let jwks_base =
-        serve(Router::new().route("/jwks", get(|| async { ([("content-type", "application/json")], JWKS) }))).await;
-    let keys = Keys::load(KeySource::Url(format!("{jwks_base}/jwks"))).await.expect("keys");
-    let policy = Arc::new(policy());
-    let audit = tempfile::tempdir().expect("tempdir");
-    let mut wal_config = WalConfig::new(audit.path(), policy.server.to_string());
-    wal_config.pod = Some("p-1".into());
-    wal_config.max_bytes = wal_bytes;
-    let wal = Arc::new(Wal::open(wal_config).expect("wal"));
-    let config = GatewayConfig {
-        upstream: reqwest::Url::parse(&format!("{upstream_base}/mcp")).expect("url"),
-        allowed_hosts: vec!["127.0.0.1".into()],
-        allowed_origins: vec![],
-        max_body_bytes: 1024 * 1024,
-    };
-    let authn = Authenticator::new(keys, policy.authentication.clone());
-    let metrics = SidecarMetrics::register(&mut Registry::default());
-    let args_key = ArgsKey::from_bytes(&[42; 32]).expect("key");
-    let gateway = Arc::new(Gateway::new(policy, authn, wal, args_key, config, metrics).expect("gateway"));
-    let url = serve(Arc::clone(&gateway).router()).await;
+    let Harness { url, gateway, audit } = start_gateway(&format!("{upstream_base}/mcp"), wal_bytes).await;
     Sidecar { url, log, gateway, audit, http: reqwest::Client::new() }
 }
 

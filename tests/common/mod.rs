@@ -1,0 +1,98 @@
+//! Shared harness of the sidecar tests: test tokens, the clinic policy, and
+//! a gateway over the real WAL in front of a given upstream.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::routing::get;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use mcp_warden::audit::args_hmac::ArgsKey;
+use mcp_warden::audit::{Wal, WalConfig};
+use mcp_warden::policy::CompiledPolicy;
+use mcp_warden::sidecar::authn::{Authenticator, KeySource, Keys};
+use mcp_warden::sidecar::gateway::{Gateway, GatewayConfig};
+use mcp_warden::sidecar::metrics::SidecarMetrics;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+
+pub const ISSUER: &str = "https://login.example.org";
+pub const AUDIENCE: &str = "https://patient-lookup.clinic.example/mcp";
+pub const JWKS: &str = include_str!("../fixtures/test-jwks.json");
+pub const RSA_KEY: &[u8] = include_bytes!("../fixtures/test-rsa.pem");
+pub const RSA_PUBLIC: &[u8] = include_bytes!("../fixtures/test-rsa.pub.pem");
+pub const EC_KEY: &[u8] = include_bytes!("../fixtures/test-ec256.pem");
+pub const CLINIC: &str = include_str!("../../examples/compliant/clinic.yaml");
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs()
+}
+
+pub fn claims(sub: &str, groups: &[&str]) -> Value {
+    json!({"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "exp": now() + 600, "groups": groups, "scope": "mcp:tools"})
+}
+
+pub fn rs256(claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("test-rsa".into());
+    encode(&header, claims, &EncodingKey::from_rsa_pem(RSA_KEY).expect("key")).expect("sign")
+}
+
+pub fn es256(claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("test-ec256".into());
+    encode(&header, claims, &EncodingKey::from_ec_pem(EC_KEY).expect("key")).expect("sign")
+}
+
+pub async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    format!("http://{addr}")
+}
+
+pub fn policy() -> CompiledPolicy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("clinic.yaml");
+    std::fs::write(&file, CLINIC).expect("write");
+    let (set, errors) = mcp_warden::manifest::load_paths(&[file]);
+    assert!(errors.is_empty(), "{errors:?}");
+    let stores = set.stores.iter().map(|s| (kube::ResourceExt::name_any(&s.object), s.object.clone())).collect();
+    mcp_warden::policy::compile(&set.servers[0].object, &stores).expect("policy")
+}
+
+/// A gateway in front of `upstream` (the MCP endpoint URL), with keys from
+/// a JWKS served over HTTP and a WAL bounded to `wal_bytes`.
+pub struct Harness {
+    /// Base URL of the gateway.
+    pub url: String,
+    /// The gateway.
+    pub gateway: Arc<Gateway>,
+    /// The WAL directory.
+    pub audit: tempfile::TempDir,
+}
+
+pub async fn start_gateway(upstream: &str, wal_bytes: u64) -> Harness {
+    let jwks_base =
+        serve(Router::new().route("/jwks", get(|| async { ([("content-type", "application/json")], JWKS) }))).await;
+    let keys = Keys::load(KeySource::Url(format!("{jwks_base}/jwks"))).await.expect("keys");
+    let policy = Arc::new(policy());
+    let audit = tempfile::tempdir().expect("tempdir");
+    let mut wal_config = WalConfig::new(audit.path(), policy.server.to_string());
+    wal_config.pod = Some("p-1".into());
+    wal_config.max_bytes = wal_bytes;
+    let wal = Arc::new(Wal::open(wal_config).expect("wal"));
+    let config = GatewayConfig {
+        upstream: reqwest::Url::parse(upstream).expect("url"),
+        allowed_hosts: vec!["127.0.0.1".into()],
+        allowed_origins: vec![],
+        max_body_bytes: 1024 * 1024,
+    };
+    let authn = Authenticator::new(keys, policy.authentication.clone());
+    let metrics = SidecarMetrics::register(&mut Registry::default());
+    let args_key = ArgsKey::from_bytes(&[42; 32]).expect("key");
+    let gateway = Arc::new(Gateway::new(policy, authn, wal, args_key, config, metrics).expect("gateway"));
+    let url = serve(Arc::clone(&gateway).router()).await;
+    Harness { url, gateway, audit }
+}
