@@ -422,3 +422,88 @@ async fn protected_resource_metadata_is_served_at_both_well_known_urls() {
         assert_eq!(body["scopes_supported"], json!(["mcp:tools"]));
     }
 }
+
+/// The real binary: ready only once it can serve, metrics on the private
+/// port only, and SIGTERM drains and seals the audit stream.
+#[tokio::test]
+async fn the_sidecar_process_serves_reports_and_shuts_down_cleanly() {
+    use std::process::{Command, Stdio};
+    let log: Log = Arc::default();
+    let upstream_base = upstream(Arc::clone(&log)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("jwks.json"), JWKS).expect("jwks");
+    std::fs::write(dir.path().join("clinic.yaml"), CLINIC).expect("clinic");
+    std::fs::write(dir.path().join("audit.key"), "k".repeat(64)).expect("key");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+    let metrics_port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+    let audit = dir.path().join("audit");
+    let child = Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+        .args(["sidecar", "--mcpserver"])
+        .arg(dir.path().join("clinic.yaml"))
+        .args(["--upstream", &format!("{upstream_base}/mcp"), "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--jwks-file"])
+        .arg(dir.path().join("jwks.json"))
+        .arg("--audit-dir")
+        .arg(&audit)
+        .arg("--args-key-file")
+        .arg(dir.path().join("audit.key"))
+        .args(["--allowed-host", "127.0.0.1", "--pod", "p-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the sidecar");
+    // Killed on drop, so a failing assertion never leaves it running.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(child);
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{metrics_port}/readyz")).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "never ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let token = rs256(&claims("alice", &["front-desk"]));
+    let call = rpc(1, "tools/call", json!({"name": "lookup_patient", "arguments": {"mrn": "12345678"}}));
+    let response =
+        http.post(format!("http://127.0.0.1:{port}/mcp")).bearer_auth(&token).json(&call).send().await.expect("call");
+    assert_eq!(response.status().as_u16(), 200);
+    let metrics = http
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains(r#"mcpwarden_sidecar_decisions_total{verdict="allow"} 1"#), "{metrics}");
+    assert!(!metrics.contains("alice") && !metrics.contains("lookup_patient"), "identities or tools in metric labels");
+    // Metrics and health are not served on the public port.
+    let public = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.expect("public");
+    assert_eq!(public.status().as_u16(), 404);
+    // SIGTERM: drain, seal the stream, exit 0.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sidecar did not stop within 30 s of SIGTERM");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    let report = verify_dir(&audit, VerifyOptions { require_sealed: true });
+    assert!(report.passed(), "{}", report.to_table());
+    assert_eq!(report.streams[0].records, 4, "start, decision, outcome, end");
+}

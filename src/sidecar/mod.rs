@@ -18,6 +18,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::future::IntoFuture;
+
 use anyhow::Context as _;
 use clap::Args;
 use prometheus_client::registry::Registry;
@@ -160,8 +162,15 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     };
     let authn = Authenticator::new(keys, policy.authentication.clone());
     let gateway = Arc::new(Gateway::new(Arc::clone(&policy), authn, Arc::clone(&wal), args_key, config, metrics)?);
-    let ready_gateway = Arc::clone(&gateway);
-    let health = Arc::new(Health { ready: Box::new(move || ready_gateway.readiness()), registry });
+    // Weak: readiness must not keep the gateway (and its WAL) alive at shutdown.
+    let ready_gateway = Arc::downgrade(&gateway);
+    let health = Arc::new(Health {
+        ready: Box::new(move || match ready_gateway.upgrade() {
+            Some(gateway) => gateway.readiness(),
+            None => Err("shutting down".into()),
+        }),
+        registry,
+    });
 
     let public = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -173,9 +182,31 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let stop_health = Arc::new(tokio::sync::Notify::new());
     let stop = Arc::clone(&stop_health);
     let health_server = tokio::spawn(health::serve(private, health, async move { stop.notified().await }));
-    axum::serve(public, Arc::clone(&gateway).router()).with_graceful_shutdown(shutdown_signal()).await?;
-    tracing::info!("draining done; sealing the audit stream");
+    let stop_public = Arc::new(tokio::sync::Notify::new());
+    let stop = Arc::clone(&stop_public);
+    let mut server = tokio::spawn(
+        axum::serve(public, Arc::clone(&gateway).router())
+            .with_graceful_shutdown(async move { stop.notified().await })
+            .into_future(),
+    );
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        result = &mut server => {
+            // The server stopped by itself: that is a failure, not a shutdown.
+            result??;
+            anyhow::bail!("the public listener stopped");
+        }
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    stop_public.notify_one();
+    // In-flight calls get DRAIN to finish (inside Kubernetes' default 30 s
+    // grace period); idle keep-alive connections do not hold the shutdown.
+    if tokio::time::timeout(DRAIN, &mut server).await.is_err() {
+        tracing::warn!(seconds = DRAIN.as_secs(), "requests still open after the drain period; closing them");
+        server.abort();
+    }
     drop(gateway);
+    tracing::info!("sealing the audit stream");
     match Arc::try_unwrap(wal) {
         Ok(wal) => {
             wal.close().await?;
@@ -186,6 +217,9 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let _ = health_server.await;
     Ok(())
 }
+
+/// Time in-flight requests get to finish after SIGTERM.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn shutdown_signal() {
     let term = async {
