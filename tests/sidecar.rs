@@ -507,3 +507,45 @@ async fn the_sidecar_process_serves_reports_and_shuts_down_cleanly() {
     assert!(report.passed(), "{}", report.to_table());
     assert_eq!(report.streams[0].records, 4, "start, decision, outcome, end");
 }
+
+#[tokio::test]
+async fn a_changed_policy_file_takes_effect_and_a_bad_one_is_refused() {
+    let s = sidecar().await;
+    let billing = rs256(&claims("bob", &["billing"]));
+    let list = rpc(1, "tools/list", json!({}));
+    let (_, _, before) = s.post(Some(&billing), &list, &[]).await;
+    assert_eq!(tool_names(&before), ["clinic_hours"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("policy.json");
+    let mut policy = (*s.gateway.policy()).clone();
+    std::fs::write(&file, serde_json::to_string(&policy).expect("json")).expect("write");
+    tokio::spawn(mcp_warden::sidecar::watch_policy(
+        file.clone(),
+        Arc::downgrade(&s.gateway),
+        std::time::Duration::from_millis(20),
+    ));
+    // Billing is granted lookup_patient.
+    policy.tools.get_mut("lookup_patient").expect("tool").callers.groups.insert("billing".into());
+    std::fs::write(&file, serde_json::to_string(&policy).expect("json")).expect("write");
+    let started = std::time::Instant::now();
+    loop {
+        let (_, _, after) = s.post(Some(&billing), &list, &[]).await;
+        if tool_names(&after) == ["lookup_patient", "clinic_hours"] {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the new policy never took effect");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // A policy for another server is refused; the current one stays.
+    let mut foreign = policy.clone();
+    foreign.server.name = "other".into();
+    foreign.tools.clear();
+    std::fs::write(&file, serde_json::to_string(&foreign).expect("json")).expect("write");
+    std::fs::write(dir.path().join("garbage"), "x").expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (_, _, still) = s.post(Some(&billing), &list, &[]).await;
+    assert_eq!(tool_names(&still), ["lookup_patient", "clinic_hours"]);
+    std::fs::write(&file, "{not json").expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(s.gateway.policy().server.name, "patient-lookup");
+}

@@ -168,13 +168,13 @@ impl Keys {
 /// Verifies bearer tokens for one MCP server.
 pub struct Authenticator {
     keys: Keys,
-    settings: CompiledAuthentication,
+    settings: RwLock<CompiledAuthentication>,
 }
 
 impl Authenticator {
     /// An authenticator for the policy's issuer, audience and scopes.
     pub fn new(keys: Keys, settings: CompiledAuthentication) -> Self {
-        Authenticator { keys, settings }
+        Authenticator { keys, settings: RwLock::new(settings) }
     }
 
     /// The keys.
@@ -182,9 +182,14 @@ impl Authenticator {
         &self.keys
     }
 
-    /// The settings.
-    pub fn settings(&self) -> &CompiledAuthentication {
-        &self.settings
+    /// The settings in force.
+    pub fn settings(&self) -> CompiledAuthentication {
+        self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the settings (a reloaded policy).
+    pub fn set_settings(&self, settings: CompiledAuthentication) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings;
     }
 
     /// Authenticates a request from its headers and URI.
@@ -218,11 +223,12 @@ impl Authenticator {
         if header.alg != key.algorithm {
             return Err(AuthnError::Invalid("algorithm does not match the key"));
         }
+        let settings = self.settings();
         let mut validation = Validation::new(key.algorithm);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
-        validation.set_issuer(&[self.settings.issuer.as_str()]);
-        validation.set_audience(&[self.settings.audience.as_str()]);
+        validation.set_issuer(&[settings.issuer.as_str()]);
+        validation.set_audience(&[settings.audience.as_str()]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let data = decode::<Map<String, Value>>(token, &key.key, &validation).map_err(|e| {
             AuthnError::Invalid(match e.kind() {
@@ -241,12 +247,11 @@ impl Authenticator {
         let subject = sub.ok_or(AuthnError::Invalid("missing claim"))?.to_string();
         let scopes =
             strings(claims.get("scope")).into_iter().chain(strings(claims.get("scp"))).collect::<BTreeSet<_>>();
-        let missing: Vec<String> =
-            self.settings.required_scopes.iter().filter(|s| !scopes.contains(*s)).cloned().collect();
+        let missing: Vec<String> = settings.required_scopes.iter().filter(|s| !scopes.contains(*s)).cloned().collect();
         if !missing.is_empty() {
-            return Err(AuthnError::InsufficientScope(self.settings.required_scopes.iter().cloned().collect()));
+            return Err(AuthnError::InsufficientScope(settings.required_scopes.iter().cloned().collect()));
         }
-        let groups = strings(claims.get(&self.settings.groups_claim)).into_iter().collect();
+        let groups = strings(claims.get(&settings.groups_claim)).into_iter().collect();
         Ok(Caller { subject, groups })
     }
 }

@@ -59,7 +59,7 @@ pub struct GatewayConfig {
 
 /// The sidecar's shared state.
 pub struct Gateway {
-    policy: Arc<CompiledPolicy>,
+    policy: std::sync::RwLock<Arc<CompiledPolicy>>,
     authn: Authenticator,
     wal: Arc<Wal>,
     args_key: ArgsKey,
@@ -108,7 +108,7 @@ impl Gateway {
         let sessions = SessionKey::derive(args_key.secret());
         let http = reqwest::Client::builder().no_proxy().connect_timeout(std::time::Duration::from_secs(5)).build()?;
         Ok(Gateway {
-            policy,
+            policy: std::sync::RwLock::new(policy),
             authn,
             wal,
             args_key,
@@ -120,6 +120,23 @@ impl Gateway {
         })
     }
 
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<CompiledPolicy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts a new policy in force, for the same server. The authentication
+    /// settings follow it.
+    pub fn replace_policy(&self, next: CompiledPolicy) -> Result<(), String> {
+        let current = self.policy();
+        if next.server != current.server {
+            return Err(format!("the new policy is for {}, not {}", next.server, current.server));
+        }
+        self.authn.set_settings(next.authentication.clone());
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(())
+    }
+
     /// Whether the sidecar can serve: keys loaded and the WAL accepting.
     pub fn readiness(&self) -> Result<(), String> {
         if self.authn.keys().is_empty() {
@@ -128,7 +145,7 @@ impl Gateway {
         if self.wal.is_poisoned() {
             return Err("audit WAL refuses appends".into());
         }
-        if !self.metrics.last_append_ok() && self.policy.audit_failure_policy == FailurePolicy::Closed {
+        if !self.metrics.last_append_ok() && self.policy().audit_failure_policy == FailurePolicy::Closed {
             return Err("the last audit record could not be written; PHI calls are refused".into());
         }
         Ok(())
@@ -147,14 +164,14 @@ impl Gateway {
     }
 
     fn audience_path(&self) -> String {
-        reqwest::Url::parse(&self.policy.authentication.audience)
+        reqwest::Url::parse(&self.policy().authentication.audience)
             .map(|u| u.path().trim_end_matches('/').to_string())
             .unwrap_or_default()
     }
 
     /// URL of this server's protected-resource metadata (RFC 9728).
     fn resource_metadata_url(&self) -> String {
-        match reqwest::Url::parse(&self.policy.authentication.audience) {
+        match reqwest::Url::parse(&self.policy().authentication.audience) {
             Ok(url) => format!(
                 "{}://{}/.well-known/oauth-protected-resource{}",
                 url.scheme(),
@@ -198,7 +215,8 @@ async fn not_found() -> Response {
 }
 
 async fn resource_metadata(State(gw): State<Arc<Gateway>>) -> Response {
-    let auth = &gw.policy.authentication;
+    let policy = gw.policy();
+    let auth = &policy.authentication;
     let body = json!({
         "resource": auth.audience,
         "authorization_servers": [auth.issuer],
@@ -298,7 +316,7 @@ impl Refusal<'_> {
         self.gw.metrics.decision("deny");
         let event = Event {
             correlation: Some(self.correlation.to_string()),
-            caller: Some(record_caller(self.caller, &self.gw.policy.authentication.issuer)),
+            caller: Some(record_caller(self.caller, &self.gw.policy().authentication.issuer)),
             method: Some(method.to_string()),
             decision: Some(RecordDecision::Deny),
             reason: Some(reason.to_string()),
@@ -386,9 +404,9 @@ async fn post(
         }
     };
     // 5. Authorization.
-    let decision = authz::decide(&gw.policy, &caller, method.as_deref(), params.as_ref());
+    let decision = authz::decide(&gw.policy(), &caller, method.as_deref(), params.as_ref());
     let args_hmac = params.as_ref().and_then(|p| p.get("arguments")).map(|a| gw.args_key.hmac_json(a));
-    let stripped = authz::rewrite_meta(&mut message, &caller, &gw.policy.authentication.issuer);
+    let stripped = authz::rewrite_meta(&mut message, &caller, &gw.policy().authentication.issuer);
     // 6. Audit first.
     let (record_decision, target, phi, reason) = match &decision {
         Decision::Allow(a) => (RecordDecision::Allow, a.target.clone(), a.phi, None),
@@ -401,7 +419,7 @@ async fn post(
     };
     let event = Event {
         correlation: Some(correlation.clone()),
-        caller: Some(record_caller(&caller, &gw.policy.authentication.issuer)),
+        caller: Some(record_caller(&caller, &gw.policy().authentication.issuer)),
         method: Some(method_name.clone()),
         tool: target,
         phi: Some(phi),
@@ -423,7 +441,7 @@ async fn post(
         }
         Decision::Allow(allowed) => allowed,
     };
-    if recorded.is_err() && gw.policy.audit_failure_policy == FailurePolicy::Closed {
+    if recorded.is_err() && gw.policy().audit_failure_policy == FailurePolicy::Closed {
         gw.metrics.decision("refused_audit");
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -529,13 +547,13 @@ async fn stream_or_delete(
     };
     let event = Event {
         correlation: Some(correlation.clone()),
-        caller: Some(record_caller(&caller, &gw.policy.authentication.issuer)),
+        caller: Some(record_caller(&caller, &gw.policy().authentication.issuer)),
         method: Some(label.to_string()),
         phi: Some(false),
         decision: Some(RecordDecision::Allow),
         ..Event::new(Kind::Decision)
     };
-    if gw.record(event).await.is_err() && gw.policy.audit_failure_policy == FailurePolicy::Closed {
+    if gw.record(event).await.is_err() && gw.policy().audit_failure_policy == FailurePolicy::Closed {
         gw.metrics.decision("refused_audit");
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -623,7 +641,7 @@ async fn forward(
             Ok(mut value) => {
                 rpc_error = value.pointer("/error/code").and_then(Value::as_i64);
                 if let (Some(kind), Some(result)) = (filter, value.get_mut("result")) {
-                    let removed = authz::filter_list(&gw.policy, &caller, kind, result);
+                    let removed = authz::filter_list(&gw.policy(), &caller, kind, result);
                     gw.metrics.filtered(removed);
                     mark_private(kind, result);
                 }
@@ -633,7 +651,7 @@ async fn forward(
         }
     } else if streaming {
         let text = String::from_utf8_lossy(&body).into_owned();
-        let policy = Arc::clone(&gw.policy);
+        let policy = gw.policy();
         let rewritten = messages::rewrite_sse(&text, |result| {
             if let Some(kind) = filter {
                 let removed = authz::filter_list(&policy, &caller, kind, result);

@@ -3,7 +3,7 @@
 //! ```text
 //!   client ──▶ :8443 gateway (authn → authz → audit → forward) ──▶ 127.0.0.1:<port> MCP server
 //!              :9090 /healthz /readyz /metrics (never the public port)
-//!   policy: --policy FILE (operator's ConfigMap) or --mcpserver FILE (manifests, laptops and tests)
+//!   policy: --policy FILE (operator's ConfigMap, re-read when it changes) or --mcpserver FILE (manifests)
 //!   keys:   --jwks-file FILE or --jwks-url URL       audit: --audit-dir DIR (the WAL)
 //! ```
 
@@ -83,20 +83,58 @@ pub struct SidecarArgs {
     pub audit_max_bytes: u64,
 }
 
+/// Reads a compiled policy file.
+pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<CompiledPolicy> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let policy: CompiledPolicy =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a compiled policy", path.display()))?;
+    anyhow::ensure!(
+        policy.format_version == POLICY_FORMAT_VERSION,
+        "{} has policy format {}; this sidecar reads {POLICY_FORMAT_VERSION}",
+        path.display(),
+        policy.format_version
+    );
+    Ok(policy)
+}
+
+/// Re-reads `path` every `interval` and puts a changed policy in force. A
+/// policy that does not parse, or is for another server, is refused and the
+/// one in force stays (and it is logged). Stops when the gateway is gone.
+pub async fn watch_policy(path: PathBuf, gateway: std::sync::Weak<Gateway>, interval: std::time::Duration) {
+    use sha2::{Digest, Sha256};
+    let digest = |bytes: &[u8]| Sha256::digest(bytes).to_vec();
+    // Compared with what is in force, not with the file at start: a change
+    // that lands before the first look is not missed.
+    let mut last = Vec::new();
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(gateway) = gateway.upgrade() else { return };
+        // The kubelet swaps a mounted ConfigMap atomically; a read sees the
+        // old or the new file, never half of one.
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        let current = digest(&bytes);
+        if current == last {
+            continue;
+        }
+        last = current;
+        let next = match read_policy_file(&path) {
+            Ok(next) if next == *gateway.policy() => continue,
+            other => other,
+        };
+        match next.map_err(|e| e.to_string()).and_then(|p| gateway.replace_policy(p)) {
+            Ok(()) => tracing::info!(policy = %path.display(), "policy reloaded"),
+            Err(e) => {
+                tracing::error!(policy = %path.display(), error = %e, "policy change refused; the previous policy stays in force")
+            }
+        }
+    }
+}
+
 /// Loads the compiled policy from `--policy` or compiles it from
 /// `--mcpserver` manifests.
 pub fn load_policy(args: &SidecarArgs) -> anyhow::Result<CompiledPolicy> {
     if let Some(path) = &args.policy {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let policy: CompiledPolicy =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a compiled policy", path.display()))?;
-        anyhow::ensure!(
-            policy.format_version == POLICY_FORMAT_VERSION,
-            "{} has policy format {}; this sidecar reads {POLICY_FORMAT_VERSION}",
-            path.display(),
-            policy.format_version
-        );
-        return Ok(policy);
+        return read_policy_file(path);
     }
     let (set, errors) = manifest::load_paths(&args.mcpserver);
     if !errors.is_empty() {
@@ -182,6 +220,9 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let stop_health = Arc::new(tokio::sync::Notify::new());
     let stop = Arc::clone(&stop_health);
     let health_server = tokio::spawn(health::serve(private, health, async move { stop.notified().await }));
+    if let Some(path) = &args.policy {
+        tokio::spawn(watch_policy(path.clone(), Arc::downgrade(&gateway), std::time::Duration::from_secs(2)));
+    }
     let stop_public = Arc::new(tokio::sync::Notify::new());
     let stop = Arc::clone(&stop_public);
     let mut server = tokio::spawn(
