@@ -41,7 +41,7 @@ async fn upstream(log: Log) -> String {
                 let id = body["id"].clone();
                 let result = match body["method"].as_str() {
                     Some("tools/list") => json!({"tools": [
-                        {"name": "lookup_patient", "inputSchema": {"type": "object"}},
+                        {"name": "lookup_patient", "inputSchema": {"type": "object", "properties": {"mrn": {"type": "string", "x-mcp-header": "Mrn"}}}},
                         {"name": "clinic_hours", "inputSchema": {"type": "object"}},
                         {"name": "undeclared_admin_tool", "inputSchema": {"type": "object"}}
                     ]}),
@@ -548,4 +548,28 @@ async fn a_changed_policy_file_takes_effect_and_a_bad_one_is_refused() {
     std::fs::write(&file, "{not json").expect("write");
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(s.gateway.policy().server.name, "patient-lookup");
+}
+
+#[tokio::test]
+async fn mirrored_parameter_headers_must_match_the_arguments() {
+    let s = sidecar().await;
+    let token = rs256(&claims("alice", &["front-desk"]));
+    // The sidecar learns the tool's x-mcp-header annotations from tools/list.
+    s.post(Some(&token), &rpc(1, "tools/list", json!({})), &[]).await;
+    let call = rpc(2, "tools/call", json!({"name": "lookup_patient", "arguments": {"mrn": "12345678"}}));
+    let base = [("mcp-protocol-version", "2026-07-28"), ("mcp-method", "tools/call"), ("mcp-name", "lookup_patient")];
+    let with = |mrn: &'static str| {
+        let mut h: Vec<(&str, &str)> = base.to_vec();
+        h.push(("mcp-param-mrn", mrn));
+        h
+    };
+    let (status, _, body) = s.post(Some(&token), &call, &with("87654321")).await;
+    assert_eq!((status, body["error"]["code"].as_i64()), (StatusCode::BAD_REQUEST, Some(-32020)));
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.contains("87654321") && !message.contains("12345678"), "a header value leaked: {message}");
+    let (status, _, _) = s.post(Some(&token), &call, &base).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "the mirrored header is required");
+    let (status, _, body) = s.post(Some(&token), &call, &with("12345678")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(s.upstream_calls("lookup_patient"), 1, "only the consistent call reached the server");
 }

@@ -69,6 +69,9 @@ pub struct Gateway {
     /// Public metrics.
     pub metrics: SidecarMetrics,
     authn_records: Mutex<TokenBucket>,
+    /// `Mcp-Param-*` mirroring of each tool, learnt from `tools/list`
+    /// responses passing through.
+    mirrored_params: std::sync::RwLock<std::collections::HashMap<String, Vec<(String, Vec<String>)>>>,
 }
 
 /// Limits how many authentication failures are recorded, so a flood
@@ -117,6 +120,7 @@ impl Gateway {
             http,
             metrics,
             authn_records: Mutex::new(TokenBucket { tokens: TokenBucket::BURST, last: Instant::now() }),
+            mirrored_params: std::sync::RwLock::new(std::collections::HashMap::new()),
         })
     }
 
@@ -135,6 +139,22 @@ impl Gateway {
         self.authn.set_settings(next.authentication.clone());
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         Ok(())
+    }
+
+    /// Remembers which parameters each tool mirrors into headers.
+    fn learn_tools(&self, result: &Value) {
+        let Some(tools) = result.get("tools").and_then(Value::as_array) else { return };
+        let mut map = self.mirrored_params.write().unwrap_or_else(|p| p.into_inner());
+        for tool in tools {
+            if let Some(name) = tool.get("name").and_then(Value::as_str) {
+                let mirrored = tool.get("inputSchema").map(messages::mirrored_params).unwrap_or_default();
+                map.insert(name.to_string(), mirrored);
+            }
+        }
+    }
+
+    fn mirrored_for(&self, tool: &str) -> Option<Vec<(String, Vec<String>)>> {
+        self.mirrored_params.read().unwrap_or_else(|p| p.into_inner()).get(tool).cloned()
     }
 
     /// Whether the sidecar can serve: keys loaded and the WAL accepting.
@@ -397,6 +417,16 @@ async fn post(
     {
         return refusal.refuse(&method_name, StatusCode::BAD_REQUEST, HEADER_MISMATCH, &reason, id.as_ref()).await;
     }
+    // Mcp-Param-* headers, for tools whose schema a tools/list has shown.
+    if messages::is_stateless(&revision)
+        && method.as_deref() == Some("tools/call")
+        && let Some(mirrored) =
+            params.as_ref().and_then(|p| p.get("name")).and_then(Value::as_str).and_then(|t| gw.mirrored_for(t))
+        && let Err(reason) =
+            messages::check_param_headers(&headers, &mirrored, params.as_ref().and_then(|p| p.get("arguments")))
+    {
+        return refusal.refuse(&method_name, StatusCode::BAD_REQUEST, HEADER_MISMATCH, &reason, id.as_ref()).await;
+    }
     let upstream_session = match session_for_upstream(&gw, &caller, &revision, &headers) {
         Ok(session) => session,
         Err(reason) => {
@@ -641,6 +671,9 @@ async fn forward(
             Ok(mut value) => {
                 rpc_error = value.pointer("/error/code").and_then(Value::as_i64);
                 if let (Some(kind), Some(result)) = (filter, value.get_mut("result")) {
+                    if kind == ListKind::Tools {
+                        gw.learn_tools(result);
+                    }
                     let removed = authz::filter_list(&gw.policy(), &caller, kind, result);
                     gw.metrics.filtered(removed);
                     mark_private(kind, result);
@@ -654,6 +687,9 @@ async fn forward(
         let policy = gw.policy();
         let rewritten = messages::rewrite_sse(&text, |result| {
             if let Some(kind) = filter {
+                if kind == ListKind::Tools {
+                    gw.learn_tools(result);
+                }
                 let removed = authz::filter_list(&policy, &caller, kind, result);
                 gw.metrics.filtered(removed);
                 mark_private(kind, result);

@@ -77,6 +77,58 @@ pub fn check_mirrored_headers(headers: &HeaderMap, method: &str, params: Option<
     }
 }
 
+/// Parameters a tool mirrors into `Mcp-Param-*` headers: (lower-case header
+/// name, property path), from `x-mcp-header` annotations reachable through
+/// `properties` only, as the 2026-07-28 transport defines them.
+pub fn mirrored_params(input_schema: &Value) -> Vec<(String, Vec<String>)> {
+    fn walk(schema: &Value, path: &mut Vec<String>, out: &mut Vec<(String, Vec<String>)>) {
+        let Some(properties) = schema.get("properties").and_then(Value::as_object) else { return };
+        for (name, property) in properties {
+            path.push(name.clone());
+            if let Some(header) = property.get("x-mcp-header").and_then(Value::as_str) {
+                out.push((format!("mcp-param-{}", header.to_ascii_lowercase()), path.clone()));
+            }
+            walk(property, path, out);
+            path.pop();
+        }
+    }
+    let mut out = Vec::new();
+    walk(input_schema, &mut Vec::new(), &mut out);
+    out
+}
+
+/// Checks `Mcp-Param-*` headers against the arguments: a present value needs
+/// its header, equal after decoding (integers compared as numbers); an
+/// absent or null value must not have one. Errors name the header only.
+pub fn check_param_headers(
+    headers: &HeaderMap,
+    mirrored: &[(String, Vec<String>)],
+    arguments: Option<&Value>,
+) -> Result<(), String> {
+    for (header, path) in mirrored {
+        let value = arguments.and_then(|a| path.iter().try_fold(a, |v, key| v.get(key))).filter(|v| !v.is_null());
+        let presented = headers.get(header.as_str()).map(|h| h.to_str().ok().and_then(decode_header_value));
+        match (value, presented) {
+            (None, None) => {}
+            (None, Some(_)) => return Err(format!("{header} header present but the argument is absent")),
+            (Some(_), None) => return Err(format!("{header} header is missing")),
+            (Some(_), Some(None)) => return Err(format!("{header} header has invalid characters")),
+            (Some(v), Some(Some(text))) => {
+                let same = match v {
+                    Value::String(s) => *s == text,
+                    Value::Bool(b) => text == if *b { "true" } else { "false" },
+                    Value::Number(n) => text.parse::<f64>().ok() == n.as_f64(),
+                    _ => false,
+                };
+                if !same {
+                    return Err(format!("{header} header does not match the body"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies `edit` to the `result` of every JSON-RPC response in an SSE
 /// body, keeping other events as they are.
 pub fn rewrite_sse(body: &str, mut edit: impl FnMut(&mut Value)) -> String {
@@ -137,6 +189,48 @@ mod tests {
             check_mirrored_headers(&headers(&[("mcp-method", "tools/call")]), "tools/call", Some(&params)).is_err()
         );
         assert_eq!(check_mirrored_headers(&headers(&[("mcp-method", "tools/list")]), "tools/list", None), Ok(()));
+    }
+
+    #[test]
+    fn param_headers_follow_the_tool_schema() {
+        let schema = json!({"type": "object", "properties": {
+            "region": {"type": "string", "x-mcp-header": "Region"},
+            "limit": {"type": "integer", "x-mcp-header": "Limit"},
+            "filter": {"type": "object", "properties": {"site": {"type": "string", "x-mcp-header": "Site"}}},
+            "list": {"type": "array", "items": {"type": "string", "x-mcp-header": "Ignored"}},
+            "query": {"type": "string"}
+        }});
+        let mut mirrored = mirrored_params(&schema);
+        mirrored.sort();
+        assert_eq!(
+            mirrored,
+            [
+                ("mcp-param-limit".to_string(), vec!["limit".to_string()]),
+                ("mcp-param-region".to_string(), vec!["region".to_string()]),
+                ("mcp-param-site".to_string(), vec!["filter".to_string(), "site".to_string()]),
+            ]
+        );
+        let args = json!({"region": "us-west1", "limit": 42, "filter": {"site": "Zürich"}, "query": "x"});
+        let ok = headers(&[
+            ("mcp-param-region", "us-west1"),
+            ("mcp-param-limit", "42.0"),
+            ("mcp-param-site", "=?base64?WsO8cmljaA==?="),
+        ]);
+        assert_eq!(check_param_headers(&ok, &mirrored, Some(&args)), Ok(()));
+        let wrong = headers(&[
+            ("mcp-param-region", "eu-west1"),
+            ("mcp-param-limit", "42"),
+            ("mcp-param-site", "=?base64?WsO8cmljaA==?="),
+        ]);
+        assert_eq!(
+            check_param_headers(&wrong, &mirrored, Some(&args)),
+            Err("mcp-param-region header does not match the body".into())
+        );
+        let missing = headers(&[("mcp-param-limit", "42"), ("mcp-param-site", "=?base64?WsO8cmljaA==?=")]);
+        assert!(check_param_headers(&missing, &mirrored, Some(&args)).is_err());
+        let extra = headers(&[("mcp-param-region", "us-west1")]);
+        assert!(check_param_headers(&extra, &mirrored, Some(&json!({}))).is_err());
+        assert_eq!(check_param_headers(&headers(&[]), &mirrored, Some(&json!({"region": null}))), Ok(()));
     }
 
     #[test]
