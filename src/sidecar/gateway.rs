@@ -71,7 +71,7 @@ pub struct Gateway {
     authn_records: Mutex<TokenBucket>,
     /// `Mcp-Param-*` mirroring of each tool, learnt from `tools/list`
     /// responses passing through.
-    mirrored_params: std::sync::RwLock<std::collections::HashMap<String, Vec<(String, Vec<String>)>>>,
+    mirrored_params: std::sync::RwLock<std::collections::HashMap<String, messages::MirroredParams>>,
 }
 
 /// Limits how many authentication failures are recorded, so a flood
@@ -153,7 +153,7 @@ impl Gateway {
         }
     }
 
-    fn mirrored_for(&self, tool: &str) -> Option<Vec<(String, Vec<String>)>> {
+    fn mirrored_for(&self, tool: &str) -> Option<messages::MirroredParams> {
         self.mirrored_params.read().unwrap_or_else(|p| p.into_inner()).get(tool).cloned()
     }
 

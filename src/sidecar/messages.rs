@@ -77,11 +77,14 @@ pub fn check_mirrored_headers(headers: &HeaderMap, method: &str, params: Option<
     }
 }
 
+/// (lower-case header name, property path) of each mirrored parameter.
+pub type MirroredParams = Vec<(String, Vec<String>)>;
+
 /// Parameters a tool mirrors into `Mcp-Param-*` headers: (lower-case header
 /// name, property path), from `x-mcp-header` annotations reachable through
 /// `properties` only, as the 2026-07-28 transport defines them.
-pub fn mirrored_params(input_schema: &Value) -> Vec<(String, Vec<String>)> {
-    fn walk(schema: &Value, path: &mut Vec<String>, out: &mut Vec<(String, Vec<String>)>) {
+pub fn mirrored_params(input_schema: &Value) -> MirroredParams {
+    fn walk(schema: &Value, path: &mut Vec<String>, out: &mut MirroredParams) {
         let Some(properties) = schema.get("properties").and_then(Value::as_object) else { return };
         for (name, property) in properties {
             path.push(name.clone());
