@@ -129,6 +129,18 @@ impl Verifier {
         })
     }
 
+    /// Server-side applies of every object the clinic server owns, in apply
+    /// order.
+    pub fn apply_all_owned(self) -> Self {
+        self.apply(SERVICE_ACCOUNTS, "patient-lookup-mcpw")
+            .apply(CONFIG_MAPS, "patient-lookup-policy")
+            .apply(CONFIG_MAPS, "patient-lookup-jwks")
+            .apply(NETWORK_POLICIES, "patient-lookup-ingress")
+            .apply(NETWORK_POLICIES, "patient-lookup-egress")
+            .apply(SERVICES, "patient-lookup")
+            .apply(DEPLOYMENTS, "patient-lookup")
+    }
+
     /// A deletion of `name` at `collection`.
     pub fn delete(self, collection: &str, name: &str) -> Self {
         self.expect(Method::DELETE, &format!("{collection}/{name}"), |_| {
