@@ -29,6 +29,19 @@ struct Seen {
 
 type Log = Arc<Mutex<Vec<Seen>>>;
 
+/// The result the minimal MCP endpoint gives a request.
+fn answer(request: &Value) -> Value {
+    match request["method"].as_str() {
+        Some("tools/list") => json!({"tools": [
+            {"name": "lookup_patient", "inputSchema": {"type": "object", "properties": {"mrn": {"type": "string", "x-mcp-header": "Mrn"}}}},
+            {"name": "clinic_hours", "inputSchema": {"type": "object"}},
+            {"name": "undeclared_admin_tool", "inputSchema": {"type": "object"}}
+        ]}),
+        Some("tools/call") => json!({"content": [{"type": "text", "text": "ok"}]}),
+        _ => json!({}),
+    }
+}
+
 /// A minimal MCP endpoint: answers by method, records everything.
 async fn upstream(log: Log) -> String {
     let app = Router::new().route(
@@ -37,17 +50,20 @@ async fn upstream(log: Log) -> String {
             let log = Arc::clone(&log);
             async move {
                 let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                if let Value::Array(items) = &body {
+                    // A batch: answer each element.
+                    let answers: Vec<Value> = items
+                        .iter()
+                        .map(|item| {
+                            log.lock().expect("log").push(Seen { headers: headers.clone(), body: item.clone() });
+                            json!({"jsonrpc": "2.0", "id": item["id"], "result": answer(item)})
+                        })
+                        .collect();
+                    return ([("content-type", "application/json")], Value::Array(answers).to_string()).into_response();
+                }
                 log.lock().expect("log").push(Seen { headers: headers.clone(), body: body.clone() });
                 let id = body["id"].clone();
-                let result = match body["method"].as_str() {
-                    Some("tools/list") => json!({"tools": [
-                        {"name": "lookup_patient", "inputSchema": {"type": "object", "properties": {"mrn": {"type": "string", "x-mcp-header": "Mrn"}}}},
-                        {"name": "clinic_hours", "inputSchema": {"type": "object"}},
-                        {"name": "undeclared_admin_tool", "inputSchema": {"type": "object"}}
-                    ]}),
-                    Some("tools/call") => json!({"content": [{"type": "text", "text": "ok"}]}),
-                    _ => json!({}),
-                };
+                let result = answer(&body);
                 let reply = json!({"jsonrpc": "2.0", "id": id, "result": result});
                 let mut response = if headers.get("x-test-sse").is_some() {
                     let sse = format!("event: message\ndata: {}\n\n", reply);
@@ -333,8 +349,9 @@ async fn hostile_requests_get_the_right_status_and_leave_a_record() {
         .await
         .expect("send");
     assert_eq!(response.status().as_u16(), 413);
-    let (status, _, _) = s.post(Some(&good), &json!([rpc(1, "ping", json!({}))]), &[]).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "batches are refused, never forwarded unchecked");
+    let (status, _, _) =
+        s.post(Some(&good), &json!([rpc(1, "ping", json!({}))]), &[("mcp-protocol-version", "2025-11-25")]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "batches exist only in 2025-03-26");
 
     // Sessions are bound to their caller.
     let (_, headers, _) =
@@ -572,4 +589,36 @@ async fn mirrored_parameter_headers_must_match_the_arguments() {
     let (status, _, body) = s.post(Some(&token), &call, &with("12345678")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(s.upstream_calls("lookup_patient"), 1, "only the consistent call reached the server");
+}
+
+#[tokio::test]
+async fn a_2025_03_26_batch_is_authorized_element_by_element() {
+    let s = sidecar().await;
+    let billing = rs256(&claims("bob", &["billing"]));
+    let batch = json!([
+        rpc(1, "tools/list", json!({})),
+        rpc(2, "tools/call", json!({"name": "lookup_patient", "arguments": {"mrn": "12345678"}})),
+        rpc(3, "tools/call", json!({"name": "clinic_hours", "arguments": {}})),
+        {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    ]);
+    let (status, _, body) = s.post(Some(&billing), &batch, &[("mcp-protocol-version", "2025-03-26")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let answers = body.as_array().expect("a batch answer");
+    let by_id = |id: u64| {
+        answers.iter().find(|a| a["id"] == id).cloned().unwrap_or_else(|| panic!("no answer for {id}: {body}"))
+    };
+    assert_eq!(tool_names(&by_id(1)), ["clinic_hours"], "the list inside a batch is filtered too");
+    assert_eq!(by_id(2)["error"]["message"], "Unknown tool: lookup_patient");
+    assert_eq!(by_id(3)["result"]["content"][0]["text"], "ok");
+    assert_eq!(s.upstream_calls("lookup_patient"), 0, "the refused element never reached the server");
+    assert_eq!(s.upstream_calls("clinic_hours"), 1);
+    let decisions = s.records().into_iter().filter(|r| r.event.kind == Kind::Decision).count();
+    assert_eq!(decisions, 4, "one decision per element");
+    // All refused: answered here, nothing forwarded.
+    let before = s.log.lock().expect("log").len();
+    let refused = json!([rpc(5, "tools/call", json!({"name": "lookup_patient"})), rpc(6, "admin/shutdown", json!({}))]);
+    let (status, _, body) = s.post(Some(&billing), &refused, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.as_array().map(Vec::len), Some(2));
+    assert_eq!(s.log.lock().expect("log").len(), before);
 }

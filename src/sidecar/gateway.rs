@@ -384,15 +384,13 @@ async fn post(
     // 4. Transport checks.
     let mut message = match message {
         Value::Object(map) => map,
+        // Batches exist only in 2025-03-26, where each element is decided
+        // on its own; later revisions have none.
+        Value::Array(items) if revision == messages::DEFAULT_REVISION && !items.is_empty() => {
+            return post_batch(Arc::clone(&gw), caller.clone(), correlation.clone(), headers, items).await;
+        }
         Value::Array(_) => {
-            // Batches exist only in 2025-03-26; an element-by-element split is
-            // not implemented, so a batch is refused whole rather than
-            // forwarded unchecked.
-            let reason = if revision == messages::DEFAULT_REVISION {
-                "JSON-RPC batches are not supported by this gateway; send requests one by one"
-            } else {
-                "JSON-RPC batches are not part of this protocol revision"
-            };
+            let reason = "JSON-RPC batches are not part of this protocol revision (or empty)";
             return refusal.refuse("batch", StatusCode::BAD_REQUEST, INVALID_REQUEST, reason, None).await;
         }
         _ => {
@@ -496,6 +494,171 @@ async fn post(
         .header(header::CONTENT_TYPE, "application/json")
         .body(Value::Object(message).to_string());
     forward(gw, caller, correlation, request, allowed.filter, id).await
+}
+
+/// A 2025-03-26 batch: every element is authorized and recorded on its own;
+/// only allowed elements are forwarded (as one batch); refused ones are
+/// answered here; list results are filtered by the id of their request.
+async fn post_batch(
+    gw: Arc<Gateway>,
+    caller: Caller,
+    correlation: String,
+    headers: HeaderMap,
+    items: Vec<Value>,
+) -> Response {
+    let upstream_session = match session_for_upstream(&gw, &caller, messages::DEFAULT_REVISION, &headers) {
+        Ok(session) => session,
+        Err(reason) => {
+            let refusal = Refusal { gw: &gw, caller: &caller, correlation: &correlation };
+            return refusal.refuse("batch", StatusCode::NOT_FOUND, INVALID_REQUEST, reason, None).await;
+        }
+    };
+    let policy = gw.policy();
+    let issuer = policy.authentication.issuer.clone();
+    let mut forwarded = Vec::new();
+    let mut local: Vec<Value> = Vec::new();
+    let mut filters: std::collections::HashMap<String, ListKind> = std::collections::HashMap::new();
+    let mut element_correlations: Vec<(String, String)> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let element = format!("{correlation}-{i}");
+        let Value::Object(mut message) = item else {
+            let refusal = Refusal { gw: &gw, caller: &caller, correlation: &element };
+            let _ =
+                refusal.refuse("batch element", StatusCode::OK, INVALID_REQUEST, "not a JSON-RPC message", None).await;
+            local.push(messages::error_body(None, INVALID_REQUEST, "not a JSON-RPC message"));
+            continue;
+        };
+        let id = message.get("id").cloned();
+        let method = message.get("method").and_then(Value::as_str).map(str::to_string);
+        let params = message.get("params").cloned();
+        let decision = authz::decide(&policy, &caller, method.as_deref(), params.as_ref());
+        let args_hmac = params.as_ref().and_then(|p| p.get("arguments")).map(|a| gw.args_key.hmac_json(a));
+        authz::rewrite_meta(&mut message, &caller, &issuer);
+        let (record_decision, target, phi, reason) = match &decision {
+            Decision::Allow(a) => (RecordDecision::Allow, a.target.clone(), a.phi, None),
+            Decision::Deny(d) => (RecordDecision::Deny, d.target.clone(), false, Some(d.reason.to_string())),
+        };
+        let event = Event {
+            correlation: Some(element.clone()),
+            caller: Some(record_caller(&caller, &issuer)),
+            method: Some(method.clone().unwrap_or_else(|| "response".into())),
+            tool: target,
+            phi: Some(phi),
+            decision: Some(record_decision),
+            reason,
+            args_hmac,
+            ..Event::new(Kind::Decision)
+        };
+        let recorded = gw.record(event).await;
+        match decision {
+            Decision::Deny(denied) => {
+                gw.metrics.decision("deny");
+                if id.is_some() {
+                    local.push(messages::error_body(id.as_ref(), denied.code, &denied.message));
+                }
+            }
+            Decision::Allow(_) if recorded.is_err() && policy.audit_failure_policy == FailurePolicy::Closed => {
+                gw.metrics.decision("refused_audit");
+                if id.is_some() {
+                    let text = "the audit trail cannot record this call, so it is refused";
+                    local.push(messages::error_body(id.as_ref(), GATEWAY_REFUSED, text));
+                }
+            }
+            Decision::Allow(allowed) => {
+                gw.metrics.decision("allow");
+                if let Some(meta) =
+                    message.get_mut("params").and_then(|p| p.get_mut("_meta")).and_then(Value::as_object_mut)
+                {
+                    meta.insert("io.mcpwarden/correlation".into(), Value::String(element.clone()));
+                }
+                if let (Some(kind), Some(id)) = (allowed.filter, &id) {
+                    filters.insert(id.to_string(), kind);
+                }
+                if let Some(id) = &id {
+                    element_correlations.push((id.to_string(), element));
+                }
+                forwarded.push(Value::Object(message));
+            }
+        }
+    }
+    if forwarded.is_empty() {
+        return if local.is_empty() {
+            StatusCode::ACCEPTED.into_response()
+        } else {
+            json_response(StatusCode::OK, &Value::Array(local))
+        };
+    }
+    let started = Instant::now();
+    let request = gw
+        .http
+        .post(gw.config.upstream.clone())
+        .headers(upstream_headers(&headers, upstream_session.as_deref()))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Value::Array(forwarded).to_string());
+    let upstream = match request.send().await {
+        Ok(response) => response,
+        Err(_) => {
+            return json_response(
+                StatusCode::BAD_GATEWAY,
+                &messages::error_body(None, GATEWAY_REFUSED, "the MCP server is unreachable"),
+            );
+        }
+    };
+    let status = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = upstream
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = match read_upstream(upstream).await {
+        Ok(body) => body,
+        Err(e) => return json_response(StatusCode::BAD_GATEWAY, &messages::error_body(None, GATEWAY_REFUSED, e)),
+    };
+    if status == StatusCode::ACCEPTED && local.is_empty() {
+        return StatusCode::ACCEPTED.into_response();
+    }
+    let mut rpc_errors: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    let mut edit = |message: &mut Value| {
+        let key = message.get("id").map(ToString::to_string).unwrap_or_default();
+        if let Some(code) = message.pointer("/error/code").and_then(Value::as_i64) {
+            rpc_errors.insert(key.clone(), code);
+        }
+        if let (Some(kind), Some(result)) = (filters.get(&key), message.get_mut("result")) {
+            if *kind == ListKind::Tools {
+                gw.learn_tools(result);
+            }
+            gw.metrics.filtered(authz::filter_list(&policy, &caller, *kind, result));
+            mark_private(*kind, result);
+        }
+    };
+    let (body, content_type) = if content_type.starts_with("text/event-stream") {
+        let mut text = messages::rewrite_sse(&String::from_utf8_lossy(&body), &mut edit);
+        for answer in &local {
+            text.push_str(&format!("data: {answer}\n\n"));
+        }
+        (Bytes::from(text), "text/event-stream")
+    } else {
+        let mut answers = match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Array(items)) => items,
+            Ok(single) if !single.is_null() => vec![single],
+            _ => Vec::new(),
+        };
+        answers.iter_mut().for_each(&mut edit);
+        answers.extend(local);
+        (Bytes::from(Value::Array(answers).to_string()), "application/json")
+    };
+    for (id, element) in element_correlations {
+        let rpc_error = rpc_errors.get(&id).copied();
+        let outcome_status =
+            if !status.is_success() || rpc_error.is_some() { OutcomeStatus::Error } else { OutcomeStatus::Ok };
+        let outcome = Outcome { status: outcome_status, http_status: Some(status.as_u16()), rpc_error, rows: None };
+        record_outcome(&gw, &element, outcome, started).await;
+    }
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = if status == StatusCode::ACCEPTED { StatusCode::OK } else { status };
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
 /// The server's own session id for this request (old revisions only),
@@ -685,8 +848,8 @@ async fn forward(
     } else if streaming {
         let text = String::from_utf8_lossy(&body).into_owned();
         let policy = gw.policy();
-        let rewritten = messages::rewrite_sse(&text, |result| {
-            if let Some(kind) = filter {
+        let rewritten = messages::rewrite_sse(&text, |message| {
+            if let (Some(kind), Some(result)) = (filter, message.get_mut("result")) {
                 if kind == ListKind::Tools {
                     gw.learn_tools(result);
                 }

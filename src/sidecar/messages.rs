@@ -132,8 +132,8 @@ pub fn check_param_headers(
     Ok(())
 }
 
-/// Applies `edit` to the `result` of every JSON-RPC response in an SSE
-/// body, keeping other events as they are.
+/// Applies `edit` to every JSON-RPC response (a message with `result`) in
+/// an SSE body, keeping other events as they are.
 pub fn rewrite_sse(body: &str, mut edit: impl FnMut(&mut Value)) -> String {
     let mut out = String::with_capacity(body.len());
     // Events are separated by a blank line; keep the separators as sent.
@@ -143,9 +143,7 @@ pub fn rewrite_sse(body: &str, mut edit: impl FnMut(&mut Value)) -> String {
         let parsed = (!data.is_empty()).then(|| serde_json::from_str::<Value>(&data.join("\n")).ok()).flatten();
         match parsed {
             Some(mut message) if message.get("result").is_some() => {
-                if let Some(result) = message.get_mut("result") {
-                    edit(result);
-                }
+                edit(&mut message);
                 for line in event.lines().filter(|l| !l.starts_with("data:") && !l.is_empty()) {
                     out.push_str(line);
                     out.push('\n');
@@ -239,8 +237,8 @@ mod tests {
     #[test]
     fn sse_results_are_rewritten_and_other_events_kept() {
         let body = "event: message\nid: 1\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\nid: 2\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"a\"},{\"name\":\"b\"}]}}\n\n";
-        let out = rewrite_sse(body, |r| {
-            if let Some(tools) = r.get_mut("tools").and_then(Value::as_array_mut) {
+        let out = rewrite_sse(body, |m| {
+            if let Some(tools) = m.pointer_mut("/result/tools").and_then(Value::as_array_mut) {
                 tools.retain(|t| t["name"] == "a");
             }
         });
