@@ -165,16 +165,48 @@ impl Keys {
     }
 }
 
+/// Most tokens remembered as verified.
+pub const CACHE_CAPACITY: usize = 10_000;
+
+/// A verified token: who it is, until when.
+#[derive(Clone)]
+struct Verified {
+    caller: Caller,
+    expires: u64,
+}
+
 /// Verifies bearer tokens for one MCP server.
+///
+/// A token that verified is remembered (by its SHA-256, never the token)
+/// until its `exp`, so a caller's next requests skip the signature check;
+/// the memory is dropped when the keys are reloaded or the settings change.
 pub struct Authenticator {
     keys: Keys,
     settings: RwLock<CompiledAuthentication>,
+    verified: Mutex<std::collections::HashMap<[u8; 32], Verified>>,
+    key_generation: std::sync::atomic::AtomicU64,
+    full_checks: std::sync::atomic::AtomicU64,
 }
 
 impl Authenticator {
     /// An authenticator for the policy's issuer, audience and scopes.
     pub fn new(keys: Keys, settings: CompiledAuthentication) -> Self {
-        Authenticator { keys, settings: RwLock::new(settings) }
+        Authenticator {
+            keys,
+            settings: RwLock::new(settings),
+            verified: Mutex::new(std::collections::HashMap::new()),
+            key_generation: std::sync::atomic::AtomicU64::new(0),
+            full_checks: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// How many tokens were checked in full (signature and claims).
+    pub fn full_checks(&self) -> u64 {
+        self.full_checks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn forget_verified(&self) {
+        self.verified.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// The keys.
@@ -190,6 +222,7 @@ impl Authenticator {
     /// Replaces the settings (a reloaded policy).
     pub fn set_settings(&self, settings: CompiledAuthentication) {
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings;
+        self.forget_verified();
     }
 
     /// Authenticates a request from its headers and URI.
@@ -206,8 +239,32 @@ impl Authenticator {
         self.verify(token).await
     }
 
-    /// Verifies one token.
+    /// Verifies one token (or finds it verified and unexpired).
     pub async fn verify(&self, token: &str) -> Result<Caller, AuthnError> {
+        use sha2::{Digest, Sha256};
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(hit) = self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(&digest).cloned()
+            && now < hit.expires
+        {
+            return Ok(hit.caller);
+        }
+        let generation = self.key_generation.load(std::sync::atomic::Ordering::Relaxed);
+        let (caller, expires) = self.verify_signed(token).await?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        // Not remembered if the keys changed while it was being checked.
+        if generation == self.key_generation.load(std::sync::atomic::Ordering::Relaxed) {
+            if verified.len() >= CACHE_CAPACITY {
+                verified.clear();
+            }
+            verified.insert(digest, Verified { caller: caller.clone(), expires });
+        }
+        Ok(caller)
+    }
+
+    /// The full check: signature, claims, scopes. Returns the caller and `exp`.
+    async fn verify_signed(&self, token: &str) -> Result<(Caller, u64), AuthnError> {
+        self.full_checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if declared_alg(token).is_some_and(|alg| alg.eq_ignore_ascii_case("none")) {
             return Err(AuthnError::Invalid("unsupported algorithm"));
         }
@@ -217,6 +274,8 @@ impl Authenticator {
         })?;
         let mut keys = self.keys.snapshot();
         if find_key(&keys, header.kid.as_deref()).is_none() && self.keys.reload_if_due().await {
+            self.key_generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.forget_verified();
             keys = self.keys.snapshot();
         }
         let key = find_key(&keys, header.kid.as_deref()).ok_or(AuthnError::Invalid("unknown signing key"))?;
@@ -252,7 +311,8 @@ impl Authenticator {
             return Err(AuthnError::InsufficientScope(settings.required_scopes.iter().cloned().collect()));
         }
         let groups = strings(claims.get(&settings.groups_claim)).into_iter().collect();
-        Ok(Caller { subject, groups })
+        let expires = claims.get("exp").and_then(Value::as_u64).ok_or(AuthnError::Invalid("missing claim"))?;
+        Ok((Caller { subject, groups }, expires))
     }
 }
 

@@ -192,3 +192,32 @@ fn www_authenticate_follows_rfc_6750() {
             .ends_with(r#"error="insufficient_scope", scope="mcp:tools ehr:read""#)
     );
 }
+
+#[tokio::test]
+async fn a_verified_token_is_remembered_only_while_settings_and_expiry_allow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = authenticator(&dir).await;
+    let token = rs256(&claims(), "test-rsa");
+    assert!(verify(&auth, &token).await.is_ok());
+    assert!(verify(&auth, &token).await.is_ok());
+    assert_eq!(auth.full_checks(), 1, "the second request skipped the signature check");
+    // New settings (a reloaded policy with another audience): forgotten, and refused.
+    auth.set_settings(CompiledAuthentication { audience: "https://other.example/mcp".into(), ..settings() });
+    assert_eq!(verify(&auth, &token).await, Err(AuthnError::Invalid("wrong audience")));
+    // A token past its exp (inside the 30 s leeway) is checked in full every time.
+    auth.set_settings(settings());
+    let mut stale = claims();
+    stale["exp"] = json!(now() - 5);
+    let stale = rs256(&stale, "test-rsa");
+    let before = auth.full_checks();
+    assert!(verify(&auth, &stale).await.is_ok(), "within leeway");
+    assert!(verify(&auth, &stale).await.is_ok());
+    assert_eq!(auth.full_checks(), before + 2, "an expired token is never served from memory");
+    // A key reload forgets every remembered token.
+    let fresh = rs256(&claims(), "test-rsa");
+    verify(&auth, &fresh).await.expect("fresh");
+    let checks = auth.full_checks();
+    let _ = verify(&auth, &rs256(&claims(), "unknown-kid")).await;
+    verify(&auth, &fresh).await.expect("still valid");
+    assert_eq!(auth.full_checks(), checks + 2, "re-checked after the reload");
+}
