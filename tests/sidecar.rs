@@ -29,6 +29,13 @@ struct Seen {
 
 type Log = Arc<Mutex<Vec<Seen>>>;
 
+/// The exact bytes the endpoint answers `clinic_hours` with.
+fn raw_hours(id: &Value) -> String {
+    format!(
+        "{{ \"result\": {{\"content\": [{{\"type\": \"text\", \"text\": \"ok\"}}]}},  \"jsonrpc\": \"2.0\", \"id\": {id} }}"
+    )
+}
+
 /// The result the minimal MCP endpoint gives a request.
 fn answer(request: &Value) -> Value {
     match request["method"].as_str() {
@@ -63,6 +70,10 @@ async fn upstream(log: Log) -> String {
                 }
                 log.lock().expect("log").push(Seen { headers: headers.clone(), body: body.clone() });
                 let id = body["id"].clone();
+                if body["params"]["name"] == "clinic_hours" && headers.get("x-test-sse").is_none() {
+                    // Hand-written bytes, to show they come back untouched.
+                    return ([("content-type", "application/json")], raw_hours(&id)).into_response();
+                }
                 let result = answer(&body);
                 let reply = json!({"jsonrpc": "2.0", "id": id, "result": result});
                 let mut response = if headers.get("x-test-sse").is_some() {
@@ -184,6 +195,19 @@ async fn callers_in_different_groups_see_and_call_different_tools() {
     assert_eq!(s.upstream_calls("lookup_patient"), 0);
     let (_, _, allowed) = s.post(Some(&front_desk), &call("lookup_patient"), &[]).await;
     assert_eq!(allowed["result"]["content"][0]["text"], "ok");
+    // Unfiltered answers pass through byte for byte (key order included).
+    let raw = s
+        .http
+        .post(format!("{}/mcp", s.url))
+        .bearer_auth(&front_desk)
+        .json(&call("clinic_hours"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(raw, raw_hours(&json!(7)));
     assert_eq!(s.upstream_calls("lookup_patient"), 1);
 }
 

@@ -833,15 +833,19 @@ async fn forward(
         match serde_json::from_slice::<Value>(&body) {
             Ok(mut value) => {
                 rpc_error = value.pointer("/error/code").and_then(Value::as_i64);
-                if let (Some(kind), Some(result)) = (filter, value.get_mut("result")) {
-                    if kind == ListKind::Tools {
-                        gw.learn_tools(result);
+                match (filter, value.get_mut("result")) {
+                    (Some(kind), Some(result)) => {
+                        if kind == ListKind::Tools {
+                            gw.learn_tools(result);
+                        }
+                        let removed = authz::filter_list(&gw.policy(), &caller, kind, result);
+                        gw.metrics.filtered(removed);
+                        mark_private(kind, result);
+                        Bytes::from(value.to_string())
                     }
-                    let removed = authz::filter_list(&gw.policy(), &caller, kind, result);
-                    gw.metrics.filtered(removed);
-                    mark_private(kind, result);
+                    // Anything not filtered goes back exactly as the server wrote it.
+                    _ => body,
                 }
-                Bytes::from(value.to_string())
             }
             Err(_) => body,
         }
