@@ -646,3 +646,29 @@ async fn a_2025_03_26_batch_is_authorized_element_by_element() {
     assert_eq!(body.as_array().map(Vec::len), Some(2));
     assert_eq!(s.log.lock().expect("log").len(), before);
 }
+
+#[tokio::test]
+async fn names_a_client_makes_up_reach_the_trail_only_as_keyed_hmacs() {
+    let s = sidecar().await;
+    let token = rs256(&claims("alice", &["front-desk"]));
+    // Attacker-chosen text in the places the policy does not know.
+    s.post(Some(&token), &rpc(1, "tools/call", json!({"name": "patient-98765432"})), &[]).await;
+    s.post(Some(&token), &rpc(2, "ehr/98765432", json!({})), &[]).await;
+    s.post(Some(&token), &rpc(3, "prompts/get", json!({"name": "98765432"})), &[]).await;
+    let trail: String = segment::list_segments(s.audit.path())
+        .expect("segments")
+        .iter()
+        .map(|(_, p)| std::fs::read_to_string(p).expect("read"))
+        .collect();
+    assert!(!trail.contains("98765432"), "client text reached the trail");
+    let denials: Vec<Record> = s.records().into_iter().filter(|r| r.event.decision == Some(Decision::Deny)).collect();
+    assert_eq!(denials.len(), 3);
+    assert!(denials[0].event.tool.as_deref().is_some_and(|t| t.starts_with("hmac:")));
+    assert!(denials[1].event.method.as_deref().is_some_and(|m| m.starts_with("hmac:")));
+    assert!(denials[2].event.tool.as_deref().is_some_and(|t| t.starts_with("hmac:")));
+    // A policy tool's name is recorded as it is.
+    let billing = rs256(&claims("bob", &["billing"]));
+    s.post(Some(&billing), &rpc(4, "tools/call", json!({"name": "lookup_patient"})), &[]).await;
+    let hidden = s.records().into_iter().filter(|r| r.event.decision == Some(Decision::Deny)).last().expect("record");
+    assert_eq!(hidden.event.tool.as_deref(), Some("lookup_patient"));
+}

@@ -63,6 +63,9 @@ pub struct Allowed {
 pub struct Denied {
     /// The tool, resource or prompt asked for.
     pub target: Option<String>,
+    /// Whether `target` is a name the client made up (not in the policy):
+    /// attacker-chosen text, recorded only as its keyed HMAC.
+    pub client_named: bool,
     /// Why (for the record; never shown to the caller).
     pub reason: &'static str,
     /// JSON-RPC error code returned.
@@ -114,6 +117,7 @@ pub fn decide(policy: &CompiledPolicy, caller: &Caller, method: Option<&str>, pa
                 }),
                 found => Decision::Deny(Denied {
                     target: Some(name.to_string()),
+                    client_named: found.is_none(),
                     reason: if found.is_some() { "tool not allowed for caller" } else { "tool not in policy" },
                     code: INVALID_PARAMS,
                     message: format!("Unknown tool: {name}"),
@@ -143,6 +147,7 @@ fn list(kind: ListKind) -> Decision {
 fn deny_method(method: &str) -> Decision {
     Decision::Deny(Denied {
         target: None,
+        client_named: false,
         reason: "method not in policy",
         code: METHOD_NOT_FOUND,
         message: format!("Method not found: {method}"),
@@ -160,6 +165,7 @@ fn resource(policy: &CompiledPolicy, caller: &Caller, uri: &str) -> Decision {
         }),
         found => Decision::Deny(Denied {
             target: found.map(|r| r.uri_prefix.clone()),
+            client_named: false,
             reason: if found.is_some() { "resource not allowed for caller" } else { "resource not in policy" },
             code: RESOURCE_NOT_FOUND,
             message: "Resource not found".into(),
@@ -177,6 +183,7 @@ fn prompt(policy: &CompiledPolicy, caller: &Caller, name: &str) -> Decision {
         }),
         found => Decision::Deny(Denied {
             target: Some(name.to_string()),
+            client_named: found.is_none(),
             reason: if found.is_some() { "prompt not allowed for caller" } else { "prompt not in policy" },
             code: INVALID_PARAMS,
             message: format!("Unknown prompt: {name}"),

@@ -433,29 +433,11 @@ async fn post(
     };
     // 5. Authorization.
     let decision = authz::decide(&gw.policy(), &caller, method.as_deref(), params.as_ref());
-    let args_hmac = params.as_ref().and_then(|p| p.get("arguments")).map(|a| gw.args_key.hmac_json(a));
     let stripped = authz::rewrite_meta(&mut message, &caller, &gw.policy().authentication.issuer);
     // 6. Audit first.
-    let (record_decision, target, phi, reason) = match &decision {
-        Decision::Allow(a) => (RecordDecision::Allow, a.target.clone(), a.phi, None),
-        Decision::Deny(d) => (RecordDecision::Deny, d.target.clone(), false, Some(d.reason.to_string())),
-    };
-    let reason = match (reason, stripped) {
-        (r, false) => r,
-        (Some(r), true) => Some(format!("{r}; client-supplied io.mcpwarden/ _meta removed")),
-        (None, true) => Some("client-supplied io.mcpwarden/ _meta removed".into()),
-    };
-    let event = Event {
-        correlation: Some(correlation.clone()),
-        caller: Some(record_caller(&caller, &gw.policy().authentication.issuer)),
-        method: Some(method_name.clone()),
-        tool: target,
-        phi: Some(phi),
-        decision: Some(record_decision),
-        reason,
-        args_hmac,
-        ..Event::new(Kind::Decision)
-    };
+    let issuer = gw.policy().authentication.issuer.clone();
+    let event =
+        decision_event(&gw, &caller, &issuer, &correlation, method.as_deref(), params.as_ref(), &decision, stripped);
     let recorded = gw.record(event).await;
     let allowed = match decision {
         Decision::Deny(denied) => {
@@ -496,6 +478,53 @@ async fn post(
     forward(gw, caller, correlation, request, allowed.filter, id).await
 }
 
+/// The decision record of one message. Text the client made up that the
+/// policy does not know (an unknown tool or prompt name, an unknown method)
+/// is attacker-chosen and could carry PHI: it is recorded as its keyed HMAC,
+/// which an investigator holding the key can still match.
+#[allow(clippy::too_many_arguments)]
+fn decision_event(
+    gw: &Gateway,
+    caller: &Caller,
+    issuer: &str,
+    correlation: &str,
+    method: Option<&str>,
+    params: Option<&Value>,
+    decision: &Decision,
+    meta_stripped: bool,
+) -> Event {
+    let keyed = |text: &str| format!("hmac:{}", gw.args_key.hmac_json(&Value::String(text.to_string())));
+    let unknown_method = matches!(decision, Decision::Deny(d) if d.code == authz::METHOD_NOT_FOUND);
+    let method = match method {
+        None => "response".to_string(),
+        Some(m) if unknown_method => keyed(m),
+        Some(m) => m.to_string(),
+    };
+    let (record_decision, tool, phi, reason) = match decision {
+        Decision::Allow(a) => (RecordDecision::Allow, a.target.clone(), a.phi, None),
+        Decision::Deny(d) => {
+            let tool = d.target.as_deref().map(|t| if d.client_named { keyed(t) } else { t.to_string() });
+            (RecordDecision::Deny, tool, false, Some(d.reason.to_string()))
+        }
+    };
+    let reason = match (reason, meta_stripped) {
+        (r, false) => r,
+        (Some(r), true) => Some(format!("{r}; client-supplied io.mcpwarden/ _meta removed")),
+        (None, true) => Some("client-supplied io.mcpwarden/ _meta removed".into()),
+    };
+    Event {
+        correlation: Some(correlation.to_string()),
+        caller: Some(record_caller(caller, issuer)),
+        method: Some(method),
+        tool,
+        phi: Some(phi),
+        decision: Some(record_decision),
+        reason,
+        args_hmac: params.and_then(|p| p.get("arguments")).map(|a| gw.args_key.hmac_json(a)),
+        ..Event::new(Kind::Decision)
+    }
+}
+
 /// A 2025-03-26 batch: every element is authorized and recorded on its own;
 /// only allowed elements are forwarded (as one batch); refused ones are
 /// answered here; list results are filtered by the id of their request.
@@ -532,23 +561,9 @@ async fn post_batch(
         let method = message.get("method").and_then(Value::as_str).map(str::to_string);
         let params = message.get("params").cloned();
         let decision = authz::decide(&policy, &caller, method.as_deref(), params.as_ref());
-        let args_hmac = params.as_ref().and_then(|p| p.get("arguments")).map(|a| gw.args_key.hmac_json(a));
-        authz::rewrite_meta(&mut message, &caller, &issuer);
-        let (record_decision, target, phi, reason) = match &decision {
-            Decision::Allow(a) => (RecordDecision::Allow, a.target.clone(), a.phi, None),
-            Decision::Deny(d) => (RecordDecision::Deny, d.target.clone(), false, Some(d.reason.to_string())),
-        };
-        let event = Event {
-            correlation: Some(element.clone()),
-            caller: Some(record_caller(&caller, &issuer)),
-            method: Some(method.clone().unwrap_or_else(|| "response".into())),
-            tool: target,
-            phi: Some(phi),
-            decision: Some(record_decision),
-            reason,
-            args_hmac,
-            ..Event::new(Kind::Decision)
-        };
+        let stripped = authz::rewrite_meta(&mut message, &caller, &issuer);
+        let event =
+            decision_event(&gw, &caller, &issuer, &element, method.as_deref(), params.as_ref(), &decision, stripped);
         let recorded = gw.record(event).await;
         match decision {
             Decision::Deny(denied) => {
