@@ -669,6 +669,6 @@ async fn names_a_client_makes_up_reach_the_trail_only_as_keyed_hmacs() {
     // A policy tool's name is recorded as it is.
     let billing = rs256(&claims("bob", &["billing"]));
     s.post(Some(&billing), &rpc(4, "tools/call", json!({"name": "lookup_patient"})), &[]).await;
-    let hidden = s.records().into_iter().filter(|r| r.event.decision == Some(Decision::Deny)).last().expect("record");
+    let hidden = s.records().into_iter().rfind(|r| r.event.decision == Some(Decision::Deny)).expect("record");
     assert_eq!(hidden.event.tool.as_deref(), Some("lookup_patient"));
 }
