@@ -317,11 +317,6 @@ impl CompiledPolicy {
     pub fn hash(&self) -> String {
         hex::encode(Sha256::digest(self.to_json().as_bytes()))
     }
-
-    /// Names of the tools this caller may see and call, sorted.
-    pub fn tools_for<'a>(&'a self, caller: &'a Caller) -> impl Iterator<Item = &'a str> + 'a {
-        self.tools.iter().filter(|(_, t)| t.callers.admits(caller)).map(|(n, _)| n.as_str())
-    }
 }
 
 /// Parses the subset of Go durations the schema admits (`1h30m`, `15m`,
