@@ -64,6 +64,18 @@ async fn first_creation() -> (Vec<Value>, Value) {
     (applied_objects(&seen), status)
 }
 
+/// The state after first creation: what was applied, a fresh mock API, and
+/// the server carrying the status written then.
+async fn after_creation(
+    jwks: Result<String, JwksError>,
+) -> (Vec<Value>, Arc<super::context::Context>, Verifier, MCPServer) {
+    let (applied, status) = first_creation().await;
+    let (ctx, api) = context(jwks);
+    let mut server = server();
+    server.status = Some(serde_json::from_value(status).expect("status"));
+    (applied, ctx, api, server)
+}
+
 #[tokio::test]
 async fn a_new_server_first_gets_the_finalizer() {
     let (ctx, api) = context(Ok(JWKS.into()));
@@ -107,10 +119,7 @@ async fn create_applies_every_object_and_writes_status() {
 
 #[tokio::test]
 async fn a_second_reconcile_with_nothing_changed_writes_nothing() {
-    let (applied, status) = first_creation().await;
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let mut server = server();
-    server.status = Some(serde_json::from_value(status).expect("status"));
+    let (applied, ctx, api, server) = after_creation(Ok(JWKS.into())).await;
     // Only reads: the mock fails the test on any other request.
     let mock = api.list(STORES, vec![store_value()]).owned_lists(&applied, &[]).list(PODS, vec![]).run();
     reconcile(Arc::new(server), ctx).await.expect("reconcile");
@@ -120,10 +129,7 @@ async fn a_second_reconcile_with_nothing_changed_writes_nothing() {
 
 #[tokio::test]
 async fn dropping_the_phi_tool_closes_egress_to_its_store() {
-    let (applied, status) = first_creation().await;
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let mut server = server();
-    server.status = Some(serde_json::from_value(status).expect("status"));
+    let (applied, ctx, api, mut server) = after_creation(Ok(JWKS.into())).await;
     server.spec.tools.retain(|t| t.name != "lookup_patient");
     server.metadata.generation = Some(2);
     let mock = api
@@ -150,10 +156,7 @@ async fn dropping_the_phi_tool_closes_egress_to_its_store() {
 
 #[tokio::test]
 async fn an_object_the_spec_no_longer_needs_is_deleted() {
-    let (applied, status) = first_creation().await;
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let mut server = server();
-    server.status = Some(serde_json::from_value(status).expect("status"));
+    let (applied, ctx, api, mut server) = after_creation(Ok(JWKS.into())).await;
     // Keys now come from a ConfigMap of the user's: the operator's copy goes.
     let oidc = &mut server.spec.authentication.oidc;
     oidc.jwks_uri = None;
@@ -203,10 +206,7 @@ async fn a_hand_edited_deployment_is_restored_with_a_warning() {
 
 #[tokio::test]
 async fn a_widening_network_policy_fails_compliance_by_name() {
-    let (applied, status) = first_creation().await;
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let mut server = server();
-    server.status = Some(serde_json::from_value(status).expect("status"));
+    let (applied, ctx, api, server) = after_creation(Ok(JWKS.into())).await;
     let allow_all = json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "allow-all", "namespace": NS},
@@ -231,10 +231,7 @@ async fn a_widening_network_policy_fails_compliance_by_name() {
 
 #[tokio::test]
 async fn a_pod_without_the_sidecar_fails_audit_controls() {
-    let (applied, status) = first_creation().await;
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let mut server = server();
-    server.status = Some(serde_json::from_value(status).expect("status"));
+    let (applied, ctx, api, server) = after_creation(Ok(JWKS.into())).await;
     let bare_pod = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "patient-lookup-bare", "namespace": NS, "labels": {"mcpwarden.io/server": "patient-lookup"}},

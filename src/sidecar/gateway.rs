@@ -469,12 +469,7 @@ async fn post(
     {
         meta.insert("io.mcpwarden/correlation".into(), Value::String(correlation.clone()));
     }
-    let request = gw
-        .http
-        .post(gw.config.upstream.clone())
-        .headers(upstream_headers(&headers, upstream_session.as_deref()))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Value::Object(message).to_string());
+    let request = upstream_post(&gw, &headers, upstream_session.as_deref(), &Value::Object(message));
     forward(gw, caller, correlation, request, allowed.filter, id).await
 }
 
@@ -604,12 +599,7 @@ async fn post_batch(
         };
     }
     let started = Instant::now();
-    let request = gw
-        .http
-        .post(gw.config.upstream.clone())
-        .headers(upstream_headers(&headers, upstream_session.as_deref()))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Value::Array(forwarded).to_string());
+    let request = upstream_post(&gw, &headers, upstream_session.as_deref(), &Value::Array(forwarded));
     let upstream = match request.send().await {
         Ok(response) => response,
         Err(_) => {
@@ -693,6 +683,15 @@ fn session_for_upstream(
             gw.sessions.unbind(&caller.subject, presented).map(Some).map_err(|_| "session not found for this caller")
         }
     }
+}
+
+/// A JSON-RPC POST to the MCP server.
+fn upstream_post(gw: &Gateway, headers: &HeaderMap, session: Option<&str>, body: &Value) -> reqwest::RequestBuilder {
+    gw.http
+        .post(gw.config.upstream.clone())
+        .headers(upstream_headers(headers, session))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body.to_string())
 }
 
 /// Request headers for the upstream: no credential, no hop-by-hop header,
