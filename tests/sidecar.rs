@@ -414,14 +414,18 @@ async fn hostile_requests_get_the_right_status_and_leave_a_record() {
         .expect("send");
     assert_eq!(response.status().as_u16(), 403);
 
-    // Every refusal after the Host/Origin check left a decision record.
+    // Every refusal left a decision record, Host and Origin ones included.
     let records = s.records();
+    for why in ["origin not allowed", "host not allowed"] {
+        assert!(records.iter().any(|r| r.event.reason.as_deref() == Some(why)), "no record of: {why}");
+    }
     let refusals = records
         .iter()
         .filter(|r| matches!(r.event.decision, Some(Decision::AuthnFailure) | Some(Decision::Deny)))
         .count();
-    // 8 bad tokens, 1 query-string token, 5 transport/body refusals, 1 foreign session.
-    let expected = 15;
+    // 8 bad tokens, 1 query-string token, 5 transport/body refusals, 1 foreign
+    // session, 1 Origin, 1 Host.
+    let expected = 17;
     assert!(refusals >= expected, "{refusals} refusal records");
     assert!(verify_dir(s.audit.path(), VerifyOptions::default()).passed());
     let forwarded_hidden = s.upstream_calls("lookup_patient");
@@ -671,4 +675,34 @@ async fn names_a_client_makes_up_reach_the_trail_only_as_keyed_hmacs() {
     s.post(Some(&billing), &rpc(4, "tools/call", json!({"name": "lookup_patient"})), &[]).await;
     let hidden = s.records().into_iter().rfind(|r| r.event.decision == Some(Decision::Deny)).expect("record");
     assert_eq!(hidden.event.tool.as_deref(), Some("lookup_patient"));
+}
+
+#[tokio::test]
+async fn an_unreachable_server_still_closes_every_forwarded_call_with_an_outcome() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+    let h = start_gateway(&format!("http://127.0.0.1:{port}/mcp"), 64 * 1024 * 1024).await;
+    let token = rs256(&claims("alice", &["front-desk"]));
+    let http = reqwest::Client::new();
+    let single = rpc(1, "tools/call", json!({"name": "clinic_hours"}));
+    let batch = json!([rpc(2, "tools/call", json!({"name": "clinic_hours"})), rpc(3, "ping", json!({}))]);
+    for body in [single, batch] {
+        let response = http.post(format!("{}/mcp", h.url)).bearer_auth(&token).json(&body).send().await.expect("send");
+        assert_eq!(response.status().as_u16(), 502);
+    }
+    let records: Vec<Record> = segment::list_segments(h.audit.path())
+        .expect("segments")
+        .iter()
+        .flat_map(|(_, p)| segment::read_lines(p).expect("lines"))
+        .map(|l| Record::parse_line(&l.bytes).expect("record"))
+        .collect();
+    let allowed: Vec<&Record> = records.iter().filter(|r| r.event.decision == Some(Decision::Allow)).collect();
+    assert_eq!(allowed.len(), 3);
+    for decision in allowed {
+        let outcome = records
+            .iter()
+            .find(|r| r.event.kind == Kind::Outcome && r.event.correlation == decision.event.correlation)
+            .unwrap_or_else(|| panic!("no outcome for {:?}", decision.event.correlation));
+        assert_eq!(outcome.event.outcome.as_ref().and_then(|o| o.http_status), Some(502));
+    }
 }

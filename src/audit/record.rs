@@ -317,7 +317,9 @@ impl Event {
             Kind::Decision => {
                 need(self.method.is_some(), "method")?;
                 let decision = self.decision.ok_or_else(|| RecordError::Schema("decision requires decision".into()))?;
-                if decision != Decision::AuthnFailure {
+                // A refusal can come before the caller is known (Host,
+                // Origin, authentication); an allow never can.
+                if decision == Decision::Allow {
                     need(self.caller.is_some(), "caller")?;
                 }
                 if decision != Decision::Allow {
@@ -611,6 +613,11 @@ mod tests {
             ..Event::default()
         };
         assert!(c.seal(authn, Utc::now()).is_ok(), "an authentication failure has no caller");
+        let allow_without_caller = Event { caller: None, ..decision() };
+        assert_eq!(
+            c.seal(allow_without_caller, Utc::now()).expect_err("caller"),
+            RecordError::Schema("decision requires caller".into())
+        );
         assert!(c.seal(Event::new(Kind::Outcome), Utc::now()).is_err());
         assert!(c.seal(Event { args_hmac: Some("not-hex".into()), ..decision() }, Utc::now()).is_err());
         assert_eq!(c.next_seq(), 2, "refused events do not advance the chain");

@@ -177,12 +177,9 @@ async fn an_object_the_spec_no_longer_needs_is_deleted() {
 
 #[tokio::test]
 async fn a_hand_edited_deployment_is_restored_with_a_warning() {
-    let (mut applied, status) = first_creation().await;
+    let (mut applied, ctx, api, server) = after_creation(Ok(JWKS.into())).await;
     let deployment = applied.iter_mut().find(|o| o["kind"] == "Deployment").expect("deployment");
     deployment["spec"]["template"]["spec"]["containers"][0]["image"] = json!("registry.example/other:latest");
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let mut server = server();
-    server.status = Some(serde_json::from_value(status).expect("status"));
     let mock = api
         .list(STORES, vec![store_value()])
         .owned_lists(&applied, &[])
@@ -276,10 +273,7 @@ async fn a_missing_store_deploys_nothing_and_says_why() {
 
 #[tokio::test]
 async fn a_failed_jwks_fetch_keeps_the_last_good_keys() {
-    let (applied, status) = first_creation().await;
-    let (ctx, api) = context(Err(JwksError::Fetch("connection failed".into())));
-    let mut server = server();
-    server.status = Some(serde_json::from_value(status).expect("status"));
+    let (applied, ctx, api, server) = after_creation(Err(JwksError::Fetch("connection failed".into()))).await;
     // The jwks ConfigMap is unchanged (last good keys), so nothing is applied.
     let mock = api
         .list(STORES, vec![store_value()])

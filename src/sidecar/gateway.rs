@@ -254,12 +254,13 @@ async fn mcp_endpoint(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let correlation = uuid::Uuid::new_v4().simple().to_string();
     // 1. Host and Origin.
     if let Err(why) = check_host_and_origin(&gw.config, &headers) {
-        gw.metrics.refused("origin");
+        gw.metrics.decision("origin");
+        record_unauthenticated(&gw, &correlation, method.as_str(), RecordDecision::Deny, why.to_string()).await;
         return json_response(StatusCode::FORBIDDEN, &messages::error_body(None, GATEWAY_REFUSED, why));
     }
-    let correlation = uuid::Uuid::new_v4().simple().to_string();
     // 2. Authentication.
     let caller = match gw.authn.authenticate(&headers, &uri).await {
         Ok(caller) => caller,
@@ -301,25 +302,37 @@ async fn refuse_unauthenticated(gw: &Gateway, correlation: &str, method: &str, e
         _ => (StatusCode::UNAUTHORIZED, "authn_failure"),
     };
     gw.metrics.decision(verdict);
-    let allowed = gw.authn_records.lock().map(|mut b| b.take()).unwrap_or(false);
-    if allowed {
-        let event = Event {
-            correlation: Some(correlation.to_string()),
-            method: Some(method.to_string()),
-            decision: Some(RecordDecision::AuthnFailure),
-            reason: Some(error.reason()),
-            ..Event::new(Kind::Decision)
-        };
-        // The request is refused whatever happens to its record.
-        let _ = gw.record(event).await;
-    } else {
-        gw.metrics.authn_unrecorded();
-    }
+    record_unauthenticated(gw, correlation, method, RecordDecision::AuthnFailure, error.reason()).await;
     let mut response = json_response(status, &messages::error_body(None, GATEWAY_REFUSED, &error.to_string()));
     if let Ok(value) = HeaderValue::from_str(&www_authenticate(error, &gw.resource_metadata_url())) {
         response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
     }
     response
+}
+
+/// Records a refusal of a request whose caller is unknown (Host, Origin,
+/// authentication). These are rate-limited: a flood of them must not fill
+/// the WAL and trip fail-closed for every caller; what is over the limit is
+/// counted instead. The request is refused whatever happens to its record.
+async fn record_unauthenticated(
+    gw: &Gateway,
+    correlation: &str,
+    method: &str,
+    decision: RecordDecision,
+    reason: String,
+) {
+    if gw.authn_records.lock().map(|mut b| b.take()).unwrap_or(false) {
+        let event = Event {
+            correlation: Some(correlation.to_string()),
+            method: Some(method.to_string()),
+            decision: Some(decision),
+            reason: Some(reason),
+            ..Event::new(Kind::Decision)
+        };
+        let _ = gw.record(event).await;
+    } else {
+        gw.metrics.authn_unrecorded();
+    }
 }
 
 /// One authenticated request, for refusals that happen before
@@ -600,9 +613,11 @@ async fn post_batch(
     }
     let started = Instant::now();
     let request = upstream_post(&gw, &headers, upstream_session.as_deref(), &Value::Array(forwarded));
+    let no_errors = std::collections::HashMap::new();
     let upstream = match request.send().await {
         Ok(response) => response,
         Err(_) => {
+            record_batch_outcomes(&gw, &element_correlations, StatusCode::BAD_GATEWAY, &no_errors, started).await;
             return json_response(
                 StatusCode::BAD_GATEWAY,
                 &messages::error_body(None, GATEWAY_REFUSED, "the MCP server is unreachable"),
@@ -610,15 +625,13 @@ async fn post_batch(
         }
     };
     let status = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let content_type = upstream
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let content_type = content_type_of(&upstream);
     let body = match read_upstream(upstream).await {
         Ok(body) => body,
-        Err(e) => return json_response(StatusCode::BAD_GATEWAY, &messages::error_body(None, GATEWAY_REFUSED, e)),
+        Err(e) => {
+            record_batch_outcomes(&gw, &element_correlations, StatusCode::BAD_GATEWAY, &no_errors, started).await;
+            return json_response(StatusCode::BAD_GATEWAY, &messages::error_body(None, GATEWAY_REFUSED, e));
+        }
     };
     if status == StatusCode::ACCEPTED && local.is_empty() {
         return StatusCode::ACCEPTED.into_response();
@@ -653,17 +666,28 @@ async fn post_batch(
         answers.extend(local);
         (Bytes::from(Value::Array(answers).to_string()), "application/json")
     };
-    for (id, element) in element_correlations {
-        let rpc_error = rpc_errors.get(&id).copied();
-        let outcome_status =
-            if !status.is_success() || rpc_error.is_some() { OutcomeStatus::Error } else { OutcomeStatus::Ok };
-        let outcome = Outcome { status: outcome_status, http_status: Some(status.as_u16()), rpc_error, rows: None };
-        record_outcome(&gw, &element, outcome, started).await;
-    }
+    record_batch_outcomes(&gw, &element_correlations, status, &rpc_errors, started).await;
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = if status == StatusCode::ACCEPTED { StatusCode::OK } else { status };
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// One outcome record per forwarded batch element that has an id.
+async fn record_batch_outcomes(
+    gw: &Gateway,
+    elements: &[(String, String)],
+    status: StatusCode,
+    rpc_errors: &std::collections::HashMap<String, i64>,
+    started: Instant,
+) {
+    for (id, element) in elements {
+        let rpc_error = rpc_errors.get(id).copied();
+        let outcome_status =
+            if !status.is_success() || rpc_error.is_some() { OutcomeStatus::Error } else { OutcomeStatus::Ok };
+        let outcome = Outcome { status: outcome_status, http_status: Some(status.as_u16()), rpc_error, rows: None };
+        record_outcome(gw, element, outcome, started).await;
+    }
 }
 
 /// The server's own session id for this request (old revisions only),
@@ -816,12 +840,7 @@ async fn forward(
     {
         headers.insert("mcp-session-id", bound);
     }
-    let content_type = upstream
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let content_type = content_type_of(&upstream);
     let streaming = content_type.starts_with("text/event-stream");
     if streaming && filter.is_none() {
         // SSE is relayed as it arrives; dropping the response (client gone)
@@ -898,6 +917,10 @@ fn mark_private(kind: ListKind, result: &mut Value) {
     {
         map.insert("cacheScope".into(), Value::String("private".into()));
     }
+}
+
+fn content_type_of(response: &reqwest::Response) -> String {
+    response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
 
 async fn read_upstream(response: reqwest::Response) -> Result<Bytes, &'static str> {

@@ -46,7 +46,7 @@ impl SidecarMetrics {
         r.register("wal_failures", "Audit records that could not be made durable", metrics.wal_failures.clone());
         r.register(
             "authn_failures_unrecorded",
-            "Authentication failures over the recording rate limit (counted, not recorded)",
+            "Refusals of unauthenticated requests over the recording rate limit (counted, not recorded)",
             metrics.authn_unrecorded.clone(),
         );
         r.register(
@@ -60,11 +60,6 @@ impl SidecarMetrics {
     /// Counts a decision.
     pub fn decision(&self, verdict: &str) {
         self.decisions.get_or_create(&VerdictLabels { verdict: verdict.to_string() }).inc();
-    }
-
-    /// Counts a refusal before authentication.
-    pub fn refused(&self, verdict: &str) {
-        self.decision(verdict);
     }
 
     /// Records a WAL append.
