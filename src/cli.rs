@@ -29,6 +29,9 @@ enum Command {
     Operator(crate::operator::OperatorArgs),
     /// Run the auditing gateway in front of one MCP server.
     Sidecar(crate::sidecar::SidecarArgs),
+    /// Run the credential broker: per-caller, per-tool, short-lived
+    /// PostgreSQL roles.
+    Broker(crate::broker::BrokerArgs),
     /// Audit trail tools for auditors.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -122,6 +125,7 @@ pub fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => audit_verify_cmd(&args),
         Command::Operator(args) => serve(crate::operator::run(args)),
         Command::Sidecar(args) => serve(crate::sidecar::run(args)),
+        Command::Broker(args) => serve(crate::broker::run(args)),
     }
 }
 

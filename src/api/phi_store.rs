@@ -59,6 +59,14 @@ pub struct PostgresConnection {
     /// control.
     #[serde(default)]
     pub ssl_mode: SslMode,
+    /// Revoke from PUBLIC the privileges that widen every caller's reach
+    /// (CONNECT/TEMPORARY on the database, CREATE/USAGE on schemas, table
+    /// privileges, EXECUTE on functions). The broker reports them in
+    /// `status.publicPrivileges` either way; with `true` it revokes them.
+    /// Other applications of the database lose them too: grant them back to
+    /// those applications' roles explicitly.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoke_public_privileges: bool,
 }
 
 fn default_pg_port() -> i32 {
@@ -156,4 +164,36 @@ pub struct PHIStoreStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// What the broker's admin role lacks (see docs/broker.md for the role
+    /// it needs). Empty when it has everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_missing: Vec<String>,
+    /// Privileges PUBLIC holds in the database: every issued role has them
+    /// too, beyond its tool's columns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_privileges: Vec<PublicPrivilege>,
+}
+
+/// One privilege PUBLIC holds on an object of the store.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublicPrivilege {
+    /// `database`, `schema`, `table`, `function` or `security definer
+    /// function` (runs with its owner's rights).
+    pub kind: String,
+    /// The object (`schema.table`, a function signature, …).
+    pub object: String,
+    /// The privilege.
+    pub privilege: String,
+    /// How much it widens a caller's reach.
+    pub severity: FindingSeverity,
+}
+
+/// How much a PUBLIC privilege widens a caller's reach.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+pub enum FindingSeverity {
+    /// Reaches data, or runs code with another role's rights.
+    High,
+    /// Lets a caller connect or create objects where no policy says so.
+    Medium,
 }

@@ -216,8 +216,10 @@ pub struct Lease {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LeaseAction {
-    /// A role was created (or a cached one handed out).
+    /// A role was created and handed out.
     Issued,
+    /// A cached, unexpired role was handed out again.
+    Reused,
     /// Revoked on demand; sessions terminated.
     Revoked,
     /// Reached its expiry.

@@ -13,6 +13,7 @@ pub mod schema;
 
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::CustomResourceExt;
 use serde::Deserialize;
@@ -88,6 +89,10 @@ pub struct ManifestSet {
     /// NetworkPolicies (other than mcp-warden's own kinds, they can widen a
     /// server's traffic).
     pub network_policies: Vec<Loaded<NetworkPolicy>>,
+    /// Secrets (the broker's admin credentials, a JWKS). Never printed.
+    pub secrets: Vec<Loaded<Secret>>,
+    /// ConfigMaps (a JWKS).
+    pub config_maps: Vec<Loaded<ConfigMap>>,
     /// Objects of other kinds, which `check` does not judge.
     pub other_objects: usize,
 }
@@ -195,6 +200,15 @@ fn classify(value: Value, origin: &Origin, set: &mut ManifestSet, errors: &mut V
         ("networking.k8s.io/v1", "NetworkPolicy") => match serde_json::from_value::<NetworkPolicy>(value) {
             Ok(policy) => set.network_policies.push(Loaded { origin: origin.clone(), object: policy }),
             Err(e) => errors.push(error(None, format!("invalid NetworkPolicy: {e}"))),
+        },
+        // serde's message could quote a value of the Secret: only say which.
+        ("v1", "Secret") => match serde_json::from_value::<Secret>(value) {
+            Ok(secret) => set.secrets.push(Loaded { origin: origin.clone(), object: secret }),
+            Err(_) => errors.push(error(None, "invalid Secret (contents not shown)".into())),
+        },
+        ("v1", "ConfigMap") => match serde_json::from_value::<ConfigMap>(value) {
+            Ok(map) => set.config_maps.push(Loaded { origin: origin.clone(), object: map }),
+            Err(e) => errors.push(error(None, format!("invalid ConfigMap: {e}"))),
         },
         ("v1", "List") => {
             for item in value.get("items").and_then(Value::as_array).cloned().unwrap_or_default() {

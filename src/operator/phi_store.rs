@@ -33,6 +33,7 @@ pub fn desired_store_status(store: &PHIStore, now: &Time) -> PHIStoreStatus {
             last_transition_time,
             observed_generation: store.metadata.generation,
         }],
+        ..PHIStoreStatus::default()
     }
 }
 

@@ -49,7 +49,7 @@ pub struct CompiledPolicy {
 }
 
 /// Namespace and name of an MCPServer.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServerRef {
     /// Namespace (empty when a manifest names none).

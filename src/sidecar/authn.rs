@@ -62,6 +62,14 @@ pub enum KeySource {
     File(PathBuf),
     /// A URL (https, or http on loopback for laptops and tests).
     Url(String),
+    /// A JWKS document held in memory (the broker's copy of a ConfigMap or
+    /// Secret); reloading re-reads the same text.
+    Inline {
+        /// Where the text came from, for messages.
+        origin: String,
+        /// The JWKS document.
+        text: String,
+    },
 }
 
 /// The current keys, reloaded (rate-limited) when a token names an unknown
@@ -125,6 +133,7 @@ impl Keys {
                 }
                 (url.clone(), response.text().await.map_err(|e| load(e.to_string()))?)
             }
+            KeySource::Inline { origin, text } => (origin.clone(), text.clone()),
         };
         verification_keys(&text).map_err(|e| KeysError::Load { source_name: name, message: e.to_string() })
     }

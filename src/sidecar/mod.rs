@@ -231,7 +231,7 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
             .into_future(),
     );
     tokio::select! {
-        _ = shutdown_signal() => {}
+        _ = crate::health::shutdown_signal() => {}
         result = &mut server => {
             // The server stopped by itself: that is a failure, not a shutdown.
             result??;
@@ -261,18 +261,3 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
 
 /// Time in-flight requests get to finish after SIGTERM.
 pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
-}

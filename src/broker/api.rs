@@ -1,0 +1,170 @@
+//! The broker's HTTP API.
+//!
+//! ```text
+//!   POST /v1/credentials   sidecar credential   {server, tool, store, callerToken, correlation?} → Credential
+//!   POST /v1/revocations   revoker credential   {leaseId} | {server, subject?, reason?}         → {revoked: [role]}
+//!   GET  /v1/stores        revoker credential   → {namespace/name: PHIStore status}
+//! ```
+//!
+//! Every answer carries `Cache-Control: no-store`. Refusals are
+//! `{"error": class, "message": …}`; no message quotes the request body,
+//! which holds a bearer token.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::issuer::{Broker, BrokerError, CredentialRequest};
+use super::lifecycle::Revocation;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Shortest static credential accepted.
+pub const MIN_CREDENTIAL_BYTES: usize = 32;
+
+/// A static shared credential, kept only as its SHA-256.
+#[derive(Clone)]
+pub struct StaticCredential([u8; 32]);
+
+impl StaticCredential {
+    /// From the secret text (trimmed); refuses short ones.
+    pub fn new(secret: &str) -> Result<StaticCredential, String> {
+        let secret = secret.trim();
+        if secret.len() < MIN_CREDENTIAL_BYTES {
+            return Err(format!("a static credential must be at least {MIN_CREDENTIAL_BYTES} bytes"));
+        }
+        Ok(StaticCredential(Sha256::digest(secret.as_bytes()).into()))
+    }
+
+    /// Whether the request's bearer value is this credential (constant time).
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
+        let Some((scheme, token)) = value.split_once(' ') else { return false };
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return false;
+        }
+        let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        digest.ct_eq(&self.0).into()
+    }
+}
+
+/// Who may call which endpoint.
+#[derive(Clone)]
+pub struct Callers {
+    /// Sidecars asking for credentials.
+    pub sidecar: StaticCredential,
+    /// Operators revoking leases and reading store reports; without it those
+    /// endpoints are closed.
+    pub revoker: Option<StaticCredential>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    broker: Arc<Broker>,
+    callers: Callers,
+}
+
+/// The API router.
+pub fn router(broker: Arc<Broker>, callers: Callers) -> Router {
+    Router::new()
+        .route("/v1/credentials", post(credentials))
+        .route("/v1/revocations", post(revocations))
+        .route("/v1/stores", get(stores))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(AppState { broker, callers })
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut response = (status, axum::Json(body)).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn refuse(status: StatusCode, class: &str, message: String) -> Response {
+    let mut response = answer(status, json!({"error": class, "message": message}));
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+fn refusal(error: &BrokerError) -> Response {
+    let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    refuse(status, error.class(), error.to_string())
+}
+
+/// Parses a JSON body, naming only where it is malformed, never what it
+/// holds.
+fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes, what: &str) -> Result<T, Box<Response>> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+    if !json {
+        return Err(Box::new(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request",
+            "send application/json".into(),
+        )));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let message =
+            format!("not a valid {what} ({:?} error at line {} column {})", e.classify(), e.line(), e.column());
+        Box::new(refuse(StatusCode::BAD_REQUEST, "invalid_request", message))
+    })
+}
+
+async fn credentials(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !state.callers.sidecar.admits(&headers) {
+        return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", "a sidecar credential is required".into());
+    }
+    let request: CredentialRequest = match parse(&headers, &body, "credential request") {
+        Ok(r) => r,
+        Err(response) => return *response,
+    };
+    match state.broker.issue(&request).await {
+        Ok(credential) => answer(StatusCode::OK, json!(credential)),
+        Err(e) => {
+            tracing::info!(class = e.class(), error = %e, "credential request refused");
+            refusal(&e)
+        }
+    }
+}
+
+async fn revocations(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !state.callers.revoker.as_ref().is_some_and(|r| r.admits(&headers)) {
+        return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", "a revoker credential is required".into());
+    }
+    let revocation: Revocation = match parse(&headers, &body, "revocation") {
+        Ok(r) => r,
+        Err(response) => return *response,
+    };
+    match state.broker.revoke(&revocation).await {
+        Ok(roles) => answer(StatusCode::OK, json!({"revoked": roles})),
+        Err(e) => refusal(&e),
+    }
+}
+
+async fn stores(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !state.callers.revoker.as_ref().is_some_and(|r| r.admits(&headers)) {
+        return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", "a revoker credential is required".into());
+    }
+    let reports: serde_json::Map<String, serde_json::Value> =
+        state.broker.reports().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    answer(StatusCode::OK, serde_json::Value::Object(reports))
+}
+
+impl IntoResponse for BrokerError {
+    fn into_response(self) -> Response {
+        refusal(&self)
+    }
+}

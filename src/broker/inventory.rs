@@ -1,0 +1,225 @@
+//! The broker's view of the world: MCPServers (their compiled policies and
+//! key sources), PHIStores and their admin credentials, and from these the
+//! group roles every store must hold.
+//!
+//! ```text
+//!   MCPServer ─┐                       ┌─ servers: ServerRef → policy + JWKS source
+//!   PHIStore ──┼─ Inventory::build() ──┼─ stores:  StoreRef  → connection + admin credential
+//!   Secret ────┤   (pure)              └─ groups(): StoreRef → group role → (server, tool, grants)
+//!   ConfigMap ─┘
+//! ```
+//!
+//! The broker trusts nothing a sidecar says about grants: they come from
+//! here. A broken object is kept as an error for that object alone, so one
+//! bad manifest does not stop the others from being served.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::ResourceExt;
+
+use super::grants::{self, Grant};
+use super::naming::{self, NamingKey};
+use super::store::StoreAccess;
+use crate::api::{MCPServer, PHIStore};
+use crate::manifest;
+use crate::policy::{self, CompiledPolicy, ServerRef, namespace_of};
+use crate::sidecar::authn::KeySource;
+
+/// Namespace and name of a PHIStore.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StoreRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for StoreRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A server the broker can issue for.
+#[derive(Debug, Clone)]
+pub struct ServerEntry {
+    /// Its compiled policy.
+    pub policy: CompiledPolicy,
+    /// Where its issuer's keys are.
+    pub keys: KeySource,
+}
+
+/// A store the broker can administer.
+#[derive(Debug, Clone)]
+pub struct StoreEntry {
+    /// How to reach it as admin.
+    pub access: StoreAccess,
+    /// Keys login role names.
+    pub naming: NamingKey,
+    /// Whether to revoke PUBLIC's privileges.
+    pub revoke_public: bool,
+}
+
+/// One group role a store must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSpec {
+    /// The server.
+    pub server: ServerRef,
+    /// The tool.
+    pub tool: String,
+    /// Exactly what it holds.
+    pub grants: BTreeSet<Grant>,
+}
+
+/// Everything the broker serves, each entry usable or the reason it is not.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    /// MCPServers.
+    pub servers: BTreeMap<ServerRef, Result<ServerEntry, String>>,
+    /// PHIStores.
+    pub stores: BTreeMap<StoreRef, Result<StoreEntry, String>>,
+}
+
+/// The Secret key holding the admin role's name.
+pub const ADMIN_USER_KEY: &str = "username";
+/// The Secret key holding the admin role's password.
+pub const ADMIN_PASSWORD_KEY: &str = "password";
+
+impl Inventory {
+    /// Reads a manifests directory (the laptop and test mode). Any invalid
+    /// manifest refuses the whole set, with every reason.
+    pub fn from_manifests(dir: &Path) -> Result<Inventory, Vec<String>> {
+        let (set, errors) = manifest::load_paths(&[dir.to_path_buf()]);
+        if !errors.is_empty() {
+            return Err(errors.iter().map(ToString::to_string).collect());
+        }
+        Ok(Inventory::build(
+            set.servers.into_iter().map(|l| l.object).collect(),
+            set.stores.into_iter().map(|l| l.object).collect(),
+            &set.secrets.into_iter().map(|l| l.object).collect::<Vec<_>>(),
+            &set.config_maps.into_iter().map(|l| l.object).collect::<Vec<_>>(),
+        ))
+    }
+
+    /// Builds the inventory from objects (pure).
+    pub fn build(
+        servers: Vec<MCPServer>,
+        stores: Vec<PHIStore>,
+        secrets: &[Secret],
+        config_maps: &[ConfigMap],
+    ) -> Inventory {
+        let mut inventory = Inventory::default();
+        let mut by_namespace: BTreeMap<String, BTreeMap<String, PHIStore>> = BTreeMap::new();
+        for store in stores {
+            let key = StoreRef { namespace: namespace_of(&store), name: store.name_any() };
+            inventory.stores.insert(key.clone(), store_entry(&store, &key, secrets));
+            by_namespace.entry(key.namespace).or_default().insert(key.name, store);
+        }
+        let empty = BTreeMap::new();
+        for server in servers {
+            let key = ServerRef { namespace: namespace_of(&server), name: server.name_any() };
+            let stores = by_namespace.get(&key.namespace).unwrap_or(&empty);
+            let entry = policy::compile(&server, stores).map_err(|e| e.to_string()).and_then(|policy| {
+                Ok(ServerEntry { keys: key_source(&server, &key.namespace, secrets, config_maps)?, policy })
+            });
+            inventory.servers.insert(key, entry);
+        }
+        inventory
+    }
+
+    /// The group roles each store must hold, from every usable server.
+    /// Tools that name nobody get none.
+    pub fn groups(&self) -> BTreeMap<StoreRef, BTreeMap<String, GroupSpec>> {
+        let mut out: BTreeMap<StoreRef, BTreeMap<String, GroupSpec>> = BTreeMap::new();
+        for (server, entry) in &self.servers {
+            let Ok(entry) = entry else { continue };
+            for (tool_name, tool) in &entry.policy.tools {
+                if tool.callers.is_empty() {
+                    continue;
+                }
+                for (store, tables) in &tool.data_access {
+                    let Ok(wanted) = grants::desired(tables) else { continue };
+                    let key = StoreRef { namespace: server.namespace.clone(), name: store.clone() };
+                    out.entry(key).or_default().insert(
+                        naming::group_role(server, store, tool_name),
+                        GroupSpec { server: server.clone(), tool: tool_name.clone(), grants: wanted },
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+fn store_entry(store: &PHIStore, key: &StoreRef, secrets: &[Secret]) -> Result<StoreEntry, String> {
+    let pg = &store.spec.postgres;
+    let secret_name = &pg.admin_secret_ref.name;
+    let secret = find(secrets, &key.namespace, secret_name).ok_or_else(|| {
+        format!("PHIStore {key}: admin Secret {secret_name:?} not found in namespace {}", key.namespace)
+    })?;
+    let user = secret_value(secret, ADMIN_USER_KEY)
+        .ok_or_else(|| format!("PHIStore {key}: admin Secret {secret_name:?} has no {ADMIN_USER_KEY:?} key"))?;
+    let password = secret_value(secret, ADMIN_PASSWORD_KEY)
+        .ok_or_else(|| format!("PHIStore {key}: admin Secret {secret_name:?} has no {ADMIN_PASSWORD_KEY:?} key"))?;
+    let port = u16::try_from(pg.port).map_err(|_| format!("PHIStore {key}: port {} out of range", pg.port))?;
+    Ok(StoreEntry {
+        naming: NamingKey::derive(&user, &password),
+        access: StoreAccess {
+            store: policy::CompiledStore {
+                host: pg.host.clone(),
+                port,
+                database: pg.database.clone(),
+                ssl_mode: pg.ssl_mode,
+            },
+            admin_user: user,
+            admin_password: password,
+        },
+        revoke_public: pg.revoke_public_privileges,
+    })
+}
+
+fn key_source(
+    server: &MCPServer,
+    namespace: &str,
+    secrets: &[Secret],
+    config_maps: &[ConfigMap],
+) -> Result<KeySource, String> {
+    let oidc = &server.spec.authentication.oidc;
+    if let Some(uri) = &oidc.jwks_uri {
+        return Ok(KeySource::Url(uri.clone()));
+    }
+    if let Some(r) = &oidc.jwks_config_map_ref {
+        let map = find(config_maps, namespace, &r.name)
+            .ok_or_else(|| format!("JWKS ConfigMap {:?} not found in namespace {namespace}", r.name))?;
+        let text = map
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&r.key))
+            .ok_or_else(|| format!("JWKS ConfigMap {:?} has no key {:?}", r.name, r.key))?;
+        return Ok(KeySource::Inline { origin: format!("ConfigMap {namespace}/{}", r.name), text: text.clone() });
+    }
+    if let Some(r) = &oidc.jwks_secret_ref {
+        let secret = find(secrets, namespace, &r.name)
+            .ok_or_else(|| format!("JWKS Secret {:?} not found in namespace {namespace}", r.name))?;
+        let text =
+            secret_value(secret, &r.key).ok_or_else(|| format!("JWKS Secret {:?} has no key {:?}", r.name, r.key))?;
+        return Ok(KeySource::Inline { origin: format!("Secret {namespace}/{}", r.name), text });
+    }
+    Err("authentication.oidc names no JWKS source".into())
+}
+
+fn find<'a, K: ResourceExt>(objects: &'a [K], namespace: &str, name: &str) -> Option<&'a K> {
+    objects.iter().find(|o| o.name_any() == name && namespace_of(*o) == namespace)
+}
+
+/// A Secret value from `data` (base64, as the API serves it) or, in a
+/// manifest, `stringData`.
+fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    if let Some(value) = secret.string_data.as_ref().and_then(|d| d.get(key)) {
+        return Some(value.clone());
+    }
+    let bytes = secret.data.as_ref()?.get(key)?;
+    String::from_utf8(bytes.0.clone()).ok()
+}

@@ -1,0 +1,568 @@
+//! Issuing, reusing, revoking and reaping login roles.
+//!
+//! ```text
+//!   request ─ server known? ─ tool known? ─ tool reads this store? ─ caller token verified here?
+//!           ─ caller admitted to the tool? ─ pair slot (one per caller × tool × store, locked)
+//!               ├─ cached and far from expiry ─▶ record `reused` ─▶ credential
+//!               └─ else: group role in line ─▶ CREATE ROLE … IN ROLE group ─▶ record `issued` ─▶ credential
+//!                                                                  (record failed ─▶ role ended, error)
+//! ```
+//!
+//! The pair slot is an async mutex, so concurrent first requests for one
+//! pair create one role. Nothing here is needed after a restart: expired
+//! roles are found in `pg_roles` by their name shape.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use super::grants::Grant;
+use super::inventory::{Inventory, StoreEntry, StoreRef};
+use super::metrics::BrokerMetrics;
+use super::naming::{self, RandomError};
+use super::store::{self, StoreAccess, StoreError};
+use super::trail::{LeaseFacts, Trail, lease_event};
+use crate::api::PHIStoreStatus;
+use crate::audit::record::{Caller as AuditCaller, Decision, Event, Kind, LeaseAction, format_time};
+use crate::audit::wal::WalError;
+use crate::policy::ServerRef;
+use crate::sidecar::authn::{Authenticator, KeySource, Keys};
+
+/// Operational settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A cap on every lease's lifetime, below the policy's own
+    /// `credentials.ttl` (which the CRD caps at 1h).
+    pub max_ttl: Option<Duration>,
+    /// `CONNECTION LIMIT` of each login role.
+    pub connection_limit: u32,
+}
+
+/// A cached lease is handed out again only while at least this share of
+/// its lifetime remains; after that a new role is issued.
+const REUSE_WHILE_REMAINING: f64 = 1.0 / 3.0;
+
+/// What a sidecar asks for.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CredentialRequest {
+    /// The MCPServer, `namespace/name`.
+    pub server: String,
+    /// The tool being called.
+    pub tool: String,
+    /// The PHIStore (by name, in the server's namespace).
+    pub store: String,
+    /// The caller's bearer token, as the sidecar received it: the broker
+    /// verifies it itself.
+    pub caller_token: String,
+    /// The sidecar's correlation id of the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation: Option<String>,
+}
+
+impl std::fmt::Debug for CredentialRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialRequest")
+            .field("server", &self.server)
+            .field("tool", &self.tool)
+            .field("store", &self.store)
+            .field("correlation", &self.correlation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the broker returns: a login role and where to use it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Credential {
+    /// Opaque lease id (the role's comment; in the audit trail).
+    pub lease_id: String,
+    /// The role to log in as.
+    pub role: String,
+    /// Its password.
+    pub password: String,
+    /// Expiry by the database's clock (RFC 3339).
+    pub valid_until: String,
+    /// Host of the store.
+    pub host: String,
+    /// Port of the store.
+    pub port: u16,
+    /// Database.
+    pub database: String,
+    /// libpq sslmode to use.
+    pub ssl_mode: String,
+    /// Whether this lease was handed out before.
+    pub reused: bool,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("lease_id", &self.lease_id)
+            .field("role", &self.role)
+            .field("valid_until", &self.valid_until)
+            .field("reused", &self.reused)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request was refused. Messages never hold a token or password.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The request itself is malformed.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// No such MCPServer.
+    #[error("unknown MCPServer {0}")]
+    UnknownServer(String),
+    /// The MCPServer exists but cannot be served (its policy is broken).
+    #[error("MCPServer {server} cannot be served: {reason}")]
+    ServerUnusable {
+        /// The server.
+        server: String,
+        /// Why.
+        reason: String,
+    },
+    /// The tool is not in the server's policy.
+    #[error("tool {tool:?} is not in the policy of {server}")]
+    UnknownTool {
+        /// The server.
+        server: String,
+        /// The tool.
+        tool: String,
+    },
+    /// The tool declares no access to this store.
+    #[error("tool {tool:?} declares no access to PHIStore {store:?}")]
+    NoStoreAccess {
+        /// The tool.
+        tool: String,
+        /// The store.
+        store: String,
+    },
+    /// The caller's token did not verify here.
+    #[error("caller token refused: {0}")]
+    CallerNotVerified(String),
+    /// The caller may not use the tool.
+    #[error("the caller is not allowed to use tool {0:?}")]
+    CallerNotAllowed(String),
+    /// The store cannot be used (no admin Secret, unreachable, …).
+    #[error("PHIStore {store}: {reason}")]
+    StoreUnavailable {
+        /// The store.
+        store: String,
+        /// Why.
+        reason: String,
+    },
+    /// A database operation failed.
+    #[error("PHIStore {store}: {source}")]
+    Store {
+        /// The store.
+        store: String,
+        /// The failure.
+        source: StoreError,
+    },
+    /// The audit record could not be made durable; nothing was handed out.
+    #[error("audit trail unavailable, no credential issued: {0}")]
+    Audit(#[from] WalError),
+    /// The random source failed.
+    #[error(transparent)]
+    Random(#[from] RandomError),
+}
+
+impl BrokerError {
+    /// HTTP status of the refusal.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            BrokerError::InvalidRequest(_) => 400,
+            BrokerError::UnknownServer(_) | BrokerError::UnknownTool { .. } => 404,
+            BrokerError::NoStoreAccess { .. }
+            | BrokerError::CallerNotVerified(_)
+            | BrokerError::CallerNotAllowed(_) => 403,
+            BrokerError::ServerUnusable { .. }
+            | BrokerError::StoreUnavailable { .. }
+            | BrokerError::Store { .. }
+            | BrokerError::Audit(_) => 503,
+            BrokerError::Random(_) => 500,
+        }
+    }
+
+    /// Stable class (API error code and metric label).
+    pub fn class(&self) -> &'static str {
+        match self {
+            BrokerError::InvalidRequest(_) => "invalid_request",
+            BrokerError::UnknownServer(_) => "unknown_server",
+            BrokerError::ServerUnusable { .. } => "server_unusable",
+            BrokerError::UnknownTool { .. } => "unknown_tool",
+            BrokerError::NoStoreAccess { .. } => "no_store_access",
+            BrokerError::CallerNotVerified(_) => "caller_not_verified",
+            BrokerError::CallerNotAllowed(_) => "caller_not_allowed",
+            BrokerError::StoreUnavailable { .. } => "store_unavailable",
+            BrokerError::Store { source, .. } => source.class(),
+            BrokerError::Audit(_) => "audit_unavailable",
+            BrokerError::Random(_) => "random",
+        }
+    }
+}
+
+/// Identifies a pair slot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PairKey {
+    server: ServerRef,
+    store: String,
+    tool: String,
+    issuer: String,
+    subject: String,
+}
+
+/// A lease handed out and still usable.
+#[derive(Clone)]
+struct Cached {
+    credential: Credential,
+    /// Local deadline for reuse (monotonic clock).
+    reuse_until: Instant,
+}
+
+/// One store: its admin connection (serialized) and what was proven of it.
+pub(super) struct StoreHandle {
+    pub(super) entry: StoreEntry,
+    conn: tokio::sync::Mutex<Option<Client>>,
+    /// Group roles proven to hold exactly these grants.
+    synced: Mutex<HashMap<String, BTreeSet<Grant>>>,
+}
+
+impl StoreHandle {
+    fn new(entry: StoreEntry) -> Self {
+        StoreHandle { entry, conn: tokio::sync::Mutex::new(None), synced: Mutex::new(HashMap::new()) }
+    }
+
+    /// The admin connection, opened if needed.
+    pub(super) async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, StoreError> {
+        let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = Some(store::connect(&self.entry.access).await?);
+        }
+        Ok(guard)
+    }
+
+    pub(super) fn is_synced(&self, group: &str, grants: &BTreeSet<Grant>) -> bool {
+        self.synced.lock().unwrap_or_else(|p| p.into_inner()).get(group) == Some(grants)
+    }
+
+    pub(super) fn mark_synced(&self, group: &str, grants: Option<&BTreeSet<Grant>>) {
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        match grants {
+            Some(g) => synced.insert(group.to_string(), g.clone()),
+            None => synced.remove(group),
+        };
+    }
+}
+
+/// The broker: inventory, stores, pair slots and the trail.
+pub struct Broker {
+    pub(super) inventory: RwLock<Arc<Inventory>>,
+    authenticators: Mutex<HashMap<ServerRef, (KeySource, Arc<Authenticator>)>>,
+    pub(super) stores: Mutex<HashMap<StoreRef, Arc<StoreHandle>>>,
+    slots: Mutex<HashMap<PairKey, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+    pub(super) trail: Trail,
+    pub(super) settings: Settings,
+    pub(super) metrics: BrokerMetrics,
+    pub(super) reports: RwLock<BTreeMap<StoreRef, PHIStoreStatus>>,
+}
+
+impl Broker {
+    /// A broker over an inventory (call [`Broker::sync`] before serving).
+    pub fn new(inventory: Inventory, trail: Trail, settings: Settings, metrics: BrokerMetrics) -> Broker {
+        let broker = Broker {
+            inventory: RwLock::new(Arc::new(Inventory::default())),
+            authenticators: Mutex::new(HashMap::new()),
+            stores: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
+            trail,
+            settings,
+            metrics,
+            reports: RwLock::new(BTreeMap::new()),
+        };
+        broker.install(inventory);
+        broker
+    }
+
+    /// The inventory in force.
+    pub fn inventory(&self) -> Arc<Inventory> {
+        Arc::clone(&self.inventory.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the inventory; returns the previous one. Store handles whose
+    /// connection facts or credential changed are replaced.
+    pub(super) fn install(&self, inventory: Inventory) -> Arc<Inventory> {
+        {
+            let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
+            stores.retain(|key, handle| {
+                matches!(inventory.stores.get(key), Some(Ok(e)) if same_access(&e.access, &handle.entry.access))
+            });
+            for (key, entry) in &inventory.stores {
+                if let Ok(entry) = entry
+                    && !stores.contains_key(key)
+                {
+                    stores.insert(key.clone(), Arc::new(StoreHandle::new(entry.clone())));
+                }
+            }
+        }
+        let new = Arc::new(inventory);
+        std::mem::replace(&mut *self.inventory.write().unwrap_or_else(|p| p.into_inner()), new)
+    }
+
+    pub(super) fn store(&self, key: &StoreRef) -> Result<Arc<StoreHandle>, BrokerError> {
+        if let Some(handle) = self.stores.lock().unwrap_or_else(|p| p.into_inner()).get(key) {
+            return Ok(Arc::clone(handle));
+        }
+        let reason = match self.inventory().stores.get(key) {
+            Some(Err(reason)) => reason.clone(),
+            _ => "no such PHIStore".to_string(),
+        };
+        Err(BrokerError::StoreUnavailable { store: key.to_string(), reason })
+    }
+
+    async fn authenticator(
+        &self,
+        server: &ServerRef,
+        keys: &KeySource,
+        settings: &crate::policy::CompiledAuthentication,
+    ) -> Result<Arc<Authenticator>, BrokerError> {
+        if let Some((source, auth)) = self.authenticators.lock().unwrap_or_else(|p| p.into_inner()).get(server)
+            && source == keys
+        {
+            if auth.settings() != *settings {
+                auth.set_settings(settings.clone());
+            }
+            return Ok(Arc::clone(auth));
+        }
+        let loaded = Keys::load(keys.clone())
+            .await
+            .map_err(|e| BrokerError::ServerUnusable { server: server.to_string(), reason: e.to_string() })?;
+        let auth = Arc::new(Authenticator::new(loaded, settings.clone()));
+        self.authenticators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(server.clone(), (keys.clone(), Arc::clone(&auth)));
+        Ok(auth)
+    }
+
+    /// Serves one credential request (see the module diagram).
+    pub async fn issue(&self, request: &CredentialRequest) -> Result<Credential, BrokerError> {
+        let started = Instant::now();
+        let result = self.issue_inner(request).await;
+        self.metrics.issue(started.elapsed(), result.as_ref().map(|c| c.reused).map_err(BrokerError::class));
+        result
+    }
+
+    async fn issue_inner(&self, request: &CredentialRequest) -> Result<Credential, BrokerError> {
+        let inventory = self.inventory();
+        let server = parse_server(&request.server).ok_or_else(|| BrokerError::UnknownServer(request.server.clone()))?;
+        let entry = match inventory.servers.get(&server) {
+            None => return Err(BrokerError::UnknownServer(request.server.clone())),
+            Some(Err(reason)) => {
+                return Err(BrokerError::ServerUnusable { server: request.server.clone(), reason: reason.clone() });
+            }
+            Some(Ok(entry)) => entry,
+        };
+        let policy = &entry.policy;
+        let tool = policy
+            .tools
+            .get(&request.tool)
+            .ok_or_else(|| BrokerError::UnknownTool { server: request.server.clone(), tool: request.tool.clone() })?;
+        let Some(tables) = tool.data_access.get(&request.store) else {
+            return Err(BrokerError::NoStoreAccess { tool: request.tool.clone(), store: request.store.clone() });
+        };
+        let authenticator = self.authenticator(&server, &entry.keys, &policy.authentication).await?;
+        let caller = match authenticator.verify(&request.caller_token).await {
+            Ok(caller) => caller,
+            Err(e) => {
+                let refusal = BrokerError::CallerNotVerified(e.reason());
+                self.record_refusal(&server, request, None, &refusal).await?;
+                return Err(refusal);
+            }
+        };
+        let audit_caller = AuditCaller {
+            sub: caller.subject.clone(),
+            iss: policy.authentication.issuer.clone(),
+            groups: caller.groups.iter().cloned().collect(),
+        };
+        if !tool.callers.admits(&caller) {
+            let refusal = BrokerError::CallerNotAllowed(request.tool.clone());
+            self.record_refusal(&server, request, Some(audit_caller), &refusal).await?;
+            return Err(refusal);
+        }
+        let store_key = StoreRef { namespace: server.namespace.clone(), name: request.store.clone() };
+        let handle = self.store(&store_key)?;
+        let grants = super::grants::desired(tables)
+            .map_err(|reason| BrokerError::ServerUnusable { server: request.server.clone(), reason })?;
+        let ttl = self.ttl(policy.credential_ttl_seconds);
+        let key = PairKey {
+            server: server.clone(),
+            store: request.store.clone(),
+            tool: request.tool.clone(),
+            issuer: policy.authentication.issuer.clone(),
+            subject: caller.subject.clone(),
+        };
+        let slot = self.slot(&key);
+        let mut cached = slot.lock().await;
+        if let Some(hit) = cached.as_ref()
+            && Instant::now() < hit.reuse_until
+        {
+            let mut credential = hit.credential.clone();
+            credential.reused = true;
+            let event = lease_event(LeaseFacts {
+                action: LeaseAction::Reused,
+                lease: &credential.lease_id,
+                role: &credential.role,
+                valid_until: Some(credential.valid_until.clone()),
+                store: Some(&request.store),
+                tool: Some(&request.tool),
+                caller: Some(audit_caller),
+                correlation: request.correlation.as_deref(),
+                reason: None,
+            });
+            self.trail.record(Some(&server), event).await?;
+            return Ok(credential);
+        }
+        let group = naming::group_role(&server, &request.store, &request.tool);
+        let lease_id = naming::new_lease_id()?;
+        let password = naming::new_password()?;
+        let prefix = naming::pair_prefix(
+            &handle.entry.naming,
+            &server,
+            &request.store,
+            &request.tool,
+            &policy.authentication.issuer,
+            &caller.subject,
+        );
+        let role = naming::login_role(&prefix, &lease_id);
+        let store_error = |source| BrokerError::Store { store: store_key.to_string(), source };
+        let created = {
+            let mut guard = handle.client().await.map_err(store_error)?;
+            let client = guard.as_mut().ok_or_else(|| store_error(StoreError::Unreachable("no connection".into())))?;
+            if !handle.is_synced(&group, &grants) {
+                store::sync_group(client, &group, &grants).await.map_err(store_error)?;
+                handle.mark_synced(&group, Some(&grants));
+            }
+            let created =
+                store::create_login(client, &group, &role, &password, ttl, self.settings.connection_limit, &lease_id)
+                    .await;
+            if created.as_ref().is_err_and(|e| matches!(e, StoreError::Unreachable(_))) {
+                *guard = None;
+            }
+            created.map_err(store_error)?
+        };
+        let valid_until = format_time(created.valid_until);
+        let event = lease_event(LeaseFacts {
+            action: LeaseAction::Issued,
+            lease: &lease_id,
+            role: &role,
+            valid_until: Some(valid_until.clone()),
+            store: Some(&request.store),
+            tool: Some(&request.tool),
+            caller: Some(audit_caller),
+            correlation: request.correlation.as_deref(),
+            reason: None,
+        });
+        if let Err(e) = self.trail.record(Some(&server), event).await {
+            // Unrecorded, so never handed out.
+            if let Ok(guard) = handle.client().await
+                && let Some(client) = guard.as_ref()
+                && let Err(end) = store::end_login(client, &role).await
+            {
+                tracing::error!(error = %end, "could not end an unrecorded role; the reaper drops it at its expiry");
+            }
+            return Err(e.into());
+        }
+        let store = &handle.entry.access.store;
+        let credential = Credential {
+            lease_id,
+            role,
+            password,
+            valid_until,
+            host: store.host.clone(),
+            port: store.port,
+            database: store.database.clone(),
+            ssl_mode: store.ssl_mode.as_str().to_string(),
+            reused: false,
+        };
+        *cached = Some(Cached { credential: credential.clone(), reuse_until: reuse_deadline(&created, ttl) });
+        Ok(credential)
+    }
+
+    fn ttl(&self, policy_seconds: u64) -> Duration {
+        let ttl = Duration::from_secs(policy_seconds);
+        self.settings.max_ttl.map_or(ttl, |cap| ttl.min(cap))
+    }
+
+    fn slot(&self, key: &PairKey) -> Arc<tokio::sync::Mutex<Option<Cached>>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(slots.entry(key.clone()).or_default())
+    }
+
+    /// Forgets cached leases whose role is in `roles` (revoked or reaped),
+    /// and slots nobody uses whose lease is past reuse.
+    pub(super) fn forget(&self, roles: &BTreeSet<String>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        slots.retain(|_, slot| {
+            let Ok(mut cached) = slot.try_lock() else { return true };
+            if cached.as_ref().is_some_and(|c| roles.contains(&c.credential.role)) {
+                *cached = None;
+            }
+            let live = cached.as_ref().is_some_and(|c| now < c.reuse_until);
+            drop(cached);
+            live || Arc::strong_count(slot) > 1
+        });
+    }
+
+    async fn record_refusal(
+        &self,
+        server: &ServerRef,
+        request: &CredentialRequest,
+        caller: Option<AuditCaller>,
+        refusal: &BrokerError,
+    ) -> Result<(), WalError> {
+        let mut event = Event::new(Kind::Decision);
+        event.method = Some("broker/credentials".into());
+        event.decision = Some(if caller.is_some() { Decision::Deny } else { Decision::AuthnFailure });
+        event.reason = Some(refusal.class().into());
+        event.caller = caller;
+        event.tool = Some(request.tool.clone());
+        event.store = Some(request.store.clone());
+        event.correlation = request.correlation.clone();
+        self.trail.record(Some(server), event).await
+    }
+
+    /// Store status reports (admin check, PUBLIC findings), by store.
+    pub fn reports(&self) -> BTreeMap<StoreRef, PHIStoreStatus> {
+        self.reports.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Closes the audit streams.
+    pub async fn close(&self) {
+        self.trail.close().await;
+    }
+}
+
+fn same_access(a: &StoreAccess, b: &StoreAccess) -> bool {
+    a.store == b.store && a.admin_user == b.admin_user && a.admin_password == b.admin_password
+}
+
+/// Reuse stops when a third of the lifetime is left (by the local
+/// monotonic clock, measured from the database's own `now()`).
+fn reuse_deadline(created: &store::CreatedLogin, ttl: Duration) -> Instant {
+    let lifetime = (created.valid_until - created.db_now).to_std().unwrap_or(ttl);
+    Instant::now() + lifetime.mul_f64(1.0 - REUSE_WHILE_REMAINING)
+}
+
+/// `namespace/name` into a reference.
+pub fn parse_server(text: &str) -> Option<ServerRef> {
+    let (namespace, name) = text.split_once('/')?;
+    (!namespace.is_empty() && !name.is_empty() && !name.contains('/'))
+        .then(|| ServerRef { namespace: namespace.to_string(), name: name.to_string() })
+}

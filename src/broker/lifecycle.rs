@@ -1,0 +1,359 @@
+//! Keeping stores in line, reaping, revoking — all stateless: what must
+//! exist comes from the inventory, what does exist from `pg_roles`.
+//!
+//! ```text
+//!   sync    per store: admin check ─ PUBLIC findings (revoked if asked) ─ group roles in line
+//!           ─ group roles no policy wants: members ended, then dropped ─ status report
+//!   reap    per store: login roles past VALID UNTIL ─ NOLOGIN ─ sessions terminated ─ DROP
+//!   revoke  by lease id, by server, or by server and subject ─ the same three steps, now
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::checks;
+use super::inventory::{GroupSpec, Inventory};
+use super::issuer::{Broker, BrokerError, StoreHandle, parse_server};
+use super::naming;
+use super::status::{StoreObservation, store_status};
+use super::store::{self, LoginRole};
+use super::trail::{LeaseFacts, lease_event};
+use crate::audit::record::{LeaseAction, format_time};
+use crate::policy::ServerRef;
+
+/// What to revoke.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Revocation {
+    /// One lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
+    /// Every lease of this MCPServer (`namespace/name`)…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// …or only those of this caller (`sub`, with the server's issuer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Why, for the audit trail (a short operator note; no PHI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Where a group role came from.
+#[derive(Debug, Clone)]
+struct GroupOrigin {
+    server: ServerRef,
+    store: String,
+    tool: String,
+}
+
+impl Broker {
+    /// Installs a new inventory and brings the stores in line with it:
+    /// roles of removed tools and servers end now.
+    pub async fn reload(&self, inventory: Inventory) -> Vec<String> {
+        let previous = self.install(inventory);
+        self.sync_with(Some(&previous)).await
+    }
+
+    /// Brings every store in line with the inventory; returns the problems
+    /// found (also in the status reports).
+    pub async fn sync(&self) -> Vec<String> {
+        self.sync_with(None).await
+    }
+
+    async fn sync_with(&self, previous: Option<&Inventory>) -> Vec<String> {
+        let inventory = self.inventory();
+        let wanted = inventory.groups();
+        // Origins of every group any inventory knows, so records of roles
+        // ended because their server went away still name it.
+        let mut origins = origins_of(&inventory);
+        if let Some(previous) = previous {
+            for (group, origin) in origins_of(previous) {
+                origins.entry(group).or_insert(origin);
+            }
+        }
+        let all_wanted: BTreeSet<&String> = wanted.values().flat_map(|g| g.keys()).collect();
+        let mut problems = Vec::new();
+        let mut reports = BTreeMap::new();
+        for (key, entry) in &inventory.stores {
+            let observation = match entry {
+                Err(reason) => StoreObservation::unusable(reason.clone()),
+                Ok(entry) => match self.store(key) {
+                    Ok(handle) => {
+                        let groups = wanted.get(key).cloned().unwrap_or_default();
+                        self.sync_store(&handle, entry.revoke_public, &groups, &all_wanted, &origins).await
+                    }
+                    Err(e) => StoreObservation::unusable(e.to_string()),
+                },
+            };
+            problems.extend(observation.problems().into_iter().map(|p| format!("PHIStore {key}: {p}")));
+            let previous_status = self.reports.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
+            reports.insert(key.clone(), store_status(&observation, previous_status.as_ref(), None, jiff_now()));
+        }
+        *self.reports.write().unwrap_or_else(|p| p.into_inner()) = reports;
+        for problem in &problems {
+            tracing::warn!(problem = %problem, "store not in line");
+        }
+        problems
+    }
+
+    async fn sync_store(
+        &self,
+        handle: &StoreHandle,
+        revoke_public: bool,
+        groups: &BTreeMap<String, GroupSpec>,
+        all_wanted: &BTreeSet<&String>,
+        origins: &HashMap<String, GroupOrigin>,
+    ) -> StoreObservation {
+        let mut observation = StoreObservation::default();
+        let mut guard = match handle.client().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                observation.reach = Err(e.to_string());
+                return observation;
+            }
+        };
+        let Some(client) = guard.as_mut() else {
+            observation.reach = Err("no connection".into());
+            return observation;
+        };
+        let needed: BTreeSet<_> = groups.values().flat_map(|g| g.grants.iter().cloned()).collect();
+        match checks::check_admin(client, &needed).await {
+            Ok(report) => observation.admin = Some(report),
+            Err(e) => observation.errors.push(format!("admin check: {e}")),
+        }
+        match checks::public_findings(client).await {
+            Ok(findings) if revoke_public && !findings.is_empty() => {
+                observation.errors.extend(checks::revoke_public(client, &findings).await);
+                observation.hardening_requested = true;
+                match checks::public_findings(client).await {
+                    Ok(left) => observation.public = Some(left),
+                    Err(e) => observation.errors.push(format!("PUBLIC privileges: {e}")),
+                }
+            }
+            Ok(findings) => {
+                observation.hardening_requested = revoke_public;
+                observation.public = Some(findings);
+            }
+            Err(e) => observation.errors.push(format!("PUBLIC privileges: {e}")),
+        }
+        for (group, spec) in groups {
+            match store::sync_group(client, group, &spec.grants).await {
+                Ok(()) => handle.mark_synced(group, Some(&spec.grants)),
+                Err(e) => {
+                    handle.mark_synced(group, None);
+                    observation.errors.push(format!("tool {:?} of {}: {e}", spec.tool, spec.server));
+                }
+            }
+        }
+        // Group roles of this database that no policy wants any more.
+        let existing = match store::group_roles(client).await {
+            Ok(existing) => existing,
+            Err(e) => {
+                observation.errors.push(format!("listing group roles: {e}"));
+                return observation;
+            }
+        };
+        let stale: Vec<String> = existing.into_iter().filter(|g| !all_wanted.contains(g)).collect();
+        if !stale.is_empty() {
+            match store::login_roles(client).await {
+                Ok(logins) => {
+                    for group in &stale {
+                        let origin = origins.get(group);
+                        let members = logins.iter().filter(|l| l.groups.contains(group));
+                        let mut ok = true;
+                        for member in members {
+                            let reason = "its tool or MCPServer was removed from the policy";
+                            if let Err(e) =
+                                self.end_and_record(client, member, origin, LeaseAction::Revoked, reason).await
+                            {
+                                observation.errors.push(format!("ending a role of a removed tool: {e}"));
+                                ok = false;
+                            }
+                        }
+                        if ok && let Err(e) = store::drop_group(client, group).await {
+                            observation.errors.push(format!("dropping group role {group}: {e}"));
+                        }
+                        handle.mark_synced(group, None);
+                    }
+                }
+                Err(e) => observation.errors.push(format!("listing login roles: {e}")),
+            }
+        }
+        observation
+    }
+
+    /// Ends one login role and records it; the record names the role's
+    /// server when its group is known.
+    async fn end_and_record(
+        &self,
+        client: &tokio_postgres::Client,
+        role: &LoginRole,
+        origin: Option<&GroupOrigin>,
+        action: LeaseAction,
+        reason: &str,
+    ) -> Result<bool, BrokerError> {
+        let store_label = origin.map(|o| o.store.clone()).unwrap_or_default();
+        let ended = store::end_login(client, &role.name)
+            .await
+            .map_err(|source| BrokerError::Store { store: store_label, source })?;
+        let Some(sessions) = ended else { return Ok(false) };
+        let lease = naming::lease_of(&role.name).unwrap_or_default();
+        let event = lease_event(LeaseFacts {
+            action,
+            lease,
+            role: &role.name,
+            valid_until: role.valid_until.map(format_time),
+            store: origin.map(|o| o.store.as_str()),
+            tool: origin.map(|o| o.tool.as_str()),
+            caller: None,
+            correlation: None,
+            reason: Some(format!("{reason}; {sessions} session(s) terminated")),
+        });
+        self.trail.record(origin.map(|o| &o.server), event).await?;
+        self.forget(&BTreeSet::from([role.name.clone()]));
+        match action {
+            LeaseAction::Reaped => self.metrics.reaped.inc(),
+            _ => self.metrics.revoked.inc(),
+        };
+        Ok(true)
+    }
+
+    /// Reaps every expired login role of every store. Returns how many
+    /// were dropped.
+    pub async fn reap(&self) -> usize {
+        let inventory = self.inventory();
+        let origins = origins_of(&inventory);
+        let handles: Vec<Arc<StoreHandle>> =
+            self.stores.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut reaped = 0;
+        for handle in handles {
+            let guard = match handle.client().await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reaper cannot reach a store");
+                    continue;
+                }
+            };
+            let Some(client) = guard.as_ref() else { continue };
+            let roles = match store::login_roles(client).await {
+                Ok(roles) => roles,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reaper cannot list roles");
+                    continue;
+                }
+            };
+            for role in roles.iter().filter(|r| r.expired) {
+                let origin = role.groups.iter().find_map(|g| origins.get(g));
+                let reason = if role.valid_until.is_some() { "expired" } else { "no expiry set" };
+                match self.end_and_record(client, role, origin, LeaseAction::Reaped, reason).await {
+                    Ok(true) => reaped += 1,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "reaping a role failed; retried next round"),
+                }
+            }
+        }
+        self.forget(&BTreeSet::new());
+        reaped
+    }
+
+    /// Revokes leases now: roles made NOLOGIN, sessions terminated, roles
+    /// dropped. Returns the roles ended.
+    pub async fn revoke(&self, revocation: &Revocation) -> Result<Vec<String>, BrokerError> {
+        let inventory = self.inventory();
+        let origins = origins_of(&inventory);
+        let selector = Selector::from(revocation, &inventory, self)?;
+        let handles: Vec<Arc<StoreHandle>> =
+            self.stores.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let reason = match &revocation.reason {
+            Some(r) => format!("revoked on demand: {}", r.chars().take(200).collect::<String>()),
+            None => "revoked on demand".into(),
+        };
+        let mut ended = Vec::new();
+        for handle in handles {
+            let store_error = |source| BrokerError::Store { store: handle.entry.access.store.database.clone(), source };
+            let guard = handle.client().await.map_err(store_error)?;
+            let Some(client) = guard.as_ref() else { continue };
+            let roles = store::login_roles(client).await.map_err(store_error)?;
+            for role in roles.iter().filter(|r| selector.matches(r)) {
+                let origin = role.groups.iter().find_map(|g| origins.get(g));
+                if self.end_and_record(client, role, origin, LeaseAction::Revoked, &reason).await? {
+                    ended.push(role.name.clone());
+                }
+            }
+        }
+        Ok(ended)
+    }
+}
+
+/// Which login roles a revocation selects.
+enum Selector {
+    Lease(String),
+    Groups(BTreeSet<String>),
+    Prefixes(BTreeSet<String>),
+}
+
+impl Selector {
+    fn from(revocation: &Revocation, inventory: &Inventory, broker: &Broker) -> Result<Selector, BrokerError> {
+        match (&revocation.lease_id, &revocation.server, &revocation.subject) {
+            (Some(lease), None, None) => Ok(Selector::Lease(lease.clone())),
+            (None, Some(server), subject) => {
+                let server_ref = parse_server(server).ok_or_else(|| BrokerError::UnknownServer(server.clone()))?;
+                let known = inventory.groups().into_iter().flat_map(|(store, groups)| {
+                    groups.into_iter().filter(|(_, g)| g.server == server_ref).map(move |(n, g)| (store.clone(), n, g))
+                });
+                match subject {
+                    None => Ok(Selector::Groups(known.map(|(_, name, _)| name).collect())),
+                    Some(subject) => {
+                        let Some(Ok(entry)) = inventory.servers.get(&server_ref) else {
+                            return Err(BrokerError::UnknownServer(server.clone()));
+                        };
+                        let issuer = &entry.policy.authentication.issuer;
+                        let mut prefixes = BTreeSet::new();
+                        for (store, _, spec) in known {
+                            let handle = broker.store(&store)?;
+                            prefixes.insert(naming::pair_prefix(
+                                &handle.entry.naming,
+                                &server_ref,
+                                &store.name,
+                                &spec.tool,
+                                issuer,
+                                subject,
+                            ));
+                        }
+                        Ok(Selector::Prefixes(prefixes))
+                    }
+                }
+            }
+            _ => Err(BrokerError::InvalidRequest(
+                "a revocation names either leaseId, or server (and optionally subject)".into(),
+            )),
+        }
+    }
+
+    fn matches(&self, role: &LoginRole) -> bool {
+        match self {
+            Selector::Lease(lease) => naming::lease_of(&role.name) == Some(lease.as_str()),
+            Selector::Groups(groups) => role.groups.iter().any(|g| groups.contains(g)),
+            Selector::Prefixes(prefixes) => prefixes.iter().any(|p| role.name.starts_with(p.as_str())),
+        }
+    }
+}
+
+fn origins_of(inventory: &Inventory) -> HashMap<String, GroupOrigin> {
+    inventory
+        .groups()
+        .into_iter()
+        .flat_map(|(store, groups)| {
+            groups.into_iter().map(move |(name, spec)| {
+                (name, GroupOrigin { server: spec.server, store: store.name.clone(), tool: spec.tool })
+            })
+        })
+        .collect()
+}
+
+fn jiff_now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+}

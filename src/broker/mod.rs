@@ -1,0 +1,197 @@
+//! The credential broker: per-caller, per-tool, short-lived PostgreSQL
+//! roles holding exactly the columns the policy names.
+//!
+//! ```text
+//!   sidecar ──POST /v1/credentials {server, tool, store, callerToken}──▶ api
+//!                                                                        │ sidecar credential checked
+//!   inventory (MCPServer, PHIStore, admin Secret) ──▶ issuer ◀───────────┘
+//!        │                                              │ caller token verified here, policy checked here
+//!        │                                              ▼
+//!        └──▶ lifecycle: sync (group roles, admin check, PUBLIC) · reap · revoke ──▶ store (admin connection)
+//!                                                       │
+//!                                   trail: lease records, durable before the credential is returned
+//! ```
+//!
+//! Module map: `naming` (role names, lease ids, passwords), `sql` (quoting),
+//! `grants` (desired vs actual grants, pure), `store` (SQL against one
+//! database), `checks` (admin role, PUBLIC), `inventory` (what is served),
+//! `issuer` (issue/reuse), `lifecycle` (sync/reap/revoke), `status`
+//! (PHIStore status, pure), `trail` (audit), `api` (HTTP), `client` (for
+//! sidecars and tests), `metrics`. What the admin role must be:
+//! `docs/broker.md`.
+
+pub mod api;
+pub mod checks;
+pub mod client;
+pub mod grants;
+pub mod inventory;
+pub mod issuer;
+pub mod lifecycle;
+pub mod metrics;
+pub mod naming;
+pub mod sql;
+pub mod status;
+pub mod store;
+pub mod trail;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use prometheus_client::registry::Registry;
+
+use crate::health::{self, Health};
+use crate::policy::parse_go_duration;
+
+/// `mcp-warden broker` flags.
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Read MCPServers, PHIStores, their admin Secrets and JWKS
+    /// ConfigMaps/Secrets from this directory of YAML (laptops, tests,
+    /// demos); re-read every --resync-interval.
+    #[arg(long)]
+    pub manifests: PathBuf,
+    /// Address of the API. Plain HTTP, so loopback only.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The static credential sidecars present (>= 32 bytes).
+    #[arg(long, env = "MCPW_BROKER_SIDECAR_CREDENTIAL", conflicts_with = "sidecar_credential_file")]
+    pub sidecar_credential: Option<String>,
+    /// A file holding that credential.
+    #[arg(long)]
+    pub sidecar_credential_file: Option<PathBuf>,
+    /// A file holding the credential for revocations and store reports
+    /// (>= 32 bytes); without it those endpoints are closed.
+    #[arg(long)]
+    pub revoker_credential_file: Option<PathBuf>,
+    /// Directory of the broker's audit trail (one WAL per MCPServer).
+    #[arg(long)]
+    pub audit_dir: PathBuf,
+    /// Cap on every lease's lifetime, below each MCPServer's
+    /// `credentials.ttl` (Go duration, e.g. `5m`).
+    #[arg(long)]
+    pub max_ttl: Option<String>,
+    /// CONNECTION LIMIT of each issued role.
+    #[arg(long, default_value_t = 4)]
+    pub connection_limit: u32,
+    /// How often expired roles are reaped (Go duration).
+    #[arg(long, default_value = "15s")]
+    pub reap_interval: String,
+    /// How often manifests are re-read and stores brought in line.
+    #[arg(long, default_value = "60s")]
+    pub resync_interval: String,
+    /// This pod's name, recorded in every audit record.
+    #[arg(long, env = "POD_NAME")]
+    pub pod: Option<String>,
+}
+
+fn duration_flag(flag: &str, text: &str) -> anyhow::Result<Duration> {
+    let d = parse_go_duration(text).map_err(|e| anyhow::anyhow!("--{flag} {text:?}: {e}"))?;
+    anyhow::ensure!(!d.is_zero(), "--{flag} must be positive");
+    Ok(d)
+}
+
+fn read_credential(path: &PathBuf, flag: &str) -> anyhow::Result<api::StaticCredential> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--{flag}: cannot read {}", path.display()))?;
+    api::StaticCredential::new(&text).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+}
+
+/// Runs the broker until SIGTERM/SIGINT.
+pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.listen.ip().is_loopback(),
+        "--listen {}: the broker API returns credentials and is served over plain HTTP, so only on a loopback address",
+        args.listen
+    );
+    let sidecar = match (&args.sidecar_credential, &args.sidecar_credential_file) {
+        (Some(text), None) => {
+            api::StaticCredential::new(text).map_err(|e| anyhow::anyhow!("--sidecar-credential: {e}"))?
+        }
+        (None, Some(path)) => read_credential(path, "sidecar-credential-file")?,
+        _ => anyhow::bail!("one of --sidecar-credential or --sidecar-credential-file is required"),
+    };
+    let revoker =
+        args.revoker_credential_file.as_ref().map(|p| read_credential(p, "revoker-credential-file")).transpose()?;
+    let settings = issuer::Settings {
+        max_ttl: args.max_ttl.as_deref().map(|t| duration_flag("max-ttl", t)).transpose()?,
+        connection_limit: args.connection_limit.max(1),
+    };
+    let reap_interval = duration_flag("reap-interval", &args.reap_interval)?;
+    let resync_interval = duration_flag("resync-interval", &args.resync_interval)?;
+    let inventory = inventory::Inventory::from_manifests(&args.manifests)
+        .map_err(|errors| anyhow::anyhow!("invalid manifests:\n{}", errors.join("\n")))?;
+    let trail = trail::Trail::new(args.audit_dir.clone(), args.pod.clone())?;
+    let mut registry = Registry::default();
+    let metrics = metrics::BrokerMetrics::register(&mut registry);
+    let broker = Arc::new(issuer::Broker::new(inventory, trail, settings, metrics));
+    let ready = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let health_task = match args.metrics_listen {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let health = Arc::new(Health::with_flag(Arc::clone(&ready), registry));
+            let stop = Arc::clone(&stop);
+            Some(tokio::spawn(health::serve(listener, health, async move { stop.notified().await })))
+        }
+        None => None,
+    };
+    // Restart-safe: whatever a previous run left is reaped before serving.
+    for problem in broker.sync().await {
+        tracing::warn!(%problem, "store problem at start");
+    }
+    let reaped = broker.reap().await;
+    tracing::info!(reaped, "initial reap done");
+    ready.store(true, Ordering::Relaxed);
+    let reaper = tokio::spawn(reap_loop(Arc::downgrade(&broker), reap_interval));
+    let reloader = tokio::spawn(reload_loop(Arc::downgrade(&broker), args.manifests.clone(), resync_interval));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, "broker serving");
+    let app = api::router(Arc::clone(&broker), api::Callers { sidecar, revoker });
+    axum::serve(listener, app).with_graceful_shutdown(health::shutdown_signal()).await?;
+    reaper.abort();
+    reloader.abort();
+    broker.close().await;
+    stop.notify_one();
+    if let Some(task) = health_task {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+async fn reap_loop(broker: std::sync::Weak<issuer::Broker>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(broker) = broker.upgrade() else { return };
+        let reaped = broker.reap().await;
+        if reaped > 0 {
+            tracing::info!(reaped, "expired roles reaped");
+        }
+    }
+}
+
+async fn reload_loop(broker: std::sync::Weak<issuer::Broker>, dir: PathBuf, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(broker) = broker.upgrade() else { return };
+        match inventory::Inventory::from_manifests(&dir) {
+            Ok(inventory) => {
+                broker.reload(inventory).await;
+            }
+            Err(errors) => tracing::error!(
+                errors = errors.len(),
+                first = %errors.first().cloned().unwrap_or_default(),
+                "manifests refused; the previous inventory stays in force"
+            ),
+        }
+    }
+}

@@ -1,0 +1,743 @@
+//! The credential broker against a real PostgreSQL (a private cluster the
+//! harness starts): roles per caller and tool, exactly the granted columns,
+//! refused escapes, expiry, reaping, revocation, policy changes, hostile
+//! requests, the admin check and PUBLIC's privileges.
+
+mod common;
+mod pg;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{AUDIENCE, ISSUER, JWKS, claims, now, rs256};
+use mcp_warden::audit::record::{Kind, LeaseAction, Record};
+use mcp_warden::audit::segment;
+use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
+use mcp_warden::broker::api::{Callers, StaticCredential, router};
+use mcp_warden::broker::client::{BrokerClient, ClientError};
+use mcp_warden::broker::inventory::{Inventory, StoreRef};
+use mcp_warden::broker::issuer::{Broker, Credential, CredentialRequest, Settings};
+use mcp_warden::broker::lifecycle::Revocation;
+use mcp_warden::broker::metrics::BrokerMetrics;
+use mcp_warden::broker::trail::Trail;
+use pg::Postgres;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+const SIDECAR_CREDENTIAL: &str = "sidecar-credential-for-tests-0123456789";
+const REVOKER_CREDENTIAL: &str = "revoker-credential-for-tests-0123456789";
+const ADMIN_PASSWORD: &str = "admin-password-for-tests";
+const SERVER: &str = "clinic/patient-lookup";
+
+/// The PHI database: tables owned by `ehr_owner`; the broker's admin holds
+/// CREATEROLE, pg_signal_backend and grant options only.
+const SCHEMA_SQL: &str = "
+CREATE SCHEMA clinical AUTHORIZATION ehr_owner;
+SET ROLE ehr_owner;
+CREATE TABLE clinical.patients (id int PRIMARY KEY, mrn text, name text, dob date, ssn text, diagnosis text);
+CREATE TABLE clinical.notes (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, patient_id int, body text, author text);
+CREATE TABLE clinical.billing (patient_id int, amount numeric);
+INSERT INTO clinical.patients VALUES (1, 'MRN-0001', 'Joe Doe', '1970-01-01', '123-45-6789', 'influenza');
+RESET ROLE;
+GRANT USAGE ON SCHEMA clinical TO warden_admin WITH GRANT OPTION;
+GRANT SELECT, INSERT, UPDATE ON clinical.patients, clinical.notes TO warden_admin WITH GRANT OPTION;
+";
+
+fn manifests(port: u16, lookup_columns: &[&str], with_note_tool: bool, admin_password: &str) -> String {
+    let columns = lookup_columns.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
+    let note_tool = if with_note_tool {
+        r#"
+    - name: record_note
+      phi: true
+      purpose: Record a visit note
+      allowedCallers: {groups: [clinicians]}
+      dataAccess:
+        - store: ehr
+          tables:
+            - name: clinical.notes
+              columns: [patient_id, body]
+              privileges: [INSERT]"#
+    } else {
+        ""
+    };
+    let jwks = serde_json::to_string(&serde_json::from_str::<serde_json::Value>(JWKS).unwrap()).unwrap();
+    format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: ehr-db-admin, namespace: clinic}}
+stringData: {{username: warden_admin, password: "{admin_password}"}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: idp-jwks, namespace: clinic}}
+data:
+  jwks.json: '{jwks}'
+---
+apiVersion: mcpwarden.io/v1alpha1
+kind: PHIStore
+metadata: {{name: ehr, namespace: clinic}}
+spec:
+  postgres: {{host: 127.0.0.1, port: {port}, database: ehr, adminSecretRef: {{name: ehr-db-admin}}, sslMode: disable}}
+  endpoints: {{ipBlocks: [{{cidr: 127.0.0.1/32}}], ports: [{port}]}}
+---
+apiVersion: mcpwarden.io/v1alpha1
+kind: MCPServer
+metadata: {{name: patient-lookup, namespace: clinic}}
+spec:
+  image: registry.example/phi-tools:1.4
+  authentication:
+    oidc: {{issuer: "{ISSUER}", audience: "{AUDIENCE}", jwksConfigMapRef: {{name: idp-jwks}}}}
+  tools:
+    - name: lookup_patient
+      phi: true
+      purpose: Verify a patient's identity at check-in
+      allowedCallers: {{groups: [front-desk, clinicians]}}
+      dataAccess:
+        - store: ehr
+          tables:
+            - name: clinical.patients
+              columns: [{columns}]
+              privileges: [SELECT]{note_tool}
+    - name: clinic_hours
+      phi: false
+      allowedCallers: {{anyAuthenticated: true}}
+      dataAccess: []
+      noDataAccessReason: static opening hours
+  credentials: {{ttl: 15m}}
+"#
+    )
+}
+
+struct World {
+    pg: Postgres,
+    dir: tempfile::TempDir,
+    broker: Arc<Broker>,
+    client: BrokerClient,
+    revoker: BrokerClient,
+}
+
+impl World {
+    fn audit_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("audit")
+    }
+
+    fn manifest_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    async fn admin_db(&self) -> Client {
+        self.pg.superuser("ehr").await
+    }
+
+    /// Rewrites the manifests and has the broker reload them.
+    async fn reload(&self, text: &str) -> Vec<String> {
+        std::fs::write(self.manifest_dir().join("clinic.yaml"), text).unwrap();
+        self.broker.reload(Inventory::from_manifests(&self.manifest_dir()).unwrap()).await
+    }
+
+    async fn login(&self, credential: &Credential) -> Result<Client, tokio_postgres::Error> {
+        self.pg.connect(&credential.database, &credential.role, &credential.password).await
+    }
+
+    fn lease_records(&self) -> Vec<Record> {
+        records(&self.audit_dir()).into_iter().filter(|r| r.event.kind == Kind::Lease).collect()
+    }
+}
+
+fn records(dir: &Path) -> Vec<Record> {
+    let mut out = Vec::new();
+    for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let entry = entry.unwrap();
+        if entry.file_type().is_dir() {
+            for (_, path) in segment::list_segments(entry.path()).unwrap_or_default() {
+                out.extend(segment::read_lines(&path).unwrap().iter().map(|l| Record::parse_line(&l.bytes).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+async fn prepare_database(pg: &Postgres) {
+    let root = pg.superuser("postgres").await;
+    root.batch_execute(&format!(
+        "CREATE ROLE ehr_owner NOLOGIN;
+         CREATE ROLE warden_admin LOGIN CREATEROLE PASSWORD '{ADMIN_PASSWORD}';
+         GRANT pg_signal_backend TO warden_admin;"
+    ))
+    .await
+    .unwrap();
+    root.batch_execute("CREATE DATABASE ehr OWNER ehr_owner").await.unwrap();
+    let ehr = pg.superuser("ehr").await;
+    ehr.batch_execute("GRANT CONNECT ON DATABASE ehr TO warden_admin WITH GRANT OPTION").await.unwrap();
+    ehr.batch_execute(SCHEMA_SQL).await.unwrap();
+}
+
+async fn world_with(settings: Settings, hook: impl AsyncFnOnce(&Postgres)) -> World {
+    let pg = Postgres::start().await;
+    prepare_database(&pg).await;
+    hook(&pg).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+    std::fs::write(
+        dir.path().join("manifests/clinic.yaml"),
+        manifests(pg.port, &["id", "mrn", "name"], true, ADMIN_PASSWORD),
+    )
+    .unwrap();
+    let inventory = Inventory::from_manifests(&dir.path().join("manifests")).unwrap();
+    let trail = Trail::new(dir.path().join("audit"), Some("broker-0".into())).unwrap();
+    let broker = Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
+    let problems = broker.sync().await;
+    assert!(problems.is_empty(), "{problems:?}");
+    let callers = Callers {
+        sidecar: StaticCredential::new(SIDECAR_CREDENTIAL).unwrap(),
+        revoker: Some(StaticCredential::new(REVOKER_CREDENTIAL).unwrap()),
+    };
+    let base = common::serve(router(Arc::clone(&broker), callers)).await;
+    World {
+        pg,
+        dir,
+        broker,
+        client: BrokerClient::new(&base, SIDECAR_CREDENTIAL).unwrap(),
+        revoker: BrokerClient::new(&base, REVOKER_CREDENTIAL).unwrap(),
+    }
+}
+
+async fn world() -> World {
+    world_with(Settings { max_ttl: None, connection_limit: 4 }, async |_| {}).await
+}
+
+fn request(tool: &str, token: &str) -> CredentialRequest {
+    CredentialRequest {
+        server: SERVER.into(),
+        tool: tool.into(),
+        store: "ehr".into(),
+        caller_token: token.into(),
+        correlation: Some("corr-1".into()),
+    }
+}
+
+fn token(sub: &str, groups: &[&str]) -> String {
+    rs256(&claims(sub, groups))
+}
+
+fn code(e: &tokio_postgres::Error) -> Option<SqlState> {
+    e.code().cloned()
+}
+
+async fn login_role_names(db: &Client) -> BTreeSet<String> {
+    db.query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'mcpw\\_u\\_%'", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The session is gone: its next query fails.
+async fn assert_terminated(session: &Client) {
+    let mut ended = false;
+    for _ in 0..50 {
+        if session.simple_query("SELECT 1").await.is_err() {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ended, "the session was not terminated");
+}
+
+#[tokio::test]
+async fn two_callers_get_two_roles_that_reach_exactly_the_granted_columns() {
+    let w = world().await;
+    let alice = w.client.credential(&request("lookup_patient", &token("alice", &["front-desk"]))).await.unwrap();
+    let bob = w.client.credential(&request("lookup_patient", &token("bob", &["front-desk"]))).await.unwrap();
+    assert_ne!(alice.role, bob.role);
+    assert!(!alice.reused && !bob.reused);
+    let admin = w.admin_db().await;
+    assert_eq!(login_role_names(&admin).await, BTreeSet::from([alice.role.clone(), bob.role.clone()]));
+
+    // What the catalog says of the role: expiry by the database clock,
+    // connection limit, comment = lease id only, one membership.
+    let row = admin
+        .query_one(
+            "SELECT r.rolcanlogin, r.rolconnlimit, extract(epoch FROM r.rolvaliduntil - now())::float8,
+                    shobj_description(r.oid, 'pg_authid'),
+                    array(SELECT g.rolname::text FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid),
+                    r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls
+               FROM pg_roles r WHERE r.rolname = $1",
+            &[&alice.role],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, i32>(1), 4);
+    let remaining: f64 = row.get(2);
+    assert!((880.0..=900.5).contains(&remaining), "VALID UNTIL is 15m from the database's now: {remaining}");
+    assert_eq!(row.get::<_, Option<String>>(3), Some(alice.lease_id.clone()));
+    let groups: Vec<String> = row.get(4);
+    assert_eq!(groups.len(), 1);
+    assert!(groups[0].starts_with("mcpw_g_"));
+    assert!(!row.get::<_, bool>(5), "no attribute beyond LOGIN");
+    let group = groups[0].clone();
+
+    let session = w.login(&alice).await.expect("alice logs in");
+    let rows = session.query("SELECT id, mrn, name FROM clinical.patients", &[]).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, String>(2), "Joe Doe");
+    let denied = [
+        "SELECT ssn FROM clinical.patients",
+        "SELECT * FROM clinical.patients",
+        "SELECT count(diagnosis) FROM clinical.patients",
+        "SELECT patient_id FROM clinical.billing",
+        "SELECT body FROM clinical.notes",
+        "INSERT INTO clinical.patients (id, mrn) VALUES (2, 'x')",
+        "UPDATE clinical.patients SET name = 'x'",
+        "DELETE FROM clinical.patients",
+        "COMMIT; INSERT INTO clinical.notes (patient_id, body) VALUES (1, 'x')",
+        "WITH x AS (INSERT INTO clinical.notes (patient_id, body) VALUES (1, 'x') RETURNING id) SELECT * FROM x",
+        "WITH x AS (UPDATE clinical.patients SET mrn = 'y' RETURNING id) SELECT * FROM x",
+        "SET ROLE warden_admin",
+        "SET ROLE postgres",
+        "SET ROLE ehr_owner",
+        "SET SESSION AUTHORIZATION postgres",
+        "CREATE ROLE sneaky LOGIN",
+        "GRANT SELECT (ssn) ON clinical.patients TO PUBLIC",
+    ];
+    for sql in denied {
+        let err = session.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(code(&err), Some(SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {err}");
+        let _ = session.batch_execute("ROLLBACK").await;
+    }
+    let err = session.batch_execute(&format!("SET ROLE \"{}\"", bob.role)).await.expect_err("other caller's role");
+    assert_eq!(code(&err), Some(SqlState::INSUFFICIENT_PRIVILEGE));
+    // Its own group is the only other role it can become, and that holds no more.
+    session.batch_execute(&format!("SET ROLE \"{group}\"")).await.expect("own group");
+    let err = session.batch_execute("SELECT ssn FROM clinical.patients").await.expect_err("group has no more");
+    assert_eq!(code(&err), Some(SqlState::INSUFFICIENT_PRIVILEGE));
+    session.batch_execute("RESET ROLE").await.unwrap();
+
+    // The group role cannot log in.
+    let login_as_group = w.pg.connect("ehr", &group, "anything").await.expect_err("group login");
+    assert!(
+        login_as_group
+            .code()
+            .is_some_and(|c| *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    );
+    assert!(
+        !admin
+            .query_one("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", &[&group])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    );
+
+    // The INSERT tool gets its own role, which may insert those columns only.
+    let note = w.client.credential(&request("record_note", &token("carol", &["clinicians"]))).await.unwrap();
+    let writer = w.login(&note).await.unwrap();
+    writer.batch_execute("INSERT INTO clinical.notes (patient_id, body) VALUES (1, 'seen')").await.expect("insert");
+    for sql in [
+        "INSERT INTO clinical.notes (patient_id, body, author) VALUES (1, 'x', 'me')",
+        "SELECT body FROM clinical.notes",
+        "INSERT INTO clinical.notes (patient_id, body) VALUES (1, 'x') RETURNING body",
+        "SELECT mrn FROM clinical.patients",
+    ] {
+        let err = writer.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(code(&err), Some(SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {err}");
+    }
+
+    // Never the password in the server log (every statement is logged there).
+    let log = w.pg.log();
+    assert!(log.contains("CREATE ROLE"), "statement logging is on");
+    for secret in [&alice.password, &bob.password, &note.password] {
+        assert!(!log.contains(secret.as_str()), "a password reached the server log");
+    }
+    assert!(log.contains("SCRAM-SHA-256$"), "only the verifier is sent");
+
+    // The trail: one issued record per role, tied to its caller; it verifies.
+    let leases = w.lease_records();
+    let issued: Vec<&Record> =
+        leases.iter().filter(|r| r.event.lease.as_ref().unwrap().action == LeaseAction::Issued).collect();
+    assert_eq!(issued.len(), 3);
+    let of_alice = issued.iter().find(|r| r.event.caller.as_ref().unwrap().sub == "alice").unwrap();
+    assert_eq!(of_alice.event.lease.as_ref().unwrap().id, alice.lease_id);
+    assert_eq!(of_alice.event.lease.as_ref().unwrap().role.as_deref(), Some(alice.role.as_str()));
+    assert_eq!(of_alice.server, SERVER);
+    assert_eq!(of_alice.event.correlation.as_deref(), Some("corr-1"));
+    let text = records(&w.audit_dir()).iter().map(|r| String::from_utf8(r.to_line()).unwrap()).collect::<String>();
+    for secret in [&alice.password, &bob.password] {
+        assert!(!text.contains(secret.as_str()));
+    }
+    assert!(verify_dir(&w.audit_dir(), VerifyOptions::default()).problems.is_empty());
+}
+
+#[tokio::test]
+async fn fifty_concurrent_first_requests_create_one_role() {
+    let w = world().await;
+    let tok = token("dave", &["front-desk"]);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let client = w.client.clone();
+        let req = request("lookup_patient", &tok);
+        tasks.push(tokio::spawn(async move { client.credential(&req).await }));
+    }
+    let mut roles = BTreeSet::new();
+    let mut fresh = 0;
+    for task in tasks {
+        let credential = task.await.unwrap().expect("issued");
+        roles.insert(credential.role.clone());
+        fresh += usize::from(!credential.reused);
+    }
+    assert_eq!(roles.len(), 1, "one role for one pair");
+    assert_eq!(fresh, 1);
+    assert_eq!(login_role_names(&w.admin_db().await).await, roles);
+    let actions: Vec<LeaseAction> = w.lease_records().iter().map(|r| r.event.lease.as_ref().unwrap().action).collect();
+    assert_eq!(actions.iter().filter(|a| **a == LeaseAction::Issued).count(), 1);
+    assert_eq!(actions.iter().filter(|a| **a == LeaseAction::Reused).count(), 49);
+}
+
+#[tokio::test]
+async fn a_role_expires_at_its_ttl_and_the_reaper_ends_its_session() {
+    let settings = Settings { max_ttl: Some(Duration::from_secs(2)), connection_limit: 4 };
+    let w = world_with(settings, async |_| {}).await;
+    let credential = w.client.credential(&request("lookup_patient", &token("erin", &["front-desk"]))).await.unwrap();
+    let session = w.login(&credential).await.unwrap();
+    session.simple_query("SELECT mrn FROM clinical.patients").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    // Past VALID UNTIL no new login is possible, even before the reaper runs…
+    let late = w.login(&credential).await.expect_err("expired");
+    assert!(late.code().is_some());
+    // …but an open session lives on until the reaper ends it.
+    session.simple_query("SELECT 1").await.expect("still open before reaping");
+    assert_eq!(w.broker.reap().await, 1);
+    assert_terminated(&session).await;
+    assert!(login_role_names(&w.admin_db().await).await.is_empty());
+    let reaped: Vec<Record> = w
+        .lease_records()
+        .into_iter()
+        .filter(|r| r.event.lease.as_ref().unwrap().action == LeaseAction::Reaped)
+        .collect();
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].event.lease.as_ref().unwrap().id, credential.lease_id);
+    assert_eq!(reaped[0].server, SERVER, "the reap is in the server's own stream");
+    assert!(reaped[0].event.reason.as_deref().unwrap().contains("1 session"));
+    // A new request after expiry gets a new role, never the dead one.
+    let next = w.client.credential(&request("lookup_patient", &token("erin", &["front-desk"]))).await.unwrap();
+    assert_ne!(next.role, credential.role);
+    assert!(!next.reused);
+}
+
+#[tokio::test]
+async fn revocation_ends_open_sessions_immediately() {
+    let w = world().await;
+    let frank = w.client.credential(&request("lookup_patient", &token("frank", &["front-desk"]))).await.unwrap();
+    let grace = w.client.credential(&request("lookup_patient", &token("grace", &["front-desk"]))).await.unwrap();
+    let grace_note = w.client.credential(&request("record_note", &token("grace", &["clinicians"]))).await.unwrap();
+    let frank_session = w.login(&frank).await.unwrap();
+    let grace_session = w.login(&grace).await.unwrap();
+    let note_session = w.login(&grace_note).await.unwrap();
+
+    let revoked =
+        w.revoker.revoke(&Revocation { lease_id: Some(frank.lease_id.clone()), ..Default::default() }).await.unwrap();
+    assert_eq!(revoked, vec![frank.role.clone()]);
+    assert_terminated(&frank_session).await;
+    grace_session.simple_query("SELECT 1").await.expect("other callers untouched");
+    // The revoked lease is not handed out again.
+    let again = w.client.credential(&request("lookup_patient", &token("frank", &["front-desk"]))).await.unwrap();
+    assert_ne!(again.role, frank.role);
+
+    // By caller: every role of that caller on the server, across tools.
+    let revoked = w
+        .revoker
+        .revoke(&Revocation {
+            server: Some(SERVER.into()),
+            subject: Some("grace".into()),
+            reason: Some("account compromised".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        revoked.into_iter().collect::<BTreeSet<_>>(),
+        BTreeSet::from([grace.role.clone(), grace_note.role.clone()])
+    );
+    assert_terminated(&grace_session).await;
+    assert_terminated(&note_session).await;
+    let names = login_role_names(&w.admin_db().await).await;
+    assert_eq!(names, BTreeSet::from([again.role.clone()]));
+    let records = w.lease_records();
+    let revocations: Vec<&Record> =
+        records.iter().filter(|r| r.event.lease.as_ref().unwrap().action == LeaseAction::Revoked).collect();
+    assert_eq!(revocations.len(), 3);
+    assert!(revocations.iter().all(|r| r.server == SERVER));
+    assert!(revocations.iter().any(|r| r.event.reason.as_deref().unwrap().contains("account compromised")));
+
+    // Revocation needs the revoker's credential, not a sidecar's.
+    let err = w.client.revoke(&Revocation { lease_id: Some(again.lease_id.clone()), ..Default::default() }).await;
+    assert!(matches!(err, Err(ClientError::Refused { status: 401, .. })), "{err:?}");
+    let err = w.revoker.revoke(&Revocation::default()).await;
+    assert!(matches!(err, Err(ClientError::Refused { status: 400, .. })), "{err:?}");
+}
+
+#[tokio::test]
+async fn policy_changes_reach_existing_roles_and_removed_tools_end() {
+    let w = world().await;
+    let hank = w.client.credential(&request("lookup_patient", &token("hank", &["front-desk"]))).await.unwrap();
+    let note = w.client.credential(&request("record_note", &token("hank", &["clinicians"]))).await.unwrap();
+    let session = w.login(&hank).await.unwrap();
+    let note_session = w.login(&note).await.unwrap();
+    session.simple_query("SELECT name FROM clinical.patients").await.unwrap();
+
+    // `name` leaves the tool's columns, `dob` joins; record_note is removed.
+    let problems = w.reload(&manifests(w.pg.port, &["id", "mrn", "dob"], false, ADMIN_PASSWORD)).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    let err = session.simple_query("SELECT name FROM clinical.patients").await.expect_err("revoked column");
+    assert_eq!(code(&err), Some(SqlState::INSUFFICIENT_PRIVILEGE));
+    session.simple_query("SELECT dob FROM clinical.patients").await.expect("granted column");
+    assert_terminated(&note_session).await;
+    let admin = w.admin_db().await;
+    assert_eq!(login_role_names(&admin).await, BTreeSet::from([hank.role.clone()]));
+    let groups: Vec<String> = admin
+        .query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'mcpw\\_g\\_%'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(groups.len(), 1, "the removed tool's group role is dropped: {groups:?}");
+    let ended = w
+        .lease_records()
+        .into_iter()
+        .find(|r| {
+            r.event.lease.as_ref().unwrap().role.as_deref() == Some(note.role.as_str())
+                && r.event.lease.as_ref().unwrap().action == LeaseAction::Revoked
+        })
+        .expect("a revoked record for the removed tool's role");
+    assert_eq!(ended.server, SERVER);
+    assert_eq!(ended.event.tool.as_deref(), Some("record_note"));
+
+    // Grants added by hand to a group role (here by the admin role itself,
+    // the grantor the broker can undo) are found and revoked: a column…
+    let group = &groups[0];
+    let as_admin = w.pg.connect("ehr", "warden_admin", ADMIN_PASSWORD).await.unwrap();
+    as_admin.batch_execute(&format!("GRANT SELECT (ssn) ON clinical.patients TO \"{group}\"")).await.unwrap();
+    let problems = w.broker.sync().await;
+    assert!(problems.is_empty(), "{problems:?}");
+    let err = session.simple_query("SELECT ssn FROM clinical.patients").await.expect_err("hand grant revoked");
+    assert_eq!(code(&err), Some(SqlState::INSUFFICIENT_PRIVILEGE));
+    // …and a table-level grant, which covers every column.
+    as_admin.batch_execute(&format!("GRANT SELECT ON clinical.patients TO \"{group}\"")).await.unwrap();
+    let problems = w.broker.sync().await;
+    assert!(problems.is_empty(), "{problems:?}");
+    let err = session.simple_query("SELECT ssn FROM clinical.patients").await.expect_err("table grant revoked");
+    assert_eq!(code(&err), Some(SqlState::INSUFFICIENT_PRIVILEGE));
+    session.simple_query("SELECT mrn, dob FROM clinical.patients").await.expect("policy columns restored");
+
+    // A grant by another grantor (the table owner, via a superuser) cannot
+    // be revoked by the admin role: it is named, and the tool gets no new
+    // role until it is gone.
+    admin.batch_execute(&format!("GRANT SELECT (diagnosis) ON clinical.patients TO \"{group}\"")).await.unwrap();
+    let problems = w.broker.sync().await;
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("SELECT on clinical.patients.diagnosis") && problems[0].contains("grantor"),
+        "{problems:?}"
+    );
+    let refused = w.client.credential(&request("lookup_patient", &token("ivy", &["front-desk"]))).await;
+    assert!(
+        matches!(&refused, Err(ClientError::Refused { status: 503, class, .. }) if class == "grant_mismatch"),
+        "{refused:?}"
+    );
+    admin.batch_execute(&format!("REVOKE SELECT (diagnosis) ON clinical.patients FROM \"{group}\"")).await.unwrap();
+    let problems = w.broker.sync().await;
+    assert!(problems.is_empty(), "{problems:?}");
+    w.client.credential(&request("lookup_patient", &token("ivy", &["front-desk"]))).await.expect("issued once in line");
+}
+
+#[tokio::test]
+async fn hostile_and_faulty_requests_are_refused_and_leave_no_role() {
+    let w = world().await;
+    let good = token("ivan", &["front-desk"]);
+    let refused = |result: Result<Credential, ClientError>| match result {
+        Err(ClientError::Refused { status, class, message }) => (status, class, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let mut cases: Vec<(CredentialRequest, u16, &str)> = Vec::new();
+    let mut unknown_server = request("lookup_patient", &good);
+    unknown_server.server = "clinic/nope".into();
+    cases.push((unknown_server, 404, "unknown_server"));
+    cases.push((request("drop_tables", &good), 404, "unknown_tool"));
+    cases.push((request("clinic_hours", &good), 403, "no_store_access"));
+    let mut other_store = request("lookup_patient", &good);
+    other_store.store = "billing".into();
+    cases.push((other_store, 403, "no_store_access"));
+    cases.push((request("lookup_patient", &token("ivan", &["visitors"])), 403, "caller_not_allowed"));
+    cases.push((request("record_note", &good), 403, "caller_not_allowed"));
+    let mut expired = claims("ivan", &["front-desk"]);
+    expired["exp"] = json!(now() - 3600);
+    cases.push((request("lookup_patient", &rs256(&expired)), 403, "caller_not_verified"));
+    let mut wrong_aud = claims("ivan", &["front-desk"]);
+    wrong_aud["aud"] = json!("https://other.example/mcp");
+    cases.push((request("lookup_patient", &rs256(&wrong_aud)), 403, "caller_not_verified"));
+    let mut wrong_iss = claims("ivan", &["front-desk"]);
+    wrong_iss["iss"] = json!("https://evil.example");
+    cases.push((request("lookup_patient", &rs256(&wrong_iss)), 403, "caller_not_verified"));
+    use base64::Engine;
+    let b64 = |v: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let alg_none = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&claims("ivan", &["front-desk"])));
+    cases.push((request("lookup_patient", &alg_none), 403, "caller_not_verified"));
+    let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+    parts[1] = b64(&claims("ivan", &["front-desk", "clinicians"]));
+    cases.push((request("lookup_patient", &parts.join(".")), 403, "caller_not_verified"));
+    cases.push((request("lookup_patient", "not-a-token"), 403, "caller_not_verified"));
+    for (req, status, class) in cases {
+        let (got_status, got_class, message) = refused(w.client.credential(&req).await);
+        assert_eq!((got_status, got_class.as_str()), (status, class), "{req:?}: {message}");
+        assert!(!message.contains(&req.caller_token) || req.caller_token.is_empty(), "no token in a message");
+    }
+
+    // The sidecar credential is required.
+    let stranger = BrokerClient::new(&w.client_base(), "wrong-credential-wrong-credential-0000").unwrap();
+    let (status, _, _) = refused(stranger.credential(&request("lookup_patient", &good)).await);
+    assert_eq!(status, 401);
+
+    // Malformed and oversized bodies: refused without echoing them.
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/credentials", w.client_base());
+    let garbage = format!("{{\"server\": \"{SERVER}\", \"callerToken\": \"{good}\", \"extra\": 1}}");
+    let response = http
+        .post(&url)
+        .bearer_auth(SIDECAR_CREDENTIAL)
+        .header("content-type", "application/json")
+        .body(garbage)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body = response.text().await.unwrap();
+    assert!(!body.contains(&good), "the token is not echoed: {body}");
+    let big = format!("{{\"callerToken\": \"{}\"}}", "a".repeat(200_000));
+    let response = http
+        .post(&url)
+        .bearer_auth(SIDECAR_CREDENTIAL)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let response = http.post(&url).bearer_auth(SIDECAR_CREDENTIAL).body("x").send().await.unwrap();
+    assert_eq!(response.status(), 415);
+
+    let admin = w.admin_db().await;
+    assert!(login_role_names(&admin).await.is_empty(), "no refused request created a role");
+    // Refusals of known servers are in the trail, by class.
+    let denials: Vec<Record> = records(&w.audit_dir()).into_iter().filter(|r| r.event.kind == Kind::Decision).collect();
+    assert!(denials.iter().any(|r| r.event.reason.as_deref() == Some("caller_not_allowed")));
+    assert!(denials.iter().any(|r| r.event.reason.as_deref() == Some("caller_not_verified")));
+
+    // Wrong admin secret: refused by the store, nothing created.
+    w.reload(&manifests(w.pg.port, &["id", "mrn", "name"], true, "wrong-admin-password")).await;
+    let (status, class, message) = refused(w.client.credential(&request("lookup_patient", &good)).await);
+    assert_eq!((status, class.as_str()), (503, "admin_refused"), "{message}");
+    assert!(!message.contains("wrong-admin-password"));
+    let report = w.broker.reports().remove(&StoreRef { namespace: "clinic".into(), name: "ehr".into() }).unwrap();
+    let ready = report.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "False");
+    assert!(!ready.message.contains("wrong-admin-password"));
+
+    // Store unreachable: a port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    w.reload(&manifests(closed, &["id", "mrn", "name"], true, ADMIN_PASSWORD)).await;
+    let (status, class, _) = refused(w.client.credential(&request("lookup_patient", &good)).await);
+    assert_eq!((status, class.as_str()), (503, "store_unreachable"));
+    assert!(login_role_names(&admin).await.is_empty());
+}
+
+impl World {
+    fn client_base(&self) -> String {
+        self.client.base().to_string()
+    }
+}
+
+#[tokio::test]
+async fn admin_gaps_and_public_privileges_are_reported_and_revoked_on_request() {
+    // A SECURITY DEFINER function PUBLIC may execute, and a table PUBLIC may read.
+    let w = world_with(Settings { max_ttl: None, connection_limit: 4 }, async |pg: &Postgres| {
+        let ehr = pg.superuser("ehr").await;
+        ehr.batch_execute(
+            "SET ROLE ehr_owner;
+             CREATE FUNCTION clinical.all_ssns() RETURNS SETOF text LANGUAGE sql SECURITY DEFINER
+               AS 'SELECT ssn FROM clinical.patients';
+             CREATE TABLE clinical.lookup_codes (code text);
+             GRANT SELECT ON clinical.lookup_codes TO PUBLIC;
+             RESET ROLE;",
+        )
+        .await
+        .unwrap();
+    })
+    .await;
+    let key = StoreRef { namespace: "clinic".into(), name: "ehr".into() };
+    let report = w.broker.reports().remove(&key).unwrap();
+    let condition = |type_: &str| report.conditions.iter().find(|c| c.type_ == type_).unwrap().clone();
+    assert_eq!(condition("Ready").status, "True", "{:?}", condition("Ready"));
+    assert_eq!(condition("AdminPrivileges").status, "True", "{:?}", condition("AdminPrivileges"));
+    assert_eq!(condition("PublicPrivileges").status, "False");
+    let found: BTreeSet<(String, String)> =
+        report.public_privileges.iter().map(|f| (f.kind.clone(), f.object.clone())).collect();
+    assert!(found.contains(&("security definer function".into(), "clinical.all_ssns()".into())), "{found:?}");
+    assert!(found.contains(&("table".into(), "clinical.lookup_codes".into())), "{found:?}");
+    assert!(found.contains(&("database".into(), "ehr".into())), "{found:?}");
+
+    // An issued role inherits what PUBLIC holds: the function leaks every SSN.
+    let caller = w.client.credential(&request("lookup_patient", &token("judy", &["front-desk"]))).await.unwrap();
+    let session = w.login(&caller).await.unwrap();
+    session.simple_query("SELECT clinical.all_ssns()").await.expect("PUBLIC's EXECUTE widens reach");
+
+    // Hardening: the admin role acts for the owner, and the PHIStore asks.
+    let admin = w.admin_db().await;
+    admin.batch_execute("GRANT ehr_owner TO warden_admin").await.unwrap();
+    let text = manifests(w.pg.port, &["id", "mrn", "name"], true, ADMIN_PASSWORD)
+        .replace("sslMode: disable}", "sslMode: disable, revokePublicPrivileges: true}");
+    assert!(text.contains("revokePublicPrivileges"));
+    let problems = w.reload(&text).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    let report = w.broker.reports().remove(&key).unwrap();
+    assert!(report.public_privileges.is_empty(), "{:?}", report.public_privileges);
+    let public = report.conditions.iter().find(|c| c.type_ == "PublicPrivileges").unwrap();
+    assert_eq!((public.status.as_str(), public.reason.as_str()), ("True", "Revoked"));
+    let err = session.simple_query("SELECT clinical.all_ssns()").await.expect_err("EXECUTE revoked");
+    assert_eq!(code(&err), Some(SqlState::INSUFFICIENT_PRIVILEGE));
+    // PUBLIC lost CONNECT; issued roles keep it through their group.
+    let fresh = w.client.credential(&request("lookup_patient", &token("ken", &["front-desk"]))).await.unwrap();
+    w.login(&fresh)
+        .await
+        .expect("CONNECT through the group role")
+        .simple_query("SELECT mrn FROM clinical.patients")
+        .await
+        .unwrap();
+
+    // An admin role without CREATEROLE or grant options is named in status.
+    admin
+        .batch_execute(
+            "REVOKE ehr_owner FROM warden_admin;
+             ALTER ROLE warden_admin NOCREATEROLE;
+             REVOKE SELECT ON clinical.patients FROM warden_admin CASCADE;",
+        )
+        .await
+        .unwrap();
+    let problems = w.broker.sync().await;
+    assert!(!problems.is_empty());
+    let report = w.broker.reports().remove(&key).unwrap();
+    assert!(report.admin_missing.contains(&"CREATEROLE".to_string()), "{:?}", report.admin_missing);
+    assert!(
+        report.admin_missing.iter().any(|m| m.contains("SELECT on clinical.patients.mrn")),
+        "{:?}",
+        report.admin_missing
+    );
+    let condition = report.conditions.iter().find(|c| c.type_ == "AdminPrivileges").unwrap();
+    assert_eq!(condition.status, "False");
+}
