@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{AUDIENCE, ISSUER, JWKS, claims, now, rs256};
+use common::{claims, now, rs256};
 use mcp_warden::audit::record::{Kind, LeaseAction, Record};
 use mcp_warden::audit::segment;
 use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
@@ -23,6 +23,7 @@ use mcp_warden::broker::lifecycle::Revocation;
 use mcp_warden::broker::metrics::BrokerMetrics;
 use mcp_warden::broker::trail::Trail;
 use pg::Postgres;
+use pg::clinic::{ADMIN_PASSWORD, SERVER, manifests, prepare_database};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio_postgres::Client;
@@ -30,87 +31,6 @@ use tokio_postgres::error::SqlState;
 
 const SIDECAR_CREDENTIAL: &str = "sidecar-credential-for-tests-0123456789";
 const REVOKER_CREDENTIAL: &str = "revoker-credential-for-tests-0123456789";
-const ADMIN_PASSWORD: &str = "admin-password-for-tests";
-const SERVER: &str = "clinic/patient-lookup";
-
-/// The PHI database: tables owned by `ehr_owner`; the broker's admin holds
-/// CREATEROLE, pg_signal_backend and grant options only.
-const SCHEMA_SQL: &str = "
-CREATE SCHEMA clinical AUTHORIZATION ehr_owner;
-SET ROLE ehr_owner;
-CREATE TABLE clinical.patients (id int PRIMARY KEY, mrn text, name text, dob date, ssn text, diagnosis text);
-CREATE TABLE clinical.notes (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, patient_id int, body text, author text);
-CREATE TABLE clinical.billing (patient_id int, amount numeric);
-INSERT INTO clinical.patients VALUES (1, 'MRN-0001', 'Joe Doe', '1970-01-01', '123-45-6789', 'influenza');
-RESET ROLE;
-GRANT USAGE ON SCHEMA clinical TO warden_admin WITH GRANT OPTION;
-GRANT SELECT, INSERT, UPDATE ON clinical.patients, clinical.notes TO warden_admin WITH GRANT OPTION;
-";
-
-fn manifests(port: u16, lookup_columns: &[&str], with_note_tool: bool, admin_password: &str) -> String {
-    let columns = lookup_columns.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
-    let note_tool = if with_note_tool {
-        r#"
-    - name: record_note
-      phi: true
-      purpose: Record a visit note
-      allowedCallers: {groups: [clinicians]}
-      dataAccess:
-        - store: ehr
-          tables:
-            - name: clinical.notes
-              columns: [patient_id, body]
-              privileges: [INSERT]"#
-    } else {
-        ""
-    };
-    let jwks = serde_json::to_string(&serde_json::from_str::<serde_json::Value>(JWKS).unwrap()).unwrap();
-    format!(
-        r#"apiVersion: v1
-kind: Secret
-metadata: {{name: ehr-db-admin, namespace: clinic}}
-stringData: {{username: warden_admin, password: "{admin_password}"}}
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: idp-jwks, namespace: clinic}}
-data:
-  jwks.json: '{jwks}'
----
-apiVersion: mcpwarden.io/v1alpha1
-kind: PHIStore
-metadata: {{name: ehr, namespace: clinic}}
-spec:
-  postgres: {{host: 127.0.0.1, port: {port}, database: ehr, adminSecretRef: {{name: ehr-db-admin}}, sslMode: disable}}
-  endpoints: {{ipBlocks: [{{cidr: 127.0.0.1/32}}], ports: [{port}]}}
----
-apiVersion: mcpwarden.io/v1alpha1
-kind: MCPServer
-metadata: {{name: patient-lookup, namespace: clinic}}
-spec:
-  image: registry.example/phi-tools:1.4
-  authentication:
-    oidc: {{issuer: "{ISSUER}", audience: "{AUDIENCE}", jwksConfigMapRef: {{name: idp-jwks}}}}
-  tools:
-    - name: lookup_patient
-      phi: true
-      purpose: Verify a patient's identity at check-in
-      allowedCallers: {{groups: [front-desk, clinicians]}}
-      dataAccess:
-        - store: ehr
-          tables:
-            - name: clinical.patients
-              columns: [{columns}]
-              privileges: [SELECT]{note_tool}
-    - name: clinic_hours
-      phi: false
-      allowedCallers: {{anyAuthenticated: true}}
-      dataAccess: []
-      noDataAccessReason: static opening hours
-  credentials: {{ttl: 15m}}
-"#
-    )
-}
 
 struct World {
     pg: Postgres,
@@ -159,21 +79,6 @@ fn records(dir: &Path) -> Vec<Record> {
         }
     }
     out
-}
-
-async fn prepare_database(pg: &Postgres) {
-    let root = pg.superuser("postgres").await;
-    root.batch_execute(&format!(
-        "CREATE ROLE ehr_owner NOLOGIN;
-         CREATE ROLE warden_admin LOGIN CREATEROLE PASSWORD '{ADMIN_PASSWORD}';
-         GRANT pg_signal_backend TO warden_admin;"
-    ))
-    .await
-    .unwrap();
-    root.batch_execute("CREATE DATABASE ehr OWNER ehr_owner").await.unwrap();
-    let ehr = pg.superuser("ehr").await;
-    ehr.batch_execute("GRANT CONNECT ON DATABASE ehr TO warden_admin WITH GRANT OPTION").await.unwrap();
-    ehr.batch_execute(SCHEMA_SQL).await.unwrap();
 }
 
 async fn world_with(settings: Settings, hook: impl AsyncFnOnce(&Postgres)) -> World {
@@ -740,4 +645,126 @@ async fn admin_gaps_and_public_privileges_are_reported_and_revoked_on_request() 
     );
     let condition = report.conditions.iter().find(|c| c.type_ == "AdminPrivileges").unwrap();
     assert_eq!(condition.status, "False");
+}
+
+/// The broker as a process, as the README runs it.
+struct BrokerProcess {
+    child: std::process::Child,
+    base: String,
+}
+
+impl BrokerProcess {
+    async fn start(dir: &Path) -> BrokerProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+            .args(["broker", "--manifests"])
+            .arg(dir.join("manifests"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", &format!("127.0.0.1:{metrics}")])
+            .arg("--sidecar-credential-file")
+            .arg(dir.join("sidecar-credential"))
+            .arg("--audit-dir")
+            .arg(dir.join("audit"))
+            .args(["--max-ttl", "3s", "--reap-interval", "1s", "--pod", "broker-0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the broker");
+        let http = reqwest::Client::new();
+        for _ in 0..200 {
+            if let Ok(r) = http.get(format!("http://127.0.0.1:{metrics}/readyz")).send().await
+                && r.status() == 200
+                && tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            {
+                return BrokerProcess { child, base: format!("http://127.0.0.1:{port}") };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the broker did not become ready");
+    }
+
+    fn signal(&mut self, signal: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_broker_killed_mid_issue_leaves_no_role_past_its_ttl() {
+    let pg = Postgres::start().await;
+    prepare_database(&pg).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+    std::fs::write(dir.path().join("manifests/clinic.yaml"), manifests(pg.port, &["id", "mrn"], true, ADMIN_PASSWORD))
+        .unwrap();
+    std::fs::write(dir.path().join("sidecar-credential"), SIDECAR_CREDENTIAL).unwrap();
+    let admin = pg.superuser("ehr").await;
+
+    let mut first = BrokerProcess::start(dir.path()).await;
+    let client = BrokerClient::new(&first.base, SIDECAR_CREDENTIAL).unwrap();
+    // One role issued and in use before the kill…
+    let early = client.credential(&request("lookup_patient", &token("kim", &["front-desk"]))).await.unwrap();
+    let session = pg.connect("ehr", &early.role, &early.password).await.unwrap();
+    // …then a burst of first requests, killed while they are in flight.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let client = client.clone();
+        let req = request("lookup_patient", &token(&format!("burst-{i}"), &["front-desk"]));
+        tasks.push(tokio::spawn(async move { client.credential(&req).await }));
+    }
+    for _ in 0..400 {
+        if login_role_names(&admin).await.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.signal(libc::SIGKILL);
+    let outcomes: Vec<bool> = futures_outcomes(tasks).await;
+    let left = login_role_names(&admin).await;
+    assert!(left.len() >= 2, "roles existed at the kill: {left:?}");
+    assert!(outcomes.iter().any(|ok| !ok), "some requests were cut by the kill");
+
+    // The restarted broker knows nothing of them, yet none outlives its TTL
+    // and the open session is ended with its role.
+    let second = BrokerProcess::start(dir.path()).await;
+    let mut remaining = left.clone();
+    for _ in 0..100 {
+        remaining = login_role_names(&admin).await;
+        if remaining.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(remaining.is_empty(), "roles outlived their TTL: {remaining:?}");
+    assert_terminated(&session).await;
+    let mut second = second;
+    second.signal(libc::SIGTERM);
+
+    // Both runs' trails verify; the restart is recorded in each stream it resumed.
+    let report = verify_dir(&dir.path().join("audit"), VerifyOptions::default());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let reaped = records(&dir.path().join("audit"))
+        .into_iter()
+        .filter(|r| r.event.lease.as_ref().is_some_and(|l| l.action == LeaseAction::Reaped))
+        .count();
+    assert!(reaped >= left.len(), "every role of the killed run is reaped on the record ({reaped} < {})", left.len());
+}
+
+async fn futures_outcomes(tasks: Vec<tokio::task::JoinHandle<Result<Credential, ClientError>>>) -> Vec<bool> {
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.unwrap().is_ok());
+    }
+    out
 }

@@ -4,6 +4,8 @@
 //! the server log. Stopped (fast shutdown) when dropped.
 #![allow(dead_code)]
 
+pub mod clinic;
+
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -28,13 +30,21 @@ pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("MCPW_PG_BIN") {
         return PathBuf::from(dir);
     }
-    for candidate in ["/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin"] {
-        if Path::new(candidate).join("initdb").exists() {
-            return PathBuf::from(candidate);
+    // Debian's layout: /usr/lib/postgresql/<major>/bin; 15 first (the
+    // version the product is tested against), else the newest.
+    let root = Path::new("/usr/lib/postgresql");
+    let mut majors: Vec<u32> = std::fs::read_dir(root)
+        .map(|entries| entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    majors.sort_by_key(|m| (*m != 15, std::cmp::Reverse(*m)));
+    for major in majors {
+        let dir = root.join(major.to_string()).join("bin");
+        if dir.join("initdb").exists() {
+            return dir;
         }
     }
     panic!(
-        "PostgreSQL server binaries not found (looked in /usr/lib/postgresql/{{15,16,17}}/bin); \
+        "PostgreSQL server binaries not found under /usr/lib/postgresql/<version>/bin; \
          install postgresql (.ci/run does) or set MCPW_PG_BIN"
     );
 }

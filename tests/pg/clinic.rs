@@ -1,0 +1,109 @@
+//! The clinic the broker tests and benchmark run against: a PHI database
+//! whose tables belong to `ehr_owner`, a broker admin role holding only
+//! what docs/broker.md asks for, and the manifests that describe them.
+
+use super::Postgres;
+use crate::common::{AUDIENCE, ISSUER, JWKS};
+
+/// Password of the broker's admin role `warden_admin`.
+pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
+/// The MCPServer of the manifests.
+pub const SERVER: &str = "clinic/patient-lookup";
+
+/// The PHI database: tables owned by `ehr_owner`; the broker's admin holds
+/// CREATEROLE, pg_signal_backend and grant options only.
+pub const SCHEMA_SQL: &str = "
+CREATE SCHEMA clinical AUTHORIZATION ehr_owner;
+SET ROLE ehr_owner;
+CREATE TABLE clinical.patients (id int PRIMARY KEY, mrn text, name text, dob date, ssn text, diagnosis text);
+CREATE TABLE clinical.notes (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, patient_id int, body text, author text);
+CREATE TABLE clinical.billing (patient_id int, amount numeric);
+INSERT INTO clinical.patients VALUES (1, 'MRN-0001', 'Joe Doe', '1970-01-01', '123-45-6789', 'influenza');
+RESET ROLE;
+GRANT USAGE ON SCHEMA clinical TO warden_admin WITH GRANT OPTION;
+GRANT SELECT, INSERT, UPDATE ON clinical.patients, clinical.notes TO warden_admin WITH GRANT OPTION;
+";
+
+/// The Secret, JWKS ConfigMap, PHIStore and MCPServer: `lookup_patient`
+/// reads `lookup_columns` of clinical.patients; `record_note` (optional)
+/// inserts into clinical.notes.
+pub fn manifests(port: u16, lookup_columns: &[&str], with_note_tool: bool, admin_password: &str) -> String {
+    let columns = lookup_columns.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
+    let note_tool = if with_note_tool {
+        r#"
+    - name: record_note
+      phi: true
+      purpose: Record a visit note
+      allowedCallers: {groups: [clinicians]}
+      dataAccess:
+        - store: ehr
+          tables:
+            - name: clinical.notes
+              columns: [patient_id, body]
+              privileges: [INSERT]"#
+    } else {
+        ""
+    };
+    let jwks = serde_json::to_string(&serde_json::from_str::<serde_json::Value>(JWKS).unwrap()).unwrap();
+    format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: ehr-db-admin, namespace: clinic}}
+stringData: {{username: warden_admin, password: "{admin_password}"}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: idp-jwks, namespace: clinic}}
+data:
+  jwks.json: '{jwks}'
+---
+apiVersion: mcpwarden.io/v1alpha1
+kind: PHIStore
+metadata: {{name: ehr, namespace: clinic}}
+spec:
+  postgres: {{host: 127.0.0.1, port: {port}, database: ehr, adminSecretRef: {{name: ehr-db-admin}}, sslMode: disable}}
+  endpoints: {{ipBlocks: [{{cidr: 127.0.0.1/32}}], ports: [{port}]}}
+---
+apiVersion: mcpwarden.io/v1alpha1
+kind: MCPServer
+metadata: {{name: patient-lookup, namespace: clinic}}
+spec:
+  image: registry.example/phi-tools:1.4
+  authentication:
+    oidc: {{issuer: "{ISSUER}", audience: "{AUDIENCE}", jwksConfigMapRef: {{name: idp-jwks}}}}
+  tools:
+    - name: lookup_patient
+      phi: true
+      purpose: Verify a patient's identity at check-in
+      allowedCallers: {{groups: [front-desk, clinicians]}}
+      dataAccess:
+        - store: ehr
+          tables:
+            - name: clinical.patients
+              columns: [{columns}]
+              privileges: [SELECT]{note_tool}
+    - name: clinic_hours
+      phi: false
+      allowedCallers: {{anyAuthenticated: true}}
+      dataAccess: []
+      noDataAccessReason: static opening hours
+  credentials: {{ttl: 15m}}
+"#
+    )
+}
+
+/// Creates the database, its owner, the admin role and the tables.
+pub async fn prepare_database(pg: &Postgres) {
+    let root = pg.superuser("postgres").await;
+    root.batch_execute(&format!(
+        "CREATE ROLE ehr_owner NOLOGIN;
+         CREATE ROLE warden_admin LOGIN CREATEROLE PASSWORD '{ADMIN_PASSWORD}';
+         GRANT pg_signal_backend TO warden_admin;"
+    ))
+    .await
+    .unwrap();
+    root.batch_execute("CREATE DATABASE ehr OWNER ehr_owner").await.unwrap();
+    let ehr = pg.superuser("ehr").await;
+    ehr.batch_execute("GRANT CONNECT ON DATABASE ehr TO warden_admin WITH GRANT OPTION").await.unwrap();
+    ehr.batch_execute(SCHEMA_SQL).await.unwrap();
+}
