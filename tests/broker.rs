@@ -768,3 +768,86 @@ async fn futures_outcomes(tasks: Vec<tokio::task::JoinHandle<Result<Credential, 
     }
     out
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it.
+fn tls_material(sans: &[&str]) -> (String, pg::ServerTls) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "mcp-warden test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "ehr-db");
+    let cert = params.signed_by(&server_key, &ca).unwrap();
+    (ca.pem(), pg::ServerTls { cert_pem: cert.pem(), key_pem: server_key.serialize_pem() })
+}
+
+/// The manifests with `sslMode: verify-full` against `host`, trusting `ca`.
+fn tls_manifests(port: u16, host: &str, ca: &str, ssl_mode: &str) -> String {
+    let indented = ca.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n");
+    manifests(port, &["id", "mrn"], false, ADMIN_PASSWORD)
+        .replace("host: 127.0.0.1,", &format!("host: {host},"))
+        .replace("sslMode: disable}", &format!("sslMode: {ssl_mode}, caConfigMapRef: {{name: ehr-db-ca}}}}"))
+        + &format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: ehr-db-ca, namespace: clinic}}\ndata:\n  ca.crt: |\n{indented}\n"
+        )
+}
+
+#[tokio::test]
+async fn tls_to_the_store_verifies_the_server_and_never_downgrades() {
+    let (ca, server_tls) = tls_material(&["127.0.0.1", "ehr-db.clinic.svc"]);
+    let (other_ca, _) = tls_material(&["127.0.0.1"]);
+    let pg = Postgres::start_with(Some(&server_tls)).await;
+    prepare_database(&pg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifests_dir = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests_dir).unwrap();
+    let load = |text: String| {
+        std::fs::write(manifests_dir.join("clinic.yaml"), text).unwrap();
+        Inventory::from_manifests(&manifests_dir).unwrap()
+    };
+    let trail = Trail::new(dir.path().join("audit"), None).unwrap();
+    let settings = Settings { max_ttl: None, connection_limit: 4 };
+    let broker = Broker::new(
+        load(tls_manifests(pg.port, "127.0.0.1", &ca, "verify-full")),
+        trail,
+        settings,
+        BrokerMetrics::register(&mut Registry::default()),
+    );
+    let problems = broker.sync().await;
+    assert!(problems.is_empty(), "{problems:?}");
+    let issued =
+        broker.issue(&request("lookup_patient", &token("lena", &["front-desk"]))).await.expect("issued over TLS");
+    let root = pg.superuser("ehr").await;
+    let tls_backends: i64 = root
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'warden_admin' AND s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(tls_backends >= 1, "the admin connection is encrypted");
+    assert!(issued.ssl_mode == "verify-full");
+
+    // A server whose certificate does not chain to the configured CA, a
+    // host name the certificate does not name, and modes that do not verify:
+    // refused before any credential is sent, and nothing is created.
+    for (text, class) in [
+        (tls_manifests(pg.port, "127.0.0.1", &other_ca, "verify-full"), "tls"),
+        (tls_manifests(pg.port, "localhost", &ca, "verify-full"), "tls"),
+        (tls_manifests(pg.port, "127.0.0.1", &ca, "require"), "tls"),
+        (tls_manifests(pg.port, "127.0.0.1", &ca, "verify-ca"), "tls"),
+        (tls_manifests(pg.port, "127.0.0.1", &ca, "prefer"), "tls"),
+    ] {
+        let problems = broker.reload(load(text)).await;
+        assert!(problems.iter().any(|p| p.contains("TLS")), "{problems:?}");
+        let err = broker.issue(&request("lookup_patient", &token("mona", &["front-desk"]))).await.expect_err("refused");
+        assert_eq!(err.class(), class, "{err}");
+        assert!(!err.to_string().contains(ADMIN_PASSWORD));
+    }
+    let names = login_role_names(&root).await;
+    assert_eq!(names, BTreeSet::from([issued.role.clone()]), "no role was created over an unverified connection");
+    broker.close().await;
+}

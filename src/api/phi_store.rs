@@ -56,9 +56,15 @@ pub struct PostgresConnection {
     /// Read by the broker only, never mounted into an MCP pod.
     pub admin_secret_ref: SecretRef,
     /// libpq `sslmode`. Only `verify-full` passes the transmission-security
-    /// control.
+    /// control. The broker connects with `verify-full` or `disable` only: it
+    /// sends the admin credential to no server it has not verified, and
+    /// never downgrades.
     #[serde(default)]
     pub ssl_mode: SslMode,
+    /// A ConfigMap holding the PEM CA bundle the server's certificate chains
+    /// to (e.g. the hospital's internal CA). Without it, the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_config_map_ref: Option<CaBundleRef>,
     /// Revoke from PUBLIC the privileges that widen every caller's reach
     /// (CONNECT/TEMPORARY on the database, CREATE/USAGE on schemas, table
     /// privileges, EXECUTE on functions). The broker reports them in
@@ -80,6 +86,23 @@ pub struct SecretRef {
     /// Secret name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+}
+
+/// A key of a ConfigMap in the same namespace holding PEM certificates.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaBundleRef {
+    /// ConfigMap name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside it.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
 }
 
 /// libpq's `sslmode` values.

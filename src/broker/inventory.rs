@@ -114,7 +114,7 @@ impl Inventory {
         let mut by_namespace: BTreeMap<String, BTreeMap<String, PHIStore>> = BTreeMap::new();
         for store in stores {
             let key = StoreRef { namespace: namespace_of(&store), name: store.name_any() };
-            inventory.stores.insert(key.clone(), store_entry(&store, &key, secrets));
+            inventory.stores.insert(key.clone(), store_entry(&store, &key, secrets, config_maps));
             by_namespace.entry(key.namespace).or_default().insert(key.name, store);
         }
         let empty = BTreeMap::new();
@@ -153,7 +153,12 @@ impl Inventory {
     }
 }
 
-fn store_entry(store: &PHIStore, key: &StoreRef, secrets: &[Secret]) -> Result<StoreEntry, String> {
+fn store_entry(
+    store: &PHIStore,
+    key: &StoreRef,
+    secrets: &[Secret],
+    config_maps: &[ConfigMap],
+) -> Result<StoreEntry, String> {
     let pg = &store.spec.postgres;
     let secret_name = &pg.admin_secret_ref.name;
     let secret = find(secrets, &key.namespace, secret_name).ok_or_else(|| {
@@ -164,6 +169,19 @@ fn store_entry(store: &PHIStore, key: &StoreRef, secrets: &[Secret]) -> Result<S
     let password = secret_value(secret, ADMIN_PASSWORD_KEY)
         .ok_or_else(|| format!("PHIStore {key}: admin Secret {secret_name:?} has no {ADMIN_PASSWORD_KEY:?} key"))?;
     let port = u16::try_from(pg.port).map_err(|_| format!("PHIStore {key}: port {} out of range", pg.port))?;
+    let ca_pem = match &pg.ca_config_map_ref {
+        None => None,
+        Some(r) => {
+            let map = find(config_maps, &key.namespace, &r.name)
+                .ok_or_else(|| format!("PHIStore {key}: CA ConfigMap {:?} not found", r.name))?;
+            let pem = map
+                .data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .ok_or_else(|| format!("PHIStore {key}: CA ConfigMap {:?} has no key {:?}", r.name, r.key))?;
+            Some(pem.clone())
+        }
+    };
     Ok(StoreEntry {
         naming: NamingKey::derive(&user, &password),
         access: StoreAccess {
@@ -175,6 +193,7 @@ fn store_entry(store: &PHIStore, key: &StoreRef, secrets: &[Secret]) -> Result<S
             },
             admin_user: user,
             admin_password: password,
+            ca_pem,
         },
         revoke_public: pg.revoke_public_privileges,
     })

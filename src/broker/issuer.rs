@@ -550,7 +550,7 @@ impl Broker {
 }
 
 fn same_access(a: &StoreAccess, b: &StoreAccess) -> bool {
-    a.store == b.store && a.admin_user == b.admin_user && a.admin_password == b.admin_password
+    a.store == b.store && a.admin_user == b.admin_user && a.admin_password == b.admin_password && a.ca_pem == b.ca_pem
 }
 
 /// Reuse stops when a third of the lifetime is left (by the local

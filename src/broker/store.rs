@@ -37,9 +37,10 @@ pub enum StoreError {
     /// The admin role may not do something the broker needs.
     #[error("the admin role lacks a privilege: {0}")]
     AdminPrivilege(String),
-    /// The store's TLS mode is not one the broker can honour.
-    #[error("sslMode {0} is not supported by this broker build; use disable only on a trusted network")]
-    Tls(&'static str),
+    /// The store's TLS settings cannot be honoured (a mode that does not
+    /// verify the server, or an unusable CA bundle).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A group role's effective privileges differ from the policy.
     #[error("grants of {role} differ from the policy: {detail}")]
     GrantMismatch {
@@ -79,10 +80,15 @@ impl From<tokio_postgres::Error> for StoreError {
             Some(_) => {
                 StoreError::Sql(e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()))
             }
-            None if e.as_db_error().is_none() && e.to_string().contains("connect") => {
-                StoreError::Unreachable(e.to_string())
+            None => {
+                // The error's source says why (refused, timed out, the
+                // certificate); it never holds the password.
+                let mut message = e.to_string();
+                if let Some(source) = std::error::Error::source(&e) {
+                    message = format!("{message}: {source}");
+                }
+                if message.contains("TLS") { StoreError::Tls(message) } else { StoreError::Unreachable(message) }
             }
-            None => StoreError::Unreachable(e.to_string()),
         }
     }
 }
@@ -96,6 +102,8 @@ pub struct StoreAccess {
     pub admin_user: String,
     /// Admin password.
     pub admin_password: String,
+    /// PEM CA bundle for `verify-full` (system roots when absent).
+    pub ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for StoreAccess {
@@ -122,20 +130,74 @@ pub async fn connect(access: &StoreAccess) -> Result<Client, StoreError> {
     let client = match store.ssl_mode {
         SslMode::Disable => {
             let (client, connection) = config.connect(NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "admin connection ended");
-                }
-            });
+            tokio::spawn(log_end(connection));
             client
         }
-        other => return Err(StoreError::Tls(other.as_str())),
+        SslMode::VerifyFull => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(access.ca_pem.as_deref())?);
+            let (client, connection) = config.connect(tls).await?;
+            tokio::spawn(log_end(connection));
+            client
+        }
+        other => {
+            return Err(StoreError::Tls(format!(
+                "sslMode {} does not verify the server, and the broker sends an admin credential only to a \
+                 verified one: use verify-full (with caConfigMapRef for a private CA), or disable on a network \
+                 you trust",
+                other.as_str()
+            )));
+        }
     };
     let row = client.query_one("SHOW standard_conforming_strings", &[]).await?;
     if row.get::<_, String>(0) != "on" {
         return Err(StoreError::Sql("standard_conforming_strings is off; the broker refuses to build DDL".into()));
     }
     Ok(client)
+}
+
+async fn log_end<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "admin connection ended");
+    }
+}
+
+/// The rustls configuration of `verify-full`: the certificate chain to the
+/// given CA bundle (or the system's roots), and the host name.
+pub fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| StoreError::Tls(format!("the CA bundle is not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(StoreError::Tls("the CA bundle holds no certificate".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| StoreError::Tls(format!("unusable CA certificate: {e}")))?;
+            }
+        }
+        None => {
+            let loaded = rustls_native_certs::load_native_certs();
+            for cert in loaded.certs {
+                // A system root this rustls cannot parse is skipped, as every
+                // rustls client does; the others still verify.
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(StoreError::Tls("no system CA roots found; set caConfigMapRef".into()));
+            }
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Makes `group` a NOLOGIN role holding exactly `desired`, then proves it.

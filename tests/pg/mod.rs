@@ -60,9 +60,20 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// A server certificate and key (PEM) for `ssl = on`.
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
 impl Postgres {
     /// initdb + start; waits until the server accepts the superuser.
     pub async fn start() -> Postgres {
+        Postgres::start_with(None).await
+    }
+
+    /// Like [`Postgres::start`], serving TLS with the given certificate.
+    pub async fn start_with(tls: Option<&ServerTls>) -> Postgres {
         let bin = bin_dir();
         let mut dir = tempfile::Builder::new().prefix("mcpw-pg-").tempdir().expect("tempdir");
         let data = dir.path().join("data");
@@ -80,6 +91,25 @@ impl Postgres {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(tls) = tls {
+            for (name, content) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
+                let path = dir.path().join(name);
+                std::fs::write(&path, content).expect("write tls file");
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+                if unsafe { libc::geteuid() } == 0 {
+                    std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).expect("chown");
+                }
+            }
+            tls_args = vec![
+                "-c".into(),
+                "ssl=on".into(),
+                "-c".into(),
+                format!("ssl_cert_file={}", dir.path().join("server.crt").display()),
+                "-c".into(),
+                format!("ssl_key_file={}", dir.path().join("server.key").display()),
+            ];
+        }
         let log = dir.path().join("server.log");
         for attempt in 0..5 {
             let port = free_port();
@@ -90,6 +120,7 @@ impl Postgres {
                 .arg(format!("unix_socket_directories={}", dir.path().display()))
                 .args(["-c", "log_statement=all", "-c", "fsync=off", "-c", "max_connections=200"])
                 .args(["-c", "log_connections=on", "-c", "log_disconnections=on"])
+                .args(&tls_args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log_file))
