@@ -13,7 +13,7 @@ mod pg;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mcp_warden::broker::api::{Callers, StaticCredential, router};
+use mcp_warden::broker::api::{Callers, SidecarAuth, StaticCredential, router};
 use mcp_warden::broker::client::BrokerClient;
 use mcp_warden::broker::inventory::Inventory;
 use mcp_warden::broker::issuer::{Broker, CredentialRequest, Settings};
@@ -70,7 +70,10 @@ fn main() {
         let broker =
             Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
         assert!(broker.sync().await.is_empty());
-        let callers = Callers { sidecar: StaticCredential::new(CREDENTIAL).expect("credential"), revoker: None };
+        let callers = Callers {
+            sidecar: SidecarAuth::Static(StaticCredential::new(CREDENTIAL).expect("credential")),
+            revoker: None,
+        };
         let base = common::serve(router(Arc::clone(&broker), callers)).await;
         let client = BrokerClient::new(&base, CREDENTIAL).expect("client");
 

@@ -118,6 +118,9 @@ enum OutputFormat {
 /// Parses the process arguments and runs the chosen subcommand.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS provider for every client (kube, reqwest, PostgreSQL): ring,
+    // chosen here rather than left to whichever crate features are unified.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Crd => print_crds(),
         Command::Render(args) => render_cmd(&args),

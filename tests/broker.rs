@@ -15,7 +15,7 @@ use common::{claims, now, rs256};
 use mcp_warden::audit::record::{Kind, LeaseAction, Record};
 use mcp_warden::audit::segment;
 use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
-use mcp_warden::broker::api::{Callers, StaticCredential, router};
+use mcp_warden::broker::api::{Callers, SidecarAuth, StaticCredential, router};
 use mcp_warden::broker::client::{BrokerClient, ClientError};
 use mcp_warden::broker::inventory::{Inventory, StoreRef};
 use mcp_warden::broker::issuer::{Broker, Credential, CredentialRequest, Settings};
@@ -98,7 +98,7 @@ async fn world_with(settings: Settings, hook: impl AsyncFnOnce(&Postgres)) -> Wo
     let problems = broker.sync().await;
     assert!(problems.is_empty(), "{problems:?}");
     let callers = Callers {
-        sidecar: StaticCredential::new(SIDECAR_CREDENTIAL).unwrap(),
+        sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()),
         revoker: Some(StaticCredential::new(REVOKER_CREDENTIAL).unwrap()),
     };
     let base = common::serve(router(Arc::clone(&broker), callers)).await;
@@ -850,4 +850,102 @@ async fn tls_to_the_store_verifies_the_server_and_never_downgrades() {
     let names = login_role_names(&root).await;
     assert_eq!(names, BTreeSet::from([issued.role.clone()]), "no role was created over an unverified connection");
     broker.close().await;
+}
+
+/// A stand-in for the API server's TokenReview endpoint: `sa:<ns>:<account>`
+/// tokens authenticate as that service account for the broker's audience.
+async fn fake_token_review_api() -> kube::Client {
+    use axum::routing::post;
+    // As `mcp-warden` does at start (both rustls providers are compiled into tests).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let app = axum::Router::new().route(
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        post(|axum::Json(review): axum::Json<serde_json::Value>| async move {
+            let token = review["spec"]["token"].as_str().unwrap_or_default().to_string();
+            let audiences = review["spec"]["audiences"].clone();
+            let status = match token.strip_prefix("sa:").and_then(|r| r.split_once(':')) {
+                Some((ns, account)) if audiences == json!(["mcp-warden-broker"]) => json!({
+                    "authenticated": true, "audiences": ["mcp-warden-broker"],
+                    "user": {"username": format!("system:serviceaccount:{ns}:{account}")}}),
+                _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+            (axum::http::StatusCode::CREATED, axum::Json(json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": review["spec"], "status": status})))
+        }),
+    );
+    let base = common::serve(app).await;
+    let config = kube::Config::new(base.parse().unwrap());
+    kube::Client::try_from(config).unwrap()
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_sidecar_gets_credentials_for_its_own_server_only() {
+    let w = world().await;
+    let reviewer = Arc::new(mcp_warden::broker::cluster::TokenReviewer::new(fake_token_review_api().await));
+    let callers = Callers { sidecar: SidecarAuth::TokenReview(reviewer), revoker: None };
+    let base = common::serve(router(Arc::clone(&w.broker), callers)).await;
+    let caller = token("nina", &["front-desk"]);
+
+    let own = BrokerClient::new(&base, "sa:clinic:patient-lookup-mcpw").unwrap();
+    let credential = own.credential(&request("lookup_patient", &caller)).await.expect("its own server");
+    assert!(credential.role.starts_with("mcpw_u_"));
+
+    let other = BrokerClient::new(&base, "sa:clinic:billing-mcpw").unwrap();
+    let refused = other.credential(&request("lookup_patient", &caller)).await;
+    assert!(
+        matches!(&refused, Err(ClientError::Refused { status: 403, class, .. }) if class == "wrong_server"),
+        "{refused:?}"
+    );
+    let not_a_sidecar = BrokerClient::new(&base, "sa:clinic:default").unwrap();
+    let refused = not_a_sidecar.credential(&request("lookup_patient", &caller)).await;
+    assert!(matches!(&refused, Err(ClientError::Refused { status: 401, .. })), "{refused:?}");
+    let forged = BrokerClient::new(&base, "forged-token").unwrap();
+    let refused = forged.credential(&request("lookup_patient", &caller)).await;
+    assert!(
+        matches!(&refused, Err(ClientError::Refused { status: 401, message, .. }) if !message.contains("forged-token")),
+        "{refused:?}"
+    );
+    // The static credential means nothing in this mode.
+    let stat = BrokerClient::new(&base, SIDECAR_CREDENTIAL).unwrap();
+    assert!(matches!(
+        stat.credential(&request("lookup_patient", &caller)).await,
+        Err(ClientError::Refused { status: 401, .. })
+    ));
+}
+
+#[tokio::test]
+async fn the_api_is_served_over_tls() {
+    let w = world().await;
+    let (ca, server_tls) = tls_material(&["127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.crt"), &server_tls.cert_pem).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &server_tls.key_pem).unwrap();
+    let config =
+        mcp_warden::broker::tls::server_config(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tls = mcp_warden::broker::tls::TlsListener::new(listener, config).unwrap();
+    let callers =
+        Callers { sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()), revoker: None };
+    let app = router(Arc::clone(&w.broker), callers);
+    tokio::spawn(async move { axum::serve(tls, app).await.unwrap() });
+    // A silent client does not hold up the others.
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let response = http
+        .post(format!("https://127.0.0.1:{port}/v1/credentials"))
+        .bearer_auth(SIDECAR_CREDENTIAL)
+        .json(&request("lookup_patient", &token("olga", &["front-desk"])))
+        .send()
+        .await
+        .expect("TLS request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    // Plain HTTP to the TLS port gets nothing.
+    let plain = reqwest::Client::new().post(format!("http://127.0.0.1:{port}/v1/credentials")).send().await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
 }

@@ -316,3 +316,65 @@ fn the_rendered_sidecar_arguments_are_the_sidecars_own_flags() {
     let parsed = warden(&with_help);
     assert!(parsed.status.success(), "{}", stderr(&parsed));
 }
+
+#[test]
+fn the_broker_refuses_unsafe_or_incomplete_settings_before_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit = dir.path().join("audit");
+    let audit = audit.to_str().expect("utf8");
+    let examples = root().join("examples/compliant");
+    let examples = examples.to_str().expect("utf8");
+    let long = "x".repeat(40);
+    // Plain HTTP off loopback: it returns credentials.
+    let out = warden(&[
+        "broker",
+        "--manifests",
+        examples,
+        "--listen",
+        "0.0.0.0:0",
+        "--sidecar-credential",
+        &long,
+        "--audit-dir",
+        audit,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--tls-cert-file"), "{}", stderr(&out));
+    // A short static credential.
+    let out = warden(&[
+        "broker",
+        "--manifests",
+        examples,
+        "--listen",
+        "127.0.0.1:0",
+        "--sidecar-credential",
+        "short",
+        "--audit-dir",
+        audit,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("at least 32 bytes"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("short\""), "the credential is not echoed: {}", stderr(&out));
+    // --manifests without a sidecar credential.
+    let out = warden(&["broker", "--manifests", examples, "--listen", "127.0.0.1:0", "--audit-dir", audit]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--sidecar-credential"), "{}", stderr(&out));
+    // A static credential in cluster mode means nothing and is refused.
+    let out = warden(&["broker", "--listen", "127.0.0.1:0", "--sidecar-credential", &long, "--audit-dir", audit]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("service-account tokens"), "{}", stderr(&out));
+    // Invalid manifests are named.
+    let bad = root().join("examples/invalid");
+    let out = warden(&[
+        "broker",
+        "--manifests",
+        bad.to_str().expect("utf8"),
+        "--listen",
+        "127.0.0.1:0",
+        "--sidecar-credential",
+        &long,
+        "--audit-dir",
+        audit,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("invalid manifests"), "{}", stderr(&out));
+}

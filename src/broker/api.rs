@@ -1,7 +1,8 @@
 //! The broker's HTTP API.
 //!
 //! ```text
-//!   POST /v1/credentials   sidecar credential   {server, tool, store, callerToken, correlation?} → Credential
+//!   POST /v1/credentials   sidecar (static credential, or its service-account token via TokenReview)
+//!                          {server, tool, store, callerToken, correlation?} → Credential
 //!   POST /v1/revocations   revoker credential   {leaseId} | {server, subject?, reason?}         → {revoked: [role]}
 //!   GET  /v1/stores        revoker credential   → {namespace/name: PHIStore status}
 //! ```
@@ -23,8 +24,10 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::cluster::TokenReviewer;
 use super::issuer::{Broker, BrokerError, CredentialRequest};
 use super::lifecycle::Revocation;
+use crate::policy::ServerRef;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -47,13 +50,46 @@ impl StaticCredential {
 
     /// Whether the request's bearer value is this credential (constant time).
     fn admits(&self, headers: &HeaderMap) -> bool {
-        let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
-        let Some((scheme, token)) = value.split_once(' ') else { return false };
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return false;
+        bearer(headers).is_some_and(|token| {
+            let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            digest.ct_eq(&self.0).into()
+        })
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
+}
+
+/// How sidecars prove who they are.
+#[derive(Clone)]
+pub enum SidecarAuth {
+    /// A shared credential (laptops, tests, demos): any holder may ask for
+    /// any server.
+    Static(StaticCredential),
+    /// The sidecar's projected service-account token, checked with
+    /// TokenReview: it may ask only for the server it belongs to.
+    TokenReview(Arc<TokenReviewer>),
+}
+
+impl SidecarAuth {
+    /// `Ok(None)`: any server; `Ok(Some(server))`: that server only.
+    async fn check(&self, headers: &HeaderMap) -> Result<Option<ServerRef>, String> {
+        match self {
+            SidecarAuth::Static(credential) => {
+                if credential.admits(headers) {
+                    Ok(None)
+                } else {
+                    Err("a sidecar credential is required".into())
+                }
+            }
+            SidecarAuth::TokenReview(reviewer) => {
+                let token = bearer(headers).ok_or("a sidecar service-account token is required")?;
+                reviewer.server_of(token).await.map(Some).map_err(|e| e.to_string())
+            }
         }
-        let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-        digest.ct_eq(&self.0).into()
     }
 }
 
@@ -61,7 +97,7 @@ impl StaticCredential {
 #[derive(Clone)]
 pub struct Callers {
     /// Sidecars asking for credentials.
-    pub sidecar: StaticCredential,
+    pub sidecar: SidecarAuth,
     /// Operators revoking leases and reading store reports; without it those
     /// endpoints are closed.
     pub revoker: Option<StaticCredential>,
@@ -124,13 +160,20 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes, what: &str) -> 
 }
 
 async fn credentials(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if !state.callers.sidecar.admits(&headers) {
-        return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", "a sidecar credential is required".into());
-    }
+    let bound = match state.callers.sidecar.check(&headers).await {
+        Ok(bound) => bound,
+        Err(why) => return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", why),
+    };
     let request: CredentialRequest = match parse(&headers, &body, "credential request") {
         Ok(r) => r,
         Err(response) => return *response,
     };
+    if let Some(server) = bound
+        && server.to_string() != request.server
+    {
+        let message = format!("the sidecar of {server} may not ask for credentials of {}", request.server);
+        return refuse(StatusCode::FORBIDDEN, "wrong_server", message);
+    }
     match state.broker.issue(&request).await {
         Ok(credential) => answer(StatusCode::OK, json!(credential)),
         Err(e) => {

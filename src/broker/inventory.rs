@@ -80,6 +80,8 @@ pub struct Inventory {
     pub servers: BTreeMap<ServerRef, Result<ServerEntry, String>>,
     /// PHIStores.
     pub stores: BTreeMap<StoreRef, Result<StoreEntry, String>>,
+    /// Each PHIStore's `metadata.generation` (for `status.observedGeneration`).
+    pub generations: BTreeMap<StoreRef, Option<i64>>,
 }
 
 /// The Secret key holding the admin role's name.
@@ -115,6 +117,7 @@ impl Inventory {
         for store in stores {
             let key = StoreRef { namespace: namespace_of(&store), name: store.name_any() };
             inventory.stores.insert(key.clone(), store_entry(&store, &key, secrets, config_maps));
+            inventory.generations.insert(key.clone(), store.metadata.generation);
             by_namespace.entry(key.namespace).or_default().insert(key.name, store);
         }
         let empty = BTreeMap::new();

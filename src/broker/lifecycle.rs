@@ -90,7 +90,8 @@ impl Broker {
             };
             problems.extend(observation.problems().into_iter().map(|p| format!("PHIStore {key}: {p}")));
             let previous_status = self.reports.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
-            reports.insert(key.clone(), store_status(&observation, previous_status.as_ref(), None, jiff_now()));
+            let generation = inventory.generations.get(key).copied().flatten();
+            reports.insert(key.clone(), store_status(&observation, previous_status.as_ref(), generation, jiff_now()));
         }
         *self.reports.write().unwrap_or_else(|p| p.into_inner()) = reports;
         for problem in &problems {

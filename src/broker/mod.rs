@@ -23,6 +23,7 @@
 pub mod api;
 pub mod checks;
 pub mod client;
+pub mod cluster;
 pub mod grants;
 pub mod inventory;
 pub mod issuer;
@@ -32,6 +33,7 @@ pub mod naming;
 pub mod sql;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod trail;
 
 use std::net::SocketAddr;
@@ -50,18 +52,28 @@ use crate::policy::parse_go_duration;
 /// `mcp-warden broker` flags.
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
-    /// Read MCPServers, PHIStores, their admin Secrets and JWKS
-    /// ConfigMaps/Secrets from this directory of YAML (laptops, tests,
-    /// demos); re-read every --resync-interval.
+    /// Read MCPServers, PHIStores, their admin Secrets and JWKS/CA
+    /// ConfigMaps from this directory of YAML (laptops, tests, demos),
+    /// re-read every --resync-interval. Without it the broker runs in a
+    /// cluster: objects from the API, sidecars checked with TokenReview,
+    /// PHIStore status written.
     #[arg(long)]
-    pub manifests: PathBuf,
-    /// Address of the API. Plain HTTP, so loopback only.
+    pub manifests: Option<PathBuf>,
+    /// Address of the API.
     #[arg(long)]
     pub listen: SocketAddr,
+    /// PEM certificate chain of the API. Required unless --listen is a
+    /// loopback address: the API returns credentials.
+    #[arg(long, requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// The static credential sidecars present (>= 32 bytes).
+    /// The static credential sidecars present (>= 32 bytes); --manifests
+    /// mode only.
     #[arg(long, env = "MCPW_BROKER_SIDECAR_CREDENTIAL", conflicts_with = "sidecar_credential_file")]
     pub sidecar_credential: Option<String>,
     /// A file holding that credential.
@@ -84,9 +96,13 @@ pub struct BrokerArgs {
     /// How often expired roles are reaped (Go duration).
     #[arg(long, default_value = "15s")]
     pub reap_interval: String,
-    /// How often manifests are re-read and stores brought in line.
+    /// How often the objects are re-read and stores brought in line (in a
+    /// cluster, changes to MCPServers and PHIStores also trigger it).
     #[arg(long, default_value = "60s")]
     pub resync_interval: String,
+    /// In a cluster: serve only this namespace's MCPServers and PHIStores.
+    #[arg(long, env = "MCPW_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// This pod's name, recorded in every audit record.
     #[arg(long, env = "POD_NAME")]
     pub pod: Option<String>,
@@ -103,30 +119,81 @@ fn read_credential(path: &PathBuf, flag: &str) -> anyhow::Result<api::StaticCred
     api::StaticCredential::new(&text).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
 }
 
+/// Where the inventory comes from.
+enum Source {
+    Manifests(PathBuf),
+    Cluster { client: kube::Client, namespace: Option<String>, status: Box<cluster::StatusWriter> },
+}
+
+impl Source {
+    async fn load(&self) -> anyhow::Result<inventory::Inventory> {
+        match self {
+            Source::Manifests(dir) => inventory::Inventory::from_manifests(dir)
+                .map_err(|errors| anyhow::anyhow!("invalid manifests:\n{}", errors.join("\n"))),
+            Source::Cluster { client, namespace, .. } => {
+                Ok(cluster::load_inventory(client, namespace.as_deref()).await?)
+            }
+        }
+    }
+
+    /// Writes the store reports where they belong (the PHIStore status in a
+    /// cluster; `GET /v1/stores` serves them either way).
+    async fn publish(&self, broker: &issuer::Broker) {
+        if let Source::Cluster { status, .. } = self
+            && let Err(e) = status.write(&broker.reports()).await
+        {
+            tracing::warn!(error = %e, "writing PHIStore status failed; retried at the next sync");
+        }
+    }
+}
+
 /// Runs the broker until SIGTERM/SIGINT.
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        _ => None,
+    };
     anyhow::ensure!(
-        args.listen.ip().is_loopback(),
-        "--listen {}: the broker API returns credentials and is served over plain HTTP, so only on a loopback address",
+        tls.is_some() || args.listen.ip().is_loopback(),
+        "--listen {}: the broker API returns credentials; off loopback it needs --tls-cert-file and --tls-key-file",
         args.listen
     );
-    let sidecar = match (&args.sidecar_credential, &args.sidecar_credential_file) {
-        (Some(text), None) => {
-            api::StaticCredential::new(text).map_err(|e| anyhow::anyhow!("--sidecar-credential: {e}"))?
-        }
-        (None, Some(path)) => read_credential(path, "sidecar-credential-file")?,
-        _ => anyhow::bail!("one of --sidecar-credential or --sidecar-credential-file is required"),
-    };
     let revoker =
         args.revoker_credential_file.as_ref().map(|p| read_credential(p, "revoker-credential-file")).transpose()?;
+    let (source, sidecar) = match &args.manifests {
+        Some(dir) => {
+            let sidecar = match (&args.sidecar_credential, &args.sidecar_credential_file) {
+                (Some(text), None) => {
+                    api::StaticCredential::new(text).map_err(|e| anyhow::anyhow!("--sidecar-credential: {e}"))?
+                }
+                (None, Some(path)) => read_credential(path, "sidecar-credential-file")?,
+                _ => anyhow::bail!(
+                    "with --manifests, one of --sidecar-credential or --sidecar-credential-file is required"
+                ),
+            };
+            (Source::Manifests(dir.clone()), api::SidecarAuth::Static(sidecar))
+        }
+        None => {
+            anyhow::ensure!(
+                args.sidecar_credential.is_none() && args.sidecar_credential_file.is_none(),
+                "in a cluster sidecars authenticate with their service-account tokens; a static sidecar credential is for --manifests only"
+            );
+            let client = kube::Client::try_default().await.context("no cluster to run in (or pass --manifests DIR)")?;
+            let reviewer = std::sync::Arc::new(cluster::TokenReviewer::new(client.clone()));
+            let status = Box::new(cluster::StatusWriter::new(client.clone()));
+            (
+                Source::Cluster { client, namespace: args.watch_namespace.clone(), status },
+                api::SidecarAuth::TokenReview(reviewer),
+            )
+        }
+    };
     let settings = issuer::Settings {
         max_ttl: args.max_ttl.as_deref().map(|t| duration_flag("max-ttl", t)).transpose()?,
         connection_limit: args.connection_limit.max(1),
     };
     let reap_interval = duration_flag("reap-interval", &args.reap_interval)?;
     let resync_interval = duration_flag("resync-interval", &args.resync_interval)?;
-    let inventory = inventory::Inventory::from_manifests(&args.manifests)
-        .map_err(|errors| anyhow::anyhow!("invalid manifests:\n{}", errors.join("\n")))?;
+    let inventory = source.load().await?;
     let trail = trail::Trail::new(args.audit_dir.clone(), args.pod.clone())?;
     let mut registry = Registry::default();
     let metrics = metrics::BrokerMetrics::register(&mut registry);
@@ -147,19 +214,39 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     for problem in broker.sync().await {
         tracing::warn!(%problem, "store problem at start");
     }
+    source.publish(&broker).await;
     let reaped = broker.reap().await;
     tracing::info!(reaped, "initial reap done");
     ready.store(true, Ordering::Relaxed);
+    let source = Arc::new(source);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let watchers = match source.as_ref() {
+        Source::Cluster { client, namespace, .. } => {
+            Some(tokio::spawn(watch_changes(client.clone(), namespace.clone(), Arc::clone(&changed))))
+        }
+        Source::Manifests(_) => None,
+    };
     let reaper = tokio::spawn(reap_loop(Arc::downgrade(&broker), reap_interval));
-    let reloader = tokio::spawn(reload_loop(Arc::downgrade(&broker), args.manifests.clone(), resync_interval));
+    let reloader =
+        tokio::spawn(reload_loop(Arc::downgrade(&broker), Arc::clone(&source), resync_interval, Arc::clone(&changed)));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, "broker serving");
     let app = api::router(Arc::clone(&broker), api::Callers { sidecar, revoker });
-    axum::serve(listener, app).with_graceful_shutdown(health::shutdown_signal()).await?;
+    tracing::info!(listen = %args.listen, tls = tls.is_some(), "broker serving");
+    match tls {
+        Some(config) => {
+            axum::serve(tls::TlsListener::new(listener, config)?, app)
+                .with_graceful_shutdown(health::shutdown_signal())
+                .await?
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(health::shutdown_signal()).await?,
+    }
     reaper.abort();
     reloader.abort();
+    if let Some(w) = watchers {
+        w.abort();
+    }
     broker.close().await;
     stop.notify_one();
     if let Some(task) = health_task {
@@ -179,19 +266,51 @@ async fn reap_loop(broker: std::sync::Weak<issuer::Broker>, interval: Duration) 
     }
 }
 
-async fn reload_loop(broker: std::sync::Weak<issuer::Broker>, dir: PathBuf, interval: Duration) {
+async fn reload_loop(
+    broker: std::sync::Weak<issuer::Broker>,
+    source: Arc<Source>,
+    interval: Duration,
+    changed: Arc<tokio::sync::Notify>,
+) {
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = changed.notified() => {
+                // Let a burst of changes (an apply of many objects) settle.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
         let Some(broker) = broker.upgrade() else { return };
-        match inventory::Inventory::from_manifests(&dir) {
+        match source.load().await {
             Ok(inventory) => {
                 broker.reload(inventory).await;
+                source.publish(&broker).await;
             }
-            Err(errors) => tracing::error!(
-                errors = errors.len(),
-                first = %errors.first().cloned().unwrap_or_default(),
-                "manifests refused; the previous inventory stays in force"
-            ),
+            Err(e) => tracing::error!(error = %e, "inventory refused; the previous one stays in force"),
+        }
+    }
+}
+
+/// Wakes the reload loop when an MCPServer or PHIStore changes.
+async fn watch_changes(client: kube::Client, namespace: Option<String>, changed: Arc<tokio::sync::Notify>) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let servers: kube::Api<crate::api::MCPServer> = match &namespace {
+        Some(ns) => kube::Api::namespaced(client.clone(), ns),
+        None => kube::Api::all(client.clone()),
+    };
+    let stores: kube::Api<crate::api::PHIStore> = match &namespace {
+        Some(ns) => kube::Api::namespaced(client, ns),
+        None => kube::Api::all(client),
+    };
+    let servers =
+        watcher(servers, watcher::Config::default()).default_backoff().touched_objects().map(|r| r.is_ok()).boxed();
+    let stores =
+        watcher(stores, watcher::Config::default()).default_backoff().touched_objects().map(|r| r.is_ok()).boxed();
+    let mut events = futures::stream::select(servers, stores);
+    while let Some(ok) = events.next().await {
+        if ok {
+            changed.notify_one();
         }
     }
 }

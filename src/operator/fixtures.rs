@@ -65,6 +65,12 @@ pub struct Verifier {
     steps: Vec<Step>,
 }
 
+/// A client of a fresh mock API server, and the server's expectations.
+pub fn mock_client() -> (Client, Verifier) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(service, NS), Verifier { handle, steps: Vec::new() })
+}
+
 /// A test context over the mock API server.
 pub fn context(jwks: Result<String, JwksError>) -> (Arc<Context>, Verifier) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();

@@ -7,14 +7,12 @@
 //!   watch PHIStore  → servers using it (same namespace)
 //!   watch NetworkPolicy → servers of its namespace
 //!   watch Pod (label) → its server
-//!   watch PHIStore ─▶ Controller ─▶ store status (Unknown until the broker reports)
 //!   :8080  /healthz /readyz /metrics
 //! ```
 
 pub mod context;
 pub mod jwks;
 pub mod owned;
-pub mod phi_store;
 pub mod reconcile;
 pub mod status;
 
@@ -179,7 +177,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .owns(scope.api::<ConfigMap>(), owned_cfg.clone())
         .owns(scope.api::<ServiceAccount>(), owned_cfg.clone())
         // A PHIStore change re-renders every server of its namespace using it.
-        .watches(stores.clone(), watcher::Config::default(), move |store: PHIStore| {
+        .watches(stores, watcher::Config::default(), move |store: PHIStore| {
             servers_using_store(&by_store.state(), &store)
         })
         // Any NetworkPolicy can widen a server's traffic: re-evaluate its namespace.
@@ -203,17 +201,13 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
                 warn!(error = %e, "controller event");
             }
         });
-    let stores_done = Controller::new(stores, watcher::Config::default())
-        .shutdown_on_signal()
-        .run(phi_store::reconcile_store, phi_store::store_error_policy, Arc::clone(&ctx))
-        .for_each(|_| async {});
     // The controllers stop on SIGTERM/SIGINT; the health server stops after them.
     let stopped = Arc::new(tokio::sync::Notify::new());
     let stop_health = Arc::clone(&stopped);
     let listener = tokio::net::TcpListener::bind(args.health_listen).await?;
     let health_server = health::serve(listener, Arc::clone(&health), async move { stop_health.notified().await });
     let controllers = async move {
-        tokio::join!(servers_done, stores_done);
+        servers_done.await;
         stopped.notify_one();
     };
     info!(listen = %args.health_listen, "mcp-warden operator starting");
@@ -226,6 +220,6 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod tests;
