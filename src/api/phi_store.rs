@@ -28,6 +28,9 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Host", type_ = "string", json_path = ".spec.postgres.host"),
     printcolumn(name = "Database", type_ = "string", json_path = ".spec.postgres.database"),
     printcolumn(name = "TLS", type_ = "string", json_path = ".spec.postgres.sslMode"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Admin", type_ = "string", json_path = ".status.conditions[?(@.type==\"AdminPrivileges\")].status"),
+    printcolumn(name = "PUBLIC", type_ = "string", json_path = ".status.conditions[?(@.type==\"PublicPrivileges\")].reason"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -182,8 +185,8 @@ pub struct PHIStoreStatus {
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready` (the broker reached the store with its admin role) and
-    /// `TLSVerified`.
+    /// Written by the broker: `Ready` (connected as admin, every group role
+    /// in line), `AdminPrivileges`, `PublicPrivileges`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
