@@ -459,7 +459,25 @@ async fn policy_changes_reach_existing_roles_and_removed_tools_end() {
     admin.batch_execute(&format!("REVOKE SELECT (diagnosis) ON clinical.patients FROM \"{group}\"")).await.unwrap();
     let problems = w.broker.sync().await;
     assert!(problems.is_empty(), "{problems:?}");
-    w.client.credential(&request("lookup_patient", &token("ivy", &["front-desk"]))).await.expect("issued once in line");
+    let ivy = w
+        .client
+        .credential(&request("lookup_patient", &token("ivy", &["front-desk"])))
+        .await
+        .expect("issued once in line");
+    let ivy_session = w.login(&ivy).await.unwrap();
+
+    // The MCPServer is deleted: every role of it ends, sessions included,
+    // and its group roles are dropped.
+    let full = manifests(w.pg.port, &["id", "mrn", "dob"], false, ADMIN_PASSWORD);
+    let without_server = &full[..full.find("---\napiVersion: mcpwarden.io/v1alpha1\nkind: MCPServer").unwrap()];
+    let problems = w.reload(without_server).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_terminated(&session).await;
+    assert_terminated(&ivy_session).await;
+    assert!(login_role_names(&admin).await.is_empty());
+    let groups_left: i64 =
+        admin.query_one("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'mcpw\\_g\\_%'", &[]).await.unwrap().get(0);
+    assert_eq!(groups_left, 0);
 }
 
 #[tokio::test]

@@ -29,8 +29,16 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Database", type_ = "string", json_path = ".spec.postgres.database"),
     printcolumn(name = "TLS", type_ = "string", json_path = ".spec.postgres.sslMode"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Admin", type_ = "string", json_path = ".status.conditions[?(@.type==\"AdminPrivileges\")].status"),
-    printcolumn(name = "PUBLIC", type_ = "string", json_path = ".status.conditions[?(@.type==\"PublicPrivileges\")].reason"),
+    printcolumn(
+        name = "Admin",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"AdminPrivileges\")].status"
+    ),
+    printcolumn(
+        name = "PUBLIC",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"PublicPrivileges\")].reason"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
