@@ -172,19 +172,14 @@ fn store_entry(
     let password = secret_value(secret, ADMIN_PASSWORD_KEY)
         .ok_or_else(|| format!("PHIStore {key}: admin Secret {secret_name:?} has no {ADMIN_PASSWORD_KEY:?} key"))?;
     let port = u16::try_from(pg.port).map_err(|_| format!("PHIStore {key}: port {} out of range", pg.port))?;
-    let ca_pem = match &pg.ca_config_map_ref {
-        None => None,
-        Some(r) => {
-            let map = find(config_maps, &key.namespace, &r.name)
-                .ok_or_else(|| format!("PHIStore {key}: CA ConfigMap {:?} not found", r.name))?;
-            let pem = map
-                .data
-                .as_ref()
-                .and_then(|d| d.get(&r.key))
-                .ok_or_else(|| format!("PHIStore {key}: CA ConfigMap {:?} has no key {:?}", r.name, r.key))?;
-            Some(pem.clone())
-        }
-    };
+    let ca_pem = pg
+        .ca_config_map_ref
+        .as_ref()
+        .map(|r| {
+            config_map_value(config_maps, &key.namespace, &r.name, &r.key)
+                .map_err(|e| format!("PHIStore {key}: CA {e}"))
+        })
+        .transpose()?;
     Ok(StoreEntry {
         naming: NamingKey::derive(&user, &password),
         access: StoreAccess {
@@ -213,14 +208,8 @@ fn key_source(
         return Ok(KeySource::Url(uri.clone()));
     }
     if let Some(r) = &oidc.jwks_config_map_ref {
-        let map = find(config_maps, namespace, &r.name)
-            .ok_or_else(|| format!("JWKS ConfigMap {:?} not found in namespace {namespace}", r.name))?;
-        let text = map
-            .data
-            .as_ref()
-            .and_then(|d| d.get(&r.key))
-            .ok_or_else(|| format!("JWKS ConfigMap {:?} has no key {:?}", r.name, r.key))?;
-        return Ok(KeySource::Inline { origin: format!("ConfigMap {namespace}/{}", r.name), text: text.clone() });
+        let text = config_map_value(config_maps, namespace, &r.name, &r.key).map_err(|e| format!("JWKS {e}"))?;
+        return Ok(KeySource::Inline { origin: format!("ConfigMap {namespace}/{}", r.name), text });
     }
     if let Some(r) = &oidc.jwks_secret_ref {
         let secret = find(secrets, namespace, &r.name)
@@ -230,6 +219,13 @@ fn key_source(
         return Ok(KeySource::Inline { origin: format!("Secret {namespace}/{}", r.name), text });
     }
     Err("authentication.oidc names no JWKS source".into())
+}
+
+/// A ConfigMap's value; the error names the map and key.
+fn config_map_value(maps: &[ConfigMap], namespace: &str, name: &str, key: &str) -> Result<String, String> {
+    let map =
+        find(maps, namespace, name).ok_or_else(|| format!("ConfigMap {name:?} not found in namespace {namespace}"))?;
+    map.data.as_ref().and_then(|d| d.get(key)).cloned().ok_or_else(|| format!("ConfigMap {name:?} has no key {key:?}"))
 }
 
 fn find<'a, K: ResourceExt>(objects: &'a [K], namespace: &str, name: &str) -> Option<&'a K> {
@@ -244,4 +240,74 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     }
     let bytes = secret.data.as_ref()?.get(key)?;
     String::from_utf8(bytes.0.clone()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::clinic_values;
+
+    fn objects() -> (MCPServer, PHIStore) {
+        let (store, server) = clinic_values();
+        (serde_json::from_value(server).unwrap(), serde_json::from_value(store).unwrap())
+    }
+
+    fn admin_secret(data: serde_json::Value) -> Secret {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "ehr-db-admin", "namespace": "clinic"}, "stringData": data}))
+        .unwrap()
+    }
+
+    fn store_key() -> StoreRef {
+        StoreRef { namespace: "clinic".into(), name: "ehr".into() }
+    }
+
+    #[test]
+    fn a_usable_store_and_server_give_one_group_per_tool_with_data_access() {
+        let (server, store) = objects();
+        let secret = admin_secret(serde_json::json!({"username": "warden", "password": "pw"}));
+        let inventory = Inventory::build(vec![server], vec![store], &[secret], &[]);
+        let entry = inventory.stores[&store_key()].as_ref().unwrap();
+        assert_eq!(entry.access.admin_user, "warden");
+        let groups = inventory.groups();
+        // lookup_patient reads the store; clinic_hours declares no data access.
+        assert_eq!(groups[&store_key()].len(), 1);
+        let spec = groups[&store_key()].values().next().unwrap();
+        assert_eq!(spec.tool, "lookup_patient");
+        assert!(spec.grants.contains(&Grant::Database("CONNECT".into())));
+    }
+
+    #[test]
+    fn missing_secrets_and_keys_are_named_per_store_without_values() {
+        let (server, store) = objects();
+        let inventory = Inventory::build(vec![server.clone()], vec![store.clone()], &[], &[]);
+        let err = inventory.stores[&store_key()].as_ref().unwrap_err();
+        assert!(err.contains("admin Secret \"ehr-db-admin\" not found"), "{err}");
+        let secret = admin_secret(serde_json::json!({"username": "warden", "pass": "hunter2"}));
+        let inventory = Inventory::build(vec![server], vec![store], &[secret], &[]);
+        let err = inventory.stores[&store_key()].as_ref().unwrap_err();
+        assert!(err.contains("no \"password\" key") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_server_whose_store_is_missing_is_unusable_and_wants_no_group() {
+        let (server, _) = objects();
+        let inventory = Inventory::build(vec![server], vec![], &[], &[]);
+        let key = ServerRef { namespace: "clinic".into(), name: "patient-lookup".into() };
+        assert!(inventory.servers[&key].as_ref().unwrap_err().contains("ehr"));
+        assert!(inventory.groups().is_empty());
+    }
+
+    #[test]
+    fn a_named_jwks_config_map_must_exist() {
+        let (mut server, store) = objects();
+        server.spec.authentication.oidc.jwks_uri = None;
+        server.spec.authentication.oidc.jwks_config_map_ref =
+            Some(crate::api::KeyRef { name: "idp-jwks".into(), key: "jwks.json".into() });
+        let inventory = Inventory::build(vec![server], vec![store], &[], &[]);
+        let key = ServerRef { namespace: "clinic".into(), name: "patient-lookup".into() };
+        let err = inventory.servers[&key].as_ref().unwrap_err();
+        assert!(err.contains("JWKS ConfigMap \"idp-jwks\" not found"), "{err}");
+    }
 }
