@@ -320,6 +320,18 @@ async fn chart_and_rendered_objects_pass_kubectl_dry_runs() {
             Command::new(&kubectl).args(["apply", &format!("--dry-run={mode}"), "-f", "-"]),
         );
         assert!(ok, "helm template | kubectl apply --dry-run={mode}: {out}");
+        let (ok, out) = pipe(
+            Command::new(&helm).args(["template", "mcpw", &chart, "--namespace", &run.namespace]).args([
+                "--set",
+                "broker.enabled=true",
+                "--set",
+                "broker.tls.secretName=mcpw-broker-tls",
+                "--set",
+                "broker.revokerSecretName=mcpw-broker-revoker",
+            ]),
+            Command::new(&kubectl).args(["apply", &format!("--dry-run={mode}"), "-f", "-"]),
+        );
+        assert!(ok, "helm template (broker enabled) | kubectl apply --dry-run={mode}: {out}");
     }
     // What the operator would create, as the API server would take it.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -331,5 +343,94 @@ async fn chart_and_rendered_objects_pass_kubectl_dry_runs() {
         Command::new(&kubectl).args(["apply", "--dry-run=server", "-f", "-"]),
     );
     assert!(ok, "render | kubectl apply --dry-run=server: {out}");
+    drop(run);
+}
+
+/// A projected-style token of a service account for `audience`.
+async fn token_for(client: &Client, namespace: &str, account: &str, audience: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.to_string()]),
+            expiration_seconds: Some(600),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    let answer = api.create_token_request(account, &PostParams::default(), &request).await.expect("token request");
+    answer.status.and_then(|s| s.token).expect("a token")
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
+async fn broker_reviews_sidecar_tokens_reads_its_inventory_and_writes_store_status() {
+    use mcp_warden::broker::cluster::{BROKER_AUDIENCE, ReviewError, StatusWriter, TokenReviewer, load_inventory};
+    use mcp_warden::broker::inventory::StoreRef;
+    use mcp_warden::policy::ServerRef;
+    let Some(client) = cluster("broker_reviews_sidecar_tokens_reads_its_inventory_and_writes_store_status").await
+    else {
+        return;
+    };
+    install_crds(&client).await;
+    let run = start(client.clone()).await;
+    let ns = run.namespace.clone();
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    for name in ["patient-lookup-mcpw", "other"] {
+        apply(
+            &accounts,
+            &json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}}),
+        )
+        .await;
+    }
+
+    // TokenReview, as the real API server answers it.
+    let reviewer = TokenReviewer::new(client.clone());
+    let sidecar = token_for(&client, &ns, "patient-lookup-mcpw", BROKER_AUDIENCE).await;
+    assert_eq!(
+        reviewer.server_of(&sidecar).await.expect("the sidecar's token"),
+        ServerRef { namespace: ns.clone(), name: "patient-lookup".into() }
+    );
+    let collector_audience = token_for(&client, &ns, "patient-lookup-mcpw", "mcp-warden-collector").await;
+    assert!(
+        matches!(reviewer.server_of(&collector_audience).await, Err(ReviewError::NotAuthenticated(_))),
+        "a token for another audience is refused"
+    );
+    let other = token_for(&client, &ns, "other", BROKER_AUDIENCE).await;
+    assert!(matches!(reviewer.server_of(&other).await, Err(ReviewError::NotASidecar)));
+
+    // The inventory from the API: the store, its admin Secret (by name), the JWKS ConfigMap.
+    let (store, server) = clinic(&ns);
+    apply(&Api::<PHIStore>::namespaced(client.clone(), &ns), &store).await;
+    apply(&Api::<MCPServer>::namespaced(client.clone(), &ns), &server).await;
+    apply(
+        &Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns),
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ehr-db-admin", "namespace": ns},
+                "stringData": {"username": "warden_admin", "password": "e2e-password"}}),
+    )
+    .await;
+    let jwks = include_str!("../tests/fixtures/test-jwks.json");
+    apply(
+        &Api::<ConfigMap>::namespaced(client.clone(), &ns),
+        &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "idp-keys", "namespace": ns},
+                "data": {"jwks.json": jwks}}),
+    )
+    .await;
+    let inventory = load_inventory(&client, Some(&ns)).await.expect("inventory");
+    let key = StoreRef { namespace: ns.clone(), name: "ehr".into() };
+    let entry = inventory.stores[&key].as_ref().expect("store usable");
+    assert_eq!(entry.access.admin_user, "warden_admin");
+    let server_key = ServerRef { namespace: ns.clone(), name: "patient-lookup".into() };
+    assert!(inventory.servers[&server_key].is_ok(), "{:?}", inventory.servers[&server_key].as_ref().err());
+
+    // Status under the broker's own field manager.
+    let status = mcp_warden::api::PHIStoreStatus { admin_missing: vec!["CREATEROLE".into()], ..Default::default() };
+    let writer = StatusWriter::new(client.clone());
+    assert_eq!(writer.write(&std::collections::BTreeMap::from([(key, status)])).await.expect("status"), 1);
+    let stored = Api::<PHIStore>::namespaced(client.clone(), &ns).get("ehr").await.expect("store");
+    assert_eq!(stored.status.expect("status").admin_missing, vec!["CREATEROLE".to_string()]);
+    let managers: Vec<String> =
+        stored.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect();
+    assert!(managers.iter().any(|m| m == "mcp-warden-broker"), "{managers:?}");
     drop(run);
 }
