@@ -30,6 +30,9 @@ const CLINIC: &str = include_str!("../examples/compliant/clinic.yaml");
 
 /// A client for a reachable cluster, or None after saying why not.
 async fn cluster(test: &str) -> Option<Client> {
+    // As `mcp-warden` does at start: test builds compile in two rustls
+    // providers (dev-dependencies), and a TLS client must not guess.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match Client::try_default().await {
         Ok(client) => client,
         Err(e) => {
