@@ -516,6 +516,9 @@ async fn hostile_and_faulty_requests_are_refused_and_leave_no_role() {
     parts[1] = b64(&claims("ivan", &["front-desk", "clinicians"]));
     cases.push((request("lookup_patient", &parts.join(".")), 403, "caller_not_verified"));
     cases.push((request("lookup_patient", "not-a-token"), 403, "caller_not_verified"));
+    let mut free_text = request("lookup_patient", &good);
+    free_text.correlation = Some("patient Joe Doe, MRN-0001".into());
+    cases.push((free_text, 400, "invalid_request"));
     for (req, status, class) in cases {
         let (got_status, got_class, message) = refused(w.client.credential(&req).await);
         assert_eq!((got_status, got_class.as_str()), (status, class), "{req:?}: {message}");

@@ -266,6 +266,8 @@ pub struct Broker {
     authenticators: Mutex<HashMap<ServerRef, (KeySource, Arc<Authenticator>)>>,
     pub(super) stores: Mutex<HashMap<StoreRef, Arc<StoreHandle>>>,
     slots: Mutex<HashMap<PairKey, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+    /// Roles revoked or reaped recently, never to be handed out again.
+    ended: Mutex<HashMap<String, Instant>>,
     pub(super) trail: Trail,
     pub(super) settings: Settings,
     pub(super) metrics: BrokerMetrics,
@@ -280,6 +282,7 @@ impl Broker {
             authenticators: Mutex::new(HashMap::new()),
             stores: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
+            ended: Mutex::new(HashMap::new()),
             trail,
             settings,
             metrics,
@@ -359,6 +362,12 @@ impl Broker {
     }
 
     async fn issue_inner(&self, request: &CredentialRequest) -> Result<Credential, BrokerError> {
+        // The correlation id goes into the trail verbatim: an id, not text.
+        if request.correlation.as_ref().is_some_and(|c| !is_correlation_id(c)) {
+            return Err(BrokerError::InvalidRequest(
+                "correlation must be 1-128 characters of A-Z a-z 0-9 - _ . :".into(),
+            ));
+        }
         let inventory = self.inventory();
         let server = parse_server(&request.server).ok_or_else(|| BrokerError::UnknownServer(request.server.clone()))?;
         let entry = match inventory.servers.get(&server) {
@@ -411,6 +420,7 @@ impl Broker {
         let mut cached = slot.lock().await;
         if let Some(hit) = cached.as_ref()
             && Instant::now() < hit.reuse_until
+            && !self.ended.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&hit.credential.role)
         {
             let mut credential = hit.credential.clone();
             credential.reused = true;
@@ -505,10 +515,18 @@ impl Broker {
     }
 
     /// Forgets cached leases whose role is in `roles` (revoked or reaped),
-    /// and slots nobody uses whose lease is past reuse.
+    /// and slots nobody uses whose lease is past reuse. A slot busy with a
+    /// request right now keeps its entry, so ended roles are also remembered
+    /// and never handed out again (checked at reuse).
     pub(super) fn forget(&self, roles: &BTreeSet<String>) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
+        {
+            let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+            // Longer than any lease can live (the CRD caps TTLs at 1h).
+            ended.retain(|_, at| now.duration_since(*at) < Duration::from_secs(2 * 3600));
+            ended.extend(roles.iter().map(|r| (r.clone(), now)));
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.retain(|_, slot| {
             let Ok(mut cached) = slot.try_lock() else { return true };
             if cached.as_ref().is_some_and(|c| roles.contains(&c.credential.role)) {
@@ -547,6 +565,12 @@ impl Broker {
     pub async fn close(&self) {
         self.trail.close().await;
     }
+}
+
+/// 1-128 characters of `A-Z a-z 0-9 - _ . :`.
+fn is_correlation_id(text: &str) -> bool {
+    (1..=128).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 fn same_access(a: &StoreAccess, b: &StoreAccess) -> bool {
