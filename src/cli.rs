@@ -46,6 +46,62 @@ enum AuditCommand {
     /// Verify every hash chain in a WAL or storage directory: PASS (exit 0)
     /// or FAIL naming the stream and position of the first break (exit 1).
     Verify(VerifyArgs),
+    /// Answer an auditor's questions over stored streams: by caller,
+    /// server, tool, time window, decision. Reads; `verify` proves.
+    /// Exit 0 with the answer; 1 when some records could not be read; 2 on
+    /// invalid arguments.
+    Query(QueryArgs),
+}
+
+#[derive(Debug, Args)]
+struct QueryArgs {
+    /// A WAL directory, or a directory of stream directories.
+    dir: PathBuf,
+    /// The caller's subject (`sub`).
+    #[arg(long)]
+    caller: Option<String>,
+    /// The MCPServer, `namespace/name`.
+    #[arg(long)]
+    server: Option<String>,
+    /// The tool.
+    #[arg(long)]
+    tool: Option<String>,
+    /// From this time on: RFC 3339, or back from now (`7d`, `36h`, `90m`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Before this time (same forms).
+    #[arg(long)]
+    until: Option<String>,
+    /// Only this decision.
+    #[arg(long, value_enum)]
+    decision: Option<DecisionArg>,
+    /// Only calls of PHI tools.
+    #[arg(long)]
+    phi: bool,
+    /// Record kinds (repeatable); default: decision and lease.
+    #[arg(long = "kind", value_enum)]
+    kinds: Vec<KindArg>,
+    /// Output format: a table, or the matching records as JSON lines.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DecisionArg {
+    Allow,
+    Deny,
+    AuthnFailure,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KindArg {
+    StreamStart,
+    Decision,
+    Outcome,
+    Lease,
+    Statement,
+    Incident,
+    StreamEnd,
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +182,7 @@ pub fn main() -> ExitCode {
         Command::Render(args) => render_cmd(&args),
         Command::Check(args) => check_cmd(&args),
         Command::Audit(AuditCommand::Verify(args)) => audit_verify_cmd(&args),
+        Command::Audit(AuditCommand::Query(args)) => audit_query_cmd(&args),
         Command::Operator(args) => serve(crate::operator::run(args)),
         Command::Sidecar(args) => serve(crate::sidecar::run(args)),
         Command::Broker(args) => serve(crate::broker::run(args)),
@@ -229,6 +286,57 @@ fn audit_verify_cmd(args: &VerifyArgs) -> ExitCode {
         }
     };
     emit(&text, if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn audit_query_cmd(args: &QueryArgs) -> ExitCode {
+    use audit::record::{Decision, Kind};
+    let now = chrono::Utc::now();
+    let time = |flag: &str, text: &Option<String>| {
+        text.as_deref().map(|t| audit::query::parse_time(t, now).map_err(|e| format!("--{flag}: {e}"))).transpose()
+    };
+    let (since, until) = match (time("since", &args.since), time("until", &args.until)) {
+        (Ok(since), Ok(until)) => (since, until),
+        (Err(e), _) | (_, Err(e)) => return fail(&e),
+    };
+    let query = audit::query::Query {
+        caller: args.caller.clone(),
+        server: args.server.clone(),
+        tool: args.tool.clone(),
+        since,
+        until,
+        decision: args.decision.map(|d| match d {
+            DecisionArg::Allow => Decision::Allow,
+            DecisionArg::Deny => Decision::Deny,
+            DecisionArg::AuthnFailure => Decision::AuthnFailure,
+        }),
+        phi_only: args.phi,
+        kinds: args
+            .kinds
+            .iter()
+            .map(|k| match k {
+                KindArg::StreamStart => Kind::StreamStart,
+                KindArg::Decision => Kind::Decision,
+                KindArg::Outcome => Kind::Outcome,
+                KindArg::Lease => Kind::Lease,
+                KindArg::Statement => Kind::Statement,
+                KindArg::Incident => Kind::Incident,
+                KindArg::StreamEnd => Kind::StreamEnd,
+            })
+            .collect(),
+    };
+    let loaded = audit::query::read_records(&args.dir);
+    for problem in &loaded.problems {
+        eprintln!("mcp-warden: {problem}");
+    }
+    if !loaded.problems.is_empty() {
+        eprintln!("mcp-warden: the answer leaves out what could not be read; run `mcp-warden audit verify`");
+    }
+    let rows = query.select(&loaded.records);
+    let text = match args.output {
+        OutputFormat::Table => audit::query::to_table(&rows),
+        OutputFormat::Json => audit::query::to_json_lines(&rows),
+    };
+    emit(&text, if loaded.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// Writes to stdout; a closed pipe is not an error worth a panic.

@@ -378,3 +378,67 @@ fn the_broker_refuses_unsafe_or_incomplete_settings_before_serving() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("invalid manifests"), "{}", stderr(&out));
 }
+
+#[test]
+fn audit_query_answers_who_touched_what_and_says_what_it_could_not_read() {
+    use mcp_warden::audit::record::{Caller, Decision, Event, Kind, Outcome, OutcomeStatus};
+    use mcp_warden::audit::{Wal, WalConfig};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(WalConfig::new(dir.path(), "clinic/patient-lookup")).expect("open");
+    let call = |sub: &str, tool: &str, phi: bool, decision: Decision, correlation: &str| {
+        let mut e = Event::new(Kind::Decision);
+        e.caller = Some(Caller { sub: sub.into(), iss: "https://login.example.org".into(), groups: vec![] });
+        e.method = Some("tools/call".into());
+        e.tool = Some(tool.into());
+        e.phi = Some(phi);
+        e.decision = Some(decision);
+        e.reason = (decision != Decision::Allow).then(|| "not in allowedCallers".to_string());
+        e.correlation = Some(correlation.into());
+        e
+    };
+    let done = |correlation: &str| {
+        let mut e = Event::new(Kind::Outcome);
+        e.correlation = Some(correlation.into());
+        e.outcome = Some(Outcome { status: OutcomeStatus::Ok, http_status: Some(200), rpc_error: None, rows: None });
+        e
+    };
+    for event in [
+        call("alice", "lookup_patient", true, Decision::Allow, "c1"),
+        done("c1"),
+        call("bob", "lookup_patient", true, Decision::Deny, "c2"),
+        call("alice", "clinic_hours", false, Decision::Allow, "c3"),
+        done("c3"),
+    ] {
+        wal.append_blocking(event).expect("append");
+    }
+    wal.close_blocking().expect("close");
+    let path = dir.path().to_str().expect("path");
+
+    let out = warden(&["audit", "query", path, "--caller", "alice", "--phi", "--since", "1h"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(text.contains("lookup_patient") && text.contains("ok 200") && text.contains("1 record(s)"), "{text}");
+    assert!(!text.contains("clinic_hours"), "{text}");
+
+    let out = warden(&["audit", "query", path, "--decision", "deny", "-o", "json"]);
+    let lines: Vec<Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["event"]["caller"]["sub"], "bob");
+
+    let out = warden(&["audit", "query", path, "--since", "last week"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--since"), "{}", stderr(&out));
+
+    // A damaged line is named, the rest still answered, and the exit says so.
+    let segment = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .expect("segment");
+    let text = std::fs::read_to_string(&segment).expect("read");
+    std::fs::write(&segment, text.replacen("\"bob\"", "\"eve\"", 1)).expect("tamper");
+    let out = warden(&["audit", "query", path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("line 4") && stderr(&out).contains("audit verify"), "{}", stderr(&out));
+    assert!(stdout(&out).contains("alice"));
+}
