@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -130,7 +130,11 @@ pub async fn load_inventory(client: &Client, namespace: Option<&str>) -> Result<
             secret_names.insert((ns.clone(), r.name.clone()));
         }
         if let Some(r) = &oidc.jwks_config_map_ref {
-            map_names.insert((ns, r.name.clone()));
+            map_names.insert((ns.clone(), r.name.clone()));
+        }
+        if oidc.jwks_uri.is_some() {
+            // The operator's copy of the keys fetched from jwksUri.
+            map_names.insert((ns, crate::render::names::OwnedNames::for_server(&server.name_any()).jwks_config_map));
         }
     }
     let mut secrets = Vec::new();

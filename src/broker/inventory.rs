@@ -25,6 +25,8 @@ use super::store::StoreAccess;
 use crate::api::{MCPServer, PHIStore};
 use crate::manifest;
 use crate::policy::{self, CompiledPolicy, ServerRef, namespace_of};
+use crate::render::JWKS_FILE;
+use crate::render::names::OwnedNames;
 use crate::sidecar::authn::KeySource;
 
 /// Namespace and name of a PHIStore.
@@ -205,7 +207,14 @@ fn key_source(
 ) -> Result<KeySource, String> {
     let oidc = &server.spec.authentication.oidc;
     if let Some(uri) = &oidc.jwks_uri {
-        return Ok(KeySource::Url(uri.clone()));
+        // The operator's validated copy (the sidecar mounts the same), so
+        // the broker needs no egress to the identity provider; without it
+        // (a laptop), the URI itself.
+        let copy = OwnedNames::for_server(&server.name_any()).jwks_config_map;
+        return Ok(match config_map_value(config_maps, namespace, &copy, JWKS_FILE) {
+            Ok(text) => KeySource::Inline { origin: format!("ConfigMap {namespace}/{copy}"), text },
+            Err(_) => KeySource::Url(uri.clone()),
+        });
     }
     if let Some(r) = &oidc.jwks_config_map_ref {
         let text = config_map_value(config_maps, namespace, &r.name, &r.key).map_err(|e| format!("JWKS {e}"))?;
@@ -297,6 +306,25 @@ mod tests {
         let key = ServerRef { namespace: "clinic".into(), name: "patient-lookup".into() };
         assert!(inventory.servers[&key].as_ref().unwrap_err().contains("ehr"));
         assert!(inventory.groups().is_empty());
+    }
+
+    #[test]
+    fn a_jwks_uri_is_read_from_the_operators_copy_when_there_is_one() {
+        let (server, store) = objects();
+        let key = ServerRef { namespace: "clinic".into(), name: "patient-lookup".into() };
+        let inventory = Inventory::build(vec![server.clone()], vec![store.clone()], &[], &[]);
+        assert!(
+            matches!(&inventory.servers[&key].as_ref().unwrap().keys, KeySource::Url(u) if u.starts_with("https://"))
+        );
+        let copy: ConfigMap = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "patient-lookup-jwks", "namespace": "clinic"}, "data": {"jwks.json": "{\"keys\":[]}"}}))
+        .unwrap();
+        let inventory = Inventory::build(vec![server], vec![store], &[], &[copy]);
+        assert!(matches!(
+            &inventory.servers[&key].as_ref().unwrap().keys,
+            KeySource::Inline { origin, .. } if origin == "ConfigMap clinic/patient-lookup-jwks"
+        ));
     }
 
     #[test]

@@ -32,6 +32,7 @@ use serde::Serialize;
 
 use crate::api::{MCPServer, PHIStore};
 use crate::policy::{self, CompiledPolicy, PolicyError};
+pub use config_maps::JWKS_FILE;
 pub use names::OwnedNames;
 pub use network_policy::{StoreEgress, store_peers};
 
