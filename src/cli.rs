@@ -32,6 +32,8 @@ enum Command {
     /// Run the credential broker: per-caller, per-tool, short-lived
     /// PostgreSQL roles.
     Broker(crate::broker::BrokerArgs),
+    /// Run the audit collector: the trail outside every MCP pod.
+    AuditCollector(crate::audit::collector::CollectorArgs),
     /// Audit trail tools for auditors.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -186,6 +188,7 @@ pub fn main() -> ExitCode {
         Command::Operator(args) => serve(crate::operator::run(args)),
         Command::Sidecar(args) => serve(crate::sidecar::run(args)),
         Command::Broker(args) => serve(crate::broker::run(args)),
+        Command::AuditCollector(args) => serve(crate::audit::collector::run(args)),
     }
 }
 

@@ -22,6 +22,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod bearer;
 pub mod broker;
 pub mod check;
 pub mod cli;

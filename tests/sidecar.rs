@@ -468,56 +468,85 @@ async fn protected_resource_metadata_is_served_at_both_well_known_urls() {
     }
 }
 
-/// The real binary: ready only once it can serve, metrics on the private
-/// port only, and SIGTERM drains and seals the audit stream.
-#[tokio::test]
-async fn the_sidecar_process_serves_reports_and_shuts_down_cleanly() {
+/// A child process killed on drop, so a failing assertion never leaves it running.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+}
+
+/// The sidecar binary in front of `upstream_base`, files in `dir`, ready.
+async fn spawn_sidecar(dir: &std::path::Path, upstream_base: &str, extra: &[&str]) -> (Reap, u16, u16) {
     use std::process::{Command, Stdio};
-    let log: Log = Arc::default();
-    let upstream_base = upstream(Arc::clone(&log)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("jwks.json"), JWKS).expect("jwks");
-    std::fs::write(dir.path().join("clinic.yaml"), CLINIC).expect("clinic");
-    std::fs::write(dir.path().join("audit.key"), "k".repeat(64)).expect("key");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
-    let metrics_port =
-        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
-    let audit = dir.path().join("audit");
+    std::fs::write(dir.join("jwks.json"), JWKS).expect("jwks");
+    std::fs::write(dir.join("clinic.yaml"), CLINIC).expect("clinic");
+    std::fs::write(dir.join("audit.key"), "k".repeat(64)).expect("key");
+    let (port, metrics_port) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
         .args(["sidecar", "--mcpserver"])
-        .arg(dir.path().join("clinic.yaml"))
+        .arg(dir.join("clinic.yaml"))
         .args(["--upstream", &format!("{upstream_base}/mcp"), "--listen", &format!("127.0.0.1:{port}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--jwks-file"])
-        .arg(dir.path().join("jwks.json"))
+        .arg(dir.join("jwks.json"))
         .arg("--audit-dir")
-        .arg(&audit)
+        .arg(dir.join("audit"))
         .arg("--args-key-file")
-        .arg(dir.path().join("audit.key"))
+        .arg(dir.join("audit.key"))
         .args(["--allowed-host", "127.0.0.1", "--pod", "p-1"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start the sidecar");
-    // Killed on drop, so a failing assertion never leaves it running.
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Reap(child);
+    let child = Reap(child);
+    wait_ready(&format!("http://127.0.0.1:{metrics_port}/readyz")).await;
+    (child, port, metrics_port)
+}
+
+async fn wait_ready(url: &str) {
     let http = reqwest::Client::new();
     let started = std::time::Instant::now();
     loop {
-        if let Ok(r) = http.get(format!("http://127.0.0.1:{metrics_port}/readyz")).send().await
+        if let Ok(r) = http.get(url).send().await
             && r.status().is_success()
         {
-            break;
+            return;
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "never ready");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "never ready: {url}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// SIGTERM, then the exit status (within 30 s).
+async fn terminate(child: &mut Reap) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the process did not stop within 30 s of SIGTERM");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The real binary: ready only once it can serve, metrics on the private
+/// port only, and SIGTERM drains and seals the audit stream.
+#[tokio::test]
+async fn the_sidecar_process_serves_reports_and_shuts_down_cleanly() {
+    let log: Log = Arc::default();
+    let upstream_base = upstream(Arc::clone(&log)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, port, metrics_port) = spawn_sidecar(dir.path(), &upstream_base, &[]).await;
+    let http = reqwest::Client::new();
     let token = rs256(&claims("alice", &["front-desk"]));
     let call = rpc(1, "tools/call", json!({"name": "lookup_patient", "arguments": {"mrn": "12345678"}}));
     let response =
@@ -537,20 +566,80 @@ async fn the_sidecar_process_serves_reports_and_shuts_down_cleanly() {
     let public = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.expect("public");
     assert_eq!(public.status().as_u16(), 404);
     // SIGTERM: drain, seal the stream, exit 0.
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(std::time::Instant::now() < deadline, "the sidecar did not stop within 30 s of SIGTERM");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let status = terminate(&mut child).await;
     assert!(status.success(), "{status}");
-    let report = verify_dir(&audit, VerifyOptions { require_sealed: true });
+    let report = verify_dir(&dir.path().join("audit"), VerifyOptions { require_sealed: true });
     assert!(report.passed(), "{}", report.to_table());
     assert_eq!(report.streams[0].records, 4, "start, decision, outcome, end");
+}
+
+/// Real processes end to end: gateway → WAL → shipper → collector →
+/// verify PASS, each call exactly one decision and one outcome, and the
+/// WAL released behind the collector.
+#[tokio::test]
+async fn the_sidecar_ships_its_sealed_trail_to_a_collector_process() {
+    use std::process::{Command, Stdio};
+    let log: Log = Arc::default();
+    let upstream_base = upstream(Arc::clone(&log)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let credential = "collector-sender-credential-0123456789";
+    std::fs::write(dir.path().join("sender.cred"), credential).expect("cred");
+    let collector_port = free_port();
+    let collector = Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+        .args(["audit-collector", "--data-dir"])
+        .arg(dir.path().join("collected"))
+        .args(["--listen", &format!("127.0.0.1:{collector_port}"), "--sender-credential-file"])
+        .arg(dir.path().join("sender.cred"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the collector");
+    let mut collector = Reap(collector);
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", collector_port)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let url = format!("http://127.0.0.1:{collector_port}");
+    let cred_file = dir.path().join("sender.cred");
+    let extra = ["--collector", url.as_str(), "--collector-credential-file", cred_file.to_str().expect("utf8")];
+    let (mut sidecar, port, _) = spawn_sidecar(dir.path(), &upstream_base, &extra).await;
+    let http = reqwest::Client::new();
+    let token = rs256(&claims("alice", &["front-desk"]));
+    let calls = 20;
+    for i in 0..calls {
+        let call = rpc(i, "tools/call", json!({"name": "lookup_patient", "arguments": {"mrn": format!("{i:08}")}}));
+        let response = http
+            .post(format!("http://127.0.0.1:{port}/mcp"))
+            .bearer_auth(&token)
+            .json(&call)
+            .send()
+            .await
+            .expect("call");
+        assert_eq!(response.status().as_u16(), 200);
+    }
+    assert!(terminate(&mut sidecar).await.success());
+    assert!(terminate(&mut collector).await.success());
+
+    let collected = dir.path().join("collected/streams");
+    let report = verify_dir(&collected, VerifyOptions { require_sealed: true });
+    assert!(report.passed(), "{}", report.to_table());
+    let records = mcp_warden::audit::query::read_records(&collected).records;
+    let mut decisions = std::collections::HashMap::<String, usize>::new();
+    let mut outcomes = std::collections::HashMap::<String, usize>::new();
+    for r in &records {
+        let key = r.event.correlation.clone().unwrap_or_default();
+        match r.event.kind {
+            mcp_warden::audit::record::Kind::Decision => *decisions.entry(key).or_default() += 1,
+            mcp_warden::audit::record::Kind::Outcome => *outcomes.entry(key).or_default() += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(decisions.len(), calls as usize, "one decision per call");
+    assert!(decisions.values().all(|n| *n == 1), "no decision twice");
+    assert!(outcomes.iter().all(|(k, n)| *n == 1 && decisions.contains_key(k)), "at most one outcome, matched");
+    assert_eq!(outcomes.len(), calls as usize);
 }
 
 #[tokio::test]

@@ -14,9 +14,11 @@
 //! - [`segment`]: the files on disk.
 
 pub mod args_hmac;
+pub mod collector;
 pub mod query;
 pub mod record;
 pub mod segment;
+pub mod ship;
 pub mod verify;
 pub mod wal;
 

@@ -21,48 +21,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use super::cluster::TokenReviewer;
 use super::issuer::{Broker, BrokerError, CredentialRequest};
 use super::lifecycle::Revocation;
+pub use crate::bearer::StaticCredential;
+use crate::bearer::bearer;
 use crate::policy::ServerRef;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// Shortest static credential accepted.
-pub const MIN_CREDENTIAL_BYTES: usize = 32;
-
-/// A static shared credential, kept only as its SHA-256.
-#[derive(Clone)]
-pub struct StaticCredential([u8; 32]);
-
-impl StaticCredential {
-    /// From the secret text (trimmed); refuses short ones.
-    pub fn new(secret: &str) -> Result<StaticCredential, String> {
-        let secret = secret.trim();
-        if secret.len() < MIN_CREDENTIAL_BYTES {
-            return Err(format!("a static credential must be at least {MIN_CREDENTIAL_BYTES} bytes"));
-        }
-        Ok(StaticCredential(Sha256::digest(secret.as_bytes()).into()))
-    }
-
-    /// Whether the request's bearer value is this credential (constant time).
-    fn admits(&self, headers: &HeaderMap) -> bool {
-        bearer(headers).is_some_and(|token| {
-            let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-            digest.ct_eq(&self.0).into()
-        })
-    }
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
-}
-
 /// How sidecars prove who they are.
 #[derive(Clone)]
 pub enum SidecarAuth {

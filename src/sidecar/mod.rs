@@ -81,6 +81,14 @@ pub struct SidecarArgs {
     /// Bound of the audit WAL on disk, in bytes.
     #[arg(long, default_value_t = 768 * 1024 * 1024)]
     pub audit_max_bytes: u64,
+    /// The audit collector records are shipped to (e.g.
+    /// `http://127.0.0.1:7443`); WAL segments are released once it holds
+    /// them. Without it the trail stays in the WAL (until its bound).
+    #[arg(long, requires = "collector_credential_file")]
+    pub collector: Option<String>,
+    /// File holding the credential presented to the collector.
+    #[arg(long)]
+    pub collector_credential_file: Option<std::path::PathBuf>,
 }
 
 /// Reads a compiled policy file.
@@ -188,6 +196,17 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     wal_config.pod = args.pod.clone();
     wal_config.max_bytes = args.audit_max_bytes;
     let wal = Arc::new(Wal::open(wal_config)?);
+    let shipping = match (&args.collector, &args.collector_credential_file) {
+        (Some(url), Some(file)) => {
+            let credential = std::fs::read_to_string(file)
+                .with_context(|| format!("--collector-credential-file: cannot read {}", file.display()))?;
+            let shipper = crate::audit::ship::Shipper::new(args.audit_dir.clone(), url, &credential)?;
+            let stop = Arc::new(tokio::sync::Notify::new());
+            let task = tokio::spawn(ship_loop(shipper, Arc::clone(&wal), Arc::clone(&stop)));
+            Some((task, stop))
+        }
+        _ => None,
+    };
     let mut registry = Registry::default();
     let metrics = SidecarMetrics::register(&mut registry);
     let mut allowed_hosts = default_hosts(&policy);
@@ -248,9 +267,19 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     }
     drop(gateway);
     tracing::info!("sealing the audit stream");
+    let shipper = match shipping {
+        Some((task, stop)) => {
+            stop.notify_one();
+            task.await.ok()
+        }
+        None => None,
+    };
     match Arc::try_unwrap(wal) {
         Ok(wal) => {
             wal.close().await?;
+            if let Some(shipper) = shipper {
+                drain_shipping(shipper).await;
+            }
         }
         Err(_) => tracing::warn!("audit WAL still shared at shutdown; the next start records a restart"),
     }
@@ -258,6 +287,62 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let _ = health_server.await;
     Ok(())
 }
+
+/// Ships until told to stop, then hands the shipper back (and with it the
+/// last reference to the WAL it releases).
+async fn ship_loop(
+    mut shipper: crate::audit::ship::Shipper,
+    wal: Arc<Wal>,
+    stop: Arc<tokio::sync::Notify>,
+) -> crate::audit::ship::Shipper {
+    use crate::audit::ship::Shipped;
+    let mut backoff = std::time::Duration::from_millis(250);
+    loop {
+        let pause = match shipper.ship_once().await {
+            Ok(Shipped::Through(through)) => {
+                backoff = std::time::Duration::from_millis(250);
+                if let Err(e) = wal.release_through(through).await {
+                    tracing::warn!(error = %e, "releasing shipped WAL segments failed");
+                }
+                std::time::Duration::ZERO
+            }
+            Ok(Shipped::Idle) => std::time::Duration::from_millis(200),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "shipping to the collector failed");
+                let pause = backoff;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                pause
+            }
+        };
+        tokio::select! {
+            _ = stop.notified() => return shipper,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// After the stream is sealed: ships what is left, within a bound.
+async fn drain_shipping(mut shipper: crate::audit::ship::Shipper) {
+    use crate::audit::ship::Shipped;
+    let deadline = tokio::time::Instant::now() + SHIP_DRAIN;
+    while tokio::time::Instant::now() < deadline {
+        match shipper.ship_once().await {
+            Ok(Shipped::Idle) => {
+                tracing::info!(through = shipper.shipped(), "audit stream shipped in full");
+                return;
+            }
+            Ok(Shipped::Through(_)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "final shipping failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    }
+    tracing::error!(through = shipper.shipped(), "the audit stream was not shipped in full before shutdown");
+}
+
+/// Time the sealed stream gets to reach the collector at shutdown.
+pub const SHIP_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Time in-flight requests get to finish after SIGTERM.
 pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);

@@ -1,0 +1,368 @@
+//! The collector's storage: one directory per stream, in the WAL's own
+//! segment format (so `audit verify` reads it), append-only, fsync'd
+//! before a batch is acknowledged, idempotent by (stream, seq, hash).
+//!
+//! ```text
+//!   DATA/streams/<sha256(stream)[..32]>/stream.json   {stream, sender}
+//!                                      /anchor.json   when the stream arrived after seq 1 (a gap, on record)
+//!                                      /seg-*.jsonl   canonical lines, verified as they arrive
+//!   DATA/incidents/                                    the collector's own WAL of incident records
+//! ```
+//!
+//! A batch is judged whole before anything is written: every line must be
+//! a canonical record of the batch's stream; records already stored must
+//! be byte-identical (a resend); new records must continue the chain. A
+//! fork or rewrite refuses the batch and is an incident; a gap (records
+//! that never arrived) is an incident and the rest is stored, so the loss
+//! is on the record and `verify` fails at it.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::audit::record::{IncidentClass, Record, SCHEMA_VERSION};
+use crate::audit::segment::{self, Anchor};
+
+/// A new segment is started past this size.
+const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// Stored hashes kept in memory per stream, for checking resends.
+const RECENT: usize = 65_536;
+
+/// Who sent a stream, as the collector authenticated it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StreamMeta {
+    stream: String,
+    sender: String,
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The stream.
+    pub stream: String,
+    /// Everything up to this seq is durable at the collector.
+    pub durable_through: u64,
+    /// Records newly written.
+    pub written: usize,
+    /// Records that were already stored (resends).
+    pub duplicates: usize,
+    /// Incidents the batch raised (recorded by the caller).
+    pub incidents: Vec<(IncidentClass, u64, String)>,
+}
+
+/// Why a batch was refused. Nothing of it was written.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// Not a batch of valid records of one stream.
+    #[error("invalid batch: {0}")]
+    Invalid(String),
+    /// The stream belongs to another sender.
+    #[error("stream {stream} belongs to another sender")]
+    NotYourStream {
+        /// The stream.
+        stream: String,
+    },
+    /// A record contradicts what is stored (fork or rewrite).
+    #[error("{class:?} in stream {stream} at seq {seq}: {detail}")]
+    Integrity {
+        /// What kind.
+        class: IncidentClass,
+        /// The stream.
+        stream: String,
+        /// Where.
+        seq: u64,
+        /// What was seen.
+        detail: String,
+    },
+    /// Storage failed (disk full, …); retry later.
+    #[error("storage failed: {0}")]
+    Storage(String),
+}
+
+struct StreamState {
+    dir: PathBuf,
+    meta: StreamMeta,
+    last_seq: u64,
+    last_hash: String,
+    recent: HashMap<u64, String>,
+    active: Option<(PathBuf, u64)>,
+}
+
+/// Every stream the collector holds.
+pub struct Storage {
+    root: PathBuf,
+    streams: HashMap<String, StreamState>,
+}
+
+fn io(e: impl std::fmt::Display) -> Refused {
+    Refused::Storage(e.to_string())
+}
+
+impl Storage {
+    /// Opens (or creates) the storage under `root/streams`, loading each
+    /// stream's head from disk.
+    pub fn open(root: &Path) -> Result<Storage, Refused> {
+        let dir = root.join("streams");
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let mut streams = HashMap::new();
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            let Ok(bytes) = std::fs::read(path.join("stream.json")) else { continue };
+            let meta: StreamMeta = serde_json::from_slice(&bytes).map_err(io)?;
+            let mut state = StreamState {
+                dir: path.clone(),
+                meta: meta.clone(),
+                last_seq: 0,
+                last_hash: crate::audit::record::GENESIS.to_string(),
+                recent: HashMap::new(),
+                active: None,
+            };
+            if let Some(anchor) = segment::read_anchor(&path).map_err(io)? {
+                state.last_seq = anchor.seq;
+                state.last_hash = anchor.hash;
+            }
+            for (_, seg) in segment::list_segments(&path).map_err(io)? {
+                let lines = segment::read_lines(&seg).map_err(io)?;
+                for line in lines.iter().filter(|l| l.complete) {
+                    let record = Record::parse_line(&line.bytes)
+                        .map_err(|e| Refused::Storage(format!("{} line {}: {e}", seg.display(), line.number)))?;
+                    state.last_seq = record.seq;
+                    state.last_hash = record.hash.clone();
+                    state.recent.insert(record.seq, record.hash);
+                }
+                let len = std::fs::metadata(&seg).map_err(io)?.len();
+                state.active = Some((seg, len));
+            }
+            streams.insert(meta.stream.clone(), state);
+        }
+        Ok(Storage { root: root.to_path_buf(), streams })
+    }
+
+    /// The head of each stream: (stream, sender, last seq, last hash).
+    pub fn heads(&self) -> Vec<(String, String, u64, String)> {
+        let mut heads: Vec<_> = self
+            .streams
+            .values()
+            .map(|s| (s.meta.stream.clone(), s.meta.sender.clone(), s.last_seq, s.last_hash.clone()))
+            .collect();
+        heads.sort();
+        heads
+    }
+
+    /// Judges and stores one batch of canonical lines from `sender`.
+    pub fn store(&mut self, sender: &str, lines: &[&[u8]]) -> Result<Stored, Refused> {
+        let mut records = Vec::with_capacity(lines.len());
+        for (i, line) in lines.iter().enumerate() {
+            let record = Record::parse_line(line).map_err(|e| Refused::Invalid(format!("line {}: {e}", i + 1)))?;
+            if record.v != SCHEMA_VERSION {
+                return Err(Refused::Invalid(format!("line {}: schema version {}", i + 1, record.v)));
+            }
+            records.push(record);
+        }
+        let Some(first) = records.first() else { return Err(Refused::Invalid("empty batch".into())) };
+        let stream = first.stream.clone();
+        if records.iter().any(|r| r.stream != stream) {
+            return Err(Refused::Invalid("a batch carries one stream".into()));
+        }
+        if records.windows(2).any(|w| w[1].seq != w[0].seq + 1) {
+            return Err(Refused::Invalid("records of a batch must be consecutive".into()));
+        }
+        if !self.streams.contains_key(&stream) {
+            self.create(&stream, sender)?;
+        }
+        let state = self.streams.get_mut(&stream).ok_or_else(|| io("stream vanished"))?;
+        if state.meta.sender != sender {
+            return Err(Refused::NotYourStream { stream });
+        }
+        let integrity = |class, seq, detail: String| Refused::Integrity { class, stream: stream.clone(), seq, detail };
+        let mut stored = Stored {
+            stream: stream.clone(),
+            durable_through: state.last_seq,
+            written: 0,
+            duplicates: 0,
+            incidents: Vec::new(),
+        };
+        let mut fresh = Vec::new();
+        for record in &records {
+            if record.seq <= state.last_seq {
+                match state.recent.get(&record.seq) {
+                    Some(hash) if *hash == record.hash => stored.duplicates += 1,
+                    Some(hash) => {
+                        return Err(integrity(
+                            IncidentClass::Fork,
+                            record.seq,
+                            format!("a different record for a stored position (stored {hash}, sent {})", record.hash),
+                        ));
+                    }
+                    // Older than what is kept in memory, or before an anchor.
+                    None => stored.duplicates += 1,
+                }
+                continue;
+            }
+            fresh.push(record);
+        }
+        let Some(next) = fresh.first() else { return Ok(stored) };
+        if let Some(pair) = fresh.windows(2).find(|w| w[1].prev != w[0].hash) {
+            return Err(integrity(
+                IncidentClass::Rewrite,
+                pair[1].seq,
+                "the batch's own chain is broken (prev does not match the record before)".into(),
+            ));
+        }
+        let expected = state.last_seq + 1;
+        if next.seq > expected {
+            let detail = format!("records {expected}..{} never arrived", next.seq - 1);
+            stored.incidents.push((IncidentClass::Gap, expected, detail));
+            if state.last_seq == 0 {
+                // A stream first seen after its start: anchor it where it begins.
+                let anchor = Anchor { stream: stream.clone(), seq: next.seq - 1, hash: next.prev.clone() };
+                segment::write_anchor(&state.dir, &anchor).map_err(io)?;
+            }
+        } else if next.prev != state.last_hash {
+            return Err(integrity(
+                IncidentClass::Rewrite,
+                next.seq,
+                format!("prev {} does not continue the stored chain (head {})", next.prev, state.last_hash),
+            ));
+        }
+        // Append, fsync, then advance: a failure leaves nothing acknowledged.
+        let mut bytes = Vec::new();
+        for record in &fresh {
+            bytes.extend_from_slice(&record.to_line());
+            bytes.push(b'\n');
+        }
+        let (path, len) = match &state.active {
+            Some((path, len)) if *len < SEGMENT_BYTES => (path.clone(), *len),
+            _ => (state.dir.join(segment::segment_name(next.seq)), 0),
+        };
+        let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
+        if let Err(e) = file.write_all(&bytes).and_then(|_| file.sync_data()) {
+            // Cut back what may have been written, so no partial record stays.
+            let _ = file.set_len(len);
+            return Err(io(e));
+        }
+        if len == 0 {
+            segment::sync_dir(&state.dir).map_err(io)?;
+        }
+        state.active = Some((path, len + bytes.len() as u64));
+        for record in &fresh {
+            state.last_seq = record.seq;
+            state.last_hash = record.hash.clone();
+            if state.recent.len() >= RECENT {
+                state.recent.clear();
+            }
+            state.recent.insert(record.seq, record.hash.clone());
+        }
+        stored.written = fresh.len();
+        stored.durable_through = state.last_seq;
+        Ok(stored)
+    }
+
+    fn create(&mut self, stream: &str, sender: &str) -> Result<(), Refused> {
+        let name = hex::encode(Sha256::digest(stream.as_bytes()));
+        let dir = self.root.join("streams").join(&name[..32]);
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let meta = StreamMeta { stream: stream.to_string(), sender: sender.to_string() };
+        let mut file = File::create(dir.join("stream.json")).map_err(io)?;
+        file.write_all(&serde_json::to_vec(&meta).map_err(io)?).and_then(|_| file.sync_all()).map_err(io)?;
+        segment::sync_dir(&dir).map_err(io)?;
+        self.streams.insert(
+            stream.to_string(),
+            StreamState {
+                dir,
+                meta,
+                last_seq: 0,
+                last_hash: crate::audit::record::GENESIS.to_string(),
+                recent: HashMap::new(),
+                active: None,
+            },
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::{Chain, Event, Kind};
+    use crate::audit::verify::{VerifyOptions, verify_dir};
+
+    fn lines(n: u64) -> Vec<Vec<u8>> {
+        let mut chain = Chain::new("clinic/lookup/pod/s1".into(), "clinic/lookup".into(), None);
+        (0..n)
+            .map(|i| {
+                let mut e = Event::new(Kind::Lease);
+                e.lease = Some(crate::audit::record::Lease {
+                    id: format!("l{i}"),
+                    action: crate::audit::record::LeaseAction::Issued,
+                    role: None,
+                    valid_until: None,
+                });
+                chain.seal(e, chrono::Utc::now()).unwrap().record.to_line()
+            })
+            .collect()
+    }
+
+    fn refs(lines: &[Vec<u8>]) -> Vec<&[u8]> {
+        lines.iter().map(|l| l.as_slice()).collect()
+    }
+
+    #[test]
+    fn batches_are_stored_once_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = lines(10);
+        let mut storage = Storage::open(dir.path()).unwrap();
+        assert_eq!(storage.store("a", &refs(&all[..4])).unwrap().durable_through, 4);
+        // A resend overlapping the stored part is idempotent.
+        let again = storage.store("a", &refs(&all[2..7])).unwrap();
+        assert_eq!((again.duplicates, again.written, again.durable_through), (2, 3, 7));
+        drop(storage);
+        let mut storage = Storage::open(dir.path()).unwrap();
+        assert_eq!(storage.store("a", &refs(&all[5..10])).unwrap().durable_through, 10);
+        assert!(verify_dir(dir.path(), VerifyOptions::default()).passed());
+    }
+
+    #[test]
+    fn another_sender_forks_and_rewrites_are_refused_unwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = lines(5);
+        let mut storage = Storage::open(dir.path()).unwrap();
+        storage.store("a", &refs(&all[..3])).unwrap();
+        assert!(matches!(storage.store("b", &refs(&all[3..])), Err(Refused::NotYourStream { .. })));
+        // A different record 3 (a fork): same seq, other hash.
+        let other = lines(3);
+        let mut forked = other[2].clone();
+        let text = String::from_utf8(forked.clone()).unwrap().replace("\"l2\"", "\"lX\"");
+        forked = text.into_bytes();
+        assert!(matches!(storage.store("a", &[&forked]), Err(Refused::Invalid(_))), "a tampered line is not canonical");
+        let mut foreign = Chain::new("clinic/lookup/pod/s1".into(), "clinic/lookup".into(), Some("x".into()));
+        let fake: Vec<Vec<u8>> = (0..4)
+            .map(|_| foreign.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line())
+            .collect();
+        assert!(matches!(storage.store("a", &[&fake[2]]), Err(Refused::Integrity { class: IncidentClass::Fork, .. })));
+        assert!(matches!(
+            storage.store("a", &[&fake[3]]),
+            Err(Refused::Integrity { class: IncidentClass::Rewrite, .. })
+        ));
+        assert!(matches!(storage.store("a", &[b"not json".as_slice()]), Err(Refused::Invalid(_))));
+        assert_eq!(storage.heads()[0].2, 3, "nothing of a refused batch was written");
+        assert!(verify_dir(dir.path(), VerifyOptions::default()).passed());
+    }
+
+    #[test]
+    fn a_gap_is_an_incident_and_verify_fails_at_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = lines(8);
+        let mut storage = Storage::open(dir.path()).unwrap();
+        storage.store("a", &refs(&all[..3])).unwrap();
+        let stored = storage.store("a", &refs(&all[5..])).unwrap();
+        assert_eq!(stored.incidents.len(), 1);
+        assert_eq!(stored.incidents[0].0, IncidentClass::Gap);
+        assert_eq!(stored.incidents[0].1, 4);
+        assert!(!verify_dir(dir.path(), VerifyOptions::default()).passed());
+    }
+}

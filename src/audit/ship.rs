@@ -1,0 +1,197 @@
+//! Shipping: records leave the WAL for the collector in order, in batches;
+//! segments are released only after the collector says they are durable.
+//!
+//! ```text
+//!   WAL dir ─ cursor (segment, byte offset) ─▶ complete lines with seq > shipped
+//!           ─ POST /v1/records (NDJSON) ─▶ {durableThrough: N} ─▶ Wal::release_through(N)
+//! ```
+//!
+//! Delivery is at-least-once: after a restart the cursor starts over at the
+//! oldest segment left and the collector drops what it already holds.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::record::Record;
+use super::segment;
+
+/// Most bytes in one batch.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Why a round failed (the caller backs off and retries).
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    /// Reading the WAL failed.
+    #[error("reading the WAL: {0}")]
+    Read(String),
+    /// The collector could not be reached.
+    #[error("collector unreachable: {0}")]
+    Unreachable(String),
+    /// The collector refused the batch.
+    #[error("collector refused the batch ({status} {class}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Error class.
+        class: String,
+        /// Message.
+        message: String,
+    },
+}
+
+/// What a round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shipped {
+    /// Records through this seq are durable at the collector.
+    Through(u64),
+    /// Nothing new to send.
+    Idle,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Ack {
+    durable_through: u64,
+}
+
+#[derive(Deserialize)]
+struct Refusal {
+    error: String,
+    message: String,
+}
+
+/// A position in the WAL: (first seq of the segment, byte offset of the
+/// next unread line).
+type Cursor = (u64, u64);
+
+/// A batch to send: its NDJSON body, its last seq, the cursor after it.
+struct Batch {
+    body: Vec<u8>,
+    last: u64,
+    cursor: Cursor,
+}
+
+/// Ships one WAL directory to one collector.
+pub struct Shipper {
+    dir: PathBuf,
+    url: String,
+    credential: String,
+    http: reqwest::Client,
+    cursor: Option<Cursor>,
+    shipped: u64,
+}
+
+impl Shipper {
+    /// A shipper of `dir` to the collector at `base` (e.g.
+    /// `http://127.0.0.1:7443`).
+    pub fn new(dir: PathBuf, base: &str, credential: &str) -> Result<Shipper, ShipError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ShipError::Unreachable(e.to_string()))?;
+        Ok(Shipper {
+            dir,
+            url: format!("{}/v1/records", base.trim_end_matches('/')),
+            credential: credential.trim().to_string(),
+            http,
+            cursor: None,
+            shipped: 0,
+        })
+    }
+
+    /// The highest seq the collector acknowledged.
+    pub fn shipped(&self) -> u64 {
+        self.shipped
+    }
+
+    /// The next batch: complete lines after the cursor with seq > shipped,
+    /// and the cursor after them.
+    fn next_batch(&mut self) -> Result<Option<Batch>, ShipError> {
+        let read = |e: std::io::Error| ShipError::Read(e.to_string());
+        let segments = segment::list_segments(&self.dir).map_err(read)?;
+        let mut index = match self.cursor {
+            Some((first, _)) => segments.iter().position(|(s, _)| *s == first).unwrap_or(0),
+            None => 0,
+        };
+        let mut offset = match self.cursor {
+            Some((first, offset)) if segments.get(index).is_some_and(|(s, _)| *s == first) => offset,
+            _ => 0,
+        };
+        while let Some((first, path)) = segments.get(index) {
+            let mut file = std::fs::File::open(path).map_err(read)?;
+            file.seek(SeekFrom::Start(offset)).map_err(read)?;
+            let mut buffer = Vec::new();
+            file.take(MAX_BATCH_BYTES as u64).read_to_end(&mut buffer).map_err(read)?;
+            let mut body = Vec::new();
+            let mut last = None;
+            let mut consumed = 0u64;
+            for line in segment::split_lines(&buffer).into_iter().filter(|l| l.complete) {
+                consumed = line.offset + line.bytes.len() as u64 + 1;
+                let record = Record::parse_line(&line.bytes).map_err(|e| {
+                    ShipError::Read(format!("{} at byte {}: {e}", path.display(), offset + line.offset))
+                })?;
+                if record.seq <= self.shipped {
+                    continue;
+                }
+                body.extend_from_slice(&line.bytes);
+                body.push(b'\n');
+                last = Some(record.seq);
+            }
+            let cursor = (*first, offset + consumed);
+            if let Some(last) = last {
+                return Ok(Some(Batch { body, last, cursor }));
+            }
+            if consumed > 0 {
+                // Only records already shipped: move past them.
+                offset += consumed;
+                self.cursor = Some(cursor);
+                continue;
+            }
+            // Nothing complete here; a later segment means this one is done.
+            if index + 1 < segments.len() {
+                index += 1;
+                offset = 0;
+                continue;
+            }
+            self.cursor = Some(cursor);
+            return Ok(None);
+        }
+        Ok(None)
+    }
+
+    /// Sends the next batch, if any.
+    pub async fn ship_once(&mut self) -> Result<Shipped, ShipError> {
+        let Some(Batch { body, last, cursor }) = self.next_batch()? else { return Ok(Shipped::Idle) };
+        let response = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.credential)
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ShipError::Unreachable(e.without_url().to_string()))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| ShipError::Unreachable(e.to_string()))?;
+        if !status.is_success() {
+            let refusal: Refusal = serde_json::from_slice(&bytes)
+                .unwrap_or(Refusal { error: "unknown".into(), message: String::from_utf8_lossy(&bytes).into() });
+            return Err(ShipError::Refused { status: status.as_u16(), class: refusal.error, message: refusal.message });
+        }
+        let ack: Ack =
+            serde_json::from_slice(&bytes).map_err(|e| ShipError::Unreachable(format!("bad answer: {e}")))?;
+        if ack.durable_through < last {
+            return Err(ShipError::Refused {
+                status: status.as_u16(),
+                class: "short_ack".into(),
+                message: format!("acknowledged through {} of {last}", ack.durable_through),
+            });
+        }
+        self.shipped = ack.durable_through;
+        self.cursor = Some(cursor);
+        Ok(Shipped::Through(ack.durable_through))
+    }
+}
