@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::*;
@@ -573,34 +574,55 @@ async fn the_sidecar_process_serves_reports_and_shuts_down_cleanly() {
     assert_eq!(report.streams[0].records, 4, "start, decision, outcome, end");
 }
 
+/// The collector binary on `port`, storing under `dir/collected`, accepting.
+async fn spawn_collector(dir: &std::path::Path, port: u16) -> Reap {
+    use std::process::{Command, Stdio};
+    let child = Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+        .args(["audit-collector", "--data-dir"])
+        .arg(dir.join("collected"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--sender-credential-file"])
+        .arg(dir.join("sender.cred"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the collector");
+    let child = Reap(child);
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return child;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the collector did not start");
+}
+
+/// Decisions and outcomes per correlation id in stored records.
+fn calls_on_record(dir: &std::path::Path) -> (HashMap<String, usize>, HashMap<String, usize>) {
+    let mut decisions = HashMap::<String, usize>::new();
+    let mut outcomes = HashMap::<String, usize>::new();
+    for r in mcp_warden::audit::query::read_records(dir).records {
+        let key = r.event.correlation.clone().unwrap_or_default();
+        match r.event.kind {
+            Kind::Decision => *decisions.entry(key).or_default() += 1,
+            Kind::Outcome => *outcomes.entry(key).or_default() += 1,
+            _ => {}
+        }
+    }
+    (decisions, outcomes)
+}
+
 /// Real processes end to end: gateway → WAL → shipper → collector →
 /// verify PASS, each call exactly one decision and one outcome, and the
 /// WAL released behind the collector.
 #[tokio::test]
 async fn the_sidecar_ships_its_sealed_trail_to_a_collector_process() {
-    use std::process::{Command, Stdio};
     let log: Log = Arc::default();
     let upstream_base = upstream(Arc::clone(&log)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let credential = "collector-sender-credential-0123456789";
     std::fs::write(dir.path().join("sender.cred"), credential).expect("cred");
     let collector_port = free_port();
-    let collector = Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
-        .args(["audit-collector", "--data-dir"])
-        .arg(dir.path().join("collected"))
-        .args(["--listen", &format!("127.0.0.1:{collector_port}"), "--sender-credential-file"])
-        .arg(dir.path().join("sender.cred"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the collector");
-    let mut collector = Reap(collector);
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", collector_port)).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let mut collector = spawn_collector(dir.path(), collector_port).await;
     let url = format!("http://127.0.0.1:{collector_port}");
     let cred_file = dir.path().join("sender.cred");
     let extra = ["--collector", url.as_str(), "--collector-credential-file", cred_file.to_str().expect("utf8")];
@@ -625,17 +647,7 @@ async fn the_sidecar_ships_its_sealed_trail_to_a_collector_process() {
     let collected = dir.path().join("collected/streams");
     let report = verify_dir(&collected, VerifyOptions { require_sealed: true });
     assert!(report.passed(), "{}", report.to_table());
-    let records = mcp_warden::audit::query::read_records(&collected).records;
-    let mut decisions = std::collections::HashMap::<String, usize>::new();
-    let mut outcomes = std::collections::HashMap::<String, usize>::new();
-    for r in &records {
-        let key = r.event.correlation.clone().unwrap_or_default();
-        match r.event.kind {
-            mcp_warden::audit::record::Kind::Decision => *decisions.entry(key).or_default() += 1,
-            mcp_warden::audit::record::Kind::Outcome => *outcomes.entry(key).or_default() += 1,
-            _ => {}
-        }
-    }
+    let (decisions, outcomes) = calls_on_record(&collected);
     assert_eq!(decisions.len(), calls as usize, "one decision per call");
     assert!(decisions.values().all(|n| *n == 1), "no decision twice");
     assert!(outcomes.iter().all(|(k, n)| *n == 1 && decisions.contains_key(k)), "at most one outcome, matched");
@@ -794,4 +806,63 @@ async fn an_unreachable_server_still_closes_every_forwarded_call_with_an_outcome
             .unwrap_or_else(|| panic!("no outcome for {:?}", decision.event.correlation));
         assert_eq!(outcome.event.outcome.as_ref().and_then(|o| o.http_status), Some(502));
     }
+}
+
+/// Faults with nothing lost: the collector SIGKILLed and restarted while
+/// calls go on, then the sidecar SIGKILLed and restarted over the same WAL.
+/// Every call is on the record exactly once at the collector, verifiably.
+#[tokio::test]
+async fn nothing_is_lost_when_the_collector_or_the_sidecar_is_killed() {
+    let log: Log = Arc::default();
+    let upstream_base = upstream(Arc::clone(&log)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("sender.cred"), "collector-sender-credential-0123456789").expect("cred");
+    let collector_port = free_port();
+    let mut collector = spawn_collector(dir.path(), collector_port).await;
+    let url = format!("http://127.0.0.1:{collector_port}");
+    let cred_file = dir.path().join("sender.cred");
+    let extra = ["--collector", url.as_str(), "--collector-credential-file", cred_file.to_str().expect("utf8")];
+    let http = reqwest::Client::new();
+    let token = rs256(&claims("alice", &["front-desk"]));
+    let call = |port: u16, i: u64| {
+        let body = rpc(i, "tools/call", json!({"name": "lookup_patient", "arguments": {"mrn": format!("{i:08}")}}));
+        http.post(format!("http://127.0.0.1:{port}/mcp")).bearer_auth(&token).json(&body).send()
+    };
+    let (mut sidecar, port, _) = spawn_sidecar(dir.path(), &upstream_base, &extra).await;
+    let mut answered = 0;
+    for i in 0..20 {
+        if i == 8 {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(collector.0.id() as i32, libc::SIGKILL) };
+            let _ = collector.0.wait();
+        }
+        if i == 14 {
+            collector = spawn_collector(dir.path(), collector_port).await;
+        }
+        // The WAL absorbs the outage: calls go on.
+        assert_eq!(call(port, i).await.expect("call").status().as_u16(), 200);
+        answered += 1;
+    }
+    // SIGKILL the sidecar (mid-shipping, whatever it was doing) and start it
+    // again over the same WAL directory.
+    unsafe { libc::kill(sidecar.0.id() as i32, libc::SIGKILL) };
+    let _ = sidecar.0.wait();
+    let (mut sidecar, port, _) = spawn_sidecar(dir.path(), &upstream_base, &extra).await;
+    for i in 20..30 {
+        assert_eq!(call(port, i).await.expect("call").status().as_u16(), 200);
+        answered += 1;
+    }
+    assert!(terminate(&mut sidecar).await.success());
+    assert!(terminate(&mut collector).await.success());
+
+    let collected = dir.path().join("collected/streams");
+    let report = verify_dir(&collected, VerifyOptions { require_sealed: true });
+    assert!(report.passed(), "{}", report.to_table());
+    assert_eq!(report.streams.len(), 1, "one stream, resumed across the restart");
+    assert!(report.streams[0].restarts >= 1, "the restart is on the record");
+    let (decisions, outcomes) = calls_on_record(&collected);
+    assert_eq!(decisions.len(), answered, "every call on the record");
+    assert!(decisions.values().all(|n| *n == 1), "none twice");
+    assert!(outcomes.iter().all(|(k, n)| *n == 1 && decisions.contains_key(k)));
+    assert_eq!(outcomes.len(), answered, "each answered call has its outcome");
 }
