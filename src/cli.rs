@@ -114,6 +114,10 @@ struct VerifyArgs {
     /// tail may have been cut).
     #[arg(long)]
     sealed: bool,
+    /// The collector's checkpoint public key (64 hex digits, or a file
+    /// holding them): every signed checkpoint must verify under it.
+    #[arg(long)]
+    checkpoint_key: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
@@ -277,7 +281,12 @@ fn init_logging() {
 }
 
 fn audit_verify_cmd(args: &VerifyArgs) -> ExitCode {
-    let report = audit::verify::verify_dir(&args.dir, audit::verify::VerifyOptions { require_sealed: args.sealed });
+    let checkpoint_key = match args.checkpoint_key.as_deref().map(audit::checkpoint::parse_public_key).transpose() {
+        Ok(key) => key.map(|k| k.to_bytes()),
+        Err(e) => return fail(&format!("--checkpoint-key: {e}")),
+    };
+    let options = audit::verify::VerifyOptions { require_sealed: args.sealed, checkpoint_key };
+    let report = audit::verify::verify_dir(&args.dir, options);
     let text = match args.output {
         OutputFormat::Table => report.to_table(),
         OutputFormat::Json => {

@@ -35,7 +35,7 @@ fn wal(dir: &Path) -> Wal {
 
 /// A collector on a free loopback port, over `data`.
 async fn collector(data: &Path) -> (String, Arc<Wal>) {
-    let storage = Storage::open(data).unwrap();
+    let storage = Arc::new(std::sync::Mutex::new(Storage::open(data).unwrap()));
     std::fs::create_dir_all(data.join("incidents")).unwrap();
     let incidents = Arc::new(Wal::open(WalConfig::new(data.join("incidents"), collector::COLLECTOR_SERVER)).unwrap());
     let app = collector::router(storage, Arc::clone(&incidents), StaticCredential::new(CREDENTIAL).unwrap());
@@ -111,7 +111,7 @@ async fn a_wal_arrives_once_in_order_and_is_released_only_after_the_collector_ho
     assert_eq!(stored.len(), 352, "stream-start, 350 leases, stream-end: each once");
     let seqs: Vec<u64> = stored.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (1..=352).collect::<Vec<_>>());
-    let report = verify_dir(&data.path().join("streams"), VerifyOptions { require_sealed: true });
+    let report = verify_dir(&data.path().join("streams"), VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(report.passed(), "{}", report.to_table());
 }
 
@@ -184,7 +184,7 @@ async fn the_collector_refuses_strangers_garbage_and_tampering_and_records_incid
     // (Renaming the stream breaks each record's hash: refused as invalid.)
     assert_eq!(post(CREDENTIAL, body(&forged[7..8])).await.unwrap().status(), 400);
     assert_eq!(stored_records(data.path()).len(), 7);
-    let report = verify_dir(&data.path().join("streams"), VerifyOptions { require_sealed: true });
+    let report = verify_dir(&data.path().join("streams"), VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(report.passed(), "{}", report.to_table());
     drop(incidents);
 }
@@ -222,4 +222,80 @@ async fn forks_and_gaps_become_incident_records() {
     assert_eq!(classes, vec![IncidentClass::Fork, IncidentClass::Rewrite, IncidentClass::Gap]);
     assert!(!verify_dir(&data.path().join("streams"), VerifyOptions::default()).passed(), "verify fails at the gap");
     drop(incidents);
+}
+
+#[tokio::test]
+async fn signed_checkpoints_prove_the_tail_and_their_own_integrity() {
+    use mcp_warden::audit::checkpoint::{CHECKPOINT_FILE, Signer, parse_public_key};
+    let wal_dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::write(keys.path().join("seed"), "11".repeat(32)).unwrap();
+    let signer = Signer::from_file(&keys.path().join("seed")).unwrap();
+    let key = parse_public_key(&signer.public_hex()).unwrap().to_bytes();
+    let storage = Arc::new(std::sync::Mutex::new(Storage::open(data.path()).unwrap()));
+    std::fs::create_dir_all(data.path().join("incidents")).unwrap();
+    let incidents =
+        Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).unwrap());
+    let app = collector::router(Arc::clone(&storage), incidents, StaticCredential::new(CREDENTIAL).unwrap());
+    let base = common::serve(app).await;
+
+    let w = wal(wal_dir.path());
+    for n in 0..40 {
+        w.append(lease(n)).await.unwrap();
+    }
+    let mut shipper = Shipper::new(wal_dir.path().into(), &base, CREDENTIAL).unwrap();
+    ship_all(&mut shipper, &w).await;
+    let mut signed = std::collections::HashMap::new();
+    assert_eq!(collector::checkpoint_changed(&storage, &signer, &mut signed).unwrap(), 1);
+    assert_eq!(
+        collector::checkpoint_changed(&storage, &signer, &mut signed).unwrap(),
+        0,
+        "unchanged: no new checkpoint"
+    );
+
+    let streams = data.path().join("streams");
+    let with_key = VerifyOptions { require_sealed: false, checkpoint_key: Some(key) };
+    let report = verify_dir(&streams, with_key);
+    assert!(report.passed(), "{}", report.to_table());
+    assert_eq!(report.streams[0].checkpoints, 1);
+    let unchecked = verify_dir(&streams, VerifyOptions::default());
+    assert!(unchecked.to_table().contains("NOT checked"), "{}", unchecked.to_table());
+
+    let stream_dir = std::fs::read_dir(&streams).unwrap().next().unwrap().unwrap().path();
+    // The tail cut after the checkpoint: the chain that is left is intact,
+    // but the checkpoint proves records are gone.
+    let (_, last_segment) = segment::list_segments(&stream_dir).unwrap().pop().unwrap();
+    let original = std::fs::read_to_string(&last_segment).unwrap();
+    let mut lines: Vec<&str> = original.lines().collect();
+    lines.truncate(lines.len() - 3);
+    std::fs::write(&last_segment, lines.join("\n") + "\n").unwrap();
+    assert!(verify_dir(&streams, VerifyOptions::default()).to_table().contains("signed but are gone"));
+    let report = verify_dir(&streams, with_key);
+    assert!(!report.passed());
+    assert!(report.to_table().contains("signed but are gone (last stored seq 38)"), "{}", report.to_table());
+    std::fs::write(&last_segment, &original).unwrap();
+
+    // A checkpoint whose signature was altered, or checked under another key.
+    let file = stream_dir.join(CHECKPOINT_FILE);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let cp: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let sig = cp["signature"].as_str().unwrap();
+    let flipped = format!("{}{}", if sig.starts_with('0') { "1" } else { "0" }, &sig[1..]);
+    std::fs::write(&file, text.replace(sig, &flipped)).unwrap();
+    assert!(verify_dir(&streams, with_key).to_table().contains("bad signature"));
+    std::fs::write(&file, &text).unwrap();
+    let other = VerifyOptions { require_sealed: false, checkpoint_key: Some([9u8; 32]) };
+    let report = verify_dir(&streams, other);
+    assert!(!report.passed());
+
+    // The CLI takes the key as hex.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+        .args(["audit", "verify", "--checkpoint-key", &signer.public_hex()])
+        .arg(&streams)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("1 signed checkpoint(s) verified"), "{stdout}");
 }

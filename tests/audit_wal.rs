@@ -263,7 +263,7 @@ fn recover_and_verify(dir: &Path) -> mcp_warden::audit::wal::Opened {
     let wal = Wal::open(WalConfig { pod: Some("p-1".into()), ..WalConfig::new(dir, SERVER) }).expect("recover");
     let opened = wal.opened().clone();
     wal.close_blocking().expect("close");
-    let report = verify_dir(dir, VerifyOptions { require_sealed: true });
+    let report = verify_dir(dir, VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(report.passed(), "{}", report.to_table());
     opened
 }
@@ -308,7 +308,7 @@ fn sigkill_in_a_loop_loses_no_acknowledged_record() {
     }
     let opened = recover_and_verify(dir.path());
     assert_acked_present(dir.path(), &acked);
-    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true });
+    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true, ..Default::default() });
     assert_eq!(report.streams.len(), 1, "one stream across every restart");
     assert_eq!(report.streams[0].restarts, rounds as u64, "every restart is recorded");
     assert!(opened.restart.is_some());

@@ -569,7 +569,7 @@ async fn the_sidecar_process_serves_reports_and_shuts_down_cleanly() {
     // SIGTERM: drain, seal the stream, exit 0.
     let status = terminate(&mut child).await;
     assert!(status.success(), "{status}");
-    let report = verify_dir(&dir.path().join("audit"), VerifyOptions { require_sealed: true });
+    let report = verify_dir(&dir.path().join("audit"), VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(report.passed(), "{}", report.to_table());
     assert_eq!(report.streams[0].records, 4, "start, decision, outcome, end");
 }
@@ -645,7 +645,7 @@ async fn the_sidecar_ships_its_sealed_trail_to_a_collector_process() {
     assert!(terminate(&mut collector).await.success());
 
     let collected = dir.path().join("collected/streams");
-    let report = verify_dir(&collected, VerifyOptions { require_sealed: true });
+    let report = verify_dir(&collected, VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(report.passed(), "{}", report.to_table());
     let (decisions, outcomes) = calls_on_record(&collected);
     assert_eq!(decisions.len(), calls as usize, "one decision per call");
@@ -856,7 +856,7 @@ async fn nothing_is_lost_when_the_collector_or_the_sidecar_is_killed() {
     assert!(terminate(&mut collector).await.success());
 
     let collected = dir.path().join("collected/streams");
-    let report = verify_dir(&collected, VerifyOptions { require_sealed: true });
+    let report = verify_dir(&collected, VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(report.passed(), "{}", report.to_table());
     assert_eq!(report.streams.len(), 1, "one stream, resumed across the restart");
     assert!(report.streams[0].restarts >= 1, "the restart is on the record");

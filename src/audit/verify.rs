@@ -23,6 +23,10 @@ use super::segment::{self, Anchor};
 pub struct VerifyOptions {
     /// Fail streams that do not end with a `stream-end` record.
     pub require_sealed: bool,
+    /// The collector's checkpoint public key: every signed checkpoint must
+    /// verify under it. Without it signatures are not checked (and the
+    /// report says so); what a checkpoint states is checked either way.
+    pub checkpoint_key: Option<[u8; 32]>,
 }
 
 /// Where a chain breaks.
@@ -67,6 +71,10 @@ pub struct StreamReport {
     pub restarts: u64,
     /// Ends with `stream-end`.
     pub sealed: bool,
+    /// Signed checkpoints verified under the trusted key.
+    pub checkpoints: u64,
+    /// Checkpoints whose signature was not checked (no key given).
+    pub checkpoints_unchecked: u64,
     /// The first break, if any.
     #[serde(rename = "break")]
     pub broken: Option<Break>,
@@ -139,7 +147,18 @@ impl VerifyReport {
         }
         if self.passed() {
             let records: u64 = self.streams.iter().map(|s| s.records).sum();
-            let _ = writeln!(out, "PASS: {} stream(s), {records} record(s) verified", self.streams.len());
+            let checkpoints: u64 = self.streams.iter().map(|s| s.checkpoints).sum();
+            let unchecked: u64 = self.streams.iter().map(|s| s.checkpoints_unchecked).sum();
+            let mut line = format!("PASS: {} stream(s), {records} record(s) verified", self.streams.len());
+            if checkpoints > 0 {
+                line.push_str(&format!(", {checkpoints} signed checkpoint(s) verified"));
+            }
+            if unchecked > 0 {
+                line.push_str(&format!(
+                    "; {unchecked} checkpoint signature(s) NOT checked (pass --checkpoint-key with the collector's public key)"
+                ));
+            }
+            let _ = writeln!(out, "{line}");
         }
         out
     }
@@ -190,6 +209,8 @@ pub fn verify_stream(dir: &Path, options: VerifyOptions) -> StreamReport {
         anchored_after: None,
         restarts: 0,
         sealed: false,
+        checkpoints: 0,
+        checkpoints_unchecked: 0,
         broken: None,
     };
     let whole = |reason: String| Break { segment: dir.to_path_buf(), line: 0, expected_seq: 1, reason };
@@ -208,6 +229,7 @@ pub fn verify_stream(dir: &Path, options: VerifyOptions) -> StreamReport {
         }
     };
     let mut walker = ChainWalker::new(anchor.as_ref());
+    let mut hashes: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
     report.anchored_after = anchor.as_ref().map(|a| a.seq);
     report.stream = anchor.map(|a| a.stream);
     for (named_first, path) in &segments {
@@ -254,6 +276,7 @@ pub fn verify_stream(dir: &Path, options: VerifyOptions) -> StreamReport {
                 return report;
             }
             report.stream.get_or_insert_with(|| record.stream.clone());
+            hashes.insert(record.seq, record.hash.clone());
             report.records += 1;
             report.first_seq.get_or_insert(record.seq);
             report.last_seq = Some(record.seq);
@@ -265,6 +288,11 @@ pub fn verify_stream(dir: &Path, options: VerifyOptions) -> StreamReport {
         }
     }
     report.sealed = walker.last_kind == Some(Kind::StreamEnd);
+    if let Err(reason) = check_checkpoints(dir, options, &hashes, &mut report) {
+        let segment = dir.join(super::checkpoint::CHECKPOINT_FILE);
+        report.broken = Some(Break { segment, line: 0, expected_seq: walker.expected_seq, reason });
+        return report;
+    }
     if options.require_sealed && !report.sealed {
         let segment = segments.last().map(|(_, p)| p.clone()).unwrap_or_else(|| dir.to_path_buf());
         report.broken = Some(Break {
@@ -280,6 +308,52 @@ pub fn verify_stream(dir: &Path, options: VerifyOptions) -> StreamReport {
         });
     }
     report
+}
+
+/// Checks the stream's signed checkpoints: each signature under the trusted
+/// key (when given), and each stated head against the stored records — a
+/// tail deleted or rewritten after a checkpoint fails here even though the
+/// remaining chain is intact.
+fn check_checkpoints(
+    dir: &Path,
+    options: VerifyOptions,
+    hashes: &std::collections::HashMap<u64, String>,
+    report: &mut StreamReport,
+) -> Result<(), String> {
+    use super::checkpoint;
+    let checkpoints = checkpoint::read(dir)?;
+    let key = options
+        .checkpoint_key
+        .map(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).map_err(|e| format!("checkpoint key: {e}")))
+        .transpose()?;
+    for cp in checkpoints {
+        let at = |what: String| format!("checkpoint at seq {} signed {}: {what}", cp.seq, cp.time);
+        match &key {
+            Some(key) => checkpoint::check(&cp, key).map_err(at)?,
+            None => report.checkpoints_unchecked += 1,
+        }
+        if report.stream.as_deref().is_some_and(|s| s != cp.stream) {
+            return Err(at(format!("names stream {:?}", cp.stream)));
+        }
+        if report.anchored_after.is_some_and(|a| cp.seq <= a) {
+            // Covers records released by the writer, not stored here.
+        } else {
+            match hashes.get(&cp.seq) {
+                Some(hash) if *hash == cp.hash => {}
+                Some(_) => return Err(at("the stored record at that seq is not the one signed".into())),
+                None => {
+                    let last = report.last_seq.map_or("none".to_string(), |s| s.to_string());
+                    return Err(at(format!(
+                        "records through that seq were signed but are gone (last stored seq {last})"
+                    )));
+                }
+            }
+        }
+        if key.is_some() {
+            report.checkpoints += 1;
+        }
+    }
+    Ok(())
 }
 
 /// The rules between consecutive records.

@@ -27,6 +27,7 @@ use axum::routing::post;
 use clap::Args;
 use serde_json::json;
 
+use super::checkpoint::Signer;
 use super::record::{Event, Incident, IncidentClass, Kind};
 use super::wal::{Wal, WalConfig};
 use crate::bearer::StaticCredential;
@@ -52,6 +53,13 @@ pub struct CollectorArgs {
     /// File holding the credential senders present (>= 32 bytes).
     #[arg(long)]
     pub sender_credential_file: PathBuf,
+    /// File holding the Ed25519 seed (64 hex digits) that signs checkpoints
+    /// (a Secret in a cluster). Without it no checkpoint is written.
+    #[arg(long)]
+    pub signing_key_file: Option<PathBuf>,
+    /// How often each changed stream gets a signed checkpoint (Go duration).
+    #[arg(long, default_value = "30s")]
+    pub checkpoint_interval: String,
 }
 
 #[derive(Clone)]
@@ -62,11 +70,33 @@ struct AppState {
 }
 
 /// The collector's router over opened storage.
-pub fn router(storage: Storage, incidents: Arc<Wal>, credential: StaticCredential) -> Router {
+pub fn router(storage: Arc<Mutex<Storage>>, incidents: Arc<Wal>, credential: StaticCredential) -> Router {
     Router::new()
         .route("/v1/records", post(records))
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
-        .with_state(AppState { storage: Arc::new(Mutex::new(storage)), incidents, credential })
+        .with_state(AppState { storage, incidents, credential })
+}
+
+/// Signs a checkpoint for every stream whose head moved since `signed`
+/// says; returns how many were written.
+pub fn checkpoint_changed(
+    storage: &Mutex<Storage>,
+    signer: &Signer,
+    signed: &mut std::collections::HashMap<String, u64>,
+) -> std::io::Result<usize> {
+    let heads = storage.lock().unwrap_or_else(|p| p.into_inner()).heads();
+    let time = super::record::format_time(chrono::Utc::now());
+    let mut written = 0;
+    for head in heads {
+        if head.seq == 0 || signed.get(&head.stream) == Some(&head.seq) {
+            continue;
+        }
+        let checkpoint = signer.sign(&head.stream, head.seq, &head.hash, &time);
+        super::checkpoint::append(&head.dir, &checkpoint)?;
+        signed.insert(head.stream, head.seq);
+        written += 1;
+    }
+    Ok(written)
 }
 
 fn refuse(status: StatusCode, class: &str, message: String) -> Response {
@@ -133,6 +163,18 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--sender-credential-file: cannot read {}", args.sender_credential_file.display()))?;
     let credential = StaticCredential::new(&text).map_err(|e| anyhow::anyhow!("--sender-credential-file: {e}"))?;
     let storage = Storage::open(&args.data_dir).map_err(|e| anyhow::anyhow!("{}: {e}", args.data_dir.display()))?;
+    let storage = Arc::new(Mutex::new(storage));
+    let interval = crate::policy::parse_go_duration(&args.checkpoint_interval)
+        .map_err(|e| anyhow::anyhow!("--checkpoint-interval: {e}"))?;
+    let signer = match &args.signing_key_file {
+        Some(path) => Some(Arc::new(Signer::from_file(path).map_err(|e| anyhow::anyhow!("--signing-key-file: {e}"))?)),
+        None => {
+            tracing::warn!(
+                "no --signing-key-file: no signed checkpoints; a cut tail of an open stream is not provable"
+            );
+            None
+        }
+    };
     let incidents_dir = args.data_dir.join("incidents");
     std::fs::create_dir_all(&incidents_dir)?;
     let incidents = Arc::new(Wal::open(WalConfig::new(&incidents_dir, COLLECTOR_SERVER))?);
@@ -140,8 +182,40 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, data = %args.data_dir.display(), "audit collector serving");
-    let app = router(storage, Arc::clone(&incidents), credential);
+    let checkpoints = signer.as_ref().map(|signer| {
+        tracing::info!(public_key = %signer.public_hex(), "signing checkpoints");
+        let (storage, signer) = (Arc::clone(&storage), Arc::clone(signer));
+        tokio::spawn(async move {
+            let mut signed = std::collections::HashMap::new();
+            loop {
+                tokio::time::sleep(interval).await;
+                let (s, g) = (Arc::clone(&storage), Arc::clone(&signer));
+                let mut map = std::mem::take(&mut signed);
+                let result = tokio::task::spawn_blocking(move || {
+                    let r = checkpoint_changed(&s, &g, &mut map);
+                    (r, map)
+                })
+                .await;
+                match result {
+                    Ok((Ok(_), map)) => signed = map,
+                    Ok((Err(e), map)) => {
+                        signed = map;
+                        tracing::error!(error = %e, "writing a checkpoint failed; retried next round");
+                    }
+                    Err(e) => tracing::error!(error = %e, "checkpoint task failed"),
+                }
+            }
+        })
+    });
+    let app = router(Arc::clone(&storage), Arc::clone(&incidents), credential);
     axum::serve(listener, app).with_graceful_shutdown(health::shutdown_signal()).await?;
+    if let Some(task) = checkpoints {
+        task.abort();
+    }
+    if let Some(signer) = &signer {
+        // A last checkpoint covers everything received before shutdown.
+        checkpoint_changed(&storage, signer, &mut std::collections::HashMap::new())?;
+    }
     match Arc::try_unwrap(incidents) {
         Ok(wal) => {
             wal.close().await?;

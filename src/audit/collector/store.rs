@@ -39,6 +39,21 @@ struct StreamMeta {
     sender: String,
 }
 
+/// Where a stream stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The stream.
+    pub stream: String,
+    /// Who sends it.
+    pub sender: String,
+    /// Its last stored seq.
+    pub seq: u64,
+    /// That record's hash.
+    pub hash: String,
+    /// Its directory.
+    pub dir: PathBuf,
+}
+
 /// What a batch did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -142,14 +157,20 @@ impl Storage {
         Ok(Storage { root: root.to_path_buf(), streams })
     }
 
-    /// The head of each stream: (stream, sender, last seq, last hash).
-    pub fn heads(&self) -> Vec<(String, String, u64, String)> {
-        let mut heads: Vec<_> = self
+    /// The head of each stream, by stream name.
+    pub fn heads(&self) -> Vec<Head> {
+        let mut heads: Vec<Head> = self
             .streams
             .values()
-            .map(|s| (s.meta.stream.clone(), s.meta.sender.clone(), s.last_seq, s.last_hash.clone()))
+            .map(|s| Head {
+                stream: s.meta.stream.clone(),
+                sender: s.meta.sender.clone(),
+                seq: s.last_seq,
+                hash: s.last_hash.clone(),
+                dir: s.dir.clone(),
+            })
             .collect();
-        heads.sort();
+        heads.sort_by(|a, b| a.stream.cmp(&b.stream));
         heads
     }
 
@@ -349,7 +370,7 @@ mod tests {
             Err(Refused::Integrity { class: IncidentClass::Rewrite, .. })
         ));
         assert!(matches!(storage.store("a", &[b"not json".as_slice()]), Err(Refused::Invalid(_))));
-        assert_eq!(storage.heads()[0].2, 3, "nothing of a refused batch was written");
+        assert_eq!(storage.heads()[0].seq, 3, "nothing of a refused batch was written");
         assert!(verify_dir(dir.path(), VerifyOptions::default()).passed());
     }
 

@@ -103,7 +103,7 @@ fn write(dir: &Path, layout: &Layout) {
 fn verify_layout(layout: &Layout) -> StreamReport {
     let dir = tempfile::tempdir().expect("tempdir");
     write(dir.path(), layout);
-    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true });
+    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(report.streams.len(), 1);
     report.streams[0].clone()
@@ -218,7 +218,7 @@ proptest! {
         }).map(|i| i as u64 + 1).expect("some record is cut");
         if kept.is_empty() {
             let dir = tempfile::tempdir().expect("tempdir");
-            let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true });
+            let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true, ..Default::default() });
             prop_assert!(!report.passed());
         } else {
             assert_break_at(&verify_layout(&kept), damaged);
@@ -251,12 +251,15 @@ fn an_anchor_lets_a_released_stream_verify_and_a_wrong_one_does_not() {
     .expect("write");
     let anchor = Anchor { stream: more[2].record.stream.clone(), seq: 3, hash: more[2].record.hash.clone() };
     segment::write_anchor(dir.path(), &anchor).expect("anchor");
-    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true });
+    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(report.passed(), "{report:#?}");
     assert_eq!(report.streams[0].anchored_after, Some(3));
     let forged = Anchor { hash: more[1].record.hash.clone(), ..anchor };
     segment::write_anchor(dir.path(), &forged).expect("anchor");
-    assert_break_at(&verify_dir(dir.path(), VerifyOptions { require_sealed: true }).streams[0], 4);
+    assert_break_at(
+        &verify_dir(dir.path(), VerifyOptions { require_sealed: true, ..Default::default() }).streams[0],
+        4,
+    );
 }
 
 #[test]
@@ -267,7 +270,7 @@ fn an_open_stream_passes_unless_a_seal_is_required() {
     std::fs::write(dir.path().join(segment::segment_name(1)), sealed[0].line.clone()).expect("write");
     let open = verify_dir(dir.path(), VerifyOptions::default());
     assert!(open.passed() && !open.streams[0].sealed, "{open:#?}");
-    let strict = verify_dir(dir.path(), VerifyOptions { require_sealed: true });
+    let strict = verify_dir(dir.path(), VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(!strict.passed());
     assert!(strict.streams[0].broken.as_ref().is_some_and(|b| b.reason.contains("without a stream-end")));
 }
@@ -295,7 +298,7 @@ fn several_streams_are_verified_separately() {
     let sub = dir.path().join("c");
     std::fs::create_dir(&sub).expect("mkdir");
     write(&sub, &broken);
-    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true });
+    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true, ..Default::default() });
     assert_eq!(report.streams.len(), 3);
     assert!(report.streams[0].passed() && report.streams[1].passed());
     assert!(!report.streams[2].passed());

@@ -34,7 +34,7 @@ fn records(dir: &Path) -> Vec<Record> {
 
 #[track_caller]
 fn assert_verifies(dir: &Path, sealed: bool) {
-    let report = verify_dir(dir, VerifyOptions { require_sealed: sealed });
+    let report = verify_dir(dir, VerifyOptions { require_sealed: sealed, ..Default::default() });
     assert!(report.passed(), "{report:#?}");
 }
 
@@ -71,7 +71,7 @@ fn a_reopened_stream_continues_and_records_the_restart() {
     assert_eq!(again.opened().restart, Some(Restart { previous_seq: 3, torn_bytes: 0, torn_sha256: None }));
     assert_eq!(again.opened().start.seq, 4);
     again.close_blocking().expect("close");
-    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true });
+    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(report.passed(), "{report:#?}");
     assert_eq!(report.streams[0].restarts, 1);
 }
@@ -200,7 +200,7 @@ fn segments_rotate_and_release_keeps_the_chain_verifiable() {
     assert!(anchor.seq <= last - 5);
     wal.append_blocking(decision(1_000)).expect("room again after release");
     wal.close_blocking().expect("close");
-    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true });
+    let report = verify_dir(dir.path(), VerifyOptions { require_sealed: true, ..Default::default() });
     assert!(report.passed(), "{report:#?}");
     assert_eq!(report.streams[0].anchored_after, Some(anchor.seq));
 
