@@ -576,8 +576,30 @@ async fn the_sidecar_process_serves_reports_and_shuts_down_cleanly() {
 
 /// The collector binary on `port`, storing under `dir/collected`, accepting.
 async fn spawn_collector(dir: &std::path::Path, port: u16) -> Reap {
+    spawn_collector_limited(dir, port, None).await
+}
+
+/// Like [`spawn_collector`], with files limited to `max_file_bytes`
+/// (RLIMIT_FSIZE): a full disk, as the process sees it.
+async fn spawn_collector_limited(dir: &std::path::Path, port: u16, max_file_bytes: Option<u64>) -> Reap {
+    use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
-    let child = Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-warden"));
+    if let Some(limit) = max_file_bytes {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let rlim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &rlim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // A write past the limit fails with EFBIG instead of killing the process.
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+    }
+    let child = command
         .args(["audit-collector", "--data-dir"])
         .arg(dir.join("collected"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--sender-credential-file"])
@@ -865,4 +887,46 @@ async fn nothing_is_lost_when_the_collector_or_the_sidecar_is_killed() {
     assert!(decisions.values().all(|n| *n == 1), "none twice");
     assert!(outcomes.iter().all(|(k, n)| *n == 1 && decisions.contains_key(k)));
     assert_eq!(outcomes.len(), answered, "each answered call has its outcome");
+}
+
+/// The collector's disk fills: batches are refused with a clear error
+/// (nothing partial stored), the sidecar keeps its WAL and backs off, and
+/// once the collector has room again everything arrives, once.
+#[tokio::test]
+async fn a_full_collector_disk_loses_nothing() {
+    let log: Log = Arc::default();
+    let upstream_base = upstream(Arc::clone(&log)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("sender.cred"), "collector-sender-credential-0123456789").expect("cred");
+    let collector_port = free_port();
+    // Room for a few records per file only.
+    let mut collector = spawn_collector_limited(dir.path(), collector_port, Some(6 * 1024)).await;
+    let url = format!("http://127.0.0.1:{collector_port}");
+    let cred_file = dir.path().join("sender.cred");
+    let extra = ["--collector", url.as_str(), "--collector-credential-file", cred_file.to_str().expect("utf8")];
+    let (mut sidecar, port, _) = spawn_sidecar(dir.path(), &upstream_base, &extra).await;
+    let http = reqwest::Client::new();
+    let token = rs256(&claims("alice", &["front-desk"]));
+    let calls = 30;
+    for i in 0..calls {
+        let body = rpc(i, "tools/call", json!({"name": "lookup_patient", "arguments": {"mrn": format!("{i:08}")}}));
+        let r = http.post(format!("http://127.0.0.1:{port}/mcp")).bearer_auth(&token).json(&body).send().await;
+        assert_eq!(r.expect("call").status().as_u16(), 200, "the WAL absorbs the collector's full disk");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let collected = dir.path().join("collected/streams");
+    let partial = verify_dir(&collected, VerifyOptions::default());
+    assert!(partial.passed(), "what was stored is whole: {}", partial.to_table());
+    let (stored, _) = calls_on_record(&collected);
+    assert!(stored.len() < calls as usize, "the limit was hit ({} of {calls} stored)", stored.len());
+    // Room again: a collector without the limit over the same storage.
+    assert!(terminate(&mut collector).await.success());
+    let mut collector = spawn_collector(dir.path(), collector_port).await;
+    assert!(terminate(&mut sidecar).await.success());
+    assert!(terminate(&mut collector).await.success());
+    let report = verify_dir(&collected, VerifyOptions { require_sealed: true, ..Default::default() });
+    assert!(report.passed(), "{}", report.to_table());
+    let (decisions, outcomes) = calls_on_record(&collected);
+    assert_eq!(decisions.len(), calls as usize);
+    assert!(decisions.values().all(|n| *n == 1) && outcomes.values().all(|n| *n == 1));
 }
