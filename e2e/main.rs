@@ -388,7 +388,7 @@ async fn broker_reviews_sidecar_tokens_reads_its_inventory_and_writes_store_stat
     }
 
     // TokenReview, as the real API server answers it.
-    let reviewer = TokenReviewer::new(client.clone());
+    let reviewer = TokenReviewer::new(client.clone(), BROKER_AUDIENCE);
     let sidecar = token_for(&client, &ns, "patient-lookup-mcpw", BROKER_AUDIENCE).await;
     assert_eq!(
         reviewer.server_of(&sidecar).await.expect("the sidecar's token"),

@@ -34,6 +34,8 @@ pub mod operator;
 pub mod policy;
 pub mod render;
 pub mod sidecar;
+pub mod tls_listener;
+pub mod token_review;
 
 #[cfg(test)]
 pub(crate) mod fixtures;

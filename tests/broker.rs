@@ -902,7 +902,7 @@ async fn fake_token_review_api() -> kube::Client {
 #[tokio::test]
 async fn in_a_cluster_a_sidecar_gets_credentials_for_its_own_server_only() {
     let w = world().await;
-    let reviewer = Arc::new(mcp_warden::broker::cluster::TokenReviewer::new(fake_token_review_api().await));
+    let reviewer = Arc::new(mcp_warden::broker::cluster::TokenReviewer::new(fake_token_review_api().await, mcp_warden::broker::cluster::BROKER_AUDIENCE));
     let callers = Callers { sidecar: SidecarAuth::TokenReview(reviewer), revoker: None };
     let base = common::serve(router(Arc::clone(&w.broker), callers)).await;
     let caller = token("nina", &["front-desk"]);
@@ -942,10 +942,10 @@ async fn the_api_is_served_over_tls() {
     std::fs::write(dir.path().join("tls.crt"), &server_tls.cert_pem).unwrap();
     std::fs::write(dir.path().join("tls.key"), &server_tls.key_pem).unwrap();
     let config =
-        mcp_warden::broker::tls::server_config(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).unwrap();
+        mcp_warden::tls_listener::server_config(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let tls = mcp_warden::broker::tls::TlsListener::new(listener, config).unwrap();
+    let tls = mcp_warden::tls_listener::TlsListener::new(listener, config).unwrap();
     let callers =
         Callers { sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()), revoker: None };
     let app = router(Arc::clone(&w.broker), callers);

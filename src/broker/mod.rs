@@ -33,7 +33,6 @@ pub mod naming;
 pub mod sql;
 pub mod status;
 pub mod store;
-pub mod tls;
 pub mod trail;
 
 use std::net::SocketAddr;
@@ -150,7 +149,7 @@ impl Source {
 /// Runs the broker until SIGTERM/SIGINT.
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let tls = match (&args.tls_cert_file, &args.tls_key_file) {
-        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        (Some(cert), Some(key)) => Some(crate::tls_listener::server_config(cert, key)?),
         _ => None,
     };
     anyhow::ensure!(
@@ -179,7 +178,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
                 "in a cluster sidecars authenticate with their service-account tokens; a static sidecar credential is for --manifests only"
             );
             let client = kube::Client::try_default().await.context("no cluster to run in (or pass --manifests DIR)")?;
-            let reviewer = std::sync::Arc::new(cluster::TokenReviewer::new(client.clone()));
+            let reviewer = std::sync::Arc::new(cluster::TokenReviewer::new(client.clone(), cluster::BROKER_AUDIENCE));
             let status = Box::new(cluster::StatusWriter::new(client.clone()));
             (
                 Source::Cluster { client, namespace: args.watch_namespace.clone(), status },
@@ -236,7 +235,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, tls = tls.is_some(), "broker serving");
     match tls {
         Some(config) => {
-            axum::serve(tls::TlsListener::new(listener, config)?, app)
+            axum::serve(crate::tls_listener::TlsListener::new(listener, config)?, app)
                 .with_graceful_shutdown(health::shutdown_signal())
                 .await?
         }

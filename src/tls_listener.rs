@@ -1,4 +1,4 @@
-//! Serving the broker API over TLS (it returns credentials): a listener for
+//! Serving the control plane's APIs (broker, collector) over TLS: a listener for
 //! `axum::serve` that completes each handshake in its own task, so a slow
 //! or silent client holds up nobody.
 

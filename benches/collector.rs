@@ -1,0 +1,101 @@
+//! Shipping throughput and delay: records appended to a real WAL (fsync'd),
+//! shipped by the real shipper to a real collector (fsync'd) on loopback.
+//! Prints durable records/s at the collector and the append-to-collector
+//! delay (p50/p99); the numbers are recorded in docs/audit-format.md.
+//!
+//! `cargo bench --bench collector`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mcp_warden::audit::collector::{self, store::Storage};
+use mcp_warden::audit::record::{Event, Kind, Lease, LeaseAction};
+use mcp_warden::audit::ship::{Shipped, Shipper};
+use mcp_warden::audit::{Wal, WalConfig};
+use mcp_warden::bearer::StaticCredential;
+
+const CREDENTIAL: &str = "bench-collector-credential-0123456789";
+
+fn lease(n: u64) -> Event {
+    let mut e = Event::new(Kind::Lease);
+    e.lease = Some(Lease { id: format!("lease-{n:012}"), action: LeaseAction::Issued, role: None, valid_until: None });
+    e
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let wal_dir = tempfile::tempdir().expect("tempdir");
+        let data = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(data.path().join("incidents")).expect("dir");
+        let storage = Arc::new(Mutex::new(Storage::open(data.path()).expect("storage")));
+        let incidents =
+            Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).expect("wal"));
+        let app = collector::router(storage, incidents, StaticCredential::new(CREDENTIAL).expect("credential"));
+        let base = common::serve(app).await;
+        let wal = Arc::new(Wal::open(WalConfig::new(wal_dir.path(), "clinic/patient-lookup")).expect("wal"));
+
+        let total: u64 = 20_000;
+        let appended = Arc::new(Mutex::new(vec![None::<Instant>; total as usize + 2]));
+        let acks = Arc::new(Mutex::new(Vec::<(u64, Instant)>::new()));
+        let ship = {
+            let (wal, acks) = (Arc::clone(&wal), Arc::clone(&acks));
+            let mut shipper = Shipper::new(wal_dir.path().into(), &base, CREDENTIAL).expect("shipper");
+            tokio::spawn(async move {
+                loop {
+                    match shipper.ship_once().await.expect("ship") {
+                        Shipped::Through(through) => {
+                            acks.lock().expect("acks").push((through, Instant::now()));
+                            wal.release_through(through).await.expect("release");
+                            if through > total {
+                                return;
+                            }
+                        }
+                        Shipped::Idle => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+            })
+        };
+        let started = Instant::now();
+        let mut writers = Vec::new();
+        for w in 0..16u64 {
+            let (wal, appended) = (Arc::clone(&wal), Arc::clone(&appended));
+            writers.push(tokio::spawn(async move {
+                for n in (w..total).step_by(16) {
+                    let receipt = wal.append(lease(n)).await.expect("append");
+                    appended.lock().expect("appended")[receipt.seq as usize] = Some(Instant::now());
+                }
+            }));
+        }
+        for writer in writers {
+            writer.await.expect("writer");
+        }
+        ship.await.expect("shipper task");
+        let took = started.elapsed();
+        let acks = acks.lock().expect("acks").clone();
+        let appended = appended.lock().expect("appended").clone();
+        let mut delays: Vec<Duration> = Vec::new();
+        for (seq, at) in appended.iter().enumerate().skip(2) {
+            let Some(at) = at else { continue };
+            if let Some((_, acked)) = acks.iter().find(|(through, _)| *through >= seq as u64) {
+                delays.push(acked.saturating_duration_since(*at));
+            }
+        }
+        delays.sort();
+        let pct = |p: f64| delays[((delays.len() - 1) as f64 * p) as usize];
+        println!(
+            "shipped {total} records in {took:.2?}: {:.0} durable records/s at the collector, {} batches",
+            total as f64 / took.as_secs_f64(),
+            acks.len()
+        );
+        println!(
+            "append-to-collector delay: p50={:.2?} p99={:.2?} max={:.2?}",
+            pct(0.5),
+            pct(0.99),
+            delays[delays.len() - 1]
+        );
+    });
+}
