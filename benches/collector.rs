@@ -32,8 +32,9 @@ fn main() {
         let data = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(data.path().join("incidents")).expect("dir");
         let storage = Arc::new(Mutex::new(Storage::open(data.path()).expect("storage")));
-        let incidents =
-            Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).expect("wal"));
+        let incidents = Arc::new(
+            Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).expect("wal"),
+        );
         let app = collector::router(storage, incidents, StaticCredential::new(CREDENTIAL).expect("credential"));
         let base = common::serve(app).await;
         let wal = Arc::new(Wal::open(WalConfig::new(wal_dir.path(), "clinic/patient-lookup")).expect("wal"));

@@ -102,7 +102,6 @@ impl TokenReviewer {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use http::{Method, StatusCode};
@@ -185,5 +184,4 @@ mod tests {
         assert!(!err.to_string().contains("t4"));
         server.await.unwrap();
     }
-
 }

@@ -902,7 +902,10 @@ async fn fake_token_review_api() -> kube::Client {
 #[tokio::test]
 async fn in_a_cluster_a_sidecar_gets_credentials_for_its_own_server_only() {
     let w = world().await;
-    let reviewer = Arc::new(mcp_warden::broker::cluster::TokenReviewer::new(fake_token_review_api().await, mcp_warden::broker::cluster::BROKER_AUDIENCE));
+    let reviewer = Arc::new(mcp_warden::broker::cluster::TokenReviewer::new(
+        fake_token_review_api().await,
+        mcp_warden::broker::cluster::BROKER_AUDIENCE,
+    ));
     let callers = Callers { sidecar: SidecarAuth::TokenReview(reviewer), revoker: None };
     let base = common::serve(router(Arc::clone(&w.broker), callers)).await;
     let caller = token("nina", &["front-desk"]);

@@ -227,6 +227,9 @@ impl Storage {
             fresh.push(record);
         }
         let Some(next) = fresh.first() else { return Ok(stored) };
+        if next.seq == 1 && next.event.kind != crate::audit::record::Kind::StreamStart {
+            return Err(Refused::Invalid("a stream must begin with a stream-start record".into()));
+        }
         if let Some(pair) = fresh.windows(2).find(|w| w[1].prev != w[0].hash) {
             return Err(integrity(
                 IncidentClass::Rewrite,
@@ -316,6 +319,9 @@ mod tests {
         let mut chain = Chain::new("clinic/lookup/pod/s1".into(), "clinic/lookup".into(), None);
         (0..n)
             .map(|i| {
+                if i == 0 {
+                    return chain.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
+                }
                 let mut e = Event::new(Kind::Lease);
                 e.lease = Some(crate::audit::record::Lease {
                     id: format!("l{i}"),
