@@ -198,10 +198,11 @@ async fn forks_and_gaps_become_incident_records() {
     let url = format!("{base}/v1/records");
     let mut chain = Chain::new("clinic/x/pod/s".into(), "clinic/x".into(), None);
     let mut other = Chain::new("clinic/x/pod/s".into(), "clinic/x".into(), Some("other".into()));
+    let event = |n: usize| if n == 0 { Event::new(Kind::StreamStart) } else { lease(n) };
     let mine: Vec<Vec<u8>> =
-        (0..6).map(|n| chain.seal(lease(n), chrono::Utc::now()).unwrap().record.to_line()).collect();
+        (0..6).map(|n| chain.seal(event(n), chrono::Utc::now()).unwrap().record.to_line()).collect();
     let theirs: Vec<Vec<u8>> =
-        (0..6).map(|n| other.seal(lease(n), chrono::Utc::now()).unwrap().record.to_line()).collect();
+        (0..6).map(|n| other.seal(event(n), chrono::Utc::now()).unwrap().record.to_line()).collect();
     let send = |line: &Vec<u8>| {
         let mut bytes = line.clone();
         bytes.push(b'\n');
