@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mcp_warden::audit::collector::{self, store::Storage};
 use mcp_warden::audit::record::{Event, Kind, Lease, LeaseAction};
-use mcp_warden::audit::ship::{Shipped, Shipper};
+use mcp_warden::audit::ship::{SenderCredential, Shipped, Shipper};
 use mcp_warden::audit::{Wal, WalConfig};
 use mcp_warden::bearer::StaticCredential;
 
@@ -35,7 +35,11 @@ fn main() {
         let incidents = Arc::new(
             Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).expect("wal"),
         );
-        let app = collector::router(storage, incidents, StaticCredential::new(CREDENTIAL).expect("credential"));
+        let app = collector::router(
+            storage,
+            incidents,
+            collector::Senders::Static(StaticCredential::new(CREDENTIAL).expect("credential")),
+        );
         let base = common::serve(app).await;
         let wal = Arc::new(Wal::open(WalConfig::new(wal_dir.path(), "clinic/patient-lookup")).expect("wal"));
 
@@ -44,7 +48,8 @@ fn main() {
         let acks = Arc::new(Mutex::new(Vec::<(u64, Instant)>::new()));
         let ship = {
             let (wal, acks) = (Arc::clone(&wal), Arc::clone(&acks));
-            let mut shipper = Shipper::new(wal_dir.path().into(), &base, CREDENTIAL).expect("shipper");
+            let mut shipper = Shipper::new(wal_dir.path().into(), &base, SenderCredential::Fixed(CREDENTIAL.into()))
+                .expect("shipper");
             tokio::spawn(async move {
                 loop {
                     match shipper.ship_once().await.expect("ship") {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use mcp_warden::audit::collector::{self, store::Storage};
 use mcp_warden::audit::record::{Event, Kind, Lease, LeaseAction, Record};
 use mcp_warden::audit::segment;
-use mcp_warden::audit::ship::{ShipError, Shipped, Shipper};
+use mcp_warden::audit::ship::{SenderCredential, ShipError, Shipped, Shipper};
 use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
 use mcp_warden::audit::{Wal, WalConfig};
 use mcp_warden::bearer::StaticCredential;
@@ -38,7 +38,11 @@ async fn collector(data: &Path) -> (String, Arc<Wal>) {
     let storage = Arc::new(std::sync::Mutex::new(Storage::open(data).unwrap()));
     std::fs::create_dir_all(data.join("incidents")).unwrap();
     let incidents = Arc::new(Wal::open(WalConfig::new(data.join("incidents"), collector::COLLECTOR_SERVER)).unwrap());
-    let app = collector::router(storage, Arc::clone(&incidents), StaticCredential::new(CREDENTIAL).unwrap());
+    let app = collector::router(
+        storage,
+        Arc::clone(&incidents),
+        collector::Senders::Static(StaticCredential::new(CREDENTIAL).unwrap()),
+    );
     (common::serve(app).await, incidents)
 }
 
@@ -79,12 +83,17 @@ async fn a_wal_arrives_once_in_order_and_is_released_only_after_the_collector_ho
 
     // The collector is down: nothing is released, nothing lost.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut shipper = Shipper::new(wal_dir.path().into(), &format!("http://127.0.0.1:{closed}"), CREDENTIAL).unwrap();
+    let mut shipper = Shipper::new(
+        wal_dir.path().into(),
+        &format!("http://127.0.0.1:{closed}"),
+        SenderCredential::Fixed(CREDENTIAL.into()),
+    )
+    .unwrap();
     assert!(matches!(shipper.ship_once().await, Err(ShipError::Unreachable(_))));
     assert_eq!(segment::list_segments(wal_dir.path()).unwrap().len(), segments_before);
 
     let (base, _incidents) = collector(data.path()).await;
-    let mut shipper = Shipper::new(wal_dir.path().into(), &base, CREDENTIAL).unwrap();
+    let mut shipper = Shipper::new(wal_dir.path().into(), &base, SenderCredential::Fixed(CREDENTIAL.into())).unwrap();
     ship_all(&mut shipper, &w).await;
     // 1 stream-start + 300 leases.
     assert_eq!(shipper.shipped(), 301);
@@ -101,7 +110,7 @@ async fn a_wal_arrives_once_in_order_and_is_released_only_after_the_collector_ho
         w.append(lease(n)).await.unwrap();
     }
     w.close().await.unwrap();
-    let mut restarted = Shipper::new(wal_dir.path().into(), &base, CREDENTIAL).unwrap();
+    let mut restarted = Shipper::new(wal_dir.path().into(), &base, SenderCredential::Fixed(CREDENTIAL.into())).unwrap();
     loop {
         if restarted.ship_once().await.unwrap() == Shipped::Idle {
             break;
@@ -238,14 +247,18 @@ async fn signed_checkpoints_prove_the_tail_and_their_own_integrity() {
     std::fs::create_dir_all(data.path().join("incidents")).unwrap();
     let incidents =
         Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).unwrap());
-    let app = collector::router(Arc::clone(&storage), incidents, StaticCredential::new(CREDENTIAL).unwrap());
+    let app = collector::router(
+        Arc::clone(&storage),
+        incidents,
+        collector::Senders::Static(StaticCredential::new(CREDENTIAL).unwrap()),
+    );
     let base = common::serve(app).await;
 
     let w = wal(wal_dir.path());
     for n in 0..40 {
         w.append(lease(n)).await.unwrap();
     }
-    let mut shipper = Shipper::new(wal_dir.path().into(), &base, CREDENTIAL).unwrap();
+    let mut shipper = Shipper::new(wal_dir.path().into(), &base, SenderCredential::Fixed(CREDENTIAL.into())).unwrap();
     ship_all(&mut shipper, &w).await;
     let mut signed = std::collections::HashMap::new();
     assert_eq!(collector::checkpoint_changed(&storage, &signer, &mut signed).unwrap(), 1);
@@ -299,4 +312,55 @@ async fn signed_checkpoints_prove_the_tail_and_their_own_integrity() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("1 signed checkpoint(s) verified"), "{stdout}");
+}
+
+/// In a cluster a sender is a sidecar's service account: it may write only
+/// its own MCPServer's streams.
+#[tokio::test]
+async fn in_a_cluster_a_sidecar_may_write_only_its_own_servers_streams() {
+    use axum::routing::post;
+    use mcp_warden::audit::record::Chain;
+    use mcp_warden::token_review::{COLLECTOR_AUDIENCE, TokenReviewer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // TokenReview stand-in: `sa:<ns>:<account>` tokens for the collector's audience.
+    let api = axum::Router::new().route(
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        post(|axum::Json(review): axum::Json<serde_json::Value>| async move {
+            let token = review["spec"]["token"].as_str().unwrap_or_default().to_string();
+            let ok = review["spec"]["audiences"] == serde_json::json!([COLLECTOR_AUDIENCE]);
+            let status = match token.strip_prefix("sa:").and_then(|r| r.split_once(':')) {
+                Some((ns, account)) if ok => serde_json::json!({"authenticated": true, "audiences": [COLLECTOR_AUDIENCE],
+                    "user": {"username": format!("system:serviceaccount:{ns}:{account}")}}),
+                _ => serde_json::json!({"authenticated": false}),
+            };
+            (axum::http::StatusCode::CREATED, axum::Json(serde_json::json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": review["spec"], "status": status})))
+        }),
+    );
+    let api_base = common::serve(api).await;
+    let client = kube::Client::try_from(kube::Config::new(api_base.parse().unwrap())).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let storage = Arc::new(std::sync::Mutex::new(Storage::open(data.path()).unwrap()));
+    std::fs::create_dir_all(data.path().join("incidents")).unwrap();
+    let incidents =
+        Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).unwrap());
+    let senders = collector::Senders::TokenReview(Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)));
+    let base = common::serve(collector::router(storage, incidents, senders)).await;
+
+    let mut chain = Chain::new("clinic/patient-lookup/pod-1/s".into(), "clinic/patient-lookup".into(), None);
+    let mut line = chain.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
+    line.push(b'\n');
+    let http = reqwest::Client::new();
+    let send = |token: &str| {
+        http.post(format!("{base}/v1/records"))
+            .bearer_auth(token)
+            .header("content-type", "application/x-ndjson")
+            .body(line.clone())
+            .send()
+    };
+    assert_eq!(send("sa:clinic:billing-mcpw").await.unwrap().status(), 403, "another server's sidecar");
+    assert_eq!(send("sa:clinic:default").await.unwrap().status(), 401, "not a sidecar");
+    assert_eq!(send("forged").await.unwrap().status(), 401);
+    assert_eq!(send(CREDENTIAL).await.unwrap().status(), 401, "a static credential means nothing here");
+    assert_eq!(send("sa:clinic:patient-lookup-mcpw").await.unwrap().status(), 200, "its own server's stream");
 }

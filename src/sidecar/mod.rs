@@ -86,7 +86,9 @@ pub struct SidecarArgs {
     /// them. Without it the trail stays in the WAL (until its bound).
     #[arg(long, requires = "collector_credential_file")]
     pub collector: Option<String>,
-    /// File holding the credential presented to the collector.
+    /// File holding what is presented to the collector, re-read before
+    /// every batch: a static credential, or (in a cluster) the projected
+    /// service-account token for the audience `mcp-warden-collector`.
     #[arg(long)]
     pub collector_credential_file: Option<std::path::PathBuf>,
 }
@@ -198,9 +200,10 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let wal = Arc::new(Wal::open(wal_config)?);
     let shipping = match (&args.collector, &args.collector_credential_file) {
         (Some(url), Some(file)) => {
-            let credential = std::fs::read_to_string(file)
+            std::fs::metadata(file)
                 .with_context(|| format!("--collector-credential-file: cannot read {}", file.display()))?;
-            let shipper = crate::audit::ship::Shipper::new(args.audit_dir.clone(), url, &credential)?;
+            let credential = crate::audit::ship::SenderCredential::File(file.clone());
+            let shipper = crate::audit::ship::Shipper::new(args.audit_dir.clone(), url, credential)?;
             let stop = Arc::new(tokio::sync::Notify::new());
             let task = tokio::spawn(ship_loop(shipper, Arc::clone(&wal), Arc::clone(&stop)));
             Some((task, stop))

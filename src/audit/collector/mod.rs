@@ -32,6 +32,7 @@ use super::record::{Event, Incident, IncidentClass, Kind};
 use super::wal::{Wal, WalConfig};
 use crate::bearer::StaticCredential;
 use crate::health;
+use crate::token_review::{COLLECTOR_AUDIENCE, TokenReviewer};
 use store::{Refused, Storage};
 
 /// Largest batch body accepted.
@@ -47,12 +48,20 @@ pub struct CollectorArgs {
     /// Where streams and incidents are stored.
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// Address of the API (plain HTTP: loopback only in this build).
+    /// Address of the API; off loopback only with TLS.
     #[arg(long)]
     pub listen: SocketAddr,
-    /// File holding the credential senders present (>= 32 bytes).
+    /// PEM certificate chain of the API.
+    #[arg(long, requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// File holding the static credential senders present (>= 32 bytes;
+    /// laptops, tests). Without it the collector runs in a cluster: senders
+    /// are sidecars, known by their service-account tokens (TokenReview).
     #[arg(long)]
-    pub sender_credential_file: PathBuf,
+    pub sender_credential_file: Option<PathBuf>,
     /// File holding the Ed25519 seed (64 hex digits) that signs checkpoints
     /// (a Secret in a cluster). Without it no checkpoint is written.
     #[arg(long)]
@@ -62,19 +71,49 @@ pub struct CollectorArgs {
     pub checkpoint_interval: String,
 }
 
+/// How senders prove who they are.
+#[derive(Clone)]
+pub enum Senders {
+    /// One shared credential: sender "static", any stream.
+    Static(StaticCredential),
+    /// Sidecars' service-account tokens: the sender is their MCPServer, and
+    /// only streams of that server are accepted from it.
+    TokenReview(Arc<TokenReviewer>),
+}
+
+impl Senders {
+    /// The sender's name and the stream prefix it may write, or why not.
+    async fn identify(&self, headers: &HeaderMap) -> Result<(String, Option<String>), String> {
+        match self {
+            Senders::Static(credential) => {
+                if credential.admits(headers) {
+                    Ok((STATIC_SENDER.to_string(), None))
+                } else {
+                    Err("a sender credential is required".into())
+                }
+            }
+            Senders::TokenReview(reviewer) => {
+                let token = crate::bearer::bearer(headers).ok_or("a sidecar service-account token is required")?;
+                let server = reviewer.server_of(token).await.map_err(|e| e.to_string())?;
+                Ok((format!("mcpserver:{server}"), Some(format!("{server}/"))))
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     storage: Arc<Mutex<Storage>>,
     incidents: Arc<Wal>,
-    credential: StaticCredential,
+    senders: Senders,
 }
 
 /// The collector's router over opened storage.
-pub fn router(storage: Arc<Mutex<Storage>>, incidents: Arc<Wal>, credential: StaticCredential) -> Router {
+pub fn router(storage: Arc<Mutex<Storage>>, incidents: Arc<Wal>, senders: Senders) -> Router {
     Router::new()
         .route("/v1/records", post(records))
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
-        .with_state(AppState { storage, incidents, credential })
+        .with_state(AppState { storage, incidents, senders })
 }
 
 /// Signs a checkpoint for every stream whose head moved since `signed`
@@ -113,14 +152,14 @@ async fn incident(state: &AppState, class: IncidentClass, stream: &str, seq: Opt
 }
 
 async fn records(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if !state.credential.admits(&headers) {
-        return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", "a sender credential is required".into());
-    }
+    let (sender, prefix) = match state.senders.identify(&headers).await {
+        Ok(identity) => identity,
+        Err(why) => return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", why),
+    };
     let storage = Arc::clone(&state.storage);
-    let sender = STATIC_SENDER.to_string();
     let result = tokio::task::spawn_blocking(move || {
         let lines: Vec<&[u8]> = body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
-        storage.lock().unwrap_or_else(|p| p.into_inner()).store(&sender, &lines)
+        storage.lock().unwrap_or_else(|p| p.into_inner()).store(&sender, prefix.as_deref(), &lines)
     })
     .await;
     let result = match result {
@@ -141,7 +180,8 @@ async fn records(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         }
         Err(Refused::Invalid(why)) => refuse(StatusCode::BAD_REQUEST, "invalid_batch", why),
         Err(Refused::NotYourStream { stream }) => {
-            incident(&state, IncidentClass::Other, &stream, None, "a batch from another sender".into()).await;
+            let detail = "a batch from a sender this stream does not belong to".to_string();
+            incident(&state, IncidentClass::Other, &stream, None, detail).await;
             refuse(StatusCode::FORBIDDEN, "not_your_stream", format!("stream {stream} belongs to another sender"))
         }
         Err(Refused::Integrity { class, stream, seq, detail }) => {
@@ -154,14 +194,27 @@ async fn records(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
 
 /// Runs the collector until SIGTERM/SIGINT.
 pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => Some(crate::tls_listener::server_config(cert, key)?),
+        _ => None,
+    };
     anyhow::ensure!(
-        args.listen.ip().is_loopback(),
-        "--listen {}: this build serves the collector over plain HTTP, so on loopback only",
+        tls.is_some() || args.listen.ip().is_loopback(),
+        "--listen {}: off loopback the collector needs --tls-cert-file and --tls-key-file",
         args.listen
     );
-    let text = std::fs::read_to_string(&args.sender_credential_file)
-        .with_context(|| format!("--sender-credential-file: cannot read {}", args.sender_credential_file.display()))?;
-    let credential = StaticCredential::new(&text).map_err(|e| anyhow::anyhow!("--sender-credential-file: {e}"))?;
+    let senders = match &args.sender_credential_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("--sender-credential-file: cannot read {}", file.display()))?;
+            Senders::Static(StaticCredential::new(&text).map_err(|e| anyhow::anyhow!("--sender-credential-file: {e}"))?)
+        }
+        None => {
+            let client =
+                kube::Client::try_default().await.context("no cluster to run in (or pass --sender-credential-file)")?;
+            Senders::TokenReview(Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)))
+        }
+    };
     let storage = Storage::open(&args.data_dir).map_err(|e| anyhow::anyhow!("{}: {e}", args.data_dir.display()))?;
     let storage = Arc::new(Mutex::new(storage));
     let interval = crate::policy::parse_go_duration(&args.checkpoint_interval)
@@ -207,8 +260,15 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
             }
         })
     });
-    let app = router(Arc::clone(&storage), Arc::clone(&incidents), credential);
-    axum::serve(listener, app).with_graceful_shutdown(health::shutdown_signal()).await?;
+    let app = router(Arc::clone(&storage), Arc::clone(&incidents), senders);
+    match tls {
+        Some(config) => {
+            axum::serve(crate::tls_listener::TlsListener::new(listener, config)?, app)
+                .with_graceful_shutdown(health::shutdown_signal())
+                .await?
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(health::shutdown_signal()).await?,
+    }
     if let Some(task) = checkpoints {
         task.abort();
     }

@@ -174,8 +174,9 @@ impl Storage {
         heads
     }
 
-    /// Judges and stores one batch of canonical lines from `sender`.
-    pub fn store(&mut self, sender: &str, lines: &[&[u8]]) -> Result<Stored, Refused> {
+    /// Judges and stores one batch of canonical lines from `sender`, who
+    /// may write only streams starting with `prefix` (when given).
+    pub fn store(&mut self, sender: &str, prefix: Option<&str>, lines: &[&[u8]]) -> Result<Stored, Refused> {
         let mut records = Vec::with_capacity(lines.len());
         for (i, line) in lines.iter().enumerate() {
             let record = Record::parse_line(line).map_err(|e| Refused::Invalid(format!("line {}: {e}", i + 1)))?;
@@ -188,6 +189,9 @@ impl Storage {
         let stream = first.stream.clone();
         if records.iter().any(|r| r.stream != stream) {
             return Err(Refused::Invalid("a batch carries one stream".into()));
+        }
+        if prefix.is_some_and(|p| !stream.starts_with(p)) {
+            return Err(Refused::NotYourStream { stream });
         }
         if records.windows(2).any(|w| w[1].seq != w[0].seq + 1) {
             return Err(Refused::Invalid("records of a batch must be consecutive".into()));
@@ -343,13 +347,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let all = lines(10);
         let mut storage = Storage::open(dir.path()).unwrap();
-        assert_eq!(storage.store("a", &refs(&all[..4])).unwrap().durable_through, 4);
+        assert_eq!(storage.store("a", None, &refs(&all[..4])).unwrap().durable_through, 4);
         // A resend overlapping the stored part is idempotent.
-        let again = storage.store("a", &refs(&all[2..7])).unwrap();
+        let again = storage.store("a", None, &refs(&all[2..7])).unwrap();
         assert_eq!((again.duplicates, again.written, again.durable_through), (2, 3, 7));
         drop(storage);
         let mut storage = Storage::open(dir.path()).unwrap();
-        assert_eq!(storage.store("a", &refs(&all[5..10])).unwrap().durable_through, 10);
+        assert_eq!(storage.store("a", None, &refs(&all[5..10])).unwrap().durable_through, 10);
         assert!(verify_dir(dir.path(), VerifyOptions::default()).passed());
     }
 
@@ -358,24 +362,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let all = lines(5);
         let mut storage = Storage::open(dir.path()).unwrap();
-        storage.store("a", &refs(&all[..3])).unwrap();
-        assert!(matches!(storage.store("b", &refs(&all[3..])), Err(Refused::NotYourStream { .. })));
+        storage.store("a", None, &refs(&all[..3])).unwrap();
+        assert!(matches!(storage.store("b", None, &refs(&all[3..])), Err(Refused::NotYourStream { .. })));
         // A different record 3 (a fork): same seq, other hash.
         let other = lines(3);
         let mut forked = other[2].clone();
         let text = String::from_utf8(forked.clone()).unwrap().replace("\"l2\"", "\"lX\"");
         forked = text.into_bytes();
-        assert!(matches!(storage.store("a", &[&forked]), Err(Refused::Invalid(_))), "a tampered line is not canonical");
+        assert!(
+            matches!(storage.store("a", None, &[&forked]), Err(Refused::Invalid(_))),
+            "a tampered line is not canonical"
+        );
         let mut foreign = Chain::new("clinic/lookup/pod/s1".into(), "clinic/lookup".into(), Some("x".into()));
         let fake: Vec<Vec<u8>> = (0..4)
             .map(|_| foreign.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line())
             .collect();
-        assert!(matches!(storage.store("a", &[&fake[2]]), Err(Refused::Integrity { class: IncidentClass::Fork, .. })));
         assert!(matches!(
-            storage.store("a", &[&fake[3]]),
+            storage.store("a", None, &[&fake[2]]),
+            Err(Refused::Integrity { class: IncidentClass::Fork, .. })
+        ));
+        assert!(matches!(
+            storage.store("a", None, &[&fake[3]]),
             Err(Refused::Integrity { class: IncidentClass::Rewrite, .. })
         ));
-        assert!(matches!(storage.store("a", &[b"not json".as_slice()]), Err(Refused::Invalid(_))));
+        assert!(matches!(storage.store("a", None, &[b"not json".as_slice()]), Err(Refused::Invalid(_))));
         assert_eq!(storage.heads()[0].seq, 3, "nothing of a refused batch was written");
         assert!(verify_dir(dir.path(), VerifyOptions::default()).passed());
     }
@@ -385,8 +395,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let all = lines(8);
         let mut storage = Storage::open(dir.path()).unwrap();
-        storage.store("a", &refs(&all[..3])).unwrap();
-        let stored = storage.store("a", &refs(&all[5..])).unwrap();
+        storage.store("a", None, &refs(&all[..3])).unwrap();
+        let stored = storage.store("a", None, &refs(&all[5..])).unwrap();
         assert_eq!(stored.incidents.len(), 1);
         assert_eq!(stored.incidents[0].0, IncidentClass::Gap);
         assert_eq!(stored.incidents[0].1, 4);
