@@ -39,6 +39,7 @@ fn main() {
             storage,
             incidents,
             collector::Senders::Static(StaticCredential::new(CREDENTIAL).expect("credential")),
+            collector::Readers::None,
         );
         let base = common::serve(app).await;
         let wal = Arc::new(Wal::open(WalConfig::new(wal_dir.path(), "clinic/patient-lookup")).expect("wal"));

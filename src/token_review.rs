@@ -57,7 +57,7 @@ pub enum ReviewError {
 pub struct TokenReviewer {
     client: Client,
     audience: String,
-    reviewed: Mutex<HashMap<[u8; 32], (ServerRef, Instant)>>,
+    reviewed: Mutex<HashMap<[u8; 32], (String, Instant)>>,
 }
 
 impl TokenReviewer {
@@ -69,11 +69,17 @@ impl TokenReviewer {
 
     /// The MCPServer whose sidecar holds `token`.
     pub async fn server_of(&self, token: &str) -> Result<ServerRef, ReviewError> {
+        let username = self.username_of(token).await?;
+        server_of_service_account(&username).ok_or(ReviewError::NotASidecar)
+    }
+
+    /// The authenticated username `token` belongs to (for our audience).
+    pub async fn username_of(&self, token: &str) -> Result<String, ReviewError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some((server, at)) = self.reviewed.lock().unwrap_or_else(|p| p.into_inner()).get(&digest)
+        if let Some((username, at)) = self.reviewed.lock().unwrap_or_else(|p| p.into_inner()).get(&digest)
             && at.elapsed() < REVIEW_CACHE
         {
-            return Ok(server.clone());
+            return Ok(username.clone());
         }
         let review = TokenReview {
             spec: TokenReviewSpec { token: token.to_string(), audiences: Some(vec![self.audience.clone()]) },
@@ -91,14 +97,14 @@ impl TokenReviewer {
         {
             return Err(ReviewError::NotAuthenticated(" (audience not confirmed)".into()));
         }
-        let username = status.user.and_then(|u| u.username).unwrap_or_default();
-        let server = server_of_service_account(&username).ok_or(ReviewError::NotASidecar)?;
+        let username = status.user.and_then(|u| u.username).filter(|u| !u.is_empty());
+        let username = username.ok_or(ReviewError::NotAuthenticated(" (no username)".into()))?;
         let mut reviewed = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
         if reviewed.len() > 10_000 {
             reviewed.clear();
         }
-        reviewed.insert(digest, (server.clone(), Instant::now()));
-        Ok(server)
+        reviewed.insert(digest, (username.clone(), Instant::now()));
+        Ok(username)
     }
 }
 

@@ -18,6 +18,7 @@ use mcp_warden::audit::{Wal, WalConfig};
 use mcp_warden::bearer::StaticCredential;
 
 const CREDENTIAL: &str = "collector-sender-credential-0123456789";
+const READER: &str = "collector-reader-credential-0123456789";
 
 fn lease(n: usize) -> Event {
     let mut e = Event::new(Kind::Lease);
@@ -42,6 +43,7 @@ async fn collector(data: &Path) -> (String, Arc<Wal>) {
         storage,
         Arc::clone(&incidents),
         collector::Senders::Static(StaticCredential::new(CREDENTIAL).unwrap()),
+        collector::Readers::Static(StaticCredential::new(READER).unwrap()),
     );
     (common::serve(app).await, incidents)
 }
@@ -230,6 +232,15 @@ async fn forks_and_gaps_become_incident_records() {
         .filter_map(|l| Record::parse_line(&l.bytes).unwrap().event.incident.map(|i| i.class))
         .collect();
     assert_eq!(classes, vec![IncidentClass::Fork, IncidentClass::Rewrite, IncidentClass::Gap]);
+    // Health for the operator: the reader credential only; incidents counted per server.
+    let health = http.get(format!("{base}/v1/health")).bearer_auth(CREDENTIAL).send().await.unwrap();
+    assert_eq!(health.status(), 401, "a sender cannot read health");
+    let health: serde_json::Value =
+        http.get(format!("{base}/v1/health")).bearer_auth(READER).send().await.unwrap().json().await.unwrap();
+    let server = &health["servers"]["clinic/x"];
+    assert_eq!(server["streams"], 1);
+    assert_eq!(server["openIncidents"], 3);
+    assert_eq!(server["openStreams"]["clinic/x/pod/s"]["lastSeq"], 4);
     assert!(!verify_dir(&data.path().join("streams"), VerifyOptions::default()).passed(), "verify fails at the gap");
     drop(incidents);
 }
@@ -251,6 +262,7 @@ async fn signed_checkpoints_prove_the_tail_and_their_own_integrity() {
         Arc::clone(&storage),
         incidents,
         collector::Senders::Static(StaticCredential::new(CREDENTIAL).unwrap()),
+        collector::Readers::None,
     );
     let base = common::serve(app).await;
 
@@ -345,7 +357,7 @@ async fn in_a_cluster_a_sidecar_may_write_only_its_own_servers_streams() {
     let incidents =
         Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).unwrap());
     let senders = collector::Senders::TokenReview(Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)));
-    let base = common::serve(collector::router(storage, incidents, senders)).await;
+    let base = common::serve(collector::router(storage, incidents, senders, collector::Readers::None)).await;
 
     let mut chain = Chain::new("clinic/patient-lookup/pod-1/s".into(), "clinic/patient-lookup".into(), None);
     let mut line = chain.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();

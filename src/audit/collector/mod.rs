@@ -62,6 +62,15 @@ pub struct CollectorArgs {
     /// are sidecars, known by their service-account tokens (TokenReview).
     #[arg(long)]
     pub sender_credential_file: Option<PathBuf>,
+    /// File holding the static credential for `GET /v1/health` (laptops,
+    /// tests). In a cluster, see --reader-service-account.
+    #[arg(long)]
+    pub reader_credential_file: Option<PathBuf>,
+    /// In a cluster: the service account allowed to read `GET /v1/health`
+    /// (the operator's), as `namespace:name`, with its token for the
+    /// collector's audience.
+    #[arg(long)]
+    pub reader_service_account: Option<String>,
     /// File holding the Ed25519 seed (64 hex digits) that signs checkpoints
     /// (a Secret in a cluster). Without it no checkpoint is written.
     #[arg(long)]
@@ -101,19 +110,55 @@ impl Senders {
     }
 }
 
+/// Who may read per-server health.
+#[derive(Clone)]
+pub enum Readers {
+    /// Nobody (the endpoint answers 401).
+    None,
+    /// A shared credential.
+    Static(StaticCredential),
+    /// One service account, by TokenReview (`system:serviceaccount:<ns>:<name>`).
+    ServiceAccount(Arc<TokenReviewer>, String),
+}
+
+impl Readers {
+    async fn admits(&self, headers: &HeaderMap) -> bool {
+        match self {
+            Readers::None => false,
+            Readers::Static(credential) => credential.admits(headers),
+            Readers::ServiceAccount(reviewer, username) => match crate::bearer::bearer(headers) {
+                Some(token) => reviewer.username_of(token).await.is_ok_and(|u| u == *username),
+                None => false,
+            },
+        }
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     storage: Arc<Mutex<Storage>>,
     incidents: Arc<Wal>,
     senders: Senders,
+    readers: Readers,
 }
 
 /// The collector's router over opened storage.
-pub fn router(storage: Arc<Mutex<Storage>>, incidents: Arc<Wal>, senders: Senders) -> Router {
+pub fn router(storage: Arc<Mutex<Storage>>, incidents: Arc<Wal>, senders: Senders, readers: Readers) -> Router {
     Router::new()
         .route("/v1/records", post(records))
+        .route("/v1/health", axum::routing::get(health_of_servers))
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
-        .with_state(AppState { storage, incidents, senders })
+        .with_state(AppState { storage, incidents, senders, readers })
+}
+
+/// Per MCPServer: streams, open streams by pod with their last seq and
+/// record time, incidents. For the operator's status.
+async fn health_of_servers(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !state.readers.admits(&headers).await {
+        return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", "a reader credential is required".into());
+    }
+    let health = state.storage.lock().unwrap_or_else(|p| p.into_inner()).health();
+    (StatusCode::OK, axum::Json(json!({ "servers": health }))).into_response()
 }
 
 /// Signs a checkpoint for every stream whose head moved since `signed`
@@ -143,6 +188,7 @@ fn refuse(status: StatusCode, class: &str, message: String) -> Response {
 }
 
 async fn incident(state: &AppState, class: IncidentClass, stream: &str, seq: Option<u64>, detail: String) {
+    state.storage.lock().unwrap_or_else(|p| p.into_inner()).note_incident(stream);
     let mut event = Event::new(Kind::Incident);
     event.incident = Some(Incident { class, stream: stream.to_string(), seq, detail });
     if let Err(e) = state.incidents.append(event).await {
@@ -215,6 +261,23 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
             Senders::TokenReview(Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)))
         }
     };
+    let readers = match (&args.reader_credential_file, &args.reader_service_account, &senders) {
+        (Some(file), _, _) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("--reader-credential-file: cannot read {}", file.display()))?;
+            Readers::Static(StaticCredential::new(&text).map_err(|e| anyhow::anyhow!("--reader-credential-file: {e}"))?)
+        }
+        (None, Some(account), Senders::TokenReview(reviewer)) => {
+            let (ns, name) = account
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("--reader-service-account must be namespace:name"))?;
+            Readers::ServiceAccount(Arc::clone(reviewer), format!("system:serviceaccount:{ns}:{name}"))
+        }
+        (None, Some(_), Senders::Static(_)) => {
+            anyhow::bail!("--reader-service-account needs cluster mode (no --sender-credential-file)")
+        }
+        (None, None, _) => Readers::None,
+    };
     let storage = Storage::open(&args.data_dir).map_err(|e| anyhow::anyhow!("{}: {e}", args.data_dir.display()))?;
     let storage = Arc::new(Mutex::new(storage));
     let interval = crate::policy::parse_go_duration(&args.checkpoint_interval)
@@ -260,7 +323,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
             }
         })
     });
-    let app = router(Arc::clone(&storage), Arc::clone(&incidents), senders);
+    let app = router(Arc::clone(&storage), Arc::clone(&incidents), senders, readers);
     match tls {
         Some(config) => {
             axum::serve(crate::tls_listener::TlsListener::new(listener, config)?, app)

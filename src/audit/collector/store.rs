@@ -16,7 +16,7 @@
 //! that never arrived) is an incident and the rest is stored, so the loss
 //! is on the record and `verify` fails at it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -105,12 +105,49 @@ struct StreamState {
     last_hash: String,
     recent: HashMap<u64, String>,
     active: Option<(PathBuf, u64)>,
+    /// From the last stored record: its MCPServer, pod and time.
+    server: String,
+    pod: Option<String>,
+    last_time: Option<String>,
+    sealed: bool,
+}
+
+impl StreamState {
+    fn note(&mut self, record: &Record) {
+        self.server.clone_from(&record.server);
+        self.pod.clone_from(&record.pod);
+        self.last_time = Some(record.time.clone());
+        self.sealed = record.event.kind == crate::audit::record::Kind::StreamEnd;
+    }
+}
+
+/// What the collector can say about one MCPServer's streams.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerHealth {
+    /// Streams received.
+    pub streams: u32,
+    /// Streams still open (no stream-end yet), by pod.
+    pub open_streams: BTreeMap<String, StreamHealth>,
+    /// Integrity incidents raised on its streams.
+    pub open_incidents: u32,
+}
+
+/// One open stream.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamHealth {
+    /// Last stored sequence number.
+    pub last_seq: u64,
+    /// Time of the last stored record.
+    pub last_record_time: Option<String>,
 }
 
 /// Every stream the collector holds.
 pub struct Storage {
     root: PathBuf,
     streams: HashMap<String, StreamState>,
+    incidents: HashMap<String, u32>,
 }
 
 fn io(e: impl std::fmt::Display) -> Refused {
@@ -135,6 +172,10 @@ impl Storage {
                 last_hash: crate::audit::record::GENESIS.to_string(),
                 recent: HashMap::new(),
                 active: None,
+                server: String::new(),
+                pod: None,
+                last_time: None,
+                sealed: false,
             };
             if let Some(anchor) = segment::read_anchor(&path).map_err(io)? {
                 state.last_seq = anchor.seq;
@@ -147,6 +188,7 @@ impl Storage {
                         .map_err(|e| Refused::Storage(format!("{} line {}: {e}", seg.display(), line.number)))?;
                     state.last_seq = record.seq;
                     state.last_hash = record.hash.clone();
+                    state.note(&record);
                     state.recent.insert(record.seq, record.hash);
                 }
                 let len = std::fs::metadata(&seg).map_err(io)?.len();
@@ -154,7 +196,41 @@ impl Storage {
             }
             streams.insert(meta.stream.clone(), state);
         }
-        Ok(Storage { root: root.to_path_buf(), streams })
+        let mut incidents = HashMap::new();
+        for record in crate::audit::query::read_records(&root.join("incidents")).records {
+            if let Some(incident) = record.event.incident {
+                *incidents.entry(incident.stream).or_insert(0) += 1;
+            }
+        }
+        Ok(Storage { root: root.to_path_buf(), streams, incidents })
+    }
+
+    /// Counts an incident against a stream.
+    pub fn note_incident(&mut self, stream: &str) {
+        *self.incidents.entry(stream.to_string()).or_insert(0) += 1;
+    }
+
+    /// Per MCPServer: streams, open streams by pod, incidents.
+    pub fn health(&self) -> BTreeMap<String, ServerHealth> {
+        let mut out: BTreeMap<String, ServerHealth> = BTreeMap::new();
+        for state in self.streams.values().filter(|s| !s.server.is_empty()) {
+            let entry = out.entry(state.server.clone()).or_default();
+            entry.streams += 1;
+            entry.open_incidents += self.incidents.get(&state.meta.stream).copied().unwrap_or(0);
+            if !state.sealed {
+                let pod = state.pod.clone().unwrap_or_else(|| state.meta.stream.clone());
+                let health = StreamHealth { last_seq: state.last_seq, last_record_time: state.last_time.clone() };
+                // A pod whose writer restarted into a new stream: the newest counts.
+                let newer = out
+                    .get(&state.server)
+                    .and_then(|e| e.open_streams.get(&pod))
+                    .is_none_or(|h| h.last_record_time <= health.last_record_time);
+                if newer && let Some(entry) = out.get_mut(&state.server) {
+                    entry.open_streams.insert(pod, health);
+                }
+            }
+        }
+        out
     }
 
     /// The head of each stream, by stream name.
@@ -280,6 +356,7 @@ impl Storage {
         for record in &fresh {
             state.last_seq = record.seq;
             state.last_hash = record.hash.clone();
+            state.note(record);
             if state.recent.len() >= RECENT {
                 state.recent.clear();
             }
@@ -307,6 +384,10 @@ impl Storage {
                 last_hash: crate::audit::record::GENESIS.to_string(),
                 recent: HashMap::new(),
                 active: None,
+                server: String::new(),
+                pod: None,
+                last_time: None,
+                sealed: false,
             },
         );
         Ok(())
@@ -355,6 +436,12 @@ mod tests {
         let mut storage = Storage::open(dir.path()).unwrap();
         assert_eq!(storage.store("a", None, &refs(&all[5..10])).unwrap().durable_through, 10);
         assert!(verify_dir(dir.path(), VerifyOptions::default()).passed());
+        let health = storage.health();
+        let server = &health["clinic/lookup"];
+        assert_eq!(server.streams, 1);
+        assert_eq!(server.open_streams.len(), 1);
+        assert_eq!(server.open_streams.values().next().unwrap().last_seq, 10);
+        assert_eq!(server.open_incidents, 0);
     }
 
     #[test]
