@@ -181,8 +181,18 @@ impl Storage {
                 state.last_seq = anchor.seq;
                 state.last_hash = anchor.hash;
             }
-            for (_, seg) in segment::list_segments(&path).map_err(io)? {
+            let segments = segment::list_segments(&path).map_err(io)?;
+            let last_segment = segments.last().map(|(_, p)| p.clone());
+            for (_, seg) in segments {
                 let lines = segment::read_lines(&seg).map_err(io)?;
+                // An unfinished line (a crash mid-append) was never
+                // acknowledged: cut it, the sender sends it again.
+                if Some(&seg) == last_segment.as_ref()
+                    && let Some(torn) = lines.last().filter(|l| !l.complete)
+                {
+                    let file = OpenOptions::new().write(true).open(&seg).map_err(io)?;
+                    file.set_len(torn.offset).and_then(|_| file.sync_all()).map_err(io)?;
+                }
                 for line in lines.iter().filter(|l| l.complete) {
                     let record = Record::parse_line(&line.bytes)
                         .map_err(|e| Refused::Storage(format!("{} line {}: {e}", seg.display(), line.number)))?;
@@ -474,6 +484,23 @@ mod tests {
         ));
         assert!(matches!(storage.store("a", None, &[b"not json".as_slice()]), Err(Refused::Invalid(_))));
         assert_eq!(storage.heads()[0].seq, 3, "nothing of a refused batch was written");
+        assert!(verify_dir(dir.path(), VerifyOptions::default()).passed());
+    }
+
+    #[test]
+    fn an_unacknowledged_torn_tail_is_cut_on_open_and_the_resend_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = lines(6);
+        let mut storage = Storage::open(dir.path()).unwrap();
+        storage.store("a", None, &refs(&all[..4])).unwrap();
+        let stream_dir = storage.heads()[0].dir.clone();
+        drop(storage);
+        let (_, seg) = segment::list_segments(&stream_dir).unwrap().pop().unwrap();
+        let mut file = OpenOptions::new().append(true).open(&seg).unwrap();
+        file.write_all(&all[4][..20]).unwrap();
+        drop(file);
+        let mut storage = Storage::open(dir.path()).unwrap();
+        assert_eq!(storage.store("a", None, &refs(&all[4..])).unwrap().durable_through, 6);
         assert!(verify_dir(dir.path(), VerifyOptions::default()).passed());
     }
 
