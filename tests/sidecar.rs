@@ -484,7 +484,7 @@ fn free_port() -> u16 {
 }
 
 /// The sidecar binary in front of `upstream_base`, files in `dir`, ready.
-async fn spawn_sidecar(dir: &std::path::Path, upstream_base: &str, extra: &[&str]) -> (Reap, u16, u16) {
+async fn spawn_sidecar(dir: &std::path::Path, upstream_base: &str, extra: &[String]) -> (Reap, u16, u16) {
     use std::process::{Command, Stdio};
     std::fs::write(dir.join("jwks.json"), JWKS).expect("jwks");
     std::fs::write(dir.join("clinic.yaml"), CLINIC).expect("clinic");
@@ -618,6 +618,20 @@ async fn spawn_collector_limited(dir: &std::path::Path, port: u16, max_file_byte
     panic!("the collector did not start");
 }
 
+/// The sidecar's flags to ship to the collector on `port` (credential in `dir`).
+fn shipping_flags(dir: &std::path::Path, port: u16) -> Vec<String> {
+    let cred = dir.join("sender.cred");
+    if !cred.exists() {
+        std::fs::write(&cred, "collector-sender-credential-0123456789").expect("cred");
+    }
+    vec![
+        "--collector".into(),
+        format!("http://127.0.0.1:{port}"),
+        "--collector-credential-file".into(),
+        cred.to_str().expect("utf8").into(),
+    ]
+}
+
 /// Decisions and outcomes per correlation id in stored records.
 fn calls_on_record(dir: &std::path::Path) -> (HashMap<String, usize>, HashMap<String, usize>) {
     let mut decisions = HashMap::<String, usize>::new();
@@ -641,13 +655,9 @@ async fn the_sidecar_ships_its_sealed_trail_to_a_collector_process() {
     let log: Log = Arc::default();
     let upstream_base = upstream(Arc::clone(&log)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let credential = "collector-sender-credential-0123456789";
-    std::fs::write(dir.path().join("sender.cred"), credential).expect("cred");
     let collector_port = free_port();
+    let extra = shipping_flags(dir.path(), collector_port);
     let mut collector = spawn_collector(dir.path(), collector_port).await;
-    let url = format!("http://127.0.0.1:{collector_port}");
-    let cred_file = dir.path().join("sender.cred");
-    let extra = ["--collector", url.as_str(), "--collector-credential-file", cred_file.to_str().expect("utf8")];
     let (mut sidecar, port, _) = spawn_sidecar(dir.path(), &upstream_base, &extra).await;
     let http = reqwest::Client::new();
     let token = rs256(&claims("alice", &["front-desk"]));
@@ -838,12 +848,9 @@ async fn nothing_is_lost_when_the_collector_or_the_sidecar_is_killed() {
     let log: Log = Arc::default();
     let upstream_base = upstream(Arc::clone(&log)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("sender.cred"), "collector-sender-credential-0123456789").expect("cred");
     let collector_port = free_port();
+    let extra = shipping_flags(dir.path(), collector_port);
     let mut collector = spawn_collector(dir.path(), collector_port).await;
-    let url = format!("http://127.0.0.1:{collector_port}");
-    let cred_file = dir.path().join("sender.cred");
-    let extra = ["--collector", url.as_str(), "--collector-credential-file", cred_file.to_str().expect("utf8")];
     let http = reqwest::Client::new();
     let token = rs256(&claims("alice", &["front-desk"]));
     let call = |port: u16, i: u64| {
@@ -897,13 +904,10 @@ async fn a_full_collector_disk_loses_nothing() {
     let log: Log = Arc::default();
     let upstream_base = upstream(Arc::clone(&log)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("sender.cred"), "collector-sender-credential-0123456789").expect("cred");
     let collector_port = free_port();
+    let extra = shipping_flags(dir.path(), collector_port);
     // Room for a few records per file only.
     let mut collector = spawn_collector_limited(dir.path(), collector_port, Some(6 * 1024)).await;
-    let url = format!("http://127.0.0.1:{collector_port}");
-    let cred_file = dir.path().join("sender.cred");
-    let extra = ["--collector", url.as_str(), "--collector-credential-file", cred_file.to_str().expect("utf8")];
     let (mut sidecar, port, _) = spawn_sidecar(dir.path(), &upstream_base, &extra).await;
     let http = reqwest::Client::new();
     let token = rs256(&claims("alice", &["front-desk"]));
