@@ -48,9 +48,9 @@ pub(super) fn audit_controls(input: &Input<'_>) -> Assessment {
     }
     match (&input.observed.collector, input.observed.source) {
         (Some(c), _) if c.receiving => {
-            a.held("the audit collector, outside the pod, is receiving this server's records")
+            a.held(format!("the audit collector, outside the pod, is receiving this server's records: {}", c.observed))
         }
-        (Some(_), _) => a.failed("the audit collector is not receiving this server's records"),
+        (Some(c), _) => a.failed(format!("the audit collector is not receiving this server's records: {}", c.observed)),
         (None, Source::Manifests) => a.unseen("records reaching the audit collector cannot be observed from manifests"),
         (None, Source::Cluster) => a.unseen("the audit collector has not reported on this server"),
     }
@@ -99,11 +99,15 @@ pub(super) fn integrity(input: &Input<'_>) -> Assessment {
     let mut a = Assessment::default();
     match &input.observed.collector {
         Some(c) if c.open_incidents > 0 => a.failed(format!(
-            "the audit collector reports {} open integrity incident(s) on this server's streams",
-            c.open_incidents
+            "the audit collector reports {} open integrity incident(s) on this server's streams ({})",
+            c.open_incidents, c.observed
         )),
-        Some(c) if !c.chain_verified => a.failed("the audit collector could not verify this server's hash chain"),
-        Some(_) => a.held("the audit collector verified every stream's hash chain of this server"),
+        Some(c) if !c.chain_verified => {
+            a.failed(format!("the audit collector could not verify this server's hash chain ({})", c.observed))
+        }
+        Some(c) => {
+            a.held(format!("the audit collector verified every stream's hash chain of this server ({})", c.observed))
+        }
         None => a.unseen(
             "no audit collector has verified this server's hash chain yet, so the trail's integrity is not verified",
         ),

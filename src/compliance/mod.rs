@@ -114,6 +114,9 @@ pub struct CollectorView {
     pub chain_verified: bool,
     /// Integrity incidents not yet resolved.
     pub open_incidents: u32,
+    /// What was observed, for the messages (e.g. "open streams from 2/2
+    /// running pod(s); last record 14s ago, at seq 1042").
+    pub observed: String,
 }
 
 /// Facts about the world beyond the MCPServer. `None` means not observed.

@@ -56,7 +56,7 @@ fn rendered_pod(name: &str) -> Pod {
 }
 
 fn healthy_collector() -> Option<CollectorView> {
-    Some(CollectorView { receiving: true, chain_verified: true, open_incidents: 0 })
+    Some(CollectorView { receiving: true, chain_verified: true, open_incidents: 0, observed: "observed".into() })
 }
 
 #[test]
@@ -131,13 +131,16 @@ fn a_pod_without_the_sidecar_fails_audit_controls() {
 
 #[test]
 fn collector_states() {
-    let not_receiving = Some(CollectorView { receiving: false, chain_verified: true, open_incidents: 0 });
+    let not_receiving =
+        Some(CollectorView { receiving: false, chain_verified: true, open_incidents: 0, observed: "observed".into() });
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], not_receiving));
     assert_verdict(&report, Control::AuditControls, Verdict::Fail, "not receiving");
-    let incidents = Some(CollectorView { receiving: true, chain_verified: true, open_incidents: 2 });
+    let incidents =
+        Some(CollectorView { receiving: true, chain_verified: true, open_incidents: 2, observed: "observed".into() });
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], incidents));
     assert_verdict(&report, Control::Integrity, Verdict::Fail, "2 open integrity incident(s)");
-    let broken = Some(CollectorView { receiving: true, chain_verified: false, open_incidents: 0 });
+    let broken =
+        Some(CollectorView { receiving: true, chain_verified: false, open_incidents: 0, observed: "observed".into() });
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], broken));
     assert_verdict(&report, Control::Integrity, Verdict::Fail, "could not verify");
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], None));

@@ -26,6 +26,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Fetches `jwksUri` documents.
     pub jwks: Arc<dyn JwksSource>,
+    /// The audit collector's per-server health, when one is configured.
+    pub collector: Option<Arc<dyn super::collector::CollectorHealthSource>>,
     /// Operator metrics.
     pub metrics: Metrics,
     /// Re-evaluation (and JWKS refresh) period of a healthy server.
@@ -50,10 +52,17 @@ impl Context {
             client,
             settings,
             jwks,
+            collector: None,
             metrics: Metrics::register(registry),
             resync,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context, reading the audit collector's health from `source`.
+    pub fn with_collector(mut self, source: Arc<dyn super::collector::CollectorHealthSource>) -> Self {
+        self.collector = Some(source);
+        self
     }
 
     /// Records a failure of `key` and returns how long to wait before the

@@ -71,6 +71,26 @@ pub fn mock_client() -> (Client, Verifier) {
     (Client::new(service, NS), Verifier { handle, steps: Vec::new() })
 }
 
+/// A collector health source answering from memory.
+pub struct FakeCollector(pub Result<super::collector::Health, String>);
+
+impl super::collector::CollectorHealthSource for FakeCollector {
+    fn health(&self) -> BoxFuture<'_, Result<super::collector::Health, String>> {
+        let answer = self.0.clone();
+        Box::pin(async move { answer })
+    }
+}
+
+/// A test context whose audit collector answers `health`.
+pub fn context_with_collector(
+    jwks: Result<String, JwksError>,
+    health: Result<super::collector::Health, String>,
+) -> (Arc<Context>, Verifier) {
+    let (ctx, verifier) = context(jwks);
+    let ctx = Arc::try_unwrap(ctx).unwrap_or_else(|_| unreachable!("a fresh context has one owner"));
+    (Arc::new(ctx.with_collector(Arc::new(FakeCollector(health)))), verifier)
+}
+
 /// A test context over the mock API server.
 pub fn context(jwks: Result<String, JwksError>) -> (Arc<Context>, Verifier) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();

@@ -10,6 +10,7 @@
 //!   :8080  /healthz /readyz /metrics
 //! ```
 
+pub mod collector;
 pub mod context;
 pub mod jwks;
 pub mod owned;
@@ -54,6 +55,18 @@ pub struct OperatorArgs {
     /// `key=value,key=value`.
     #[arg(long, env = "MCPW_CONTROL_PLANE_LABELS", default_value = "app.kubernetes.io/part-of=mcp-warden")]
     pub control_plane_labels: String,
+    /// The audit collector (e.g. `https://mcpw-collector.mcp-warden.svc:8443`),
+    /// whose per-server health decides audit-controls and integrity.
+    #[arg(long, env = "MCPW_COLLECTOR_URL", requires = "collector_token_file")]
+    pub collector_url: Option<String>,
+    /// The operator's projected service-account token for the audience
+    /// `mcp-warden-collector` (re-read on every fetch).
+    #[arg(long, env = "MCPW_COLLECTOR_TOKEN_FILE")]
+    pub collector_token_file: Option<std::path::PathBuf>,
+    /// PEM CA bundle the collector's certificate chains to (besides the
+    /// system roots).
+    #[arg(long, env = "MCPW_COLLECTOR_CA_FILE")]
+    pub collector_ca_file: Option<std::path::PathBuf>,
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = "MCPW_HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
     pub health_listen: SocketAddr,
@@ -150,14 +163,20 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let mut registry = Registry::default();
     let jwks = Arc::new(HttpsJwksSource::new(Duration::from_secs(args.jwks_timeout_seconds))?);
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         settings,
         jwks,
         &mut registry,
         Duration::from_secs(args.resync_seconds),
         args.pod_name.clone(),
-    ));
+    );
+    if let (Some(url), Some(token)) = (&args.collector_url, &args.collector_token_file) {
+        let source = collector::HttpsCollectorHealth::new(url, token.clone(), args.collector_ca_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("--collector-url: {e}"))?;
+        ctx = ctx.with_collector(Arc::new(source));
+    }
+    let ctx = Arc::new(ctx);
     let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let health = Arc::new(Health::with_flag(Arc::clone(&synced), registry));
 

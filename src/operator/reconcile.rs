@@ -205,11 +205,25 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
         .collect();
+    let collector = match &ctx.collector {
+        Some(source) => match source.health().await {
+            Ok(health) => {
+                let running: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
+                let key = format!("{namespace}/{name}");
+                super::collector::collector_view(health.get(&key), &running, chrono::Utc::now())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the audit collector's health could not be read");
+                None
+            }
+        },
+        None => None,
+    };
     let observed = Observations {
         source: Source::Cluster,
         network_policies: Some(existing.network_policies.clone()),
         pods: Some(pods),
-        collector: None,
+        collector,
     };
     let report = compliance::evaluate(&compliance::Input {
         server,

@@ -412,3 +412,46 @@ fn watch_mappers_find_the_servers_concerned() {
         serde_json::from_value(json!({"metadata": {"name": "q"}})).expect("pod");
     assert!(server_of_pod(&unlabelled).is_none());
 }
+
+/// A fresh server's status, with the audit collector answering `health`.
+async fn created_with_collector(health: Result<super::collector::Health, String>) -> Value {
+    let (ctx, api) = super::fixtures::context_with_collector(Ok(JWKS.into()), health);
+    let server = server();
+    let mock = api
+        .list(STORES, vec![store_value()])
+        .owned_lists(&[], &[])
+        .apply_all_owned()
+        .list(PODS, vec![])
+        .events(4)
+        .status_patch(as_value(&server))
+        .run();
+    reconcile(Arc::new(server), ctx).await.expect("reconcile");
+    let seen = mock.await.expect("mock api");
+    written_status(&seen).expect("status written")
+}
+
+fn collector_health(incidents: u32) -> super::collector::Health {
+    let health =
+        crate::audit::collector::store::ServerHealth { streams: 2, open_incidents: incidents, ..Default::default() };
+    std::collections::BTreeMap::from([("clinic/patient-lookup".to_string(), health)])
+}
+
+#[tokio::test]
+async fn the_collectors_health_decides_integrity_with_what_it_observed() {
+    let status = created_with_collector(Ok(collector_health(0))).await;
+    let integrity = control(&status, "integrity");
+    assert_eq!(integrity["verdict"], "Pass", "{integrity}");
+    assert!(
+        integrity["message"].as_str().unwrap_or_default().contains("2 stream(s) held, 0 incident(s)"),
+        "{integrity}"
+    );
+
+    let status = created_with_collector(Ok(collector_health(3))).await;
+    let integrity = control(&status, "integrity");
+    assert_eq!(integrity["verdict"], "Fail");
+    assert!(integrity["message"].as_str().unwrap_or_default().contains("3 open integrity incident(s)"), "{integrity}");
+
+    // An unreachable collector is not evidence either way.
+    let status = created_with_collector(Err("connection refused".into())).await;
+    assert_eq!(control(&status, "integrity")["verdict"], "Unknown");
+}
