@@ -48,6 +48,11 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
 /// The objects as applied on first creation, and the status written then.
 async fn first_creation() -> (Vec<Value>, Value) {
     let (ctx, api) = context(Ok(JWKS.into()));
+    first_creation_in(ctx, api).await
+}
+
+/// [`first_creation`] with a given context and mock API.
+async fn first_creation_in(ctx: Arc<super::context::Context>, api: Verifier) -> (Vec<Value>, Value) {
     let server = server();
     let mock = api
         .list(STORES, vec![store_value()])
@@ -294,22 +299,10 @@ async fn a_failed_jwks_fetch_keeps_the_last_good_keys() {
 #[tokio::test]
 async fn no_keys_at_all_is_not_ready() {
     let (ctx, api) = context(Err(JwksError::Fetch("timed out".into())));
-    let server = server();
-    let mock = api
-        .list(STORES, vec![store_value()])
-        .owned_lists(&[], &[])
-        .apply_all_owned()
-        .list(PODS, vec![])
-        .events(4)
-        .status_patch(as_value(&server))
-        .run();
-    reconcile(Arc::new(server), ctx).await.expect("reconcile");
-    let seen = mock.await.expect("mock api");
-    let status = written_status(&seen).expect("status");
+    let (applied, status) = first_creation_in(ctx, api).await;
     assert_eq!(condition(&status, "Ready")["reason"], "NoSigningKeys");
     assert_eq!(condition(&status, "JWKSCurrent")["reason"], "NoKeys");
-    let jwks_cm =
-        applied_objects(&seen).into_iter().find(|o| o["metadata"]["name"] == "patient-lookup-jwks").expect("cm");
+    let jwks_cm = applied.into_iter().find(|o| o["metadata"]["name"] == "patient-lookup-jwks").expect("cm");
     assert!(jwks_cm.get("data").is_none(), "no keys are invented");
 }
 
@@ -416,18 +409,7 @@ fn watch_mappers_find_the_servers_concerned() {
 /// A fresh server's status, with the audit collector answering `health`.
 async fn created_with_collector(health: Result<super::collector::Health, String>) -> Value {
     let (ctx, api) = super::fixtures::context_with_collector(Ok(JWKS.into()), health);
-    let server = server();
-    let mock = api
-        .list(STORES, vec![store_value()])
-        .owned_lists(&[], &[])
-        .apply_all_owned()
-        .list(PODS, vec![])
-        .events(4)
-        .status_patch(as_value(&server))
-        .run();
-    reconcile(Arc::new(server), ctx).await.expect("reconcile");
-    let seen = mock.await.expect("mock api");
-    written_status(&seen).expect("status written")
+    first_creation_in(ctx, api).await.1
 }
 
 fn collector_health(incidents: u32) -> super::collector::Health {
