@@ -562,8 +562,16 @@ async fn hostile_and_faulty_requests_are_refused_and_leave_no_role() {
     assert!(login_role_names(&admin).await.is_empty(), "no refused request created a role");
     // Refusals of known servers are in the trail, by class.
     let denials: Vec<Record> = records(&w.audit_dir()).into_iter().filter(|r| r.event.kind == Kind::Decision).collect();
-    assert!(denials.iter().any(|r| r.event.reason.as_deref() == Some("caller_not_allowed")));
-    assert!(denials.iter().any(|r| r.event.reason.as_deref() == Some("caller_not_verified")));
+    for class in ["caller_not_allowed", "caller_not_verified", "unknown_tool", "no_store_access", "invalid_request"] {
+        let expected = class != "invalid_request";
+        let found = denials.iter().any(|r| r.event.reason.as_deref() == Some(class));
+        assert_eq!(found, expected, "refusal {class} on the record: {expected}");
+    }
+    let unknown = denials.iter().find(|r| r.event.reason.as_deref() == Some("unknown_tool")).unwrap();
+    assert_eq!(unknown.event.tool, None, "a tool name the policy does not know is not written down");
+    let trail_text =
+        records(&w.audit_dir()).iter().map(|r| String::from_utf8(r.to_line()).unwrap()).collect::<String>();
+    assert!(!trail_text.contains("drop_tables") && !trail_text.contains("billing\""), "made-up names stay out");
 
     // Wrong admin secret: refused by the store, nothing created.
     w.reload(&manifests(w.pg.port, &["id", "mrn", "name"], true, "wrong-admin-password")).await;
@@ -581,6 +589,15 @@ async fn hostile_and_faulty_requests_are_refused_and_leave_no_role() {
     let (status, class, _) = refused(w.client.credential(&request("lookup_patient", &good)).await);
     assert_eq!((status, class.as_str()), (503, "store_unreachable"));
     assert!(login_role_names(&admin).await.is_empty());
+    let faults: Vec<String> = records(&w.audit_dir())
+        .into_iter()
+        .filter(|r| r.event.kind == Kind::Decision)
+        .filter_map(|r| r.event.reason)
+        .collect();
+    assert!(
+        faults.iter().any(|r| r == "admin_refused") && faults.iter().any(|r| r == "store_unreachable"),
+        "{faults:?}"
+    );
 }
 
 impl World {

@@ -207,6 +207,16 @@ impl BrokerError {
     }
 }
 
+/// How far a request got, for its refusal record.
+#[derive(Default)]
+struct Seen {
+    server: Option<ServerRef>,
+    tool_known: bool,
+    store_known: bool,
+    unauthenticated: bool,
+    caller: Option<AuditCaller>,
+}
+
 /// Identifies a pair slot.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PairKey {
@@ -353,15 +363,24 @@ impl Broker {
         Ok(auth)
     }
 
-    /// Serves one credential request (see the module diagram).
+    /// Serves one credential request (see the module diagram). Every
+    /// refusal for a known server is a decision record in its stream; if
+    /// that record cannot be written, the answer is the audit failure.
     pub async fn issue(&self, request: &CredentialRequest) -> Result<Credential, BrokerError> {
         let started = Instant::now();
-        let result = self.issue_inner(request).await;
+        let mut seen = Seen::default();
+        let mut result = self.issue_inner(request, &mut seen).await;
+        if let (Err(refusal), Some(server)) = (&result, &seen.server)
+            && !matches!(refusal, BrokerError::Audit(_))
+            && let Err(e) = self.record_refusal(server, request, &seen, refusal).await
+        {
+            result = Err(e.into());
+        }
         self.metrics.issue(started.elapsed(), result.as_ref().map(|c| c.reused).map_err(BrokerError::class));
         result
     }
 
-    async fn issue_inner(&self, request: &CredentialRequest) -> Result<Credential, BrokerError> {
+    async fn issue_inner(&self, request: &CredentialRequest, seen: &mut Seen) -> Result<Credential, BrokerError> {
         // The correlation id goes into the trail verbatim: an id, not text.
         if request.correlation.as_ref().is_some_and(|c| !is_correlation_id(c)) {
             return Err(BrokerError::InvalidRequest(
@@ -377,32 +396,30 @@ impl Broker {
             }
             Some(Ok(entry)) => entry,
         };
+        seen.server = Some(server.clone());
         let policy = &entry.policy;
         let tool = policy
             .tools
             .get(&request.tool)
             .ok_or_else(|| BrokerError::UnknownTool { server: request.server.clone(), tool: request.tool.clone() })?;
+        seen.tool_known = true;
         let Some(tables) = tool.data_access.get(&request.store) else {
             return Err(BrokerError::NoStoreAccess { tool: request.tool.clone(), store: request.store.clone() });
         };
+        seen.store_known = true;
         let authenticator = self.authenticator(&server, &entry.keys, &policy.authentication).await?;
-        let caller = match authenticator.verify(&request.caller_token).await {
-            Ok(caller) => caller,
-            Err(e) => {
-                let refusal = BrokerError::CallerNotVerified(e.reason());
-                self.record_refusal(&server, request, None, &refusal).await?;
-                return Err(refusal);
-            }
-        };
+        let caller = authenticator.verify(&request.caller_token).await.map_err(|e| {
+            seen.unauthenticated = true;
+            BrokerError::CallerNotVerified(e.reason())
+        })?;
         let audit_caller = AuditCaller {
             sub: caller.subject.clone(),
             iss: policy.authentication.issuer.clone(),
             groups: caller.groups.iter().cloned().collect(),
         };
+        seen.caller = Some(audit_caller.clone());
         if !tool.callers.admits(&caller) {
-            let refusal = BrokerError::CallerNotAllowed(request.tool.clone());
-            self.record_refusal(&server, request, Some(audit_caller), &refusal).await?;
-            return Err(refusal);
+            return Err(BrokerError::CallerNotAllowed(request.tool.clone()));
         }
         let store_key = StoreRef { namespace: server.namespace.clone(), name: request.store.clone() };
         let handle = self.store(&store_key)?;
@@ -538,20 +555,23 @@ impl Broker {
         });
     }
 
+    /// The refusal as a decision record. Tool and store names go in only
+    /// when the policy knows them: a name the sidecar made up could carry
+    /// anything.
     async fn record_refusal(
         &self,
         server: &ServerRef,
         request: &CredentialRequest,
-        caller: Option<AuditCaller>,
+        seen: &Seen,
         refusal: &BrokerError,
     ) -> Result<(), WalError> {
         let mut event = Event::new(Kind::Decision);
         event.method = Some("broker/credentials".into());
-        event.decision = Some(if caller.is_some() { Decision::Deny } else { Decision::AuthnFailure });
+        event.decision = Some(if seen.unauthenticated { Decision::AuthnFailure } else { Decision::Deny });
         event.reason = Some(refusal.class().into());
-        event.caller = caller;
-        event.tool = Some(request.tool.clone());
-        event.store = Some(request.store.clone());
+        event.caller = seen.caller.clone();
+        event.tool = seen.tool_known.then(|| request.tool.clone());
+        event.store = seen.store_known.then(|| request.store.clone());
         event.correlation = request.correlation.clone();
         self.trail.record(Some(server), event).await
     }
