@@ -14,6 +14,66 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+/// Where a control-plane API listens, and its TLS: flattened into the
+/// broker's and the collector's flags. Both return secrets or take the
+/// audit trail, so plain HTTP is for loopback only.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiListen {
+    /// Address of the API; off loopback only with TLS.
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    /// PEM certificate chain of the API.
+    #[arg(long, requires = "tls_key_file")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, requires = "tls_cert_file")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+}
+
+/// A bound API listener, plain (loopback) or TLS.
+pub struct Bound {
+    listener: TcpListener,
+    tls: Option<rustls::ServerConfig>,
+}
+
+impl ApiListen {
+    /// Loads the TLS configuration, refuses plain HTTP off loopback, binds.
+    pub async fn bind(&self, what: &str) -> anyhow::Result<Bound> {
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(server_config(cert, key)?),
+            _ => None,
+        };
+        anyhow::ensure!(
+            tls.is_some() || self.listen.ip().is_loopback(),
+            "--listen {}: off loopback the {what} API needs --tls-cert-file and --tls-key-file",
+            self.listen
+        );
+        let listener = TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", self.listen))?;
+        Ok(Bound { listener, tls })
+    }
+}
+
+impl Bound {
+    /// Whether it serves TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Serves `app` until SIGTERM/SIGINT.
+    pub async fn serve(self, app: axum::Router) -> anyhow::Result<()> {
+        let shutdown = crate::health::shutdown_signal();
+        match self.tls {
+            Some(config) => {
+                axum::serve(TlsListener::new(self.listener, config)?, app).with_graceful_shutdown(shutdown).await?
+            }
+            None => axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?,
+        }
+        Ok(())
+    }
+}
+
 /// Time a client gets to complete its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

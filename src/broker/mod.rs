@@ -58,16 +58,9 @@ pub struct BrokerArgs {
     /// PHIStore status written.
     #[arg(long)]
     pub manifests: Option<PathBuf>,
-    /// Address of the API.
-    #[arg(long)]
-    pub listen: SocketAddr,
-    /// PEM certificate chain of the API. Required unless --listen is a
-    /// loopback address: the API returns credentials.
-    #[arg(long, requires = "tls_key_file")]
-    pub tls_cert_file: Option<PathBuf>,
-    /// PEM private key of that certificate.
-    #[arg(long, requires = "tls_cert_file")]
-    pub tls_key_file: Option<PathBuf>,
+    /// The API's address and TLS (it returns credentials).
+    #[command(flatten)]
+    pub api: crate::tls_listener::ApiListen,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -148,15 +141,7 @@ impl Source {
 
 /// Runs the broker until SIGTERM/SIGINT.
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
-    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
-        (Some(cert), Some(key)) => Some(crate::tls_listener::server_config(cert, key)?),
-        _ => None,
-    };
-    anyhow::ensure!(
-        tls.is_some() || args.listen.ip().is_loopback(),
-        "--listen {}: the broker API returns credentials; off loopback it needs --tls-cert-file and --tls-key-file",
-        args.listen
-    );
+    let bound = args.api.bind("broker").await?;
     let revoker =
         args.revoker_credential_file.as_ref().map(|p| read_credential(p, "revoker-credential-file")).transpose()?;
     let (source, sidecar) = match &args.manifests {
@@ -228,19 +213,9 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let reaper = tokio::spawn(reap_loop(Arc::downgrade(&broker), reap_interval));
     let reloader =
         tokio::spawn(reload_loop(Arc::downgrade(&broker), Arc::clone(&source), resync_interval, Arc::clone(&changed)));
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let app = api::router(Arc::clone(&broker), api::Callers { sidecar, revoker });
-    tracing::info!(listen = %args.listen, tls = tls.is_some(), "broker serving");
-    match tls {
-        Some(config) => {
-            axum::serve(crate::tls_listener::TlsListener::new(listener, config)?, app)
-                .with_graceful_shutdown(health::shutdown_signal())
-                .await?
-        }
-        None => axum::serve(listener, app).with_graceful_shutdown(health::shutdown_signal()).await?,
-    }
+    tracing::info!(listen = %args.api.listen, tls = bound.is_tls(), "broker serving");
+    bound.serve(app).await?;
     reaper.abort();
     reloader.abort();
     if let Some(w) = watchers {

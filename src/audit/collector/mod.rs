@@ -13,7 +13,6 @@
 
 pub mod store;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -31,7 +30,6 @@ use super::checkpoint::Signer;
 use super::record::{Event, Incident, IncidentClass, Kind};
 use super::wal::{Wal, WalConfig};
 use crate::bearer::StaticCredential;
-use crate::health;
 use crate::token_review::{COLLECTOR_AUDIENCE, TokenReviewer};
 use store::{Refused, Storage};
 
@@ -48,15 +46,9 @@ pub struct CollectorArgs {
     /// Where streams and incidents are stored.
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// Address of the API; off loopback only with TLS.
-    #[arg(long)]
-    pub listen: SocketAddr,
-    /// PEM certificate chain of the API.
-    #[arg(long, requires = "tls_key_file")]
-    pub tls_cert_file: Option<PathBuf>,
-    /// PEM private key of that certificate.
-    #[arg(long, requires = "tls_cert_file")]
-    pub tls_key_file: Option<PathBuf>,
+    /// The API's address and TLS.
+    #[command(flatten)]
+    pub api: crate::tls_listener::ApiListen,
     /// File holding the static credential senders present (>= 32 bytes;
     /// laptops, tests). Without it the collector runs in a cluster: senders
     /// are sidecars, known by their service-account tokens (TokenReview).
@@ -240,15 +232,7 @@ async fn records(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
 
 /// Runs the collector until SIGTERM/SIGINT.
 pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
-    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
-        (Some(cert), Some(key)) => Some(crate::tls_listener::server_config(cert, key)?),
-        _ => None,
-    };
-    anyhow::ensure!(
-        tls.is_some() || args.listen.ip().is_loopback(),
-        "--listen {}: off loopback the collector needs --tls-cert-file and --tls-key-file",
-        args.listen
-    );
+    let bound = args.api.bind("collector").await?;
     let senders = match &args.sender_credential_file {
         Some(file) => {
             let text = std::fs::read_to_string(file)
@@ -294,10 +278,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     let incidents_dir = args.data_dir.join("incidents");
     std::fs::create_dir_all(&incidents_dir)?;
     let incidents = Arc::new(Wal::open(WalConfig::new(&incidents_dir, COLLECTOR_SERVER))?);
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, data = %args.data_dir.display(), "audit collector serving");
+    tracing::info!(listen = %args.api.listen, tls = bound.is_tls(), data = %args.data_dir.display(), "audit collector serving");
     let checkpoints = signer.as_ref().map(|signer| {
         tracing::info!(public_key = %signer.public_hex(), "signing checkpoints");
         let (storage, signer) = (Arc::clone(&storage), Arc::clone(signer));
@@ -324,14 +305,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         })
     });
     let app = router(Arc::clone(&storage), Arc::clone(&incidents), senders, readers);
-    match tls {
-        Some(config) => {
-            axum::serve(crate::tls_listener::TlsListener::new(listener, config)?, app)
-                .with_graceful_shutdown(health::shutdown_signal())
-                .await?
-        }
-        None => axum::serve(listener, app).with_graceful_shutdown(health::shutdown_signal()).await?,
-    }
+    bound.serve(app).await?;
     if let Some(task) = checkpoints {
         task.abort();
     }
