@@ -254,6 +254,29 @@ impl Wal {
         result
     }
 
+    /// Closes a shared WAL once every other handle is gone. Handles held by
+    /// tasks that are finishing (connection tasks just after a server
+    /// stops) get two seconds; after that the stream is left unsealed, with
+    /// a warning, and the next open records a restart. `Ok(None)` then.
+    pub async fn close_shared(mut wal: Arc<Wal>) -> Result<Option<Receipt>, WalError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match Arc::try_unwrap(wal) {
+                Ok(sole) => return sole.close().await.map(Some),
+                Err(shared) if tokio::time::Instant::now() < deadline => {
+                    wal = shared;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "audit WAL still in use at shutdown; left unsealed, the next start records a restart"
+                    );
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
     /// [`Wal::close`] outside an async runtime.
     pub fn close_blocking(self) -> Result<Receipt, WalError> {
         let (reply, rx) = oneshot::channel();

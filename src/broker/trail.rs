@@ -67,13 +67,8 @@ impl Trail {
     pub async fn close(&self) {
         let wals: Vec<Arc<Wal>> = self.wals.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, w)| w).collect();
         for wal in wals {
-            match Arc::try_unwrap(wal) {
-                Ok(wal) => {
-                    if let Err(e) = wal.close().await {
-                        tracing::warn!(error = %e, "closing an audit stream failed");
-                    }
-                }
-                Err(_) => tracing::warn!("an audit stream is still in use at shutdown; left unsealed"),
+            if let Err(e) = Wal::close_shared(wal).await {
+                tracing::warn!(error = %e, "closing an audit stream failed");
             }
         }
     }

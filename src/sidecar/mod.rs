@@ -277,35 +277,14 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    match sole_owner(wal).await {
-        Ok(wal) => {
-            wal.close().await?;
-            if let Some(shipper) = shipper {
-                drain_shipping(shipper).await;
-            }
-        }
-        Err(_) => tracing::warn!("audit WAL still shared at shutdown; the next start records a restart"),
+    if Wal::close_shared(wal).await?.is_some()
+        && let Some(shipper) = shipper
+    {
+        drain_shipping(shipper).await;
     }
     stop_health.notify_one();
     let _ = health_server.await;
     Ok(())
-}
-
-/// The WAL once the last request task has let go of it: connection tasks
-/// drop their handles just after the server stops, so a single look can
-/// come too early. Gives up after two seconds.
-async fn sole_owner(mut wal: Arc<Wal>) -> Result<Wal, Arc<Wal>> {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        match Arc::try_unwrap(wal) {
-            Ok(wal) => return Ok(wal),
-            Err(shared) if tokio::time::Instant::now() < deadline => {
-                wal = shared;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(shared) => return Err(shared),
-        }
-    }
 }
 
 /// Ships until told to stop, then hands the shipper back (and with it the

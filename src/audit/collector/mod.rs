@@ -313,11 +313,6 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         // A last checkpoint covers everything received before shutdown.
         checkpoint_changed(&storage, signer, &mut std::collections::HashMap::new())?;
     }
-    match Arc::try_unwrap(incidents) {
-        Ok(wal) => {
-            wal.close().await?;
-        }
-        Err(_) => tracing::warn!("incident stream still in use at shutdown"),
-    }
+    Wal::close_shared(incidents).await?;
     Ok(())
 }
