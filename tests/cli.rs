@@ -20,6 +20,15 @@ fn warden(args: &[&str]) -> Output {
         .expect("mcp-warden runs")
 }
 
+/// The (only) segment file of a WAL directory.
+fn first_segment(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .expect("segment")
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -274,11 +283,7 @@ fn audit_verify_passes_an_intact_trail_and_names_the_first_break() {
     assert!(stdout(&out).contains("sealed"));
 
     // Change one character of record 4.
-    let segment = std::fs::read_dir(dir.path())
-        .expect("list")
-        .map(|e| e.expect("entry").path())
-        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .expect("segment");
+    let segment = first_segment(dir.path());
     let text = std::fs::read_to_string(&segment).expect("read");
     std::fs::write(&segment, text.replacen("l-2", "l-9", 1)).expect("tamper");
     let out = warden(&["audit", "verify", path]);
@@ -430,11 +435,7 @@ fn audit_query_answers_who_touched_what_and_says_what_it_could_not_read() {
     assert!(stderr(&out).contains("--since"), "{}", stderr(&out));
 
     // A damaged line is named, the rest still answered, and the exit says so.
-    let segment = std::fs::read_dir(dir.path())
-        .expect("list")
-        .map(|e| e.expect("entry").path())
-        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .expect("segment");
+    let segment = first_segment(dir.path());
     let text = std::fs::read_to_string(&segment).expect("read");
     std::fs::write(&segment, text.replacen("\"bob\"", "\"eve\"", 1)).expect("tamper");
     let out = warden(&["audit", "query", path]);
