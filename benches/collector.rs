@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use mcp_warden::audit::collector::{self, store::Storage};
 use mcp_warden::audit::record::{Event, Kind, Lease, LeaseAction};
-use mcp_warden::audit::ship::{SenderCredential, Shipped, Shipper};
+use mcp_warden::bearer::ClientCredential;
+use mcp_warden::audit::ship::{Shipped, Shipper};
 use mcp_warden::audit::{Wal, WalConfig};
 use mcp_warden::bearer::StaticCredential;
 
@@ -49,7 +50,7 @@ fn main() {
         let acks = Arc::new(Mutex::new(Vec::<(u64, Instant)>::new()));
         let ship = {
             let (wal, acks) = (Arc::clone(&wal), Arc::clone(&acks));
-            let mut shipper = Shipper::new(wal_dir.path().into(), &base, SenderCredential::Fixed(CREDENTIAL.into()))
+            let mut shipper = Shipper::new(wal_dir.path().into(), &base, ClientCredential::Fixed(CREDENTIAL.into()))
                 .expect("shipper");
             tokio::spawn(async move {
                 loop {

@@ -38,3 +38,42 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
 }
+
+/// What a client of a control-plane API (the collector, the broker)
+/// presents as its bearer token.
+#[derive(Debug, Clone)]
+pub enum ClientCredential {
+    /// A fixed credential.
+    Fixed(String),
+    /// A file re-read before every request: a static credential, or the
+    /// kubelet's projected service-account token, which rotates.
+    File(std::path::PathBuf),
+}
+
+impl ClientCredential {
+    /// The credential to present now. The error names the file, never its
+    /// content.
+    pub fn current(&self) -> Result<String, String> {
+        match self {
+            ClientCredential::Fixed(text) => Ok(text.trim().to_string()),
+            ClientCredential::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("credential file {}: {e}", path.display())),
+        }
+    }
+}
+
+/// An HTTP client for a control-plane API, trusting the system roots and,
+/// when given, the PEM CA bundle in `ca_file` (the warden's own CA).
+pub fn api_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("CA file {} is not PEM certificates: {e}", path.display()))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| e.to_string())
+}

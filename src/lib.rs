@@ -25,6 +25,7 @@ pub mod audit;
 pub mod bearer;
 pub mod broker;
 pub mod check;
+pub mod dbproxy;
 pub mod cli;
 pub mod compliance;
 pub mod health;

@@ -12,7 +12,8 @@ use std::time::Duration;
 use mcp_warden::audit::collector::{self, store::Storage};
 use mcp_warden::audit::record::{Event, Kind, Lease, LeaseAction, Record};
 use mcp_warden::audit::segment;
-use mcp_warden::audit::ship::{SenderCredential, ShipError, Shipped, Shipper};
+use mcp_warden::bearer::ClientCredential;
+use mcp_warden::audit::ship::{ShipError, Shipped, Shipper};
 use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
 use mcp_warden::audit::{Wal, WalConfig};
 use mcp_warden::bearer::StaticCredential;
@@ -88,14 +89,14 @@ async fn a_wal_arrives_once_in_order_and_is_released_only_after_the_collector_ho
     let mut shipper = Shipper::new(
         wal_dir.path().into(),
         &format!("http://127.0.0.1:{closed}"),
-        SenderCredential::Fixed(CREDENTIAL.into()),
+        ClientCredential::Fixed(CREDENTIAL.into()),
     )
     .unwrap();
     assert!(matches!(shipper.ship_once().await, Err(ShipError::Unreachable(_))));
     assert_eq!(segment::list_segments(wal_dir.path()).unwrap().len(), segments_before);
 
     let (base, _incidents) = collector(data.path()).await;
-    let mut shipper = Shipper::new(wal_dir.path().into(), &base, SenderCredential::Fixed(CREDENTIAL.into())).unwrap();
+    let mut shipper = Shipper::new(wal_dir.path().into(), &base, ClientCredential::Fixed(CREDENTIAL.into())).unwrap();
     ship_all(&mut shipper, &w).await;
     // 1 stream-start + 300 leases.
     assert_eq!(shipper.shipped(), 301);
@@ -112,7 +113,7 @@ async fn a_wal_arrives_once_in_order_and_is_released_only_after_the_collector_ho
         w.append(lease(n)).await.unwrap();
     }
     w.close().await.unwrap();
-    let mut restarted = Shipper::new(wal_dir.path().into(), &base, SenderCredential::Fixed(CREDENTIAL.into())).unwrap();
+    let mut restarted = Shipper::new(wal_dir.path().into(), &base, ClientCredential::Fixed(CREDENTIAL.into())).unwrap();
     loop {
         if restarted.ship_once().await.unwrap() == Shipped::Idle {
             break;
@@ -270,7 +271,7 @@ async fn signed_checkpoints_prove_the_tail_and_their_own_integrity() {
     for n in 0..40 {
         w.append(lease(n)).await.unwrap();
     }
-    let mut shipper = Shipper::new(wal_dir.path().into(), &base, SenderCredential::Fixed(CREDENTIAL.into())).unwrap();
+    let mut shipper = Shipper::new(wal_dir.path().into(), &base, ClientCredential::Fixed(CREDENTIAL.into())).unwrap();
     ship_all(&mut shipper, &w).await;
     let mut signed = std::collections::HashMap::new();
     assert_eq!(collector::checkpoint_changed(&storage, &signer, &mut signed).unwrap(), 1);

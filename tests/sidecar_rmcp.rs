@@ -97,6 +97,9 @@ async fn tool_names(client: &rmcp::service::RunningService<rmcp::RoleClient, imp
 
 #[tokio::test]
 async fn rmcp_clients_through_the_sidecar_on_both_transport_generations() {
+    // rmcp's reqwest is built without a provider of its own (one provider,
+    // ring, in the whole build).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let ct = CancellationToken::new();
     let calls: Calls = Arc::default();
     let upstream = mcp_server(Arc::clone(&calls), &ct).await;

@@ -14,6 +14,7 @@
 //! - [`segment`]: the files on disk.
 
 pub mod args_hmac;
+pub mod budget;
 pub mod checkpoint;
 pub mod collector;
 pub mod query;

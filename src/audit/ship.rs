@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use super::record::Record;
 use super::segment;
+use crate::bearer::ClientCredential;
 
 /// Most bytes in one batch.
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
@@ -74,32 +75,11 @@ struct Batch {
     cursor: Cursor,
 }
 
-/// What the shipper presents to the collector.
-#[derive(Debug, Clone)]
-pub enum SenderCredential {
-    /// A fixed credential.
-    Fixed(String),
-    /// A file re-read before every batch: a static credential, or the
-    /// kubelet's projected service-account token, which rotates.
-    File(PathBuf),
-}
-
-impl SenderCredential {
-    fn current(&self) -> Result<String, ShipError> {
-        match self {
-            SenderCredential::Fixed(text) => Ok(text.trim().to_string()),
-            SenderCredential::File(path) => std::fs::read_to_string(path)
-                .map(|t| t.trim().to_string())
-                .map_err(|e| ShipError::Read(format!("credential file {}: {e}", path.display()))),
-        }
-    }
-}
-
 /// Ships one WAL directory to one collector.
 pub struct Shipper {
     dir: PathBuf,
     url: String,
-    credential: SenderCredential,
+    credential: ClientCredential,
     http: reqwest::Client,
     cursor: Option<Cursor>,
     shipped: u64,
@@ -108,7 +88,7 @@ pub struct Shipper {
 impl Shipper {
     /// A shipper of `dir` to the collector at `base` (e.g.
     /// `http://127.0.0.1:7443`).
-    pub fn new(dir: PathBuf, base: &str, credential: SenderCredential) -> Result<Shipper, ShipError> {
+    pub fn new(dir: PathBuf, base: &str, credential: ClientCredential) -> Result<Shipper, ShipError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -186,7 +166,7 @@ impl Shipper {
     /// Sends the next batch, if any.
     pub async fn ship_once(&mut self) -> Result<Shipped, ShipError> {
         let Some(Batch { body, last, cursor }) = self.next_batch()? else { return Ok(Shipped::Idle) };
-        let credential = self.credential.current()?;
+        let credential = self.credential.current().map_err(ShipError::Read)?;
         let response = self
             .http
             .post(&self.url)

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::bearer::ClientCredential;
+
 use super::issuer::{Credential, CredentialRequest};
 use super::lifecycle::Revocation;
 
@@ -41,7 +43,7 @@ struct Revoked {
 #[derive(Clone)]
 pub struct BrokerClient {
     base: String,
-    credential: String,
+    credential: ClientCredential,
     http: reqwest::Client,
 }
 
@@ -52,7 +54,13 @@ impl BrokerClient {
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| ClientError::Transport(e.to_string()))?;
-        Ok(BrokerClient { base: base.trim_end_matches('/').to_string(), credential: credential.to_string(), http })
+        Ok(BrokerClient::from_parts(base, ClientCredential::Fixed(credential.to_string()), http))
+    }
+
+    /// A client of `base` presenting `credential` (re-read per request when
+    /// it is a file) over `http`.
+    pub fn from_parts(base: &str, credential: ClientCredential, http: reqwest::Client) -> BrokerClient {
+        BrokerClient { base: base.trim_end_matches('/').to_string(), credential, http }
     }
 
     /// The base URL.
@@ -76,10 +84,11 @@ impl BrokerClient {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
+        let credential = self.credential.current().map_err(ClientError::Transport)?;
         let response = self
             .http
             .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.credential)
+            .bearer_auth(credential)
             .json(body)
             .send()
             .await

@@ -94,6 +94,10 @@ pub struct Credential {
     pub database: String,
     /// libpq sslmode to use.
     pub ssl_mode: String,
+    /// PEM CA bundle to verify the store with (`verify-full`); the system
+    /// roots when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
     /// Whether this lease was handed out before.
     pub reused: bool,
 }
@@ -515,6 +519,7 @@ impl Broker {
             port: store.port,
             database: store.database.clone(),
             ssl_mode: store.ssl_mode.as_str().to_string(),
+            ca_pem: handle.entry.access.ca_pem.clone(),
             reused: false,
         };
         *cached = Some(Cached { credential: credential.clone(), reuse_until: reuse_deadline(&created, ttl) });

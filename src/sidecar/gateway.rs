@@ -36,6 +36,7 @@ use super::authz::{self, Decision, ListKind};
 use super::messages::{self, GATEWAY_REFUSED, HEADER_MISMATCH, INVALID_REQUEST, PARSE_ERROR};
 use super::metrics::SidecarMetrics;
 use super::session::SessionKey;
+use crate::audit::budget::RefusalBudget;
 use crate::api::FailurePolicy;
 use crate::audit::args_hmac::ArgsKey;
 use crate::audit::record::{Caller as RecordCaller, Decision as RecordDecision, Event, Kind, Outcome, OutcomeStatus};
@@ -68,34 +69,10 @@ pub struct Gateway {
     http: reqwest::Client,
     /// Public metrics.
     pub metrics: SidecarMetrics,
-    authn_records: Mutex<TokenBucket>,
+    authn_records: Mutex<RefusalBudget>,
     /// `Mcp-Param-*` mirroring of each tool, learnt from `tools/list`
     /// responses passing through.
     mirrored_params: std::sync::RwLock<std::collections::HashMap<String, messages::MirroredParams>>,
-}
-
-/// Limits how many authentication failures are recorded, so a flood
-/// cannot fill the WAL and trip fail-closed for every caller.
-struct TokenBucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    const RATE: f64 = 20.0;
-    const BURST: f64 = 100.0;
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * Self::RATE).min(Self::BURST);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 impl Gateway {
@@ -119,7 +96,7 @@ impl Gateway {
             config,
             http,
             metrics,
-            authn_records: Mutex::new(TokenBucket { tokens: TokenBucket::BURST, last: Instant::now() }),
+            authn_records: Mutex::new(RefusalBudget::default()),
             mirrored_params: std::sync::RwLock::new(std::collections::HashMap::new()),
         })
     }

@@ -202,7 +202,7 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         (Some(url), Some(file)) => {
             std::fs::metadata(file)
                 .with_context(|| format!("--collector-credential-file: cannot read {}", file.display()))?;
-            let credential = crate::audit::ship::SenderCredential::File(file.clone());
+            let credential = crate::bearer::ClientCredential::File(file.clone());
             let shipper = crate::audit::ship::Shipper::new(args.audit_dir.clone(), url, credential)?;
             let stop = Arc::new(tokio::sync::Notify::new());
             let task = tokio::spawn(ship_loop(shipper, Arc::clone(&wal), Arc::clone(&stop)));

@@ -1,0 +1,411 @@
+//! One client connection: first packet (SSL/GSS refused, cancel routed),
+//! startup, the token as password, login upstream as the caller, then the
+//! relay with every statement recorded, until either side closes, the call
+//! ends or the credential expires.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+
+use super::DbProxy;
+use super::grants::{CallGrant, LookupError};
+use super::tracker::{BackAction, Ending, Finished, FrontAction, Tracker};
+use super::upstream::{self, Io};
+use super::wire::{self, FirstPacket, FrameReader, WireError, backend};
+use crate::audit::record::{Decision, Event, Kind, Lease, LeaseAction, Outcome, OutcomeStatus};
+
+/// How long a client may take from connecting to sending its password.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest password message accepted (a token is 64 characters).
+const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// Why a connection was refused before the relay.
+struct Refused {
+    decision: Decision,
+    class: &'static str,
+    /// Told to the client (written here; never echoes client bytes).
+    message: String,
+    sqlstate: &'static str,
+    grant: Option<Arc<CallGrant>>,
+}
+
+impl Refused {
+    fn new(decision: Decision, class: &'static str, sqlstate: &'static str, message: impl Into<String>) -> Self {
+        Refused { decision, class, message: message.into(), sqlstate, grant: None }
+    }
+
+    fn wire(e: WireError) -> Self {
+        let class = e.class();
+        let message = match &e {
+            WireError::TooLarge(_) => "startup packet too large".to_string(),
+            WireError::Malformed(what) => format!("invalid startup packet: {what}"),
+            WireError::Io(_) => "connection lost during startup".to_string(),
+        };
+        Refused::new(Decision::Deny, class, "08P01", message)
+    }
+}
+
+/// Serves one client connection to its end.
+pub async fn run(proxy: Arc<DbProxy>, mut socket: TcpStream) {
+    let started = tokio::time::timeout(STARTUP_TIMEOUT, startup(&proxy, &mut socket)).await;
+    let (grant, ended) = match started {
+        Ok(Ok(Some(ok))) => ok,
+        // A cancel request, served.
+        Ok(Ok(None)) => return,
+        Ok(Err(refused)) => return refuse(&proxy, socket, refused).await,
+        Err(_) => {
+            let refused = Refused::new(Decision::Deny, "startup_timeout", "08P01", "startup took too long");
+            return refuse(&proxy, socket, refused).await;
+        }
+    };
+    let up = match upstream::connect(&grant.credential, &grant.correlation).await {
+        Ok(up) => up,
+        Err(e) => {
+            tracing::warn!(error = %e, store = %grant.store, "database proxy could not log in as the caller");
+            let mut refused = Refused::new(
+                Decision::Deny,
+                "store_login_failed",
+                "08006",
+                "the store could not be reached as the caller; see the sidecar log",
+            );
+            refused.grant = Some(grant);
+            return refuse(&proxy, socket, refused).await;
+        }
+    };
+    relay(proxy, socket, grant, ended, up).await;
+}
+
+type Started = Option<(Arc<CallGrant>, tokio::sync::watch::Receiver<bool>)>;
+
+async fn startup(proxy: &DbProxy, socket: &mut TcpStream) -> Result<Started, Refused> {
+    let mut ssl_refused = false;
+    let mut gss_refused = false;
+    let (minor, params) = loop {
+        match wire::read_first_packet(socket).await.map_err(Refused::wire)? {
+            // No TLS on loopback inside the pod; asking twice is a game.
+            FirstPacket::Ssl if !ssl_refused => {
+                ssl_refused = true;
+                socket.write_all(b"N").await.map_err(|e| Refused::wire(e.into()))?;
+            }
+            FirstPacket::GssEnc if !gss_refused => {
+                gss_refused = true;
+                socket.write_all(b"N").await.map_err(|e| Refused::wire(e.into()))?;
+            }
+            FirstPacket::Ssl | FirstPacket::GssEnc => {
+                return Err(Refused::new(Decision::Deny, "encryption_renegotiation", "08P01", "encryption asked twice"));
+            }
+            FirstPacket::Cancel { pid, secret } => {
+                return match proxy.cancel_keys.resolve(pid, secret) {
+                    Some((grant, key)) => {
+                        if let Err(e) = upstream::cancel(&grant.credential, key).await {
+                            tracing::warn!(error = %e, "could not forward a cancel request");
+                        }
+                        Ok(None)
+                    }
+                    None => Err(Refused::new(Decision::Deny, "forged_cancel_key", "08P01", "unknown cancel key")),
+                };
+            }
+            FirstPacket::Startup { minor, params } => break (minor, params),
+        }
+    };
+    let param = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    if param("replication").is_some() {
+        return Err(Refused::new(Decision::Deny, "replication_refused", "28000", "replication is not served"));
+    }
+    let (Some(_user), Some(database)) = (param("user"), param("database")) else {
+        return Err(Refused::new(Decision::Deny, "malformed_startup", "08P01", "user and database are required"));
+    };
+    let database = database.to_string();
+    let unknown: Vec<String> = params.iter().filter(|(n, _)| n.starts_with("_pq_.")).map(|(n, _)| n.clone()).collect();
+    if minor > 0 || !unknown.is_empty() {
+        wire::send(socket, &backend::negotiate_protocol_version(&unknown)).await.map_err(|e| Refused::wire(e.into()))?;
+    }
+    wire::send(socket, &backend::cleartext_password_request()).await.map_err(|e| Refused::wire(e.into()))?;
+    let token = read_password(socket).await?;
+    let (grant, ended) = proxy.grants.lookup(&token).map_err(|e| {
+        let class = e.class();
+        let text = match e {
+            LookupError::Unknown => "password authentication failed: not a token of a call in progress",
+            LookupError::CallEnded => "password authentication failed: the call this token was issued for has ended",
+            LookupError::Expired => "password authentication failed: the credential behind this token has expired",
+        };
+        Refused::new(Decision::AuthnFailure, class, "28P01", text)
+    })?;
+    if grant.store != database {
+        let mut refused = Refused::new(
+            Decision::Deny,
+            "wrong_store",
+            "28000",
+            "this token was issued for another store; use the DSN given for this one",
+        );
+        refused.grant = Some(grant);
+        return Err(refused);
+    }
+    Ok(Some((grant, ended)))
+}
+
+async fn read_password(socket: &mut TcpStream) -> Result<String, Refused> {
+    let mut reader = FrameReader::new(&mut *socket);
+    let frame = reader.next().await.map_err(Refused::wire)?.ok_or_else(|| Refused::wire(WireError::Malformed("eof")))?;
+    if frame.tag != b'p' {
+        return Err(Refused::new(Decision::Deny, "malformed_startup", "08P01", "expected a password message"));
+    }
+    if frame.raw.len() > MAX_PASSWORD_BYTES {
+        return Err(Refused::wire(WireError::TooLarge(frame.raw.len() as u64)));
+    }
+    let mut body = frame.body();
+    wire::cstring(&mut body).map_err(Refused::wire)
+}
+
+async fn refuse(proxy: &DbProxy, mut socket: TcpStream, refused: Refused) {
+    let _ = wire::send(&mut socket, &backend::error("FATAL", refused.sqlstate, &refused.message)).await;
+    let _ = socket.shutdown().await;
+    let mut event = Event::new(Kind::Decision);
+    if let Some(grant) = &refused.grant {
+        event.correlation = Some(grant.correlation.clone());
+        event.caller = Some(grant.caller.clone());
+        event.tool = Some(grant.tool.clone());
+        event.store = Some(grant.store.clone());
+    }
+    proxy.record_refusal(refused.decision, refused.class.to_string(), event).await;
+}
+
+/// Why the relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    ClientClosed,
+    ServerClosed,
+    CallEnded,
+    CredentialExpired,
+    Refused(&'static str),
+    ClientProtocol(&'static str),
+    ServerProtocol,
+    AuditUnavailable,
+}
+
+impl End {
+    fn class(self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::ServerClosed => "store_closed",
+            End::CallEnded => "call_ended",
+            End::CredentialExpired => "credential_expired",
+            End::Refused(reason) => reason,
+            End::ClientProtocol(class) => class,
+            End::ServerProtocol => "store_protocol_error",
+            End::AuditUnavailable => "audit_unavailable",
+        }
+    }
+
+    /// What the client is told, if anything.
+    fn notice(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            End::CallEnded => Some(("57P01", "the call this connection was opened for has ended")),
+            End::CredentialExpired => Some(("57P01", "the caller's database credential has expired")),
+            End::Refused(_) => Some(("42501", super::tracker::COPY_REFUSED)),
+            End::ClientProtocol("oversized_message") => Some(("54000", "message too large for the proxy")),
+            End::ClientProtocol(_) => Some(("08P01", "invalid message")),
+            End::ServerProtocol => Some(("08006", "the store sent an unreadable message")),
+            End::AuditUnavailable => Some(("58000", "the audit trail cannot record statements; connection closed")),
+            End::ClientClosed | End::ServerClosed => None,
+        }
+    }
+}
+
+async fn relay(
+    proxy: Arc<DbProxy>,
+    socket: TcpStream,
+    grant: Arc<CallGrant>,
+    mut ended: tokio::sync::watch::Receiver<bool>,
+    up: upstream::Upstream,
+) {
+    let (client_read, mut client_write) = socket.into_split();
+    let (server_read, mut server_write) = tokio::io::split(up.io);
+    let mut from_client = FrameReader::new(client_read);
+    let mut from_server = FrameReader::with_buffer(server_read, up.leftover);
+    // The greeting, with the proxy's cancel key in place of the server's.
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&backend::authentication_ok());
+    let mut our_key = None;
+    for frame in &up.greeting {
+        if frame.tag == b'K' {
+            if let Some(server_key) = up.key
+                && let Ok(key) = proxy.cancel_keys.register(Arc::clone(&grant), server_key)
+            {
+                out.extend_from_slice(&backend::backend_key_data(key.0, key.1));
+                our_key = Some(key.0);
+            }
+        } else {
+            out.extend_from_slice(&frame.raw);
+        }
+    }
+    let mut tracker = Tracker::new(grant.allow_copy);
+    let mut done = Vec::new();
+    let expiry = tokio::time::Instant::from_std(grant.expires);
+    let end = if client_write.write_all(&out).await.is_err() {
+        End::ClientClosed
+    } else {
+        loop {
+            let step = tokio::select! {
+                frame = from_client.next() => {
+                    client_step(frame, &mut from_client, &mut tracker, &mut done, &mut server_write, &mut client_write).await
+                }
+                frame = from_server.next() => {
+                    server_step(frame, &mut from_server, &mut tracker, &mut done, &mut client_write).await
+                }
+                _ = async { ended.wait_for(|ended| *ended).await.map(|_| ()) } => Err(End::CallEnded),
+                _ = tokio::time::sleep_until(expiry) => Err(End::CredentialExpired),
+            };
+            if record_statements(&proxy, &grant, &mut done).await.is_err() {
+                break End::AuditUnavailable;
+            }
+            if let Err(end) = step {
+                break end;
+            }
+        }
+    };
+    if let Some((code, text)) = end.notice() {
+        let _ = wire::send(&mut client_write, &backend::error("FATAL", code, text)).await;
+    }
+    let _ = client_write.shutdown().await;
+    let _ = server_write.shutdown().await;
+    if let Some(pid) = our_key {
+        proxy.cancel_keys.remove(pid);
+    }
+    tracker.end(Instant::now(), end.class(), &mut done);
+    let _ = record_statements(&proxy, &grant, &mut done).await;
+    if end == End::CredentialExpired {
+        let mut event = call_event(&grant, Kind::Lease);
+        event.lease = Some(Lease {
+            id: grant.credential.lease_id.clone(),
+            action: LeaseAction::Expired,
+            role: None,
+            valid_until: Some(grant.credential.valid_until.clone()),
+        });
+        event.reason = Some("connection closed at the credential's expiry".into());
+        let _ = proxy.wal.append(event).await;
+    }
+    tracing::debug!(end = end.class(), store = %grant.store, "database proxy connection closed");
+}
+
+type ServerWrite = WriteHalf<Box<dyn Io>>;
+
+/// One client message (and any others already buffered) to the server.
+async fn client_step(
+    frame: Result<Option<wire::Frame>, WireError>,
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    tracker: &mut Tracker,
+    done: &mut Vec<Finished>,
+    server: &mut ServerWrite,
+    client: &mut OwnedWriteHalf,
+) -> Result<(), End> {
+    let mut frame = match frame {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return Err(End::ClientClosed),
+        Err(e) => return Err(End::ClientProtocol(e.class())),
+    };
+    let mut to_server = BytesMut::new();
+    loop {
+        let terminate = frame.tag == b'X';
+        match tracker.client(&frame, Instant::now(), done).map_err(|e| End::ClientProtocol(e.class()))? {
+            FrontAction::Forward => to_server.extend_from_slice(&frame.raw),
+            FrontAction::Answer(answers) => {
+                flush(server, &mut to_server).await.map_err(|_| End::ServerClosed)?;
+                for answer in answers {
+                    client.write_all(&answer).await.map_err(|_| End::ClientClosed)?;
+                }
+            }
+        }
+        if terminate {
+            flush(server, &mut to_server).await.map_err(|_| End::ServerClosed)?;
+            return Err(End::ClientClosed);
+        }
+        match reader.buffered().map_err(|e| End::ClientProtocol(e.class()))? {
+            Some(next) => frame = next,
+            None => break,
+        }
+    }
+    flush(server, &mut to_server).await.map_err(|_| End::ServerClosed)
+}
+
+/// One server message (and any others already buffered) to the client.
+async fn server_step(
+    frame: Result<Option<wire::Frame>, WireError>,
+    reader: &mut FrameReader<ReadHalf<Box<dyn Io>>>,
+    tracker: &mut Tracker,
+    done: &mut Vec<Finished>,
+    client: &mut OwnedWriteHalf,
+) -> Result<(), End> {
+    let mut frame = match frame {
+        Ok(Some(frame)) => frame,
+        Ok(None) | Err(WireError::Io(_)) => return Err(End::ServerClosed),
+        Err(_) => return Err(End::ServerProtocol),
+    };
+    let mut to_client = BytesMut::new();
+    loop {
+        match tracker.server(&frame, Instant::now(), done).map_err(|_| End::ServerProtocol)? {
+            BackAction::Forward => to_client.extend_from_slice(&frame.raw),
+            BackAction::Close(reason) => {
+                client.write_all(&to_client).await.map_err(|_| End::ClientClosed)?;
+                return Err(End::Refused(reason));
+            }
+        }
+        match reader.buffered().map_err(|_| End::ServerProtocol)? {
+            Some(next) => frame = next,
+            None => break,
+        }
+    }
+    client.write_all(&to_client).await.map_err(|_| End::ClientClosed)
+}
+
+async fn flush(server: &mut ServerWrite, bytes: &mut BytesMut) -> std::io::Result<()> {
+    if !bytes.is_empty() {
+        server.write_all(bytes).await?;
+        server.flush().await?;
+        bytes.clear();
+    }
+    Ok(())
+}
+
+fn call_event(grant: &CallGrant, kind: Kind) -> Event {
+    Event {
+        correlation: Some(grant.correlation.clone()),
+        caller: Some(grant.caller.clone()),
+        tool: Some(grant.tool.clone()),
+        phi: Some(true),
+        store: Some(grant.store.clone()),
+        ..Event::new(kind)
+    }
+}
+
+/// Queues the finished statements' records in order; the relay does not
+/// wait for each fsync, but a WAL that refuses records ends the connection.
+async fn record_statements(proxy: &DbProxy, grant: &CallGrant, done: &mut Vec<Finished>) -> Result<(), ()> {
+    for finished in done.drain(..) {
+        let mut event = call_event(grant, Kind::Statement);
+        let (status, reason) = match &finished.ending {
+            Ending::Ok => (OutcomeStatus::Ok, None),
+            Ending::Failed(code) if code == "42501" => (OutcomeStatus::Refused, Some(format!("sqlstate {code}"))),
+            Ending::Failed(code) => (OutcomeStatus::Error, Some(format!("sqlstate {code}"))),
+            Ending::Refused(why) => (OutcomeStatus::Refused, Some((*why).to_string())),
+            Ending::NotRun(why) => (OutcomeStatus::Cancelled, Some((*why).to_string())),
+        };
+        event.statement = Some(finished.statement);
+        event.outcome = Some(Outcome { status, http_status: None, rpc_error: None, rows: Some(finished.rows) });
+        event.reason = reason;
+        event.duration_us = Some(finished.duration.as_micros() as u64);
+        let receipt = proxy.wal.submit(event).await.map_err(|e| {
+            tracing::error!(error = %e, "could not queue a statement record");
+        })?;
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = receipt.await {
+                tracing::error!(error = %e, "a statement record was not written");
+            }
+        });
+    }
+    Ok(())
+}

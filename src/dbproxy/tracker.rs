@@ -1,0 +1,389 @@
+//! Which statement each server answer belongs to: a pure state machine fed
+//! the client's and the server's messages in order, producing one finished
+//! statement per simple query or per extended-protocol Execute, with its
+//! rows, outcome and duration. It also says what the proxy must refuse.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use postgres_protocol::message::backend::Message;
+
+use super::normalize::normalize;
+use super::wire::{Frame, WireError, cstring};
+
+/// How a statement ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// Completed.
+    Ok,
+    /// The server returned an error with this SQLSTATE.
+    Failed(String),
+    /// The proxy refused it, for this reason; it never reached the server.
+    Refused(&'static str),
+    /// Not executed (skipped after an earlier error, or the connection
+    /// ended first), for this reason.
+    NotRun(&'static str),
+}
+
+/// A statement, finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    /// Text with literals removed.
+    pub statement: String,
+    /// Rows returned or affected.
+    pub rows: u64,
+    /// How it ended.
+    pub ending: Ending,
+    /// From sending to its answer.
+    pub duration: Duration,
+}
+
+/// What to do with a client message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrontAction {
+    /// Send it to the server.
+    Forward,
+    /// Answer the client with these bytes instead; the statement is
+    /// recorded as refused.
+    Answer(Vec<Bytes>),
+}
+
+/// What to do with a server message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BackAction {
+    /// Send it to the client.
+    Forward,
+    /// End the connection: the server started something the policy refuses.
+    Close(&'static str),
+}
+
+struct Pending {
+    statement: String,
+    simple: bool,
+    started: Instant,
+    rows_seen: u64,
+    rows_tagged: u64,
+    error: Option<String>,
+}
+
+/// The statement state of one proxied connection.
+pub struct Tracker {
+    allow_copy: bool,
+    pending: VecDeque<Pending>,
+    prepared: HashMap<String, String>,
+    portals: HashMap<String, String>,
+    status: u8,
+}
+
+impl Tracker {
+    /// A tracker for a connection whose policy does (or does not) allow COPY.
+    pub fn new(allow_copy: bool) -> Self {
+        Tracker { allow_copy, pending: VecDeque::new(), prepared: HashMap::new(), portals: HashMap::new(), status: b'I' }
+    }
+
+    /// Statements sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// A client message, before it is forwarded. Finished statements (a
+    /// refusal) are pushed to `done`.
+    pub fn client(&mut self, frame: &Frame, now: Instant, done: &mut Vec<Finished>) -> Result<FrontAction, WireError> {
+        let mut body = frame.body();
+        match frame.tag {
+            b'Q' => {
+                let normalized = normalize(&cstring(&mut body)?);
+                if normalized.copy && !self.allow_copy {
+                    done.push(refused(normalized.text, "copy_not_allowed"));
+                    return Ok(FrontAction::Answer(vec![
+                        super::wire::backend::error("ERROR", "42501", COPY_REFUSED),
+                        super::wire::backend::ready_for_query(self.status),
+                    ]));
+                }
+                self.pending.push_back(Pending::new(normalized.text, true, now));
+            }
+            b'P' => {
+                let name = cstring(&mut body)?;
+                let query = cstring(&mut body)?;
+                self.prepared.insert(name, normalize(&query).text);
+            }
+            b'B' => {
+                let portal = cstring(&mut body)?;
+                let statement = cstring(&mut body)?;
+                let text = self.prepared.get(&statement).cloned().unwrap_or_else(|| UNKNOWN_STATEMENT.to_string());
+                self.portals.insert(portal, text);
+            }
+            b'E' => {
+                let portal = cstring(&mut body)?;
+                let text = self.portals.get(&portal).cloned().unwrap_or_else(|| UNKNOWN_STATEMENT.to_string());
+                self.pending.push_back(Pending::new(text, false, now));
+            }
+            b'C' => {
+                let kind = body.first().copied().ok_or(WireError::Malformed("close"))?;
+                let name = cstring(&mut &body[1..])?;
+                match kind {
+                    b'S' => self.prepared.remove(&name),
+                    _ => self.portals.remove(&name),
+                };
+            }
+            // The fast-path function call bypasses statements altogether.
+            b'F' => {
+                done.push(refused("<function call>".into(), "function_call_not_allowed"));
+                return Ok(FrontAction::Answer(vec![
+                    super::wire::backend::error("ERROR", "42501", "the fast-path function call is not allowed"),
+                    super::wire::backend::ready_for_query(self.status),
+                ]));
+            }
+            _ => {}
+        }
+        Ok(FrontAction::Forward)
+    }
+
+    /// A server message, before it is forwarded.
+    pub fn server(&mut self, frame: &Frame, now: Instant, done: &mut Vec<Finished>) -> Result<BackAction, WireError> {
+        match frame.tag {
+            b'D' => {
+                if let Some(p) = self.pending.front_mut() {
+                    p.rows_seen += 1;
+                }
+            }
+            b'C' => {
+                let tag = match parse(frame)? {
+                    Message::CommandComplete(body) => body.tag().map_err(|_| WireError::Malformed("tag"))?.to_string(),
+                    _ => return Err(WireError::Malformed("command complete")),
+                };
+                let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                if let Some(p) = self.pending.front_mut() {
+                    p.rows_tagged += rows;
+                    if !p.simple {
+                        let p = self.pending.pop_front().map(|p| p.finish(now));
+                        done.extend(p);
+                    }
+                }
+            }
+            b'I' | b's' => {
+                if self.pending.front().is_some_and(|p| !p.simple) {
+                    done.extend(self.pending.pop_front().map(|p| p.finish(now)));
+                }
+            }
+            b'E' => {
+                let code = match parse(frame)? {
+                    Message::ErrorResponse(body) => {
+                        let mut code = String::from("XX000");
+                        let mut fields = body.fields();
+                        while let Ok(Some(field)) = fallible_iterator::FallibleIterator::next(&mut fields) {
+                            if field.type_() == b'C' {
+                                code = String::from_utf8_lossy(field.value_bytes()).into_owned();
+                            }
+                        }
+                        code
+                    }
+                    _ => return Err(WireError::Malformed("error response")),
+                };
+                if let Some(p) = self.pending.front_mut() {
+                    p.error = Some(code);
+                    if !p.simple {
+                        done.extend(self.pending.pop_front().map(|p| p.finish(now)));
+                    }
+                }
+            }
+            b'Z' => {
+                self.status = frame.body().first().copied().unwrap_or(b'I');
+                while let Some(p) = self.pending.pop_front() {
+                    if p.simple {
+                        done.push(p.finish(now));
+                        // A simple query ends at its own ReadyForQuery.
+                        break;
+                    }
+                    done.push(p.not_run(now, "skipped_after_error"));
+                }
+            }
+            b'G' | b'H' | b'W' if !self.allow_copy => {
+                if let Some(p) = self.pending.pop_front() {
+                    let mut f = p.finish(now);
+                    f.ending = Ending::Refused("copy_not_allowed");
+                    done.push(f);
+                }
+                return Ok(BackAction::Close("copy_not_allowed"));
+            }
+            _ => {}
+        }
+        Ok(BackAction::Forward)
+    }
+
+    /// The connection ended: what was still in flight did not finish.
+    pub fn end(&mut self, now: Instant, reason: &'static str, done: &mut Vec<Finished>) {
+        while let Some(p) = self.pending.pop_front() {
+            done.push(p.not_run(now, reason));
+        }
+    }
+}
+
+/// Told to a client whose statement holds a COPY.
+pub const COPY_REFUSED: &str = "COPY is not allowed for this tool: its policy does not set allowCopy";
+const UNKNOWN_STATEMENT: &str = "<unknown prepared statement>";
+
+fn parse(frame: &Frame) -> Result<Message, WireError> {
+    let mut buf = bytes::BytesMut::from(&frame.raw[..]);
+    match Message::parse(&mut buf) {
+        Ok(Some(message)) => Ok(message),
+        _ => Err(WireError::Malformed("server message")),
+    }
+}
+
+fn refused(statement: String, reason: &'static str) -> Finished {
+    Finished { statement, rows: 0, ending: Ending::Refused(reason), duration: Duration::ZERO }
+}
+
+impl Pending {
+    fn new(statement: String, simple: bool, started: Instant) -> Self {
+        Pending { statement, simple, started, rows_seen: 0, rows_tagged: 0, error: None }
+    }
+
+    fn finish(self, now: Instant) -> Finished {
+        let ending = match self.error {
+            Some(code) => Ending::Failed(code),
+            None => Ending::Ok,
+        };
+        Finished {
+            statement: self.statement,
+            rows: self.rows_tagged.max(self.rows_seen),
+            ending,
+            duration: now.saturating_duration_since(self.started),
+        }
+    }
+
+    fn not_run(self, now: Instant, reason: &'static str) -> Finished {
+        let mut f = self.finish(now);
+        if matches!(f.ending, Ending::Ok) {
+            f.ending = Ending::NotRun(reason);
+        }
+        f
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{BufMut, BytesMut};
+
+    fn frame(tag: u8, body: &[u8]) -> Frame {
+        let mut b = BytesMut::new();
+        b.put_u8(tag);
+        b.put_i32(body.len() as i32 + 4);
+        b.put_slice(body);
+        Frame { tag, raw: b.freeze() }
+    }
+
+    fn error(code: &str) -> Frame {
+        Frame { tag: b'E', raw: super::super::wire::backend::error("ERROR", code, "x") }
+    }
+
+    fn run(tracker: &mut Tracker, client: &[Frame], server: &[Frame]) -> Vec<Finished> {
+        let mut done = Vec::new();
+        let now = Instant::now();
+        for f in client {
+            tracker.client(f, now, &mut done).unwrap();
+        }
+        for f in server {
+            tracker.server(f, now, &mut done).unwrap();
+        }
+        done
+    }
+
+    #[test]
+    fn a_simple_query_is_one_statement_with_its_rows() {
+        let mut t = Tracker::new(false);
+        let done = run(
+            &mut t,
+            &[frame(b'Q', b"SELECT name FROM p WHERE mrn = '1'\0")],
+            &[frame(b'T', b""), frame(b'D', b""), frame(b'D', b""), frame(b'C', b"SELECT 2\0"), frame(b'Z', b"I")],
+        );
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].statement, "SELECT name FROM p WHERE mrn = ?");
+        assert_eq!(done[0].rows, 2);
+        assert_eq!(done[0].ending, Ending::Ok);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn extended_pipelines_are_matched_in_order_and_skips_recorded() {
+        let mut t = Tracker::new(false);
+        let client = [
+            frame(b'P', b"s1\0SELECT a FROM t WHERE id = $1\0\0\0"),
+            frame(b'B', b"\0s1\0\0\0\0\0\0\0"),
+            frame(b'E', b"\0\0\0\0\0"),
+            frame(b'P', b"\0UPDATE t SET a = 'x'\0\0\0"),
+            frame(b'B', b"\0\0\0\0\0\0\0\0"),
+            frame(b'E', b"\0\0\0\0\0"),
+            frame(b'S', b""),
+        ];
+        let server = [
+            frame(b'1', b""),
+            frame(b'2', b""),
+            frame(b'D', b""),
+            frame(b'C', b"SELECT 1\0"),
+            frame(b'1', b""),
+            frame(b'2', b""),
+            error("42501"),
+            frame(b'Z', b"I"),
+        ];
+        let done = run(&mut t, &client, &server);
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[0].statement, "SELECT a FROM t WHERE id = $1");
+        assert_eq!((done[0].rows, &done[0].ending), (1, &Ending::Ok));
+        assert_eq!(done[1].statement, "UPDATE t SET a = ?");
+        assert_eq!(done[1].ending, Ending::Failed("42501".into()));
+
+        let done = run(
+            &mut t,
+            &[frame(b'B', b"\0s1\0\0\0\0\0\0\0"), frame(b'E', b"\0\0\0\0\0"), frame(b'E', b"\0\0\0\0\0")],
+            &[error("57014"), frame(b'Z', b"E")],
+        );
+        assert_eq!(done[0].ending, Ending::Failed("57014".into()));
+        assert_eq!(done[1].ending, Ending::NotRun("skipped_after_error"));
+    }
+
+    #[test]
+    fn copy_is_refused_before_and_after_it_reaches_the_server() {
+        let mut t = Tracker::new(false);
+        let mut done = Vec::new();
+        let action = t.client(&frame(b'Q', b"COPY p TO STDOUT\0"), Instant::now(), &mut done).unwrap();
+        assert!(matches!(action, FrontAction::Answer(ref a) if a.len() == 2));
+        assert_eq!(done[0].ending, Ending::Refused("copy_not_allowed"));
+        // Hidden from the text (a prepared statement named elsewhere): the
+        // server's CopyOutResponse closes the connection.
+        let done = run(&mut t, &[frame(b'E', b"\0\0\0\0\0")], &[]);
+        assert!(done.is_empty());
+        let mut done = Vec::new();
+        assert_eq!(t.server(&frame(b'H', b"\0\0\0"), Instant::now(), &mut done).unwrap(), BackAction::Close("copy_not_allowed"));
+        assert_eq!(done[0].ending, Ending::Refused("copy_not_allowed"));
+
+        let mut allowed = Tracker::new(true);
+        let done = run(&mut allowed, &[frame(b'Q', b"COPY p TO STDOUT\0")], &[frame(b'H', b"\0\0\0")]);
+        assert!(done.is_empty());
+    }
+
+    #[test]
+    fn function_calls_are_refused_and_malformed_messages_are_errors() {
+        let mut t = Tracker::new(true);
+        let mut done = Vec::new();
+        assert!(matches!(
+            t.client(&frame(b'F', b"\0\0\0\x01"), Instant::now(), &mut done).unwrap(),
+            FrontAction::Answer(_)
+        ));
+        assert_eq!(done[0].ending, Ending::Refused("function_call_not_allowed"));
+        assert!(t.client(&frame(b'Q', b"SELECT 1"), Instant::now(), &mut done).is_err());
+        assert!(t.server(&frame(b'C', b"SELECT"), Instant::now(), &mut done).is_err());
+    }
+
+    #[test]
+    fn in_flight_statements_end_with_the_connection() {
+        let mut t = Tracker::new(false);
+        run(&mut t, &[frame(b'Q', b"SELECT pg_sleep(10)\0")], &[]);
+        let mut done = Vec::new();
+        t.end(Instant::now(), "call_ended", &mut done);
+        assert_eq!(done[0].ending, Ending::NotRun("call_ended"));
+    }
+}
