@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use mcp_warden::audit::collector::{self, store::Storage};
 use mcp_warden::audit::record::{Event, Kind, Lease, LeaseAction};
-use mcp_warden::bearer::ClientCredential;
 use mcp_warden::audit::ship::{Shipped, Shipper};
 use mcp_warden::audit::{Wal, WalConfig};
+use mcp_warden::bearer::ClientCredential;
 use mcp_warden::bearer::StaticCredential;
 
 const CREDENTIAL: &str = "bench-collector-credential-0123456789";

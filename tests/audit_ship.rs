@@ -12,10 +12,10 @@ use std::time::Duration;
 use mcp_warden::audit::collector::{self, store::Storage};
 use mcp_warden::audit::record::{Event, Kind, Lease, LeaseAction, Record};
 use mcp_warden::audit::segment;
-use mcp_warden::bearer::ClientCredential;
 use mcp_warden::audit::ship::{ShipError, Shipped, Shipper};
 use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
 use mcp_warden::audit::{Wal, WalConfig};
+use mcp_warden::bearer::ClientCredential;
 use mcp_warden::bearer::StaticCredential;
 
 const CREDENTIAL: &str = "collector-sender-credential-0123456789";

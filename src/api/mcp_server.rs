@@ -281,6 +281,11 @@ pub struct DataAccess {
     #[schemars(length(min = 1, max = 16))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub tables: Vec<TableGrant>,
+    /// Whether the database proxy lets the tool run COPY on this store.
+    /// PostgreSQL has no COPY privilege of its own: a SELECT grant would
+    /// otherwise allow a bulk export in one statement. Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_copy: bool,
 }
 
 /// Column-level grants on one schema-qualified table.

@@ -96,7 +96,12 @@ async fn startup(proxy: &DbProxy, socket: &mut TcpStream) -> Result<Started, Ref
                 socket.write_all(b"N").await.map_err(|e| Refused::wire(e.into()))?;
             }
             FirstPacket::Ssl | FirstPacket::GssEnc => {
-                return Err(Refused::new(Decision::Deny, "encryption_renegotiation", "08P01", "encryption asked twice"));
+                return Err(Refused::new(
+                    Decision::Deny,
+                    "encryption_renegotiation",
+                    "08P01",
+                    "encryption asked twice",
+                ));
             }
             FirstPacket::Cancel { pid, secret } => {
                 return match proxy.cancel_keys.resolve(pid, secret) {
@@ -122,7 +127,9 @@ async fn startup(proxy: &DbProxy, socket: &mut TcpStream) -> Result<Started, Ref
     let database = database.to_string();
     let unknown: Vec<String> = params.iter().filter(|(n, _)| n.starts_with("_pq_.")).map(|(n, _)| n.clone()).collect();
     if minor > 0 || !unknown.is_empty() {
-        wire::send(socket, &backend::negotiate_protocol_version(&unknown)).await.map_err(|e| Refused::wire(e.into()))?;
+        wire::send(socket, &backend::negotiate_protocol_version(&unknown))
+            .await
+            .map_err(|e| Refused::wire(e.into()))?;
     }
     wire::send(socket, &backend::cleartext_password_request()).await.map_err(|e| Refused::wire(e.into()))?;
     let token = read_password(socket).await?;
@@ -150,7 +157,8 @@ async fn startup(proxy: &DbProxy, socket: &mut TcpStream) -> Result<Started, Ref
 
 async fn read_password(socket: &mut TcpStream) -> Result<String, Refused> {
     let mut reader = FrameReader::new(&mut *socket);
-    let frame = reader.next().await.map_err(Refused::wire)?.ok_or_else(|| Refused::wire(WireError::Malformed("eof")))?;
+    let frame =
+        reader.next().await.map_err(Refused::wire)?.ok_or_else(|| Refused::wire(WireError::Malformed("eof")))?;
     if frame.tag != b'p' {
         return Err(Refused::new(Decision::Deny, "malformed_startup", "08P01", "expected a password message"));
     }
@@ -268,6 +276,9 @@ async fn relay(
             }
         }
     };
+    if let End::ClientProtocol(class) = end {
+        proxy.record_refusal(Decision::Deny, class.to_string(), call_event(&grant, Kind::Decision)).await;
+    }
     if let Some((code, text)) = end.notice() {
         let _ = wire::send(&mut client_write, &backend::error("FATAL", code, text)).await;
     }
@@ -305,7 +316,7 @@ async fn client_step(
 ) -> Result<(), End> {
     let mut frame = match frame {
         Ok(Some(frame)) => frame,
-        Ok(None) => return Err(End::ClientClosed),
+        Ok(None) | Err(WireError::Io(_)) => return Err(End::ClientClosed),
         Err(e) => return Err(End::ClientProtocol(e.class())),
     };
     let mut to_server = BytesMut::new();

@@ -79,7 +79,13 @@ pub struct Tracker {
 impl Tracker {
     /// A tracker for a connection whose policy does (or does not) allow COPY.
     pub fn new(allow_copy: bool) -> Self {
-        Tracker { allow_copy, pending: VecDeque::new(), prepared: HashMap::new(), portals: HashMap::new(), status: b'I' }
+        Tracker {
+            allow_copy,
+            pending: VecDeque::new(),
+            prepared: HashMap::new(),
+            portals: HashMap::new(),
+            status: b'I',
+        }
     }
 
     /// Statements sent and not yet answered.
@@ -357,7 +363,10 @@ mod tests {
         let done = run(&mut t, &[frame(b'E', b"\0\0\0\0\0")], &[]);
         assert!(done.is_empty());
         let mut done = Vec::new();
-        assert_eq!(t.server(&frame(b'H', b"\0\0\0"), Instant::now(), &mut done).unwrap(), BackAction::Close("copy_not_allowed"));
+        assert_eq!(
+            t.server(&frame(b'H', b"\0\0\0"), Instant::now(), &mut done).unwrap(),
+            BackAction::Close("copy_not_allowed")
+        );
         assert_eq!(done[0].ending, Ending::Refused("copy_not_allowed"));
 
         let mut allowed = Tracker::new(true);

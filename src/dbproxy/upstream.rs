@@ -69,7 +69,9 @@ pub async fn open(credential: &Credential) -> Result<Box<dyn Io>, UpstreamError>
     match credential.ssl_mode.as_str() {
         "disable" => Ok(Box::new(tcp)),
         "verify-full" => Ok(Box::new(tls(tcp, credential).await?)),
-        other => Err(UpstreamError::Tls(format!("sslMode {other} is not served by the proxy (verify-full or disable)"))),
+        other => {
+            Err(UpstreamError::Tls(format!("sslMode {other} is not served by the proxy (verify-full or disable)")))
+        }
     }
 }
 

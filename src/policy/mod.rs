@@ -91,6 +91,9 @@ pub struct CompiledTool {
     pub callers: CallerSet,
     /// Grants per store.
     pub data_access: BTreeMap<String, Vec<CompiledTableGrant>>,
+    /// Stores on which the database proxy lets this tool run COPY.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub copy_stores: BTreeSet<String>,
 }
 
 /// Column grants on one table.
@@ -237,7 +240,11 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
     let mut tools = BTreeMap::new();
     for tool in &spec.tools {
         let mut data_access = BTreeMap::new();
+        let mut copy_stores = BTreeSet::new();
         for access in &tool.data_access {
+            if access.allow_copy {
+                copy_stores.insert(access.store.clone());
+            }
             let Some(store) = stores.get(&access.store) else {
                 return Err(PolicyError::MissingStore {
                     tool: tool.name.clone(),
@@ -272,6 +279,7 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
                 purpose: tool.purpose.clone(),
                 callers: CallerSet::from(&tool.allowed_callers),
                 data_access,
+                copy_stores,
             },
         );
     }

@@ -33,12 +33,13 @@ use serde_json::{Value, json};
 
 use super::authn::{Authenticator, AuthnError, www_authenticate};
 use super::authz::{self, Decision, ListKind};
+use super::data_access::{CallAccess, DataAccess, DataAccessError, META_DB};
 use super::messages::{self, GATEWAY_REFUSED, HEADER_MISMATCH, INVALID_REQUEST, PARSE_ERROR};
 use super::metrics::SidecarMetrics;
 use super::session::SessionKey;
-use crate::audit::budget::RefusalBudget;
 use crate::api::FailurePolicy;
 use crate::audit::args_hmac::ArgsKey;
+use crate::audit::budget::RefusalBudget;
 use crate::audit::record::{Caller as RecordCaller, Decision as RecordDecision, Event, Kind, Outcome, OutcomeStatus};
 use crate::audit::{Receipt, Wal, WalError};
 use crate::policy::{Caller, CompiledPolicy};
@@ -73,6 +74,8 @@ pub struct Gateway {
     /// `Mcp-Param-*` mirroring of each tool, learnt from `tools/list`
     /// responses passing through.
     mirrored_params: std::sync::RwLock<std::collections::HashMap<String, messages::MirroredParams>>,
+    /// The broker and database proxy, for tools with `dataAccess`.
+    data_access: Option<DataAccess>,
 }
 
 impl Gateway {
@@ -98,7 +101,15 @@ impl Gateway {
             metrics,
             authn_records: Mutex::new(RefusalBudget::default()),
             mirrored_params: std::sync::RwLock::new(std::collections::HashMap::new()),
+            data_access: None,
         })
+    }
+
+    /// Serves tools with `dataAccess` through this broker and proxy; without
+    /// it, calls to them are refused.
+    pub fn with_data_access(mut self, data_access: DataAccess) -> Self {
+        self.data_access = Some(data_access);
+        self
     }
 
     /// The policy in force.
@@ -453,14 +464,51 @@ async fn post(
         );
     }
     gw.metrics.decision("allow");
-    // 7. Forward.
+    // 7. Database access: the caller's credentials, as per-call DSNs.
+    let access = match (method.as_deref(), allowed.target.as_deref()) {
+        (Some("tools/call"), Some(tool)) => {
+            let token = crate::bearer::bearer(&headers).unwrap_or_default();
+            let who = record_caller(&caller, &issuer);
+            match DataAccess::open(gw.data_access.as_ref(), &gw.policy(), tool, token, &who, &correlation).await {
+                Ok(access) => access,
+                Err(e) => return refuse_data_access(&gw, &correlation, id.as_ref(), &e).await,
+            }
+        }
+        _ => None,
+    };
+    // 8. Forward.
     if let Some(params) = message.get_mut("params").and_then(Value::as_object_mut)
         && let Some(meta) = params.get_mut("_meta").and_then(Value::as_object_mut)
     {
         meta.insert("io.mcpwarden/correlation".into(), Value::String(correlation.clone()));
+        if let Some(access) = &access {
+            meta.insert(META_DB.into(), Value::Object(access.dsns.clone()));
+        }
     }
     let request = upstream_post(&gw, &headers, upstream_session.as_deref(), &Value::Object(message));
-    forward(gw, caller, correlation, request, allowed.filter, id).await
+    forward(gw, caller, correlation, request, allowed.filter, id, access).await
+}
+
+/// An allowed call whose database access could not be set up: refused with
+/// an outcome record naming the class; the MCP server never sees it.
+async fn refuse_data_access(gw: &Gateway, correlation: &str, id: Option<&Value>, error: &DataAccessError) -> Response {
+    gw.metrics.decision("refused_data_access");
+    tracing::warn!(class = %error.class(), "a tool call's database access could not be set up");
+    let event = Event {
+        correlation: Some(correlation.to_string()),
+        outcome: Some(Outcome {
+            status: OutcomeStatus::Refused,
+            http_status: Some(503),
+            rpc_error: Some(GATEWAY_REFUSED),
+            rows: None,
+        }),
+        reason: Some(error.class()),
+        ..Event::new(Kind::Outcome)
+    };
+    if let Err(e) = gw.record(event).await {
+        tracing::error!(error = %e, "could not record a refused call's outcome");
+    }
+    json_response(StatusCode::SERVICE_UNAVAILABLE, &messages::error_body(id, GATEWAY_REFUSED, &error.to_string()))
 }
 
 /// The decision record of one message. Text the client made up that the
@@ -533,6 +581,7 @@ async fn post_batch(
     let mut local: Vec<Value> = Vec::new();
     let mut filters: std::collections::HashMap<String, ListKind> = std::collections::HashMap::new();
     let mut element_correlations: Vec<(String, String)> = Vec::new();
+    let mut accesses: Vec<CallAccess> = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         let element = format!("{correlation}-{i}");
         let Value::Object(mut message) = item else {
@@ -566,11 +615,33 @@ async fn post_batch(
             }
             Decision::Allow(allowed) => {
                 gw.metrics.decision("allow");
+                let access = match (method.as_deref(), allowed.target.as_deref()) {
+                    (Some("tools/call"), Some(tool)) => {
+                        let token = crate::bearer::bearer(&headers).unwrap_or_default();
+                        let who = record_caller(&caller, &issuer);
+                        match DataAccess::open(gw.data_access.as_ref(), &policy, tool, token, &who, &element).await {
+                            Ok(access) => access,
+                            Err(e) => {
+                                let _ = refuse_data_access(&gw, &element, id.as_ref(), &e).await;
+                                if id.is_some() {
+                                    local.push(messages::error_body(id.as_ref(), GATEWAY_REFUSED, &e.to_string()));
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 if let Some(meta) =
                     message.get_mut("params").and_then(|p| p.get_mut("_meta")).and_then(Value::as_object_mut)
                 {
                     meta.insert("io.mcpwarden/correlation".into(), Value::String(element.clone()));
+                    if let Some(access) = &access {
+                        meta.insert(META_DB.into(), Value::Object(access.dsns.clone()));
+                    }
                 }
+                // Held until the batch's answer is read: the calls end with it.
+                accesses.extend(access);
                 if let (Some(kind), Some(id)) = (allowed.filter, &id) {
                     filters.insert(id.to_string(), kind);
                 }
@@ -775,7 +846,7 @@ async fn stream_or_delete(
     gw.metrics.decision("allow");
     let request =
         gw.http.request(method, gw.config.upstream.clone()).headers(upstream_headers(&headers, Some(&session)));
-    forward(gw, caller, correlation, request, None, None).await
+    forward(gw, caller, correlation, request, None, None, None).await
 }
 
 /// Sends the request upstream and relays the answer (step 8), recording
@@ -787,6 +858,7 @@ async fn forward(
     request: reqwest::RequestBuilder,
     filter: Option<ListKind>,
     id: Option<Value>,
+    access: Option<CallAccess>,
 ) -> Response {
     let started = Instant::now();
     let upstream = match request.send().await {
@@ -822,8 +894,9 @@ async fn forward(
     if streaming && filter.is_none() {
         // SSE is relayed as it arrives; dropping the response (client gone)
         // drops the upstream connection, which cancels the request there.
-        let stream =
+        let mut stream =
             OutcomeStream::new(upstream.bytes_stream().boxed(), Arc::clone(&gw), correlation, status.as_u16(), started);
+        stream.access = access;
         let mut response = Response::new(Body::from_stream(stream));
         *response.status_mut() = status;
         *response.headers_mut() = headers;
@@ -928,6 +1001,8 @@ async fn record_outcome(gw: &Gateway, correlation: &str, outcome: Outcome, start
 struct OutcomeStream {
     inner: futures::stream::BoxStream<'static, Result<Bytes, reqwest::Error>>,
     pending: Option<(Arc<Gateway>, String, u16, Instant)>,
+    /// The call's database access, ended with the stream.
+    access: Option<CallAccess>,
 }
 
 impl OutcomeStream {
@@ -938,10 +1013,12 @@ impl OutcomeStream {
         http_status: u16,
         started: Instant,
     ) -> Self {
-        OutcomeStream { inner, pending: Some((gw, correlation, http_status, started)) }
+        OutcomeStream { inner, pending: Some((gw, correlation, http_status, started)), access: None }
     }
 
     fn finish(&mut self, status: OutcomeStatus) {
+        // The call is over: its database tokens and connections end.
+        self.access = None;
         if let Some((gw, correlation, http_status, started)) = self.pending.take() {
             let outcome = Outcome { status, http_status: Some(http_status), rpc_error: None, rows: None };
             tokio::spawn(async move { record_outcome(&gw, &correlation, outcome, started).await });

@@ -9,6 +9,7 @@
 
 pub mod authn;
 pub mod authz;
+pub mod data_access;
 pub mod gateway;
 pub mod messages;
 pub mod metrics;
@@ -91,6 +92,24 @@ pub struct SidecarArgs {
     /// service-account token for the audience `mcp-warden-collector`.
     #[arg(long)]
     pub collector_credential_file: Option<std::path::PathBuf>,
+    /// PEM CA bundle trusted (besides the system roots) for the collector's
+    /// and the broker's TLS certificates.
+    #[arg(long)]
+    pub warden_ca_file: Option<std::path::PathBuf>,
+    /// The credential broker (e.g. `https://mcpw-broker.mcp-warden:8443`):
+    /// tools with `dataAccess` get the caller's database credential from it.
+    /// Without it, calls to such tools are refused.
+    #[arg(long, requires = "broker_credential_file")]
+    pub broker: Option<String>,
+    /// File holding what is presented to the broker, re-read per request: a
+    /// static credential, or (in a cluster) the projected service-account
+    /// token for the audience `mcp-warden-broker`.
+    #[arg(long)]
+    pub broker_credential_file: Option<std::path::PathBuf>,
+    /// Where the database proxy listens (loopback only: the MCP container
+    /// shares the pod's network namespace, nothing else may reach it).
+    #[arg(long, default_value = "127.0.0.1:15432")]
+    pub db_proxy_listen: SocketAddr,
 }
 
 /// Reads a compiled policy file.
@@ -203,7 +222,8 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
             std::fs::metadata(file)
                 .with_context(|| format!("--collector-credential-file: cannot read {}", file.display()))?;
             let credential = crate::bearer::ClientCredential::File(file.clone());
-            let shipper = crate::audit::ship::Shipper::new(args.audit_dir.clone(), url, credential)?;
+            let http = crate::bearer::api_client(args.warden_ca_file.as_deref()).map_err(anyhow::Error::msg)?;
+            let shipper = crate::audit::ship::Shipper::with_client(args.audit_dir.clone(), url, credential, http);
             let stop = Arc::new(tokio::sync::Notify::new());
             let task = tokio::spawn(ship_loop(shipper, Arc::clone(&wal), Arc::clone(&stop)));
             Some((task, stop))
@@ -221,7 +241,21 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
     };
     let authn = Authenticator::new(keys, policy.authentication.clone());
-    let gateway = Arc::new(Gateway::new(Arc::clone(&policy), authn, Arc::clone(&wal), args_key, config, metrics)?);
+    let mut gateway = Gateway::new(Arc::clone(&policy), authn, Arc::clone(&wal), args_key, config, metrics)?;
+    let db_proxy = match &args.broker {
+        Some(url) => {
+            let (data_access, proxy) = start_db_proxy(&args, url, Arc::clone(&wal)).await?;
+            gateway = gateway.with_data_access(data_access);
+            Some(proxy)
+        }
+        None => {
+            if policy.tools.values().any(|t| !t.data_access.is_empty()) {
+                tracing::warn!("tools with dataAccess are refused: no --broker to get callers' credentials from");
+            }
+            None
+        }
+    };
+    let gateway = Arc::new(gateway);
     // Weak: readiness must not keep the gateway (and its WAL) alive at shutdown.
     let ready_gateway = Arc::downgrade(&gateway);
     let health = Arc::new(Health {
@@ -269,6 +303,10 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         server.abort();
     }
     drop(gateway);
+    if let Some((task, stop)) = db_proxy {
+        stop.notify_one();
+        let _ = task.await;
+    }
     tracing::info!("sealing the audit stream");
     let shipper = match shipping {
         Some((task, stop)) => {
@@ -285,6 +323,35 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     stop_health.notify_one();
     let _ = health_server.await;
     Ok(())
+}
+
+type Stoppable = (tokio::task::JoinHandle<()>, Arc<tokio::sync::Notify>);
+
+/// Binds the database proxy (loopback only) and starts serving it.
+async fn start_db_proxy(
+    args: &SidecarArgs,
+    broker_url: &str,
+    wal: Arc<Wal>,
+) -> anyhow::Result<(crate::sidecar::data_access::DataAccess, Stoppable)> {
+    if !args.db_proxy_listen.ip().is_loopback() {
+        anyhow::bail!("--db-proxy-listen {} is not a loopback address", args.db_proxy_listen);
+    }
+    let file = args.broker_credential_file.clone().context("--broker requires --broker-credential-file")?;
+    std::fs::metadata(&file).with_context(|| format!("--broker-credential-file: cannot read {}", file.display()))?;
+    let http = crate::bearer::api_client(args.warden_ca_file.as_deref()).map_err(anyhow::Error::msg)?;
+    let broker =
+        crate::broker::client::BrokerClient::from_parts(broker_url, crate::bearer::ClientCredential::File(file), http);
+    let listener = tokio::net::TcpListener::bind(args.db_proxy_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.db_proxy_listen))?;
+    let bound = listener.local_addr()?;
+    let grants = crate::dbproxy::grants::Grants::new();
+    let proxy = crate::dbproxy::DbProxy::new(Arc::clone(&grants), wal);
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = Arc::clone(&stop);
+    let task = tokio::spawn(proxy.serve(listener, async move { stopped.notified().await }));
+    tracing::info!(listen = %bound, broker = %broker_url, "database proxy serving");
+    Ok((crate::sidecar::data_access::DataAccess::new(broker, grants, bound), (task, stop)))
 }
 
 /// Ships until told to stop, then hands the shipper back (and with it the

@@ -1,0 +1,41 @@
+//! A reference MCP server whose PHI tools query PostgreSQL through the
+//! per-call DSN the mcp-warden sidecar gives each `tools/call` (see
+//! `tools.rs` and docs/db-proxy.md). Run it behind the sidecar:
+//!
+//! ```text
+//! cargo run --example phi-server -- --listen 127.0.0.1:8080 --store ehr
+//! ```
+
+mod tools;
+
+use std::sync::Arc;
+
+use clap::Parser;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+
+#[derive(Parser)]
+struct Args {
+    /// Where to serve MCP (Streamable HTTP at /mcp). Only the sidecar, in
+    /// the same pod, should reach it.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// The PHIStore the tools read (the key in `_meta["io.mcpwarden/db"]`).
+    #[arg(long, default_value = "ehr")]
+    store: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let store = args.store.clone();
+    let service = StreamableHttpService::new(
+        move || Ok(tools::PhiTools { store: store.clone() }),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    println!("phi-server: MCP at http://{}/mcp, store {}", listener.local_addr()?, args.store);
+    axum::serve(listener, axum::Router::new().nest_service("/mcp", service)).await?;
+    Ok(())
+}
