@@ -131,6 +131,12 @@ struct SettingsArgs {
     /// Namespace of the warden's control plane (broker, audit collector).
     #[arg(long, env = "MCPW_WARDEN_NAMESPACE", default_value = "mcp-warden")]
     warden_namespace: String,
+    /// The credential broker the sidecars use (as the operator's flag).
+    #[arg(long, env = "MCPW_BROKER_URL")]
+    broker_url: Option<String>,
+    /// The audit collector the sidecars ship to (as the operator's flag).
+    #[arg(long, env = "MCPW_COLLECTOR_URL")]
+    collector_url: Option<String>,
 }
 
 impl SettingsArgs {
@@ -139,6 +145,8 @@ impl SettingsArgs {
         if let Some(image) = &self.sidecar_image {
             settings.sidecar_image = image.clone();
         }
+        settings.broker_url = self.broker_url.clone();
+        settings.collector_url = self.collector_url.clone();
         settings
     }
 }

@@ -303,7 +303,15 @@ fn audit_verify_passes_an_intact_trail_and_names_the_first_break() {
 
 #[test]
 fn the_rendered_sidecar_arguments_are_the_sidecars_own_flags() {
-    let out = warden(&["render", "-f", "examples/compliant"]);
+    let out = warden(&[
+        "render",
+        "-f",
+        "examples/compliant",
+        "--broker-url",
+        "https://mcpw-broker.mcp-warden.svc:8443",
+        "--collector-url",
+        "https://mcpw-collector.mcp-warden.svc:8443",
+    ]);
     assert!(out.status.success());
     let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&stdout(&out))
         .map(|d| serde::Deserialize::deserialize(d).expect("doc"))
@@ -320,6 +328,11 @@ fn the_rendered_sidecar_arguments_are_the_sidecars_own_flags() {
     with_help.push("--help");
     let parsed = warden(&with_help);
     assert!(parsed.status.success(), "{}", stderr(&parsed));
+    for flag in
+        ["--broker", "--broker-credential-file", "--db-proxy-listen", "--collector", "--collector-credential-file"]
+    {
+        assert!(args.iter().any(|a| a == flag), "{flag} missing from {args:?}");
+    }
 }
 
 #[test]

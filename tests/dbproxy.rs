@@ -454,7 +454,7 @@ async fn a_compromised_server_cannot_leave_the_grants_the_store_or_the_call() {
         .rev()
         .find(|r| r.event.method.as_deref() == Some("postgres/connect"))
         .unwrap();
-    assert_eq!(refusal.event.decision, Some(Decision::AuthnFailure));
+    assert_eq!(refusal.event.decision, Some(Decision::AuthnFailure), "{refusal:?}");
     assert_eq!(refusal.event.reason.as_deref(), Some("call_ended"));
     // Against the real database directly, the DSN is useless too.
     let direct = kept[0].replace(&world.proxy.to_string(), &format!("127.0.0.1:{}", world.pg.port));

@@ -16,7 +16,7 @@
 
 mod audit;
 mod data;
-mod identity;
+pub(crate) mod identity;
 mod network;
 pub mod selectors;
 

@@ -170,8 +170,7 @@ async fn read_password(socket: &mut TcpStream) -> Result<String, Refused> {
 }
 
 async fn refuse(proxy: &DbProxy, mut socket: TcpStream, refused: Refused) {
-    let _ = wire::send(&mut socket, &backend::error("FATAL", refused.sqlstate, &refused.message)).await;
-    let _ = socket.shutdown().await;
+    // On the record before the client hears of it.
     let mut event = Event::new(Kind::Decision);
     if let Some(grant) = &refused.grant {
         event.correlation = Some(grant.correlation.clone());
@@ -180,6 +179,8 @@ async fn refuse(proxy: &DbProxy, mut socket: TcpStream, refused: Refused) {
         event.store = Some(grant.store.clone());
     }
     proxy.record_refusal(refused.decision, refused.class.to_string(), event).await;
+    let _ = wire::send(&mut socket, &backend::error("FATAL", refused.sqlstate, &refused.message)).await;
+    let _ = socket.shutdown().await;
 }
 
 /// Why the relay ended.

@@ -67,6 +67,15 @@ pub struct OperatorArgs {
     /// system roots).
     #[arg(long, env = "MCPW_COLLECTOR_CA_FILE")]
     pub collector_ca_file: Option<std::path::PathBuf>,
+    /// The credential broker (e.g. `https://mcpw-broker.mcp-warden.svc:8443`),
+    /// given to the sidecars of servers with `dataAccess` tools. Without
+    /// it, their calls to such tools are refused.
+    #[arg(long, env = "MCPW_BROKER_URL")]
+    pub broker_url: Option<String>,
+    /// PEM CA bundle of the broker's and the collector's certificates,
+    /// handed to every sidecar (in its policy ConfigMap).
+    #[arg(long, env = "MCPW_WARDEN_CA_FILE")]
+    pub warden_ca_file: Option<std::path::PathBuf>,
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = "MCPW_HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
     pub health_listen: SocketAddr,
@@ -95,6 +104,12 @@ impl OperatorArgs {
             settings.sidecar_image = image.clone();
         }
         settings.control_plane_labels = parse_labels(&self.control_plane_labels)?;
+        settings.broker_url = self.broker_url.clone();
+        settings.collector_url = self.collector_url.clone();
+        if let Some(path) = &self.warden_ca_file {
+            let pem = std::fs::read_to_string(path).map_err(|e| format!("--warden-ca-file {}: {e}", path.display()))?;
+            settings.warden_ca_pem = Some(pem);
+        }
         Ok(settings)
     }
 }

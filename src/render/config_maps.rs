@@ -9,17 +9,19 @@ use crate::policy::CompiledPolicy;
 
 /// File name of the compiled policy inside its ConfigMap and mount.
 pub const POLICY_FILE: &str = "policy.json";
+/// File name of the warden's CA bundle inside the policy ConfigMap.
+pub const WARDEN_CA_FILE: &str = "warden-ca.pem";
 /// File name of the JWKS inside its ConfigMap and mount.
 pub const JWKS_FILE: &str = "jwks.json";
 /// Annotation naming where the operator fetches the JWKS from.
 pub const JWKS_SOURCE_ANNOTATION: &str = "mcpwarden.io/jwks-source";
 
 pub(super) fn policy_config_map(ctx: &Context<'_>, policy: &CompiledPolicy) -> ConfigMap {
-    ConfigMap {
-        metadata: ctx.meta(&ctx.names.policy_config_map),
-        data: Some(BTreeMap::from([(POLICY_FILE.to_string(), policy.to_json())])),
-        ..ConfigMap::default()
+    let mut data = BTreeMap::from([(POLICY_FILE.to_string(), policy.to_json())]);
+    if let Some(ca) = &ctx.settings.warden_ca_pem {
+        data.insert(WARDEN_CA_FILE.to_string(), ca.clone());
     }
+    ConfigMap { metadata: ctx.meta(&ctx.names.policy_config_map), data: Some(data), ..ConfigMap::default() }
 }
 
 /// Only `jwksUri` needs a ConfigMap of the operator's: a referenced

@@ -15,17 +15,18 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::Context;
-use super::config_maps::{JWKS_FILE, POLICY_FILE};
+use super::config_maps::{JWKS_FILE, POLICY_FILE, WARDEN_CA_FILE};
 use super::names::{MCP_CONTAINER, POLICY_HASH_ANNOTATION, SIDECAR_CONTAINER, common_labels, selector_labels};
 use super::service::PUBLIC_PORT_NAME;
-use crate::api::{SIDECAR_METRICS_PORT, SIDECAR_PUBLIC_PORT};
+use crate::api::{SIDECAR_METRICS_PORT, SIDECAR_PG_PROXY_PORT, SIDECAR_PUBLIC_PORT};
 use crate::policy::CompiledPolicy;
 
 /// Volume names, shared with the evaluator's isolation checks.
@@ -40,6 +41,9 @@ pub mod volumes {
     pub const AUDIT_KEY: &str = "audit-key";
     /// Scratch space of the MCP container (its root is read-only).
     pub const MCP_TMP: &str = "tmp";
+    /// Projected service-account tokens for the broker and the collector
+    /// (sidecar only).
+    pub const WARDEN_TOKENS: &str = "warden-tokens";
 }
 
 /// Paths inside the sidecar.
@@ -52,6 +56,30 @@ pub mod paths {
     pub const AUDIT_DIR: &str = "/var/lib/mcp-warden/audit";
     /// Audit key directory.
     pub const AUDIT_KEY_DIR: &str = "/etc/mcp-warden/audit-key";
+    /// Projected tokens directory.
+    pub const TOKENS_DIR: &str = "/var/run/mcp-warden/tokens";
+    /// The broker token, inside [`TOKENS_DIR`].
+    pub const BROKER_TOKEN: &str = "broker-token";
+    /// The collector token, inside [`TOKENS_DIR`].
+    pub const COLLECTOR_TOKEN: &str = "collector-token";
+}
+
+/// Lifetime asked for the projected tokens (the kubelet rotates them at 80%).
+const TOKEN_SECONDS: i64 = 3600;
+
+/// The control-plane services this pod's sidecar talks to, with the token
+/// audience of each.
+fn warden_links<'a>(ctx: &'a Context<'_>, policy: &CompiledPolicy) -> Vec<(&'a str, &'static str, &'static str)> {
+    let mut links = Vec::new();
+    if let Some(url) = &ctx.settings.collector_url {
+        links.push((url.as_str(), crate::token_review::COLLECTOR_AUDIENCE, paths::COLLECTOR_TOKEN));
+    }
+    if let Some(url) = &ctx.settings.broker_url
+        && policy.tools.values().any(|t| !t.data_access.is_empty())
+    {
+        links.push((url.as_str(), crate::token_review::BROKER_AUDIENCE, paths::BROKER_TOKEN));
+    }
+    links
 }
 
 const METRICS_PORT_NAME: &str = "metrics";
@@ -77,7 +105,7 @@ pub(super) fn deployment(ctx: &Context<'_>, policy: &CompiledPolicy) -> Deployme
                     annotations: Some(annotations),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(pod_spec(ctx)),
+                spec: Some(pod_spec(ctx, policy)),
             },
             ..DeploymentSpec::default()
         },
@@ -85,7 +113,7 @@ pub(super) fn deployment(ctx: &Context<'_>, policy: &CompiledPolicy) -> Deployme
     }
 }
 
-fn pod_spec(ctx: &Context<'_>) -> PodSpec {
+fn pod_spec(ctx: &Context<'_>, policy: &CompiledPolicy) -> PodSpec {
     PodSpec {
         service_account_name: Some(ctx.names.service_account.clone()),
         automount_service_account_token: Some(false),
@@ -95,9 +123,9 @@ fn pod_spec(ctx: &Context<'_>) -> PodSpec {
             seccomp_profile: Some(runtime_default_seccomp()),
             ..PodSecurityContext::default()
         }),
-        init_containers: Some(vec![sidecar_container(ctx)]),
+        init_containers: Some(vec![sidecar_container(ctx, policy)]),
         containers: vec![mcp_container(ctx)],
-        volumes: Some(pod_volumes(ctx)),
+        volumes: Some(pod_volumes(ctx, policy)),
         ..PodSpec::default()
     }
 }
@@ -135,7 +163,7 @@ fn mcp_container(ctx: &Context<'_>) -> Container {
     }
 }
 
-fn sidecar_container(ctx: &Context<'_>) -> Container {
+fn sidecar_container(ctx: &Context<'_>, policy: &CompiledPolicy) -> Container {
     let spec = &ctx.server.spec;
     let settings = ctx.settings;
     let arg = |flag: &str, value: String| [flag.to_string(), value];
@@ -147,6 +175,30 @@ fn sidecar_container(ctx: &Context<'_>) -> Container {
     args.extend(arg("--metrics-listen", format!("0.0.0.0:{SIDECAR_METRICS_PORT}")));
     args.extend(arg("--audit-dir", paths::AUDIT_DIR.to_string()));
     args.extend(arg("--args-key-file", format!("{}/{AUDIT_KEY_FILE}", paths::AUDIT_KEY_DIR)));
+    let links = warden_links(ctx, policy);
+    for (url, audience, file) in &links {
+        let token = format!("{}/{file}", paths::TOKENS_DIR);
+        if *audience == crate::token_review::COLLECTOR_AUDIENCE {
+            args.extend(arg("--collector", url.to_string()));
+            args.extend(arg("--collector-credential-file", token));
+        } else {
+            args.extend(arg("--broker", url.to_string()));
+            args.extend(arg("--broker-credential-file", token));
+            args.extend(arg("--db-proxy-listen", format!("127.0.0.1:{SIDECAR_PG_PROXY_PORT}")));
+        }
+    }
+    if settings.warden_ca_pem.is_some() {
+        args.extend(arg("--warden-ca-file", format!("{}/{WARDEN_CA_FILE}", paths::POLICY_DIR)));
+    }
+    let mut mounts = vec![
+        mount(volumes::POLICY, paths::POLICY_DIR, true),
+        mount(volumes::JWKS, paths::JWKS_DIR, true),
+        mount(volumes::AUDIT, paths::AUDIT_DIR, false),
+        mount(volumes::AUDIT_KEY, paths::AUDIT_KEY_DIR, true),
+    ];
+    if !links.is_empty() {
+        mounts.push(mount(volumes::WARDEN_TOKENS, paths::TOKENS_DIR, true));
+    }
     Container {
         name: SIDECAR_CONTAINER.into(),
         image: Some(settings.sidecar_image.clone()),
@@ -174,17 +226,12 @@ fn sidecar_container(ctx: &Context<'_>) -> Container {
             ..ResourceRequirements::default()
         }),
         security_context: Some(restricted(settings.sidecar_uid)),
-        volume_mounts: Some(vec![
-            mount(volumes::POLICY, paths::POLICY_DIR, true),
-            mount(volumes::JWKS, paths::JWKS_DIR, true),
-            mount(volumes::AUDIT, paths::AUDIT_DIR, false),
-            mount(volumes::AUDIT_KEY, paths::AUDIT_KEY_DIR, true),
-        ]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     }
 }
 
-fn pod_volumes(ctx: &Context<'_>) -> Vec<Volume> {
+fn pod_volumes(ctx: &Context<'_>, policy: &CompiledPolicy) -> Vec<Volume> {
     let oidc = &ctx.server.spec.authentication.oidc;
     let jwks_item =
         |key: &str| Some(vec![KeyToPath { key: key.to_string(), path: JWKS_FILE.into(), ..KeyToPath::default() }]);
@@ -203,7 +250,7 @@ fn pod_volumes(ctx: &Context<'_>) -> Vec<Volume> {
     } else {
         config_map_volume(volumes::JWKS, &ctx.names.jwks_config_map, None)
     };
-    vec![
+    let mut list = vec![
         config_map_volume(volumes::POLICY, &ctx.names.policy_config_map, None),
         jwks,
         Volume {
@@ -230,7 +277,31 @@ fn pod_volumes(ctx: &Context<'_>) -> Vec<Volume> {
             ..Volume::default()
         },
         Volume { name: volumes::MCP_TMP.into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
-    ]
+    ];
+    // The sidecar's own identity towards the broker and the collector:
+    // short-lived tokens bound to this pod, one audience each, mounted into
+    // the sidecar only.
+    let links = warden_links(ctx, policy);
+    if !links.is_empty() {
+        let sources = links
+            .iter()
+            .map(|(_, audience, file)| VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(audience.to_string()),
+                    expiration_seconds: Some(TOKEN_SECONDS),
+                    path: file.to_string(),
+                    ..ServiceAccountTokenProjection::default()
+                }),
+                ..VolumeProjection::default()
+            })
+            .collect();
+        list.push(Volume {
+            name: volumes::WARDEN_TOKENS.into(),
+            projected: Some(ProjectedVolumeSource { sources: Some(sources), ..ProjectedVolumeSource::default() }),
+            ..Volume::default()
+        });
+    }
+    list
 }
 
 fn config_map_volume(volume: &str, config_map: &str, items: Option<Vec<KeyToPath>>) -> Volume {

@@ -58,6 +58,15 @@ pub struct Settings {
     pub sidecar_uid: i64,
     /// Size limit of the audit WAL volume.
     pub audit_volume_size: String,
+    /// The credential broker's URL: given to sidecars of servers with
+    /// `dataAccess` tools (without it such calls are refused).
+    pub broker_url: Option<String>,
+    /// The audit collector's URL: sidecars ship their trail to it (without
+    /// it the trail stays in the pod's WAL).
+    pub collector_url: Option<String>,
+    /// PEM CA bundle of the broker's and the collector's certificates,
+    /// handed to each sidecar in its policy ConfigMap.
+    pub warden_ca_pem: Option<String>,
 }
 
 impl Settings {
@@ -74,6 +83,9 @@ impl Settings {
             mcp_uid: 10001,
             sidecar_uid: 10002,
             audit_volume_size: "1Gi".into(),
+            broker_url: None,
+            collector_url: None,
+            warden_ca_pem: None,
         }
     }
 }

@@ -251,9 +251,85 @@ fn the_mcp_container_holds_no_token_secret_or_password() {
     // No secret reference anywhere in the MCP container, and no credential.
     let mcp_json = serde_json::to_string(mcp).expect("json");
     assert!(!mcp_json.contains("secretKeyRef") && !mcp_json.to_ascii_lowercase().contains("password"));
-    // No projected service-account token anywhere: nothing uses one yet.
+    // Without a broker or collector, no projected token at all.
     let deployment = serde_json::to_string(&objects.deployment).expect("json");
     assert!(!deployment.contains("serviceAccountToken"));
+}
+
+fn with_control_plane() -> Settings {
+    Settings {
+        broker_url: Some("https://mcpw-broker.mcp-warden.svc:8443".into()),
+        collector_url: Some("https://mcpw-collector.mcp-warden.svc:8443".into()),
+        warden_ca_pem: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
+        ..Settings::default()
+    }
+}
+
+#[test]
+fn with_the_control_plane_only_the_sidecar_gets_identity_and_the_mcp_container_no_credential() {
+    let objects = render(&clinic(), &clinic_stores(), &with_control_plane(), None).expect("renders");
+    let args = sidecar(&objects).args.clone().unwrap_or_default();
+    let value_of = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].clone());
+    assert_eq!(value_of("--broker").as_deref(), Some("https://mcpw-broker.mcp-warden.svc:8443"));
+    assert_eq!(value_of("--broker-credential-file").as_deref(), Some("/var/run/mcp-warden/tokens/broker-token"));
+    assert_eq!(value_of("--db-proxy-listen").as_deref(), Some("127.0.0.1:15432"));
+    assert_eq!(value_of("--collector").as_deref(), Some("https://mcpw-collector.mcp-warden.svc:8443"));
+    assert_eq!(value_of("--collector-credential-file").as_deref(), Some("/var/run/mcp-warden/tokens/collector-token"));
+    assert_eq!(value_of("--warden-ca-file").as_deref(), Some("/etc/mcp-warden/policy/warden-ca.pem"));
+    let ca = objects.policy_config_map.data.as_ref().and_then(|d| d.get("warden-ca.pem"));
+    assert!(ca.is_some_and(|pem| pem.contains("BEGIN CERTIFICATE")));
+    // One projected volume, one audience per service, short-lived, mounted
+    // into the sidecar only.
+    let tokens = pod(&objects).volumes.iter().flatten().find(|v| v.name == volumes::WARDEN_TOKENS).expect("tokens");
+    let audiences: Vec<(String, i64)> = tokens
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.clone())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| s.service_account_token.as_ref())
+        .map(|t| (t.audience.clone().unwrap_or_default(), t.expiration_seconds.unwrap_or_default()))
+        .collect();
+    assert_eq!(audiences, [("mcp-warden-collector".to_string(), 3600), ("mcp-warden-broker".to_string(), 3600)]);
+    let holders: Vec<&str> = pod(&objects)
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&pod(&objects).containers)
+        .filter(|c| c.volume_mounts.iter().flatten().any(|m| m.name == volumes::WARDEN_TOKENS))
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(holders, [SIDECAR_CONTAINER]);
+    assert_eq!(pod(&objects).automount_service_account_token, Some(false));
+    // The MCP container: no database password, no token, no secret — at
+    // any point, since its environment is exactly what is rendered here.
+    let mcp = mcp(&objects);
+    let mounts: Vec<&str> = mcp.volume_mounts.iter().flatten().map(|m| m.name.as_str()).collect();
+    assert_eq!(mounts, [volumes::MCP_TMP]);
+    assert!(mcp.env_from.is_none());
+    for env in mcp.env.iter().flatten() {
+        assert_eq!(crate::compliance::identity::credential_in_env(env), None, "{}", env.name);
+    }
+    let mcp_json = serde_json::to_string(mcp).expect("json").to_ascii_lowercase();
+    for word in ["password", "secretkeyref", "token", "postgres://", "admin"] {
+        assert!(!mcp_json.contains(word), "{word} in the MCP container");
+    }
+}
+
+#[test]
+fn a_server_without_data_access_gets_no_broker_identity() {
+    let (_, mut value) = clinic_values();
+    for tool in value["spec"]["tools"].as_array_mut().expect("tools") {
+        tool["dataAccess"] = json!([]);
+        tool["phi"] = json!(false);
+        tool["noDataAccessReason"] = json!("static answers");
+        tool["allowedCallers"] = json!({"groups": ["front-desk"]});
+    }
+    let server = admit_server(&value).expect("admitted");
+    let objects = render(&server, &clinic_stores(), &with_control_plane(), None).expect("renders");
+    let args = sidecar(&objects).args.clone().unwrap_or_default();
+    assert!(!args.iter().any(|a| a == "--broker"));
+    assert!(args.iter().any(|a| a == "--collector"));
 }
 
 #[test]
