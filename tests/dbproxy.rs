@@ -171,12 +171,23 @@ impl World {
     }
 }
 
+/// The records of a WAL being written: a last line still being appended is
+/// left out; any other unreadable line fails the test.
 fn records(dir: &Path) -> Vec<Record> {
-    segment::list_segments(dir)
+    let lines: Vec<_> = segment::list_segments(dir)
         .unwrap_or_default()
         .iter()
         .flat_map(|(_, p)| segment::read_lines(p).unwrap())
-        .map(|l| Record::parse_line(&l.bytes).unwrap())
+        .collect();
+    let last = lines.len().saturating_sub(1);
+    lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| match Record::parse_line(&l.bytes) {
+            Ok(record) => Some(record),
+            Err(_) if i == last => None,
+            Err(e) => panic!("unreadable record at line {i}: {e}"),
+        })
         .collect()
 }
 
@@ -252,7 +263,12 @@ async fn alice_and_bob_query_as_their_own_roles_with_their_calls_correlation_ids
 
     // Each session's role is the one the broker leased to that caller for
     // that call, and its application_name is that call's correlation id.
-    let records = world.sidecar_records();
+    // (Statement records are queued without waiting for their fsync.)
+    let records = eventually("both statement records", async || {
+        let records = world.sidecar_records();
+        (records.iter().filter(|r| r.event.kind == Kind::Statement).count() == 2).then_some(records)
+    })
+    .await;
     let leases = world.broker_records();
     for (sub, (role, correlation)) in ["alice", "bob"].iter().zip(correlation_order(&records, &sessions)) {
         let decision = records
