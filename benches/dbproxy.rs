@@ -8,10 +8,8 @@
 //! 10-second runs)
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 #[path = "../tests/pg/mod.rs"]
-#[allow(dead_code)]
 mod pg;
 
 use std::sync::Arc;

@@ -23,7 +23,7 @@ use mcp_warden::broker::lifecycle::Revocation;
 use mcp_warden::broker::metrics::BrokerMetrics;
 use mcp_warden::broker::trail::Trail;
 use pg::Postgres;
-use pg::clinic::{ADMIN_PASSWORD, SERVER, manifests, prepare_database};
+use pg::clinic::{ADMIN_PASSWORD, SERVER, manifests, prepare_database, tls_material, with_tls};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio_postgres::Client;
@@ -808,28 +808,9 @@ async fn futures_outcomes(tasks: Vec<tokio::task::JoinHandle<Result<Credential, 
 }
 
 /// A CA and a server certificate for 127.0.0.1 signed by it.
-fn tls_material(sans: &[&str]) -> (String, pg::ServerTls) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "mcp-warden test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, "ehr-db");
-    let cert = params.signed_by(&server_key, &ca).unwrap();
-    (ca.pem(), pg::ServerTls { cert_pem: cert.pem(), key_pem: server_key.serialize_pem() })
-}
-
-/// The manifests with `sslMode: verify-full` against `host`, trusting `ca`.
+/// The manifests with `sslMode` against `host`, trusting `ca`.
 fn tls_manifests(port: u16, host: &str, ca: &str, ssl_mode: &str) -> String {
-    let indented = ca.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n");
-    manifests(port, &["id", "mrn"], false, ADMIN_PASSWORD)
-        .replace("host: 127.0.0.1,", &format!("host: {host},"))
-        .replace("sslMode: disable}", &format!("sslMode: {ssl_mode}, caConfigMapRef: {{name: ehr-db-ca}}}}"))
-        + &format!(
-            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: ehr-db-ca, namespace: clinic}}\ndata:\n  ca.crt: |\n{indented}\n"
-        )
+    with_tls(&manifests(port, &["id", "mrn"], false, ADMIN_PASSWORD), host, ca, ssl_mode)
 }
 
 #[tokio::test]

@@ -22,6 +22,7 @@ use mcp_warden::broker::api::{Callers, SidecarAuth, StaticCredential, router};
 use mcp_warden::broker::client::BrokerClient;
 use mcp_warden::broker::inventory::Inventory;
 use mcp_warden::broker::issuer::{Broker, CredentialRequest, Settings};
+use mcp_warden::broker::lifecycle::Revocation;
 use mcp_warden::broker::metrics::BrokerMetrics;
 use mcp_warden::broker::trail::Trail;
 use mcp_warden::dbproxy::DbProxy;
@@ -31,7 +32,7 @@ use mcp_warden::sidecar::data_access::DataAccess;
 use mcp_warden::sidecar::gateway::{Gateway, GatewayConfig};
 use mcp_warden::sidecar::metrics::SidecarMetrics;
 use pg::Postgres;
-use pg::clinic::{ADMIN_PASSWORD, manifests, prepare_database};
+use pg::clinic::{ADMIN_PASSWORD, manifests, prepare_database, tls_material, with_tls};
 use prometheus_client::registry::Registry;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
@@ -44,6 +45,7 @@ use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt, schemars, tool, too
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SIDECAR_CREDENTIAL: &str = "sidecar-credential-for-tests-0123456789";
+const REVOKER_CREDENTIAL: &str = "revoker-credential-for-tests-0123456789";
 
 /// PostgreSQL, the broker, and a gateway with its proxy in front of an MCP
 /// server.
@@ -51,6 +53,7 @@ struct World {
     pg: Postgres,
     dir: tempfile::TempDir,
     broker: BrokerClient,
+    revoker: BrokerClient,
     grants: Arc<Grants>,
     proxy: std::net::SocketAddr,
     gateway: String,
@@ -59,14 +62,25 @@ struct World {
 
 impl World {
     async fn start(upstream: axum::Router) -> World {
+        World::start_with(upstream, false).await
+    }
+
+    /// With `tls`, the store serves TLS only to `verify-full` clients
+    /// trusting a test CA, as the PHIStore says.
+    async fn start_with(upstream: axum::Router, tls: bool) -> World {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let pg = Postgres::start().await;
+        let (ca, server_tls) = tls_material(&["127.0.0.1"]);
+        let pg = Postgres::start_with(tls.then_some(&server_tls)).await;
         prepare_database(&pg).await;
         let dir = tempfile::tempdir().unwrap();
         let manifest_dir = dir.path().join("manifests");
         std::fs::create_dir_all(&manifest_dir).unwrap();
         let manifest = manifest_dir.join("clinic.yaml");
-        std::fs::write(&manifest, manifests(pg.port, &["id", "mrn", "name", "dob"], true, ADMIN_PASSWORD)).unwrap();
+        let mut text = manifests(pg.port, &["id", "mrn", "name", "dob"], true, ADMIN_PASSWORD);
+        if tls {
+            text = with_tls(&text, "127.0.0.1", &ca, "verify-full");
+        }
+        std::fs::write(&manifest, text).unwrap();
 
         // The broker, as the sidecar's credential source.
         let inventory = Inventory::from_manifests(&manifest_dir).unwrap();
@@ -75,8 +89,10 @@ impl World {
         let broker =
             Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
         assert!(broker.sync().await.is_empty());
-        let callers =
-            Callers { sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()), revoker: None };
+        let callers = Callers {
+            sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()),
+            revoker: Some(StaticCredential::new(REVOKER_CREDENTIAL).unwrap()),
+        };
         let broker_url = serve(router(broker, callers)).await;
 
         // The sidecar: gateway + proxy over one WAL, the policy from the
@@ -91,7 +107,7 @@ impl World {
         )
         .await;
         let keys = Keys::load(KeySource::Url(format!("{jwks}/jwks"))).await.unwrap();
-        let mut wal_config = WalConfig::new(&dir.path().join("sidecar-audit"), policy.server.to_string());
+        let mut wal_config = WalConfig::new(dir.path().join("sidecar-audit"), policy.server.to_string());
         wal_config.pod = Some("p-1".into());
         let wal = Arc::new(Wal::open(wal_config).unwrap());
         let grants = Grants::new();
@@ -113,7 +129,8 @@ impl World {
                 .unwrap()
                 .with_data_access(DataAccess::new(broker_client.clone(), Arc::clone(&grants), proxy));
         let gateway = serve(Arc::new(gateway).router()).await;
-        World { pg, dir, broker: broker_client, grants, proxy, gateway, wal }
+        let revoker = BrokerClient::new(&broker_url, REVOKER_CREDENTIAL).unwrap();
+        World { pg, dir, broker: broker_client, revoker, grants, proxy, gateway, wal }
     }
 
     fn sidecar_records(&self) -> Vec<Record> {
@@ -139,6 +156,11 @@ impl World {
 
     /// A grant of a fresh broker credential for alice, tied to `ticket`.
     async fn token(&self, ticket: &mut CallTicket, expires_in: Option<Duration>) -> String {
+        self.token_and_lease(ticket, expires_in).await.0
+    }
+
+    /// [`World::token`], with the lease id behind it.
+    async fn token_and_lease(&self, ticket: &mut CallTicket, expires_in: Option<Duration>) -> (String, String) {
         let request = CredentialRequest {
             server: pg::clinic::SERVER.into(),
             tool: "lookup_patient".into(),
@@ -147,6 +169,7 @@ impl World {
             correlation: Some("c-direct".into()),
         };
         let credential = self.broker.credential(&request).await.unwrap();
+        let lease = credential.lease_id.clone();
         let expires = match expires_in {
             Some(d) => Instant::now() + d,
             None => local_expiry(&credential.valid_until),
@@ -160,7 +183,7 @@ impl World {
             allow_copy: false,
             expires,
         };
-        self.grants.issue(grant, ticket).unwrap()
+        (self.grants.issue(grant, ticket).unwrap(), lease)
     }
 
     async fn via_proxy(&self, token: &str, database: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -462,7 +485,9 @@ async fn a_compromised_server_cannot_leave_the_grants_the_store_or_the_call() {
     for client in &pooled {
         assert!(client.simple_query("SELECT 1").await.is_err(), "a connection outlived its call");
     }
-    let late = tokio_postgres::connect(&kept[0], tokio_postgres::NoTls).await.err().expect("a dead DSN");
+    let Err(late) = tokio_postgres::connect(&kept[0], tokio_postgres::NoTls).await else {
+        panic!("a DSN outlived its call");
+    };
     assert_eq!(late.code().map(|c| c.code()), Some("28P01"), "{late}");
     let refusal = world
         .sidecar_records()
@@ -596,7 +621,7 @@ async fn an_expiring_credential_closes_its_connections() {
     let client = world.via_proxy(&token, "ehr").await.unwrap();
     client.simple_query("SELECT 1").await.unwrap();
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let err = client.simple_query("SELECT 1").await.err().expect("closed at expiry");
+    let err = client.simple_query("SELECT 1").await.expect_err("closed at expiry");
     assert!(err.is_closed() || err.code().is_some(), "{err}");
     let expired = eventually("the expiry record", async || {
         world.sidecar_records().into_iter().find(|r| {
@@ -606,5 +631,60 @@ async fn an_expiring_credential_closes_its_connections() {
     .await;
     assert_eq!(expired.event.correlation.as_deref(), Some("c-direct"));
     let _ = &world.wal;
+    drop(ticket);
+}
+
+#[tokio::test]
+async fn revoking_the_lease_closes_the_proxied_connection() {
+    let world = World::start(reference_server()).await;
+    let mut ticket = world.grants.ticket();
+    let (token, lease) = world.token_and_lease(&mut ticket, None).await;
+    let client = world.via_proxy(&token, "ehr").await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    let revocation = Revocation { lease_id: Some(lease), reason: Some("test".into()), ..Revocation::default() };
+    let ended = world.revoker.revoke(&revocation).await.unwrap();
+    assert_eq!(ended.len(), 1);
+    let err = client.simple_query("SELECT 1").await.expect_err("closed by the revocation");
+    assert!(err.is_closed() || err.code().is_some(), "{err}");
+    drop(ticket);
+}
+
+#[tokio::test]
+async fn over_tls_the_proxy_verifies_the_store_and_logs_in_encrypted() {
+    let world = World::start_with(reference_server(), true).await;
+    let mut ticket = world.grants.ticket();
+    let token = world.token(&mut ticket, None).await;
+    let client = world.via_proxy(&token, "ehr").await.expect("through the proxy over verify-full TLS");
+    let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap();
+    assert!(row.get::<_, bool>(0), "the caller's upstream session is encrypted");
+    let rows = client.query("SELECT name FROM clinical.patients WHERE mrn = $1", &[&"MRN-0001"]).await.unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "Joe Doe");
+
+    // A credential whose CA does not match the server: the proxy refuses to
+    // log in (before sending anything) and says so.
+    let (other_ca, _) = tls_material(&["127.0.0.1"]);
+    let request = CredentialRequest {
+        server: pg::clinic::SERVER.into(),
+        tool: "lookup_patient".into(),
+        store: "ehr".into(),
+        caller_token: rs256(&claims("alice", &["clinicians"])),
+        correlation: Some("c-wrong-ca".into()),
+    };
+    let mut credential = world.broker.credential(&request).await.unwrap();
+    assert_eq!(credential.ssl_mode, "verify-full");
+    credential.ca_pem = Some(other_ca);
+    let grant = CallGrant {
+        caller: mcp_warden::audit::record::Caller { sub: "alice".into(), iss: ISSUER.into(), groups: vec![] },
+        tool: "lookup_patient".into(),
+        correlation: "c-wrong-ca".into(),
+        store: "ehr".into(),
+        expires: local_expiry(&credential.valid_until),
+        credential,
+        allow_copy: false,
+    };
+    let wrong = world.grants.issue(grant, &mut ticket).unwrap();
+    let err = world.via_proxy(&wrong, "ehr").await.expect_err("refused");
+    assert_eq!(err.code().map(|c| c.code()), Some("08006"), "{err}");
+    assert!(refusal_reasons(&world).iter().any(|r| r == "store_login_failed"));
     drop(ticket);
 }

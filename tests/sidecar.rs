@@ -210,6 +210,21 @@ async fn callers_in_different_groups_see_and_call_different_tools() {
         .expect("text");
     assert_eq!(raw, raw_hours(&json!(7)));
     assert_eq!(s.upstream_calls("lookup_patient"), 1);
+    // The PHI tool got a per-call DSN to the proxy for its store, and
+    // nothing else about the database; the tool without dataAccess none.
+    let seen = s.log.lock().expect("log").clone();
+    let meta = |tool: &str| {
+        seen.iter().find(|x| x.body["params"]["name"] == tool).expect("seen").body["params"]["_meta"].clone()
+    };
+    let db = meta("lookup_patient")["io.mcpwarden/db"].clone();
+    let dsn = db["ehr"].as_str().expect("a DSN for ehr");
+    assert!(dsn.starts_with("postgres://mcp:") && dsn.ends_with("@127.0.0.1:9/ehr?sslmode=disable"), "{dsn}");
+    assert_eq!(db.as_object().map(|o| o.len()), Some(1));
+    assert!(
+        !dsn.contains("never-used") && !dsn.contains("mcpw_u_fake"),
+        "the role's password and name stay in the sidecar"
+    );
+    assert!(meta("clinic_hours").get("io.mcpwarden/db").is_none());
 }
 
 #[tokio::test]
@@ -489,6 +504,8 @@ async fn spawn_sidecar(dir: &std::path::Path, upstream_base: &str, extra: &[Stri
     std::fs::write(dir.join("jwks.json"), JWKS).expect("jwks");
     std::fs::write(dir.join("clinic.yaml"), CLINIC).expect("clinic");
     std::fs::write(dir.join("audit.key"), "k".repeat(64)).expect("key");
+    std::fs::write(dir.join("broker.cred"), FAKE_BROKER_CREDENTIAL).expect("broker credential");
+    let broker = fake_broker().await;
     let (port, metrics_port) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
         .args(["sidecar", "--mcpserver"])
@@ -501,6 +518,8 @@ async fn spawn_sidecar(dir: &std::path::Path, upstream_base: &str, extra: &[Stri
         .arg("--args-key-file")
         .arg(dir.join("audit.key"))
         .args(["--allowed-host", "127.0.0.1", "--pod", "p-1"])
+        .args(["--broker", &broker, "--db-proxy-listen", "127.0.0.1:0", "--broker-credential-file"])
+        .arg(dir.join("broker.cred"))
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

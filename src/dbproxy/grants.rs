@@ -193,8 +193,11 @@ pub fn local_expiry(valid_until: &str) -> Instant {
 /// server's, and where the real one goes.
 #[derive(Default)]
 pub struct CancelKeys {
-    keys: Mutex<HashMap<i32, (i32, Arc<CallGrant>, (i32, i32))>>,
+    keys: Mutex<HashMap<i32, CancelEntry>>,
 }
+
+/// The secret handed to the client, the grant, and the server's key.
+type CancelEntry = (i32, Arc<CallGrant>, (i32, i32));
 
 impl CancelKeys {
     /// Registers a connection's server key; returns the key for the client.

@@ -168,10 +168,8 @@ impl Tracker {
                     }
                 }
             }
-            b'I' | b's' => {
-                if self.pending.front().is_some_and(|p| !p.simple) {
-                    done.extend(self.pending.pop_front().map(|p| p.finish(now)));
-                }
+            b'I' | b's' if self.pending.front().is_some_and(|p| !p.simple) => {
+                done.extend(self.pending.pop_front().map(|p| p.finish(now)));
             }
             b'E' => {
                 let code = match parse(frame)? {

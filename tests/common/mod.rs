@@ -10,8 +10,11 @@ use axum::routing::get;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use mcp_warden::audit::args_hmac::ArgsKey;
 use mcp_warden::audit::{Wal, WalConfig};
+use mcp_warden::broker::client::BrokerClient;
+use mcp_warden::dbproxy::grants::Grants;
 use mcp_warden::policy::CompiledPolicy;
 use mcp_warden::sidecar::authn::{Authenticator, KeySource, Keys};
+use mcp_warden::sidecar::data_access::DataAccess;
 use mcp_warden::sidecar::gateway::{Gateway, GatewayConfig};
 use mcp_warden::sidecar::metrics::SidecarMetrics;
 use prometheus_client::registry::Registry;
@@ -92,7 +95,39 @@ pub async fn start_gateway(upstream: &str, wal_bytes: u64) -> Harness {
     let authn = Authenticator::new(keys, policy.authentication.clone());
     let metrics = SidecarMetrics::register(&mut Registry::default());
     let args_key = ArgsKey::from_bytes(&[42; 32]).expect("key");
-    let gateway = Arc::new(Gateway::new(policy, authn, wal, args_key, config, metrics).expect("gateway"));
+    let broker = BrokerClient::new(&fake_broker().await, FAKE_BROKER_CREDENTIAL).expect("broker client");
+    // Nothing listens at the proxy address: these tests stop at the MCP
+    // server (tests/dbproxy.rs covers the database side).
+    let data_access = DataAccess::new(broker, Grants::new(), "127.0.0.1:9".parse().expect("addr"));
+    let gateway = Gateway::new(policy, authn, wal, args_key, config, metrics).expect("gateway");
+    let gateway = Arc::new(gateway.with_data_access(data_access));
     let url = serve(Arc::clone(&gateway).router()).await;
     Harness { url, gateway, audit }
+}
+
+/// What the gateway tests' stand-in broker expects.
+pub const FAKE_BROKER_CREDENTIAL: &str = "fake-broker-credential-0123456789abcdef";
+
+/// A stand-in for the credential broker, for tests of the gateway alone:
+/// answers every well-formed request from the right sidecar with a
+/// credential for a store that is never contacted.
+pub async fn fake_broker() -> String {
+    async fn issue(headers: axum::http::HeaderMap, body: axum::Json<Value>) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let authorized = mcp_warden::bearer::bearer(&headers) == Some(FAKE_BROKER_CREDENTIAL);
+        let complete = ["server", "tool", "store", "callerToken"]
+            .iter()
+            .all(|k| body.get(k).and_then(Value::as_str).is_some_and(|v| !v.is_empty()));
+        if !authorized || !complete {
+            let refusal = json!({"error": "invalid_request", "message": "stand-in broker refused"});
+            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(refusal)).into_response();
+        }
+        let valid_until = (chrono::Utc::now() + chrono::Duration::minutes(15)).to_rfc3339();
+        axum::Json(json!({
+            "leaseId": "fake-lease", "role": "mcpw_u_fake", "password": "never-used", "validUntil": valid_until,
+            "host": "127.0.0.1", "port": 9, "database": "ehr", "sslMode": "disable", "reused": false
+        }))
+        .into_response()
+    }
+    serve(Router::new().route("/v1/credentials", axum::routing::post(issue))).await
 }

@@ -107,3 +107,30 @@ pub async fn prepare_database(pg: &Postgres) {
     ehr.batch_execute("GRANT CONNECT ON DATABASE ehr TO warden_admin WITH GRANT OPTION").await.unwrap();
     ehr.batch_execute(SCHEMA_SQL).await.unwrap();
 }
+
+/// A test CA and a server certificate for `sans` signed by it: the CA's PEM
+/// and the server's TLS material.
+pub fn tls_material(sans: &[&str]) -> (String, super::ServerTls) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "mcp-warden test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "ehr-db");
+    let cert = params.signed_by(&server_key, &ca).unwrap();
+    (ca.pem(), super::ServerTls { cert_pem: cert.pem(), key_pem: server_key.serialize_pem() })
+}
+
+/// `manifests` with the store at `host` in `ssl_mode`, trusting `ca`
+/// through a `caConfigMapRef`.
+pub fn with_tls(manifests: &str, host: &str, ca: &str, ssl_mode: &str) -> String {
+    let indented = ca.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n");
+    manifests
+        .replace("host: 127.0.0.1,", &format!("host: {host},"))
+        .replace("sslMode: disable}", &format!("sslMode: {ssl_mode}, caConfigMapRef: {{name: ehr-db-ca}}}}"))
+        + &format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: ehr-db-ca, namespace: clinic}}\ndata:\n  ca.crt: |\n{indented}\n"
+        )
+}
