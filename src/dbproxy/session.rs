@@ -52,7 +52,7 @@ impl Refused {
 /// Serves one client connection to its end.
 pub async fn run(proxy: Arc<DbProxy>, mut socket: TcpStream) {
     let started = tokio::time::timeout(STARTUP_TIMEOUT, startup(&proxy, &mut socket)).await;
-    let (grant, ended) = match started {
+    let (grant, ended, leftover) = match started {
         Ok(Ok(Some(ok))) => ok,
         // A cancel request, served.
         Ok(Ok(None)) => return,
@@ -76,10 +76,12 @@ pub async fn run(proxy: Arc<DbProxy>, mut socket: TcpStream) {
             return refuse(&proxy, socket, refused).await;
         }
     };
-    relay(proxy, socket, grant, ended, up).await;
+    relay(proxy, socket, grant, ended, up, leftover).await;
 }
 
-type Started = Option<(Arc<CallGrant>, tokio::sync::watch::Receiver<bool>)>;
+/// A started session: its grant, the call-ended signal, and client bytes
+/// read after the password (normally none).
+type Started = Option<(Arc<CallGrant>, tokio::sync::watch::Receiver<bool>, BytesMut)>;
 
 async fn startup(proxy: &DbProxy, socket: &mut TcpStream) -> Result<Started, Refused> {
     let mut ssl_refused = false;
@@ -132,7 +134,7 @@ async fn startup(proxy: &DbProxy, socket: &mut TcpStream) -> Result<Started, Ref
             .map_err(|e| Refused::wire(e.into()))?;
     }
     wire::send(socket, &backend::cleartext_password_request()).await.map_err(|e| Refused::wire(e.into()))?;
-    let token = read_password(socket).await?;
+    let (token, leftover) = read_password(socket).await?;
     let (grant, ended) = proxy.grants.lookup(&token).map_err(|e| {
         let class = e.class();
         let text = match e {
@@ -152,10 +154,10 @@ async fn startup(proxy: &DbProxy, socket: &mut TcpStream) -> Result<Started, Ref
         refused.grant = Some(grant);
         return Err(refused);
     }
-    Ok(Some((grant, ended)))
+    Ok(Some((grant, ended, leftover)))
 }
 
-async fn read_password(socket: &mut TcpStream) -> Result<String, Refused> {
+async fn read_password(socket: &mut TcpStream) -> Result<(String, BytesMut), Refused> {
     let mut reader = FrameReader::new(&mut *socket);
     let frame =
         reader.next().await.map_err(Refused::wire)?.ok_or_else(|| Refused::wire(WireError::Malformed("eof")))?;
@@ -166,7 +168,8 @@ async fn read_password(socket: &mut TcpStream) -> Result<String, Refused> {
         return Err(Refused::wire(WireError::TooLarge(frame.raw.len() as u64)));
     }
     let mut body = frame.body();
-    wire::cstring(&mut body).map_err(Refused::wire)
+    let token = wire::cstring(&mut body).map_err(Refused::wire)?;
+    Ok((token, reader.into_parts().1))
 }
 
 async fn refuse(proxy: &DbProxy, mut socket: TcpStream, refused: Refused) {
@@ -231,10 +234,11 @@ async fn relay(
     grant: Arc<CallGrant>,
     mut ended: tokio::sync::watch::Receiver<bool>,
     up: upstream::Upstream,
+    leftover: BytesMut,
 ) {
     let (client_read, mut client_write) = socket.into_split();
     let (server_read, mut server_write) = tokio::io::split(up.io);
-    let mut from_client = FrameReader::new(client_read);
+    let mut from_client = FrameReader::with_buffer(client_read, leftover);
     let mut from_server = FrameReader::with_buffer(server_read, up.leftover);
     // The greeting, with the proxy's cancel key in place of the server's.
     let mut out = BytesMut::new();

@@ -100,7 +100,11 @@ impl Tracker {
         match frame.tag {
             b'Q' => {
                 let normalized = normalize(&cstring(&mut body)?);
-                if normalized.copy && !self.allow_copy {
+                // Answered here only when nothing is in flight: an answer
+                // must not overtake the server's to earlier messages. With
+                // statements in flight the server's CopyResponse ends the
+                // connection instead (see `server`).
+                if normalized.copy && !self.allow_copy && self.pending.is_empty() {
                     done.push(refused(normalized.text, "copy_not_allowed"));
                     return Ok(FrontAction::Answer(vec![
                         super::wire::backend::error("ERROR", "42501", COPY_REFUSED),
@@ -134,6 +138,10 @@ impl Tracker {
                 };
             }
             // The fast-path function call bypasses statements altogether.
+            b'F' if !self.pending.is_empty() => {
+                done.push(refused("<function call>".into(), "function_call_not_allowed"));
+                return Err(WireError::Malformed("a fast-path function call while statements are in flight"));
+            }
             b'F' => {
                 done.push(refused("<function call>".into(), "function_call_not_allowed"));
                 return Ok(FrontAction::Answer(vec![
@@ -370,6 +378,20 @@ mod tests {
         let mut allowed = Tracker::new(true);
         let done = run(&mut allowed, &[frame(b'Q', b"COPY p TO STDOUT\0")], &[frame(b'H', b"\0\0\0")]);
         assert!(done.is_empty());
+    }
+
+    #[test]
+    fn with_statements_in_flight_nothing_is_answered_out_of_order() {
+        let mut t = Tracker::new(false);
+        let mut done = Vec::new();
+        let now = Instant::now();
+        assert_eq!(t.client(&frame(b'Q', b"SELECT 1\0"), now, &mut done).unwrap(), FrontAction::Forward);
+        // A COPY behind it goes to the server; its CopyOutResponse closes.
+        assert_eq!(t.client(&frame(b'Q', b"COPY p TO STDOUT\0"), now, &mut done).unwrap(), FrontAction::Forward);
+        assert!(done.is_empty());
+        // A fast-path call behind it ends the connection.
+        assert!(t.client(&frame(b'F', b"\0\0\0\x01"), now, &mut done).is_err());
+        assert_eq!(done[0].ending, Ending::Refused("function_call_not_allowed"));
     }
 
     #[test]
