@@ -335,6 +335,20 @@ async fn chart_and_rendered_objects_pass_kubectl_dry_runs() {
             Command::new(&kubectl).args(["apply", &format!("--dry-run={mode}"), "-f", "-"]),
         );
         assert!(ok, "helm template (broker enabled) | kubectl apply --dry-run={mode}: {out}");
+        let (ok, out) = pipe(
+            Command::new(&helm).args(["template", "mcpw", &chart, "--namespace", &run.namespace]).args([
+                "--set",
+                "collector.enabled=true",
+                "--set",
+                "collector.tls.secretName=mcpw-collector-tls",
+                "--set",
+                "collector.signingKeySecretName=mcpw-collector-signing",
+                "--set",
+                "wardenCa.configMapName=mcpw-warden-ca",
+            ]),
+            Command::new(&kubectl).args(["apply", &format!("--dry-run={mode}"), "-f", "-"]),
+        );
+        assert!(ok, "helm template (collector enabled) | kubectl apply --dry-run={mode}: {out}");
     }
     // What the operator would create, as the API server would take it.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -346,6 +360,20 @@ async fn chart_and_rendered_objects_pass_kubectl_dry_runs() {
         Command::new(&kubectl).args(["apply", "--dry-run=server", "-f", "-"]),
     );
     assert!(ok, "render | kubectl apply --dry-run=server: {out}");
+    // Wired to the broker and the collector: projected tokens in the sidecar.
+    let (ok, out) = pipe(
+        Command::new(env!("CARGO_BIN_EXE_mcp-warden")).args([
+            "render",
+            "-f",
+            example.to_str().expect("path"),
+            "--broker-url",
+            "https://mcpw-broker.mcp-warden.svc:8443",
+            "--collector-url",
+            "https://mcpw-collector.mcp-warden.svc:8443",
+        ]),
+        Command::new(&kubectl).args(["apply", "--dry-run=server", "-f", "-"]),
+    );
+    assert!(ok, "render (wired) | kubectl apply --dry-run=server: {out}");
     drop(run);
 }
 
