@@ -377,3 +377,83 @@ async fn in_a_cluster_a_sidecar_may_write_only_its_own_servers_streams() {
     assert_eq!(send(CREDENTIAL).await.unwrap().status(), 401, "a static credential means nothing here");
     assert_eq!(send("sa:clinic:patient-lookup-mcpw").await.unwrap().status(), 200, "its own server's stream");
 }
+
+#[tokio::test]
+async fn a_stream_whose_pod_is_gone_without_its_stream_end_becomes_an_incident() {
+    let wal_dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let wal = wal(wal_dir.path());
+    for n in 0..3 {
+        wal.append(lease(n)).await.unwrap();
+    }
+    let open_collector = |grace: Duration| {
+        let storage = Arc::new(std::sync::Mutex::new(Storage::open(data.path()).unwrap()));
+        std::fs::create_dir_all(data.path().join("incidents")).unwrap();
+        let incidents =
+            Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).unwrap());
+        let app = collector::router_with_grace(
+            storage,
+            Arc::clone(&incidents),
+            collector::Senders::Static(StaticCredential::new(CREDENTIAL).unwrap()),
+            collector::Readers::Static(StaticCredential::new(READER).unwrap()),
+            grace,
+        );
+        (app, incidents)
+    };
+    let (app, incidents) = open_collector(Duration::ZERO);
+    let base = common::serve(app).await;
+    let mut shipper = Shipper::new(wal_dir.path().into(), &base, ClientCredential::Fixed(CREDENTIAL.into())).unwrap();
+    ship_all(&mut shipper, &wal).await;
+    // The pod is deleted before it could seal its stream: no stream-end.
+    drop(shipper);
+    drop(wal);
+    let http = reqwest::Client::new();
+    let report = async |present: serde_json::Value, credential: &str| {
+        let response = http
+            .post(format!("{base}/v1/pods"))
+            .bearer_auth(credential)
+            .json(&serde_json::json!({"server": "clinic/patient-lookup", "present": present}))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json::<serde_json::Value>().await.unwrap_or_default())
+    };
+    // Only the reader (the operator) may report; garbage is refused.
+    assert_eq!(report(serde_json::json!([]), CREDENTIAL).await.0, 401);
+    let garbage = http.post(format!("{base}/v1/pods")).bearer_auth(READER).body("{").send().await.unwrap();
+    assert_eq!(garbage.status().as_u16(), 400);
+    // While its pod exists, the open stream is just open.
+    let (status, body) = report(serde_json::json!(["pod-1"]), READER).await;
+    assert_eq!((status, body["abandoned"].as_array().map(Vec::len)), (200, Some(0)));
+    // Gone: an unsealed incident naming the last stored record, once.
+    let (_, body) = report(serde_json::json!(["pod-2"]), READER).await;
+    let abandoned = body["abandoned"].as_array().cloned().unwrap_or_default();
+    assert_eq!(abandoned.len(), 1, "{body}");
+    let (_, again) = report(serde_json::json!([]), READER).await;
+    assert_eq!(again["abandoned"].as_array().map(Vec::len), Some(0), "reported once");
+    let health = http.get(format!("{base}/v1/health")).bearer_auth(READER).send().await.unwrap();
+    let health: serde_json::Value = health.json().await.unwrap();
+    let server = &health["servers"]["clinic/patient-lookup"];
+    assert_eq!(server["openIncidents"], 1, "{health}");
+    assert_eq!(server["openStreams"].as_object().map(|o| o.len()), Some(0), "{health}");
+    drop(incidents);
+    let incident_records: Vec<Record> = segment::list_segments(&data.path().join("incidents"))
+        .unwrap()
+        .iter()
+        .flat_map(|(_, p)| segment::read_lines(p).unwrap())
+        .map(|l| Record::parse_line(&l.bytes).unwrap())
+        .filter(|r| r.event.kind == Kind::Incident)
+        .collect();
+    let incident = incident_records[0].event.incident.as_ref().unwrap();
+    assert_eq!(incident.class, mcp_warden::audit::record::IncidentClass::Unsealed);
+    assert_eq!(incident.stream, abandoned[0].as_str().unwrap());
+    assert_eq!(incident.seq, Some(4), "stream-start and three leases were stored");
+    assert!(incident.detail.contains("pod-1"), "{}", incident.detail);
+    // A restarted collector remembers it (no second incident, not open).
+    let mut storage = Storage::open(data.path()).unwrap();
+    let again = storage
+        .abandon_missing("clinic/patient-lookup", &Default::default(), chrono::Utc::now(), Duration::ZERO)
+        .unwrap();
+    assert!(again.is_empty());
+    assert!(storage.health()["clinic/patient-lookup"].open_streams.is_empty());
+}

@@ -74,7 +74,14 @@ pub struct Tracker {
     prepared: HashMap<String, String>,
     portals: HashMap<String, String>,
     status: u8,
+    /// Normalized texts of recently parsed statements: a client re-parsing
+    /// the same text (the extended protocol's unnamed statement) is not
+    /// tokenized again.
+    seen: HashMap<String, String>,
 }
+
+/// Most texts kept in [`Tracker::seen`] before it starts over.
+const SEEN_TEXTS: usize = 256;
 
 impl Tracker {
     /// A tracker for a connection whose policy does (or does not) allow COPY.
@@ -85,6 +92,7 @@ impl Tracker {
             prepared: HashMap::new(),
             portals: HashMap::new(),
             status: b'I',
+            seen: HashMap::new(),
         }
     }
 
@@ -116,7 +124,18 @@ impl Tracker {
             b'P' => {
                 let name = cstring(&mut body)?;
                 let query = cstring(&mut body)?;
-                self.prepared.insert(name, normalize(&query).text);
+                let text = match self.seen.get(&query) {
+                    Some(text) => text.clone(),
+                    None => {
+                        if self.seen.len() >= SEEN_TEXTS {
+                            self.seen.clear();
+                        }
+                        let text = normalize(&query).text;
+                        self.seen.insert(query, text.clone());
+                        text
+                    }
+                };
+                self.prepared.insert(name, text);
             }
             b'B' => {
                 let portal = cstring(&mut body)?;

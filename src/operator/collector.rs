@@ -28,12 +28,24 @@ pub type Health = BTreeMap<String, ServerHealth>;
 pub trait CollectorHealthSource: Send + Sync {
     /// Per-server health, or why it could not be read.
     fn health(&self) -> BoxFuture<'_, Result<Health, String>>;
+
+    /// Tells the collector which pods of `server` still exist, so streams
+    /// of pods gone without their stream-end become incidents there.
+    /// Returns the streams it declared abandoned.
+    fn report_pods<'a>(
+        &'a self,
+        _server: &'a str,
+        _present: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 /// The collector's `/v1/health` over HTTPS, with the operator's projected
 /// token (re-read each time: the kubelet rotates it).
 pub struct HttpsCollectorHealth {
     client: reqwest::Client,
+    base: String,
     url: String,
     token_file: PathBuf,
     cached: Mutex<Option<(Instant, Health)>>,
@@ -51,6 +63,7 @@ impl HttpsCollectorHealth {
         }
         Ok(HttpsCollectorHealth {
             client: builder.build().map_err(|e| e.to_string())?,
+            base: base.trim_end_matches('/').to_string(),
             url: format!("{}/v1/health", base.trim_end_matches('/')),
             token_file,
             cached: Mutex::new(None),
@@ -80,6 +93,30 @@ impl HttpsCollectorHealth {
 }
 
 impl CollectorHealthSource for HttpsCollectorHealth {
+    fn report_pods<'a>(&'a self, server: &'a str, present: &'a [String]) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            #[derive(serde::Deserialize)]
+            struct Answer {
+                abandoned: Vec<String>,
+            }
+            let token = std::fs::read_to_string(&self.token_file)
+                .map_err(|e| format!("token file {}: {e}", self.token_file.display()))?;
+            let response = self
+                .client
+                .post(format!("{}/v1/pods", self.base))
+                .bearer_auth(token.trim())
+                .json(&serde_json::json!({"server": server, "present": present}))
+                .send()
+                .await
+                .map_err(|e| e.without_url().to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("the collector answered HTTP {}", response.status().as_u16()));
+            }
+            let answer: Answer = response.json().await.map_err(|e| e.without_url().to_string())?;
+            Ok(answer.abandoned)
+        })
+    }
+
     fn health(&self) -> BoxFuture<'_, Result<Health, String>> {
         Box::pin(async move {
             if let Some((at, health)) = self.cached.lock().unwrap_or_else(|p| p.into_inner()).as_ref()

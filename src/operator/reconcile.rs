@@ -198,18 +198,23 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
         }
     };
 
-    let pods: Vec<Pod> = Api::<Pod>::namespaced(client.clone(), &namespace)
+    let listed = Api::<Pod>::namespaced(client.clone(), &namespace)
         .list(&ListParams::default().labels(&format!("{SERVER_LABEL}={name}")))
         .await?
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
-        .collect();
+        .items;
+    let (present_names, pods) = present_and_running(listed);
     let collector = match &ctx.collector {
         Some(source) => match source.health().await {
             Ok(health) => {
                 let running: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
                 let key = format!("{namespace}/{name}");
+                match source.report_pods(&key, &present_names).await {
+                    Ok(abandoned) if !abandoned.is_empty() => {
+                        tracing::warn!(streams = abandoned.len(), server = %key, "audit streams of deleted pods ended without their final record; the collector recorded incidents");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not report present pods to the audit collector"),
+                }
                 super::collector::collector_view(health.get(&key), &running, chrono::Utc::now())
             }
             Err(e) => {
@@ -405,4 +410,17 @@ async fn cleanup(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
     info!(deleted = deleted.len(), "cleaned up owned objects");
     publish(ctx, server, EventType::Normal, "CleanedUp", format!("deleted {} owned object(s)", deleted.len())).await;
     Ok(Action::await_change())
+}
+
+/// Of a server's pods: the names of those whose sidecar may still write to
+/// the audit collector (terminating ones drain and seal their stream), and
+/// those serving (not terminating, not finished).
+pub(crate) fn present_and_running(pods: Vec<Pod>) -> (Vec<String>, Vec<Pod>) {
+    let present: Vec<Pod> = pods
+        .into_iter()
+        .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+        .collect();
+    let names = present.iter().map(|p| p.name_any()).collect();
+    let running = present.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+    (names, running)
 }

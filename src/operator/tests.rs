@@ -437,3 +437,24 @@ async fn the_collectors_health_decides_integrity_with_what_it_observed() {
     let status = created_with_collector(Err("connection refused".into())).await;
     assert_eq!(control(&status, "integrity")["verdict"], "Unknown");
 }
+
+#[test]
+fn terminating_pods_still_write_their_trail_finished_ones_do_not() {
+    let pod = |name: &str, phase: &str, deleting: bool| -> k8s_openapi::api::core::v1::Pod {
+        let mut value = json!({"metadata": {"name": name}, "status": {"phase": phase}});
+        if deleting {
+            value["metadata"]["deletionTimestamp"] = json!("2026-11-22T00:00:00Z");
+        }
+        serde_json::from_value(value).expect("pod")
+    };
+    let (present, running) = super::reconcile::present_and_running(vec![
+        pod("serving", "Running", false),
+        pod("draining", "Running", true),
+        pod("starting", "Pending", false),
+        pod("crashed", "Failed", false),
+        pod("done", "Succeeded", false),
+    ]);
+    assert_eq!(present, ["serving", "draining", "starting"]);
+    let running: Vec<String> = running.iter().map(kube::ResourceExt::name_any).collect();
+    assert_eq!(running, ["serving", "starting"]);
+}

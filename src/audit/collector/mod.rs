@@ -132,15 +132,29 @@ struct AppState {
     incidents: Arc<Wal>,
     senders: Senders,
     readers: Readers,
+    abandon_grace: std::time::Duration,
 }
 
 /// The collector's router over opened storage.
 pub fn router(storage: Arc<Mutex<Storage>>, incidents: Arc<Wal>, senders: Senders, readers: Readers) -> Router {
+    router_with_grace(storage, incidents, senders, readers, ABANDON_GRACE)
+}
+
+/// [`router`] with another quiet period before a stream of a gone pod is
+/// declared abandoned (tests).
+pub fn router_with_grace(
+    storage: Arc<Mutex<Storage>>,
+    incidents: Arc<Wal>,
+    senders: Senders,
+    readers: Readers,
+    abandon_grace: std::time::Duration,
+) -> Router {
     Router::new()
         .route("/v1/records", post(records))
         .route("/v1/health", axum::routing::get(health_of_servers))
+        .route("/v1/pods", post(pods_present))
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
-        .with_state(AppState { storage, incidents, senders, readers })
+        .with_state(AppState { storage, incidents, senders, readers, abandon_grace })
 }
 
 /// Per MCPServer: streams, open streams by pod with their last seq and
@@ -151,6 +165,53 @@ async fn health_of_servers(State(state): State<AppState>, headers: HeaderMap) ->
     }
     let health = state.storage.lock().unwrap_or_else(|p| p.into_inner()).health();
     (StatusCode::OK, axum::Json(json!({ "servers": health }))).into_response()
+}
+
+/// How long a stream of a pod the operator no longer lists may stay quiet
+/// before it is declared ended without its stream-end.
+pub const ABANDON_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// What the operator reports: the pods of one MCPServer that still exist.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodsPresent {
+    server: String,
+    present: Vec<String>,
+}
+
+/// `POST /v1/pods` (readers only: the operator): streams of this server
+/// whose pod is gone and that never sent their stream-end become
+/// `unsealed` incidents — a pod deleted with an unshipped WAL is never a
+/// silent gap.
+async fn pods_present(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !state.readers.admits(&headers).await {
+        return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", "a reader credential is required".into());
+    }
+    let report: PodsPresent = match serde_json::from_slice(&body) {
+        Ok(report) => report,
+        Err(_) => return refuse(StatusCode::BAD_REQUEST, "malformed", "expected {server, present}".into()),
+    };
+    let present = report.present.into_iter().collect();
+    let found = state.storage.lock().unwrap_or_else(|p| p.into_inner()).abandon_missing(
+        &report.server,
+        &present,
+        chrono::Utc::now(),
+        state.abandon_grace,
+    );
+    let found = match found {
+        Ok(found) => found,
+        Err(e) => return refuse(StatusCode::INSUFFICIENT_STORAGE, "storage", e.to_string()),
+    };
+    for a in &found {
+        let pod = a.pod.as_deref().unwrap_or("an unknown pod");
+        let detail = format!(
+            "the stream of {pod} ended without its stream-end record: the pod is gone; records after seq {}              that were not shipped are lost",
+            a.last_seq
+        );
+        incident(&state, IncidentClass::Unsealed, &a.stream, Some(a.last_seq), detail).await;
+    }
+    let streams: Vec<&str> = found.iter().map(|a| a.stream.as_str()).collect();
+    (StatusCode::OK, axum::Json(json!({ "abandoned": streams }))).into_response()
 }
 
 /// Signs a checkpoint for every stream whose head moved since `signed`

@@ -110,6 +110,23 @@ struct StreamState {
     pod: Option<String>,
     last_time: Option<String>,
     sealed: bool,
+    /// Found ended without its stream-end (its pod gone): an incident was
+    /// raised, and a marker file keeps that across restarts.
+    abandoned: bool,
+}
+
+/// Marker file of an abandoned stream, in its directory.
+const ABANDONED_MARKER: &str = "abandoned";
+
+/// A stream found ended without its stream-end record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abandoned {
+    /// The stream.
+    pub stream: String,
+    /// Its pod.
+    pub pod: Option<String>,
+    /// The last record stored of it.
+    pub last_seq: u64,
 }
 
 impl StreamState {
@@ -176,6 +193,7 @@ impl Storage {
                 pod: None,
                 last_time: None,
                 sealed: false,
+                abandoned: path.join(ABANDONED_MARKER).exists(),
             };
             if let Some(anchor) = segment::read_anchor(&path).map_err(io)? {
                 state.last_seq = anchor.seq;
@@ -227,7 +245,7 @@ impl Storage {
             let entry = out.entry(state.server.clone()).or_default();
             entry.streams += 1;
             entry.open_incidents += self.incidents.get(&state.meta.stream).copied().unwrap_or(0);
-            if !state.sealed {
+            if !state.sealed && !state.abandoned {
                 let pod = state.pod.clone().unwrap_or_else(|| state.meta.stream.clone());
                 let health = StreamHealth { last_seq: state.last_seq, last_record_time: state.last_time.clone() };
                 // A pod whose writer restarted into a new stream: the newest counts.
@@ -398,9 +416,57 @@ impl Storage {
                 pod: None,
                 last_time: None,
                 sealed: false,
+                abandoned: false,
             },
         );
         Ok(())
+    }
+
+    /// The open streams of `server` whose pod is no longer among `present`
+    /// and whose last record is older than `grace` (a pod just started may
+    /// not be listed yet; one still draining is listed): each is marked
+    /// abandoned — durably, so it is reported once — and returned, for an
+    /// `unsealed` incident. Records after its last stored one, if there
+    /// were any, are lost with the pod.
+    pub fn abandon_missing(
+        &mut self,
+        server: &str,
+        present: &std::collections::BTreeSet<String>,
+        now: chrono::DateTime<chrono::Utc>,
+        grace: std::time::Duration,
+    ) -> Result<Vec<Abandoned>, Refused> {
+        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        let mut found = Vec::new();
+        for state in self.streams.values_mut() {
+            if state.server != server || state.sealed || state.abandoned {
+                continue;
+            }
+            if state.pod.as_ref().is_some_and(|pod| present.contains(pod)) {
+                continue;
+            }
+            let quiet = state
+                .last_time
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .is_none_or(|t| now - t.with_timezone(&chrono::Utc) > grace);
+            if !quiet {
+                continue;
+            }
+            let marker = state.dir.join(ABANDONED_MARKER);
+            let file = std::fs::File::create(&marker).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            if let Ok(dir) = std::fs::File::open(&state.dir) {
+                let _ = dir.sync_all();
+            }
+            state.abandoned = true;
+            found.push(Abandoned {
+                stream: state.meta.stream.clone(),
+                pod: state.pod.clone(),
+                last_seq: state.last_seq,
+            });
+        }
+        found.sort_by(|a, b| a.stream.cmp(&b.stream));
+        Ok(found)
     }
 }
 
