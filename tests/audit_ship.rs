@@ -425,10 +425,17 @@ async fn a_stream_whose_pod_is_gone_without_its_stream_end_becomes_an_incident()
     // While its pod exists, the open stream is just open.
     let (status, body) = report(serde_json::json!(["pod-1"]), READER).await;
     assert_eq!((status, body["abandoned"].as_array().map(Vec::len)), (200, Some(0)));
-    // Gone: an unsealed incident naming the last stored record, once.
-    let (_, body) = report(serde_json::json!(["pod-2"]), READER).await;
-    let abandoned = body["abandoned"].as_array().cloned().unwrap_or_default();
-    assert_eq!(abandoned.len(), 1, "{body}");
+    // Gone: an unsealed incident naming the last stored record, once —
+    // reported the way the operator does it.
+    use mcp_warden::operator::collector::{CollectorHealthSource, HttpsCollectorHealth};
+    let token = data.path().join("operator.token");
+    std::fs::write(&token, READER).unwrap();
+    let operator = HttpsCollectorHealth::new(&base, token, None).unwrap();
+    let before = operator.health().await.unwrap();
+    assert_eq!(before["clinic/patient-lookup"].open_streams.len(), 1);
+    let abandoned = operator.report_pods("clinic/patient-lookup", &["pod-2".to_string()]).await.unwrap();
+    assert_eq!(abandoned.len(), 1, "{abandoned:?}");
+    let abandoned: Vec<serde_json::Value> = abandoned.into_iter().map(serde_json::Value::String).collect();
     let (_, again) = report(serde_json::json!([]), READER).await;
     assert_eq!(again["abandoned"].as_array().map(Vec::len), Some(0), "reported once");
     let health = http.get(format!("{base}/v1/health")).bearer_auth(READER).send().await.unwrap();

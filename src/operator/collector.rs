@@ -75,20 +75,19 @@ impl HttpsCollectorHealth {
         struct Answer {
             servers: Health,
         }
+        let answer: Answer = self.call(self.client.get(&self.url)).await?;
+        Ok(answer.servers)
+    }
+
+    /// Sends `request` with the operator's current token; the JSON answer.
+    async fn call<T: serde::de::DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, String> {
         let token = std::fs::read_to_string(&self.token_file)
             .map_err(|e| format!("token file {}: {e}", self.token_file.display()))?;
-        let response = self
-            .client
-            .get(&self.url)
-            .bearer_auth(token.trim())
-            .send()
-            .await
-            .map_err(|e| e.without_url().to_string())?;
+        let response = request.bearer_auth(token.trim()).send().await.map_err(|e| e.without_url().to_string())?;
         if !response.status().is_success() {
             return Err(format!("the collector answered HTTP {}", response.status().as_u16()));
         }
-        let answer: Answer = response.json().await.map_err(|e| e.without_url().to_string())?;
-        Ok(answer.servers)
+        response.json().await.map_err(|e| e.without_url().to_string())
     }
 }
 
@@ -99,20 +98,8 @@ impl CollectorHealthSource for HttpsCollectorHealth {
             struct Answer {
                 abandoned: Vec<String>,
             }
-            let token = std::fs::read_to_string(&self.token_file)
-                .map_err(|e| format!("token file {}: {e}", self.token_file.display()))?;
-            let response = self
-                .client
-                .post(format!("{}/v1/pods", self.base))
-                .bearer_auth(token.trim())
-                .json(&serde_json::json!({"server": server, "present": present}))
-                .send()
-                .await
-                .map_err(|e| e.without_url().to_string())?;
-            if !response.status().is_success() {
-                return Err(format!("the collector answered HTTP {}", response.status().as_u16()));
-            }
-            let answer: Answer = response.json().await.map_err(|e| e.without_url().to_string())?;
+            let body = serde_json::json!({"server": server, "present": present});
+            let answer: Answer = self.call(self.client.post(format!("{}/v1/pods", self.base)).json(&body)).await?;
             Ok(answer.abandoned)
         })
     }
