@@ -80,7 +80,10 @@ fn main() {
         let grants = Grants::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let proxy_port = listener.local_addr().expect("addr").port();
-        tokio::spawn(DbProxy::new(Arc::clone(&grants), Arc::clone(&wal)).serve(listener, std::future::pending()));
+        tokio::spawn(
+            DbProxy::new(Arc::clone(&grants), Arc::clone(&wal), Default::default())
+                .serve(listener, std::future::pending()),
+        );
         let mut ticket = grants.ticket();
         let grant = CallGrant {
             caller: Caller { sub: "bench".into(), iss: "https://bench".into(), groups: vec![] },

@@ -27,6 +27,7 @@ use mcp_warden::broker::metrics::BrokerMetrics;
 use mcp_warden::broker::trail::Trail;
 use mcp_warden::dbproxy::DbProxy;
 use mcp_warden::dbproxy::grants::{CallGrant, CallTicket, Grants, local_expiry};
+use mcp_warden::dbproxy::metrics::ProxyMetrics;
 use mcp_warden::sidecar::authn::{Authenticator, KeySource, Keys};
 use mcp_warden::sidecar::data_access::DataAccess;
 use mcp_warden::sidecar::gateway::{Gateway, GatewayConfig};
@@ -58,6 +59,7 @@ struct World {
     proxy: std::net::SocketAddr,
     gateway: String,
     wal: Arc<Wal>,
+    metrics: ProxyMetrics,
 }
 
 impl World {
@@ -113,7 +115,9 @@ impl World {
         let grants = Grants::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy = listener.local_addr().unwrap();
-        tokio::spawn(DbProxy::new(Arc::clone(&grants), Arc::clone(&wal)).serve(listener, std::future::pending()));
+        let proxy_metrics = ProxyMetrics::default();
+        let db_proxy = DbProxy::new(Arc::clone(&grants), Arc::clone(&wal), proxy_metrics.clone());
+        tokio::spawn(db_proxy.serve(listener, std::future::pending()));
         let broker_client = BrokerClient::new(&broker_url, SIDECAR_CREDENTIAL).unwrap();
         let upstream_url = serve(upstream).await;
         let config = GatewayConfig {
@@ -130,7 +134,7 @@ impl World {
                 .with_data_access(DataAccess::new(broker_client.clone(), Arc::clone(&grants), proxy));
         let gateway = serve(Arc::new(gateway).router()).await;
         let revoker = BrokerClient::new(&broker_url, REVOKER_CREDENTIAL).unwrap();
-        World { pg, dir, broker: broker_client, revoker, grants, proxy, gateway, wal }
+        World { pg, dir, broker: broker_client, revoker, grants, proxy, gateway, wal, metrics: proxy_metrics }
     }
 
     fn sidecar_records(&self) -> Vec<Record> {
@@ -580,6 +584,10 @@ async fn hostile_input_is_refused_with_a_record_and_the_proxy_keeps_serving() {
     let _ = tokio::time::timeout(Duration::from_secs(15), hostile.read_to_end(&mut answer)).await;
     assert_eq!(answer.first(), Some(&b'E'), "an error, then the connection closes");
 
+    // Counted by class, with nothing of the caller in the labels.
+    for class in ["accepted", "unknown_token", "credential_expired", "wrong_store", "forged_cancel_key"] {
+        assert!(world.metrics.connections_for(class) >= 1, "no {class} in the metrics");
+    }
     let reasons = refusal_reasons(&world);
     for reason in [
         "unknown_token",

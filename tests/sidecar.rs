@@ -581,6 +581,8 @@ async fn the_sidecar_process_serves_reports_and_shuts_down_cleanly() {
         .await
         .expect("text");
     assert!(metrics.contains(r#"mcpwarden_sidecar_decisions_total{verdict="allow"} 1"#), "{metrics}");
+    // The database proxy is up (with --broker) and reports on the same port.
+    assert!(metrics.contains("mcpwarden_db_proxy_open_connections 0"), "{metrics}");
     assert!(!metrics.contains("alice") && !metrics.contains("lookup_patient"), "identities or tools in metric labels");
     // Metrics and health are not served on the public port.
     let public = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.expect("public");

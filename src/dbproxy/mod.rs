@@ -17,6 +17,7 @@
 //! connection, start to end).
 
 pub mod grants;
+pub mod metrics;
 pub mod normalize;
 pub mod session;
 pub mod tracker;
@@ -31,6 +32,7 @@ use crate::audit::budget::RefusalBudget;
 use crate::audit::record::{Decision, Event, Kind};
 use crate::audit::wal::Wal;
 use grants::{CancelKeys, Grants};
+use metrics::ProxyMetrics;
 
 /// User name in the DSNs (the token is what authenticates).
 pub const DSN_USER: &str = "mcp";
@@ -43,12 +45,18 @@ pub struct DbProxy {
     cancel_keys: CancelKeys,
     wal: Arc<Wal>,
     refusals: Mutex<RefusalBudget>,
+    metrics: ProxyMetrics,
 }
 
 impl DbProxy {
     /// A proxy resolving tokens in `grants` and recording into `wal`.
-    pub fn new(grants: Arc<Grants>, wal: Arc<Wal>) -> Arc<DbProxy> {
-        Arc::new(DbProxy { grants, cancel_keys: CancelKeys::default(), wal, refusals: Mutex::default() })
+    pub fn new(grants: Arc<Grants>, wal: Arc<Wal>, metrics: ProxyMetrics) -> Arc<DbProxy> {
+        Arc::new(DbProxy { grants, cancel_keys: CancelKeys::default(), wal, refusals: Mutex::default(), metrics })
+    }
+
+    /// Its metrics.
+    pub fn metrics(&self) -> &ProxyMetrics {
+        &self.metrics
     }
 
     /// The DSN a call's MCP server gets for `store`.
@@ -84,6 +92,7 @@ impl DbProxy {
         if event.correlation.is_none() {
             let allowed = self.refusals.lock().map(|mut b| b.take()).unwrap_or(false);
             if !allowed {
+                self.metrics.refusal_unrecorded();
                 return;
             }
         }

@@ -173,6 +173,7 @@ async fn read_password(socket: &mut TcpStream) -> Result<(String, BytesMut), Ref
 }
 
 async fn refuse(proxy: &DbProxy, mut socket: TcpStream, refused: Refused) {
+    proxy.metrics.connection(refused.class);
     // On the record before the client hears of it.
     let mut event = Event::new(Kind::Decision);
     if let Some(grant) = &refused.grant {
@@ -256,6 +257,8 @@ async fn relay(
             out.extend_from_slice(&frame.raw);
         }
     }
+    proxy.metrics.connection("accepted");
+    proxy.metrics.relaying(true);
     let mut tracker = Tracker::new(grant.allow_copy);
     let mut done = Vec::new();
     let expiry = tokio::time::Instant::from_std(grant.expires);
@@ -305,6 +308,7 @@ async fn relay(
         event.reason = Some("connection closed at the credential's expiry".into());
         let _ = proxy.wal.append(event).await;
     }
+    proxy.metrics.relaying(false);
     tracing::debug!(end = end.class(), store = %grant.store, "database proxy connection closed");
 }
 
@@ -410,6 +414,12 @@ async fn record_statements(proxy: &DbProxy, grant: &CallGrant, done: &mut Vec<Fi
             Ending::Refused(why) => (OutcomeStatus::Refused, Some((*why).to_string())),
             Ending::NotRun(why) => (OutcomeStatus::Cancelled, Some((*why).to_string())),
         };
+        proxy.metrics.statement(match status {
+            OutcomeStatus::Ok => "ok",
+            OutcomeStatus::Error => "error",
+            OutcomeStatus::Refused => "refused",
+            OutcomeStatus::Cancelled => "cancelled",
+        });
         event.statement = Some(finished.statement);
         event.outcome = Some(Outcome { status, http_status: None, rpc_error: None, rows: Some(finished.rows) });
         event.reason = reason;

@@ -244,7 +244,7 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let mut gateway = Gateway::new(Arc::clone(&policy), authn, Arc::clone(&wal), args_key, config, metrics)?;
     let db_proxy = match &args.broker {
         Some(url) => {
-            let (data_access, proxy) = start_db_proxy(&args, url, Arc::clone(&wal)).await?;
+            let (data_access, proxy) = start_db_proxy(&args, url, Arc::clone(&wal), &mut registry).await?;
             gateway = gateway.with_data_access(data_access);
             Some(proxy)
         }
@@ -332,6 +332,7 @@ async fn start_db_proxy(
     args: &SidecarArgs,
     broker_url: &str,
     wal: Arc<Wal>,
+    registry: &mut Registry,
 ) -> anyhow::Result<(crate::sidecar::data_access::DataAccess, Stoppable)> {
     if !args.db_proxy_listen.ip().is_loopback() {
         anyhow::bail!("--db-proxy-listen {} is not a loopback address", args.db_proxy_listen);
@@ -346,7 +347,8 @@ async fn start_db_proxy(
         .with_context(|| format!("cannot listen on {}", args.db_proxy_listen))?;
     let bound = listener.local_addr()?;
     let grants = crate::dbproxy::grants::Grants::new();
-    let proxy = crate::dbproxy::DbProxy::new(Arc::clone(&grants), wal);
+    let metrics = crate::dbproxy::metrics::ProxyMetrics::register(registry);
+    let proxy = crate::dbproxy::DbProxy::new(Arc::clone(&grants), wal, metrics);
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = Arc::clone(&stop);
     let task = tokio::spawn(proxy.serve(listener, async move { stopped.notified().await }));
