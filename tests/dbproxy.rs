@@ -696,3 +696,94 @@ async fn over_tls_the_proxy_verifies_the_store_and_logs_in_encrypted() {
     assert!(refusal_reasons(&world).iter().any(|r| r == "store_login_failed"));
     drop(ticket);
 }
+
+/// Kills and reaps a child process when dropped.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+}
+
+#[tokio::test]
+async fn the_sidecar_binary_serves_a_phi_call_through_its_proxy_and_seals_the_trail() {
+    // PostgreSQL and the broker as in the other tests (the in-process
+    // gateway of World stays unused); the sidecar is the real binary.
+    let world = World::start(reference_server()).await;
+    let broker_url = world.broker.base().to_string();
+    let dir = world.dir.path();
+    // The sidecar's own inputs: the MCPServer and PHIStore (no Secret), the
+    // JWKS, its argument key and its broker credential.
+    let manifest = std::fs::read_to_string(dir.join("manifests/clinic.yaml")).unwrap();
+    let without_secret: Vec<&str> = manifest.split("\n---\n").filter(|doc| !doc.contains("kind: Secret")).collect();
+    std::fs::write(dir.join("server.yaml"), without_secret.join("\n---\n")).unwrap();
+    std::fs::write(dir.join("jwks.json"), JWKS).unwrap();
+    std::fs::write(dir.join("args.key"), "k".repeat(64)).unwrap();
+    std::fs::write(dir.join("broker.cred"), SIDECAR_CREDENTIAL).unwrap();
+    let upstream = serve(reference_server()).await;
+    let (port, metrics_port) = (free_port(), free_port());
+    let audit = dir.join("binary-audit");
+    let mut child = Reap(
+        std::process::Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+            .args(["sidecar", "--mcpserver"])
+            .arg(dir.join("server.yaml"))
+            .args(["--upstream", &format!("{upstream}/mcp"), "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--jwks-file"])
+            .arg(dir.join("jwks.json"))
+            .arg("--audit-dir")
+            .arg(&audit)
+            .arg("--args-key-file")
+            .arg(dir.join("args.key"))
+            .args(["--allowed-host", "127.0.0.1", "--pod", "p-1", "--broker", &broker_url])
+            .args(["--db-proxy-listen", "127.0.0.1:0", "--broker-credential-file"])
+            .arg(dir.join("broker.cred"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    eventually("the sidecar ready", async || {
+        let ready = http.get(format!("http://127.0.0.1:{metrics_port}/readyz")).send().await;
+        ready.ok().filter(|r| r.status().is_success()).map(|_| ())
+    })
+    .await;
+    let token = rs256(&claims("carol", &["front-desk"]));
+    let config =
+        StreamableHttpClientTransportConfig::with_uri(format!("http://127.0.0.1:{port}/mcp")).auth_header(token);
+    let carol = ().serve(StreamableHttpClientTransport::from_config(config)).await.expect("initialize");
+    let request =
+        CallToolRequestParams::new("lookup_patient").with_arguments(args(serde_json::json!({"mrn": "MRN-0001"})));
+    let result = carol.call_tool(request).await.expect("the call");
+    assert!(text_of(&result).contains("Joe Doe"), "{result:?}");
+    carol.cancel().await.unwrap();
+    let metrics =
+        http.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"mcpwarden_db_proxy_connections_total{result="accepted"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"mcpwarden_db_proxy_statements_total{outcome="ok"} 1"#), "{metrics}");
+
+    // SIGTERM: the stream is sealed, and it holds the call's statement.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = eventually("the sidecar to stop", async || child.0.try_wait().unwrap()).await;
+    assert!(status.success(), "{status:?}");
+    let report = mcp_warden::audit::verify::verify_dir(
+        &audit,
+        mcp_warden::audit::verify::VerifyOptions { require_sealed: true, ..Default::default() },
+    );
+    assert!(report.passed(), "{report:?}");
+    let trail = records(&audit);
+    let statement = trail.iter().find(|r| r.event.kind == Kind::Statement).expect("a statement record");
+    assert_eq!(statement.event.caller.as_ref().unwrap().sub, "carol");
+    let decision = trail
+        .iter()
+        .find(|r| r.event.kind == Kind::Decision && r.event.correlation == statement.event.correlation)
+        .expect("its decision");
+    assert_eq!(decision.event.tool.as_deref(), Some("lookup_patient"));
+}
