@@ -609,7 +609,18 @@ async fn hostile_input_is_refused_with_a_record_and_the_proxy_keeps_serving() {
         let result = good.simple_query("SELECT pg_sleep(30)").await;
         (result.err().and_then(|e| e.code().map(|c| c.code().to_string())), started.elapsed(), good)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let watcher = world.pg.superuser("ehr").await;
+    eventually("the sleep to be running", async || {
+        let row = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0) == 1).then_some(())
+    })
+    .await;
     cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let (code, took, good) = sleeper.await.unwrap();
     assert_eq!(code.as_deref(), Some("57014"));
@@ -625,10 +636,10 @@ async fn hostile_input_is_refused_with_a_record_and_the_proxy_keeps_serving() {
 async fn an_expiring_credential_closes_its_connections() {
     let world = World::start(reference_server()).await;
     let mut ticket = world.grants.ticket();
-    let token = world.token(&mut ticket, Some(Duration::from_millis(1500))).await;
+    let token = world.token(&mut ticket, Some(Duration::from_secs(3))).await;
     let client = world.via_proxy(&token, "ehr").await.unwrap();
     client.simple_query("SELECT 1").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let err = client.simple_query("SELECT 1").await.expect_err("closed at expiry");
     assert!(err.is_closed() || err.code().is_some(), "{err}");
     let expired = eventually("the expiry record", async || {
