@@ -357,7 +357,10 @@ async fn in_a_cluster_a_sidecar_may_write_only_its_own_servers_streams() {
     std::fs::create_dir_all(data.path().join("incidents")).unwrap();
     let incidents =
         Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).unwrap());
-    let senders = collector::Senders::TokenReview(Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)));
+    let senders = collector::Senders::TokenReview(
+        Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)),
+        Some("system:serviceaccount:mcp-warden:mcpw-broker".into()),
+    );
     let base = common::serve(collector::router(storage, incidents, senders, collector::Readers::None)).await;
 
     let mut chain = Chain::new("clinic/patient-lookup/pod-1/s".into(), "clinic/patient-lookup".into(), None);
@@ -376,6 +379,21 @@ async fn in_a_cluster_a_sidecar_may_write_only_its_own_servers_streams() {
     assert_eq!(send("forged").await.unwrap().status(), 401);
     assert_eq!(send(CREDENTIAL).await.unwrap().status(), 401, "a static credential means nothing here");
     assert_eq!(send("sa:clinic:patient-lookup-mcpw").await.unwrap().status(), 200, "its own server's stream");
+    // The broker's account ships its lease streams of any server, but a
+    // stream stays bound to the sender that started it.
+    assert_eq!(send("sa:mcp-warden:mcpw-broker").await.unwrap().status(), 403, "a sidecar's stream");
+    let mut leases = Chain::new("clinic/billing/broker-0/s".into(), "clinic/billing".into(), Some("broker-0".into()));
+    let mut broker_line = leases.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
+    broker_line.push(b'\n');
+    let shipped = http
+        .post(format!("{base}/v1/records"))
+        .bearer_auth("sa:mcp-warden:mcpw-broker")
+        .header("content-type", "application/x-ndjson")
+        .body(broker_line)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shipped.status(), 200, "the broker's stream of another server");
 }
 
 #[tokio::test]

@@ -971,3 +971,61 @@ async fn the_api_is_served_over_tls() {
     let plain = reqwest::Client::new().post(format!("http://127.0.0.1:{port}/v1/credentials")).send().await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
 }
+
+#[tokio::test]
+async fn the_broker_ships_its_lease_trail_to_the_collector_and_seals_it() {
+    use mcp_warden::audit::collector::{self, store::Storage};
+    use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
+    use mcp_warden::broker::shipping::{Destination, TrailShipping, drain};
+    const SENDER: &str = "broker-sender-credential-0123456789abcdef";
+    let w = world().await;
+    let data = tempfile::tempdir().unwrap();
+    let storage = Arc::new(std::sync::Mutex::new(Storage::open(data.path()).unwrap()));
+    std::fs::create_dir_all(data.path().join("incidents")).unwrap();
+    let incidents = Arc::new(
+        mcp_warden::audit::Wal::open(mcp_warden::audit::WalConfig::new(
+            data.path().join("incidents"),
+            collector::COLLECTOR_SERVER,
+        ))
+        .unwrap(),
+    );
+    let app = collector::router(
+        storage,
+        incidents,
+        collector::Senders::Static(StaticCredential::new(SENDER).unwrap()),
+        collector::Readers::None,
+    );
+    let url = common::serve(app).await;
+    let to = Destination {
+        url,
+        credential: mcp_warden::bearer::ClientCredential::Fixed(SENDER.into()),
+        http: reqwest::Client::new(),
+    };
+    let shipping = TrailShipping::start(&w.broker, to);
+    let issued = w.client.credential(&request("lookup_patient", &token("alice", &["clinicians"]))).await.unwrap();
+    // The lease record reaches the collector while the broker runs.
+    let streams = data.path().join("streams");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let shipped = records(&streams);
+        if shipped.iter().any(|r| r.event.lease.as_ref().is_some_and(|l| l.id == issued.lease_id)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the lease record never reached the collector");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Shutdown: loops stopped, the trail sealed, the rest drained.
+    let shippers = shipping.stop().await;
+    w.broker.close().await;
+    drain(shippers).await;
+    let report = verify_dir(&streams, VerifyOptions { require_sealed: true, ..VerifyOptions::default() });
+    assert!(report.passed(), "{report:?}");
+    let shipped = records(&streams);
+    let servers: BTreeSet<&str> = shipped.iter().map(|r| r.server.as_str()).collect();
+    assert_eq!(servers, BTreeSet::from([SERVER, "mcp-warden/broker"]), "the server's stream and the broker's own");
+    // Every record still in the broker's WAL (shipped segments are released)
+    // is at the collector.
+    let local: Vec<String> = records(&w.audit_dir()).iter().map(|r| r.hash.clone()).collect();
+    let remote: BTreeSet<String> = shipped.iter().map(|r| r.hash.clone()).collect();
+    assert!(local.iter().all(|h| remote.contains(h)), "a local record is missing at the collector");
+}

@@ -202,3 +202,57 @@ impl Shipper {
         Ok(Shipped::Through(ack.durable_through))
     }
 }
+
+/// Time a sealed stream gets to reach the collector at shutdown.
+pub const DRAIN: Duration = Duration::from_secs(10);
+
+/// Ships until told to stop, then hands the shipper back (and with it the
+/// last reference to the WAL it releases).
+pub async fn ship_loop(
+    mut shipper: Shipper,
+    wal: std::sync::Arc<super::Wal>,
+    stop: std::sync::Arc<tokio::sync::Notify>,
+) -> Shipper {
+    let mut backoff = std::time::Duration::from_millis(250);
+    loop {
+        let pause = match shipper.ship_once().await {
+            Ok(Shipped::Through(through)) => {
+                backoff = std::time::Duration::from_millis(250);
+                if let Err(e) = wal.release_through(through).await {
+                    tracing::warn!(error = %e, "releasing shipped WAL segments failed");
+                }
+                std::time::Duration::ZERO
+            }
+            Ok(Shipped::Idle) => std::time::Duration::from_millis(200),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "shipping to the collector failed");
+                let pause = backoff;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                pause
+            }
+        };
+        tokio::select! {
+            _ = stop.notified() => return shipper,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// After the stream is sealed: ships what is left, within a bound.
+pub async fn drain(mut shipper: Shipper) {
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    while tokio::time::Instant::now() < deadline {
+        match shipper.ship_once().await {
+            Ok(Shipped::Idle) => {
+                tracing::info!(through = shipper.shipped(), "audit stream shipped in full");
+                return;
+            }
+            Ok(Shipped::Through(_)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "final shipping failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    }
+    tracing::error!(through = shipper.shipped(), "the audit stream was not shipped in full before shutdown");
+}

@@ -289,6 +289,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The broker's audit trail.
+    pub fn trail(&self) -> &Trail {
+        &self.trail
+    }
+
     /// A broker over an inventory (call [`Broker::sync`] before serving).
     pub fn new(inventory: Inventory, trail: Trail, settings: Settings, metrics: BrokerMetrics) -> Broker {
         let broker = Broker {

@@ -30,6 +30,7 @@ pub mod issuer;
 pub mod lifecycle;
 pub mod metrics;
 pub mod naming;
+pub mod shipping;
 pub mod sql;
 pub mod status;
 pub mod store;
@@ -98,6 +99,20 @@ pub struct BrokerArgs {
     /// This pod's name, recorded in every audit record.
     #[arg(long, env = "POD_NAME")]
     pub pod: Option<String>,
+    /// The audit collector the trail is shipped to (e.g.
+    /// `https://mcpw-collector.mcp-warden.svc:8443`); without it the trail
+    /// stays in `--audit-dir`.
+    #[arg(long, requires = "collector_credential_file")]
+    pub collector: Option<String>,
+    /// File holding what is presented to the collector, re-read per batch:
+    /// a static credential, or the broker's projected token for the
+    /// audience `mcp-warden-collector`.
+    #[arg(long)]
+    pub collector_credential_file: Option<PathBuf>,
+    /// PEM CA bundle trusted (besides the system roots) for the collector's
+    /// certificate.
+    #[arg(long)]
+    pub warden_ca_file: Option<PathBuf>,
 }
 
 fn duration_flag(flag: &str, text: &str) -> anyhow::Result<Duration> {
@@ -182,6 +197,17 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = metrics::BrokerMetrics::register(&mut registry);
     let broker = Arc::new(issuer::Broker::new(inventory, trail, settings, metrics));
+    let trail_shipping = match (&args.collector, &args.collector_credential_file) {
+        (Some(url), Some(file)) => {
+            std::fs::metadata(file)
+                .with_context(|| format!("--collector-credential-file: cannot read {}", file.display()))?;
+            let http = crate::bearer::api_client(args.warden_ca_file.as_deref()).map_err(anyhow::Error::msg)?;
+            let credential = crate::bearer::ClientCredential::File(file.clone());
+            let to = shipping::Destination { url: url.clone(), credential, http };
+            Some(shipping::TrailShipping::start(&broker, to))
+        }
+        _ => None,
+    };
     let ready = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(tokio::sync::Notify::new());
     let health_task = match args.metrics_listen {
@@ -221,7 +247,12 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     if let Some(w) = watchers {
         w.abort();
     }
+    let shippers = match trail_shipping {
+        Some(shipping) => shipping.stop().await,
+        None => Vec::new(),
+    };
     broker.close().await;
+    shipping::drain(shippers).await;
     stop.notify_one();
     if let Some(task) = health_task {
         let _ = task.await;

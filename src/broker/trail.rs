@@ -27,7 +27,7 @@ const BROKER_DIR: &str = "_broker";
 pub struct Trail {
     root: PathBuf,
     pod: Option<String>,
-    wals: Mutex<HashMap<String, Arc<Wal>>>,
+    wals: Mutex<HashMap<String, (PathBuf, Arc<Wal>)>>,
 }
 
 impl Trail {
@@ -46,15 +46,21 @@ impl Trail {
             None => (BROKER_SERVER.to_string(), self.root.join(BROKER_DIR)),
         };
         let mut wals = self.wals.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(wal) = wals.get(&key) {
+        if let Some((_, wal)) = wals.get(&key) {
             return Ok(Arc::clone(wal));
         }
         std::fs::create_dir_all(&dir).map_err(|e| WalError::Open { dir: dir.clone(), message: e.to_string() })?;
-        let mut config = WalConfig::new(dir, key.clone());
+        let mut config = WalConfig::new(dir.clone(), key.clone());
         config.pod = self.pod.clone();
         let wal = Arc::new(Wal::open(config)?);
-        wals.insert(key, Arc::clone(&wal));
+        wals.insert(key, (dir, Arc::clone(&wal)));
         Ok(wal)
+    }
+
+    /// The open WALs and their directories (for shipping).
+    pub fn wals(&self) -> Vec<(PathBuf, Arc<Wal>)> {
+        let wals = self.wals.lock().unwrap_or_else(|p| p.into_inner());
+        wals.values().map(|(dir, wal)| (dir.clone(), Arc::clone(wal))).collect()
     }
 
     /// Makes one event durable in the server's stream (or the broker's).
@@ -65,7 +71,8 @@ impl Trail {
 
     /// Closes every stream with its stream-end record.
     pub async fn close(&self) {
-        let wals: Vec<Arc<Wal>> = self.wals.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, w)| w).collect();
+        let wals: Vec<Arc<Wal>> =
+            self.wals.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, (_, w))| w).collect();
         for wal in wals {
             if let Err(e) = Wal::close_shared(wal).await {
                 tracing::warn!(error = %e, "closing an audit stream failed");

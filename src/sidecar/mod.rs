@@ -225,7 +225,7 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
             let http = crate::bearer::api_client(args.warden_ca_file.as_deref()).map_err(anyhow::Error::msg)?;
             let shipper = crate::audit::ship::Shipper::with_client(args.audit_dir.clone(), url, credential, http);
             let stop = Arc::new(tokio::sync::Notify::new());
-            let task = tokio::spawn(ship_loop(shipper, Arc::clone(&wal), Arc::clone(&stop)));
+            let task = tokio::spawn(crate::audit::ship::ship_loop(shipper, Arc::clone(&wal), Arc::clone(&stop)));
             Some((task, stop))
         }
         _ => None,
@@ -318,7 +318,7 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     if Wal::close_shared(wal).await?.is_some()
         && let Some(shipper) = shipper
     {
-        drain_shipping(shipper).await;
+        crate::audit::ship::drain(shipper).await;
     }
     stop_health.notify_one();
     let _ = health_server.await;
@@ -355,62 +355,6 @@ async fn start_db_proxy(
     tracing::info!(listen = %bound, broker = %broker_url, "database proxy serving");
     Ok((crate::sidecar::data_access::DataAccess::new(broker, grants, bound), (task, stop)))
 }
-
-/// Ships until told to stop, then hands the shipper back (and with it the
-/// last reference to the WAL it releases).
-async fn ship_loop(
-    mut shipper: crate::audit::ship::Shipper,
-    wal: Arc<Wal>,
-    stop: Arc<tokio::sync::Notify>,
-) -> crate::audit::ship::Shipper {
-    use crate::audit::ship::Shipped;
-    let mut backoff = std::time::Duration::from_millis(250);
-    loop {
-        let pause = match shipper.ship_once().await {
-            Ok(Shipped::Through(through)) => {
-                backoff = std::time::Duration::from_millis(250);
-                if let Err(e) = wal.release_through(through).await {
-                    tracing::warn!(error = %e, "releasing shipped WAL segments failed");
-                }
-                std::time::Duration::ZERO
-            }
-            Ok(Shipped::Idle) => std::time::Duration::from_millis(200),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "shipping to the collector failed");
-                let pause = backoff;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
-                pause
-            }
-        };
-        tokio::select! {
-            _ = stop.notified() => return shipper,
-            _ = tokio::time::sleep(pause) => {}
-        }
-    }
-}
-
-/// After the stream is sealed: ships what is left, within a bound.
-async fn drain_shipping(mut shipper: crate::audit::ship::Shipper) {
-    use crate::audit::ship::Shipped;
-    let deadline = tokio::time::Instant::now() + SHIP_DRAIN;
-    while tokio::time::Instant::now() < deadline {
-        match shipper.ship_once().await {
-            Ok(Shipped::Idle) => {
-                tracing::info!(through = shipper.shipped(), "audit stream shipped in full");
-                return;
-            }
-            Ok(Shipped::Through(_)) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "final shipping failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            }
-        }
-    }
-    tracing::error!(through = shipper.shipped(), "the audit stream was not shipped in full before shutdown");
-}
-
-/// Time the sealed stream gets to reach the collector at shutdown.
-pub const SHIP_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Time in-flight requests get to finish after SIGTERM.
 pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);

@@ -63,6 +63,10 @@ pub struct CollectorArgs {
     /// collector's audience.
     #[arg(long)]
     pub reader_service_account: Option<String>,
+    /// In a cluster: the credential broker's service account, as
+    /// `namespace:name`; it ships its lease trail for every MCPServer.
+    #[arg(long)]
+    pub broker_service_account: Option<String>,
     /// File holding the Ed25519 seed (64 hex digits) that signs checkpoints
     /// (a Secret in a cluster). Without it no checkpoint is written.
     #[arg(long)]
@@ -78,9 +82,13 @@ pub enum Senders {
     /// One shared credential: sender "static", any stream.
     Static(StaticCredential),
     /// Sidecars' service-account tokens: the sender is their MCPServer, and
-    /// only streams of that server are accepted from it.
-    TokenReview(Arc<TokenReviewer>),
+    /// only streams of that server are accepted from it. The broker's
+    /// account (the username, if given) ships streams of any server.
+    TokenReview(Arc<TokenReviewer>, Option<String>),
 }
+
+/// The sender name of the credential broker.
+pub const BROKER_SENDER: &str = "broker";
 
 impl Senders {
     /// The sender's name and the stream prefix it may write, or why not.
@@ -93,9 +101,14 @@ impl Senders {
                     Err("a sender credential is required".into())
                 }
             }
-            Senders::TokenReview(reviewer) => {
+            Senders::TokenReview(reviewer, broker) => {
                 let token = crate::bearer::bearer(headers).ok_or("a sidecar service-account token is required")?;
-                let server = reviewer.server_of(token).await.map_err(|e| e.to_string())?;
+                let username = reviewer.username_of(token).await.map_err(|e| e.to_string())?;
+                if broker.as_deref() == Some(username.as_str()) {
+                    return Ok((BROKER_SENDER.to_string(), None));
+                }
+                let server = crate::token_review::server_of_service_account(&username)
+                    .ok_or_else(|| crate::token_review::ReviewError::NotASidecar.to_string())?;
                 Ok((format!("mcpserver:{server}"), Some(format!("{server}/"))))
             }
         }
@@ -303,7 +316,17 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         None => {
             let client =
                 kube::Client::try_default().await.context("no cluster to run in (or pass --sender-credential-file)")?;
-            Senders::TokenReview(Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)))
+            let broker = args
+                .broker_service_account
+                .as_deref()
+                .map(|account| {
+                    account
+                        .split_once(':')
+                        .map(|(ns, name)| format!("system:serviceaccount:{ns}:{name}"))
+                        .ok_or_else(|| anyhow::anyhow!("--broker-service-account must be namespace:name"))
+                })
+                .transpose()?;
+            Senders::TokenReview(Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)), broker)
         }
     };
     let readers = match (&args.reader_credential_file, &args.reader_service_account, &senders) {
@@ -312,7 +335,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--reader-credential-file: cannot read {}", file.display()))?;
             Readers::Static(StaticCredential::new(&text).map_err(|e| anyhow::anyhow!("--reader-credential-file: {e}"))?)
         }
-        (None, Some(account), Senders::TokenReview(reviewer)) => {
+        (None, Some(account), Senders::TokenReview(reviewer, _)) => {
             let (ns, name) = account
                 .split_once(':')
                 .ok_or_else(|| anyhow::anyhow!("--reader-service-account must be namespace:name"))?;

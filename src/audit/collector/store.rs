@@ -438,7 +438,8 @@ impl Storage {
         let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
         let mut found = Vec::new();
         for state in self.streams.values_mut() {
-            if state.server != server || state.sealed || state.abandoned {
+            // The broker's streams are not any pod of this server's.
+            if state.server != server || state.sealed || state.abandoned || state.meta.sender == super::BROKER_SENDER {
                 continue;
             }
             if state.pod.as_ref().is_some_and(|pod| present.contains(pod)) {
