@@ -465,3 +465,81 @@ async fn broker_reviews_sidecar_tokens_reads_its_inventory_and_writes_store_stat
     assert!(managers.iter().any(|m| m == "mcp-warden-broker"), "{managers:?}");
     drop(run);
 }
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
+async fn collector_knows_senders_and_its_reader_by_real_service_account_tokens() {
+    use mcp_warden::audit::collector::{self, Readers, Senders, store::Storage};
+    use mcp_warden::audit::record::{Chain, Event, Kind};
+    use mcp_warden::audit::{Wal, WalConfig};
+    use mcp_warden::token_review::{BROKER_AUDIENCE, COLLECTOR_AUDIENCE, TokenReviewer};
+    use std::sync::Arc;
+    let Some(client) = cluster("collector_knows_senders_and_its_reader_by_real_service_account_tokens").await else {
+        return;
+    };
+    let run = start(client.clone()).await;
+    let ns = run.namespace.clone();
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    for name in ["patient-lookup-mcpw", "billing-mcpw", "mcpw-broker", "mcpw-operator"] {
+        apply(
+            &accounts,
+            &json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}}),
+        )
+        .await;
+    }
+    // The collector as it runs in a cluster, reviewing with the API server.
+    let reviewer = Arc::new(TokenReviewer::new(client.clone(), COLLECTOR_AUDIENCE));
+    let data = tempfile::tempdir().expect("tempdir");
+    let storage = Arc::new(std::sync::Mutex::new(Storage::open(data.path()).expect("storage")));
+    std::fs::create_dir_all(data.path().join("incidents")).expect("dir");
+    let incidents =
+        Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).expect("wal"));
+    let senders = Senders::TokenReview(Arc::clone(&reviewer), Some(format!("system:serviceaccount:{ns}:mcpw-broker")));
+    let readers = Readers::ServiceAccount(Arc::clone(&reviewer), format!("system:serviceaccount:{ns}:mcpw-operator"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, collector::router(storage, incidents, senders, readers)).await;
+    });
+
+    let http = reqwest::Client::new();
+    let first_record = |stream: &str, server: &str| {
+        let mut chain = Chain::new(stream.to_string(), server.to_string(), None);
+        let mut line = chain.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).expect("seal").record.to_line();
+        line.push(b'\n');
+        line
+    };
+    let send = async |token: &str, line: Vec<u8>| {
+        http.post(format!("{base}/v1/records"))
+            .bearer_auth(token)
+            .header("content-type", "application/x-ndjson")
+            .body(line)
+            .send()
+            .await
+            .expect("send")
+            .status()
+            .as_u16()
+    };
+    let server = format!("{ns}/patient-lookup");
+    let sidecar = token_for(&client, &ns, "patient-lookup-mcpw", COLLECTOR_AUDIENCE).await;
+    let wrong_audience = token_for(&client, &ns, "patient-lookup-mcpw", BROKER_AUDIENCE).await;
+    let other_sidecar = token_for(&client, &ns, "billing-mcpw", COLLECTOR_AUDIENCE).await;
+    let broker = token_for(&client, &ns, "mcpw-broker", COLLECTOR_AUDIENCE).await;
+    let operator = token_for(&client, &ns, "mcpw-operator", COLLECTOR_AUDIENCE).await;
+    let own = first_record(&format!("{server}/pod-1/s1"), &server);
+    assert_eq!(send(&wrong_audience, own.clone()).await, 401, "a token for the broker's audience");
+    assert_eq!(send(&other_sidecar, own.clone()).await, 403, "another server's sidecar");
+    assert_eq!(send(&operator, own.clone()).await, 401, "not a sidecar");
+    assert_eq!(send(&sidecar, own).await, 200, "its own server's stream");
+    let leases = first_record(&format!("{ns}/billing/broker-0/s1"), &format!("{ns}/billing"));
+    assert_eq!(send(&broker, leases).await, 200, "the broker ships any server's lease stream");
+
+    // Only the operator's account reads per-server health.
+    let health = async |token: &str| {
+        http.get(format!("{base}/v1/health")).bearer_auth(token).send().await.expect("health").status().as_u16()
+    };
+    assert_eq!(health(&sidecar).await, 401);
+    assert_eq!(health(&broker).await, 401);
+    assert_eq!(health(&operator).await, 200);
+    drop(run);
+}
