@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ISSUER, JWKS, claims, rs256, serve};
+use common::{ISSUER, JWKS, Reap, claims, free_port, rs256, serve};
 use mcp_warden::audit::args_hmac::ArgsKey;
 use mcp_warden::audit::record::{Decision, Kind, LeaseAction, OutcomeStatus, Record};
 use mcp_warden::audit::segment;
@@ -706,20 +706,6 @@ async fn over_tls_the_proxy_verifies_the_store_and_logs_in_encrypted() {
     assert_eq!(err.code().map(|c| c.code()), Some("08006"), "{err}");
     assert!(refusal_reasons(&world).iter().any(|r| r == "store_login_failed"));
     drop(ticket);
-}
-
-/// Kills and reaps a child process when dropped.
-struct Reap(std::process::Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
 }
 
 #[tokio::test]

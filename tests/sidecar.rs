@@ -485,19 +485,6 @@ async fn protected_resource_metadata_is_served_at_both_well_known_urls() {
 }
 
 /// A child process killed on drop, so a failing assertion never leaves it running.
-struct Reap(std::process::Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
-}
-
 /// The sidecar binary in front of `upstream_base`, files in `dir`, ready.
 async fn spawn_sidecar(dir: &std::path::Path, upstream_base: &str, extra: &[String]) -> (Reap, u16, u16) {
     use std::process::{Command, Stdio};

@@ -131,3 +131,19 @@ pub async fn fake_broker() -> String {
     }
     serve(Router::new().route("/v1/credentials", axum::routing::post(issue))).await
 }
+
+/// Kills and reaps a child process when dropped, so no test leaves one
+/// running.
+pub struct Reap(pub std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+}
