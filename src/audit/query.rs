@@ -182,6 +182,14 @@ pub fn to_table(rows: &[Row<'_>]) -> String {
             (None, Some(lease), _) => {
                 Some(format!("lease {} {}", format!("{:?}", lease.action).to_lowercase(), lease.id))
             }
+            // A statement: what ran, on which store, with what result.
+            (None, None, Some(o)) if e.kind == Kind::Statement => Some(format!(
+                "{} {} row(s) on {}: {}",
+                format!("{:?}", o.status).to_lowercase(),
+                o.rows.unwrap_or(0),
+                e.store.as_deref().unwrap_or("-"),
+                e.statement.as_deref().unwrap_or("-")
+            )),
             (None, None, Some(o)) => Some(format!("{:?}", o.status).to_lowercase()),
             _ => None,
         };
@@ -335,6 +343,23 @@ mod tests {
         // c1 + outcome, c3 + outcome, c4 (no outcome yet).
         assert_eq!(parsed.len(), 5);
         assert_eq!(parsed[1].event.kind, Kind::Outcome);
+    }
+
+    #[test]
+    fn statements_show_what_ran_where_and_how_it_ended() {
+        let mut chain = Chain::new("clinic/lookup/pod-1/s1".into(), "clinic/lookup".into(), Some("pod-1".into()));
+        let mut e = Event::new(Kind::Statement);
+        e.caller = Some(Caller { sub: "alice".into(), iss: "https://idp".into(), groups: vec![] });
+        e.tool = Some("lookup_patient".into());
+        e.correlation = Some("c1".into());
+        e.store = Some("ehr".into());
+        e.statement = Some("SELECT name FROM clinical.patients WHERE mrn = $1".into());
+        e.outcome = Some(Outcome { status: OutcomeStatus::Ok, http_status: None, rpc_error: None, rows: Some(1) });
+        let records = vec![chain.seal(e, at(1)).unwrap().record];
+        let rows =
+            Query { caller: Some("alice".into()), kinds: vec![Kind::Statement], ..Query::default() }.select(&records);
+        let table = to_table(&rows);
+        assert!(table.contains("ok 1 row(s) on ehr: SELECT name FROM clinical.patients WHERE mrn = $1"), "{table}");
     }
 
     #[test]
