@@ -46,7 +46,10 @@ pub fn normalize(sql: &str) -> Normalized {
                     copy = true;
                 }
                 statement_start = false;
-                token.to_string()
+                // A quoted identifier is free text (`AS "Joe Doe"`): kept
+                // only when it looks like a name.
+                let name_like = word.value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+                if word.quote_style.is_some() && !name_like { "\"?\"".to_string() } else { token.to_string() }
             }
             Token::Placeholder(p) if p.starts_with('$') && p[1..].bytes().all(|b| b.is_ascii_digit()) => {
                 statement_start = false;
@@ -133,6 +136,12 @@ mod tests {
     fn comments_are_dropped_and_identifiers_kept() {
         let n = normalize("SELECT \"Name\" /* patient Joe Doe */ FROM t -- MRN 12345\nWHERE id = $1");
         assert_eq!(n.text, "SELECT \"Name\" FROM t WHERE id = $1");
+    }
+
+    #[test]
+    fn quoted_identifiers_that_are_not_names_are_removed() {
+        let n = normalize("SELECT name AS \"Joe Doe, MRN 12345\" FROM \"Clinical\".patients");
+        assert_eq!(n.text, "SELECT name AS \"?\" FROM \"Clinical\".patients");
     }
 
     #[test]
