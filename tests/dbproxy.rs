@@ -784,3 +784,54 @@ async fn the_sidecar_binary_serves_a_phi_call_through_its_proxy_and_seals_the_tr
         .expect("its decision");
     assert_eq!(decision.event.tool.as_deref(), Some("lookup_patient"));
 }
+
+#[tokio::test]
+async fn with_allow_copy_a_copy_is_relayed_and_audited_with_its_rows() {
+    use futures::StreamExt;
+    let world = World::start(reference_server()).await;
+    let request = CredentialRequest {
+        server: pg::clinic::SERVER.into(),
+        tool: "lookup_patient".into(),
+        store: "ehr".into(),
+        caller_token: rs256(&claims("alice", &["clinicians"])),
+        correlation: Some("c-copy".into()),
+    };
+    let credential = world.broker.credential(&request).await.unwrap();
+    let grant = CallGrant {
+        caller: mcp_warden::audit::record::Caller { sub: "alice".into(), iss: ISSUER.into(), groups: vec![] },
+        tool: "lookup_patient".into(),
+        correlation: "c-copy".into(),
+        store: "ehr".into(),
+        expires: local_expiry(&credential.valid_until),
+        credential,
+        allow_copy: true,
+    };
+    let mut ticket = world.grants.ticket();
+    let token = world.grants.issue(grant, &mut ticket).unwrap();
+    let client = world.via_proxy(&token, "ehr").await.unwrap();
+    let stream = client.copy_out("COPY (SELECT name FROM clinical.patients) TO STDOUT").await.expect("COPY allowed");
+    let chunks: Vec<bytes::Bytes> = stream.map(|c| c.unwrap()).collect().await;
+    let text: String = chunks.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    assert_eq!(text, "Joe Doe\n");
+    // Still inside the grants: COPY of an ungranted column is refused by
+    // the database.
+    let refused =
+        client.copy_out("COPY (SELECT ssn FROM clinical.patients) TO STDOUT").await.err().map(|e| e.code().cloned());
+    assert_eq!(refused, Some(Some(tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)));
+    client.simple_query("SELECT 1").await.expect("the connection goes on");
+    let statements = eventually("the COPY records", async || {
+        let copies: Vec<Record> = world
+            .sidecar_records()
+            .into_iter()
+            .filter(|r| {
+                r.event.kind == Kind::Statement && r.event.statement.as_deref().is_some_and(|s| s.starts_with("COPY"))
+            })
+            .collect();
+        (copies.len() == 2).then_some(copies)
+    })
+    .await;
+    let ok = statements[0].event.outcome.as_ref().unwrap();
+    assert_eq!((ok.status, ok.rows), (OutcomeStatus::Ok, Some(1)));
+    assert_eq!(statements[1].event.outcome.as_ref().unwrap().status, OutcomeStatus::Refused);
+    drop(ticket);
+}
