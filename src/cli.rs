@@ -76,34 +76,16 @@ struct QueryArgs {
     until: Option<String>,
     /// Only this decision.
     #[arg(long, value_enum)]
-    decision: Option<DecisionArg>,
+    decision: Option<crate::audit::record::Decision>,
     /// Only calls of PHI tools.
     #[arg(long)]
     phi: bool,
     /// Record kinds (repeatable); default: decision and lease.
     #[arg(long = "kind", value_enum)]
-    kinds: Vec<KindArg>,
+    kinds: Vec<crate::audit::record::Kind>,
     /// Output format: a table, or the matching records as JSON lines.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum DecisionArg {
-    Allow,
-    Deny,
-    AuthnFailure,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum KindArg {
-    StreamStart,
-    Decision,
-    Outcome,
-    Lease,
-    Statement,
-    Incident,
-    StreamEnd,
 }
 
 #[derive(Debug, Args)]
@@ -309,7 +291,6 @@ fn audit_verify_cmd(args: &VerifyArgs) -> ExitCode {
 }
 
 fn audit_query_cmd(args: &QueryArgs) -> ExitCode {
-    use audit::record::{Decision, Kind};
     let now = chrono::Utc::now();
     let time = |flag: &str, text: &Option<String>| {
         text.as_deref().map(|t| audit::query::parse_time(t, now).map_err(|e| format!("--{flag}: {e}"))).transpose()
@@ -324,25 +305,9 @@ fn audit_query_cmd(args: &QueryArgs) -> ExitCode {
         tool: args.tool.clone(),
         since,
         until,
-        decision: args.decision.map(|d| match d {
-            DecisionArg::Allow => Decision::Allow,
-            DecisionArg::Deny => Decision::Deny,
-            DecisionArg::AuthnFailure => Decision::AuthnFailure,
-        }),
+        decision: args.decision,
         phi_only: args.phi,
-        kinds: args
-            .kinds
-            .iter()
-            .map(|k| match k {
-                KindArg::StreamStart => Kind::StreamStart,
-                KindArg::Decision => Kind::Decision,
-                KindArg::Outcome => Kind::Outcome,
-                KindArg::Lease => Kind::Lease,
-                KindArg::Statement => Kind::Statement,
-                KindArg::Incident => Kind::Incident,
-                KindArg::StreamEnd => Kind::StreamEnd,
-            })
-            .collect(),
+        kinds: args.kinds.clone(),
     };
     let loaded = audit::query::read_records(&args.dir);
     for problem in &loaded.problems {

@@ -104,8 +104,10 @@ pub struct Event {
     pub restart: Option<Restart>,
 }
 
-/// Event kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// Event kinds (also the values of `audit query --kind`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     /// A writer started (or restarted) the stream.
@@ -153,8 +155,8 @@ pub struct Caller {
     pub groups: Vec<String>,
 }
 
-/// An access decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// An access decision (also the values of `audit query --decision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Decision {
     /// Permitted by policy.
