@@ -89,10 +89,7 @@ impl Shipper {
     /// A shipper of `dir` to the collector at `base` (e.g.
     /// `http://127.0.0.1:7443`).
     pub fn new(dir: PathBuf, base: &str, credential: ClientCredential) -> Result<Shipper, ShipError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| ShipError::Unreachable(e.to_string()))?;
+        let http = crate::bearer::api_client(None).map_err(ShipError::Unreachable)?;
         Ok(Shipper::with_client(dir, base, credential, http))
     }
 

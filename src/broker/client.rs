@@ -1,8 +1,6 @@
 //! A client of the broker API, for the sidecar's database proxy, the
 //! benchmark and the tests.
 
-use std::time::Duration;
-
 use serde::Deserialize;
 
 use crate::bearer::ClientCredential;
@@ -50,10 +48,7 @@ pub struct BrokerClient {
 impl BrokerClient {
     /// A client of `base` (e.g. `http://127.0.0.1:8200`).
     pub fn new(base: &str, credential: &str) -> Result<BrokerClient, ClientError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let http = crate::bearer::api_client(None).map_err(ClientError::Transport)?;
         Ok(BrokerClient::from_parts(base, ClientCredential::Fixed(credential.to_string()), http))
     }
 

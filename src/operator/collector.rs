@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
 use crate::audit::collector::store::ServerHealth;
+use crate::bearer::ClientCredential;
 use crate::compliance::CollectorView;
 
 /// How long one health answer serves every reconcile.
@@ -46,26 +47,21 @@ pub trait CollectorHealthSource: Send + Sync {
 pub struct HttpsCollectorHealth {
     client: reqwest::Client,
     base: String,
-    url: String,
-    token_file: PathBuf,
+    token: ClientCredential,
     cached: Mutex<Option<(Instant, Health)>>,
 }
+
+/// How long one call to the collector may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl HttpsCollectorHealth {
     /// A source for the collector at `base`, trusting `ca_file` (PEM) in
     /// addition to the system roots.
     pub fn new(base: &str, token_file: PathBuf, ca_file: Option<&std::path::Path>) -> Result<Self, String> {
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
-        if let Some(ca) = ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| format!("{}: {e}", ca.display()))?;
-            builder = builder.add_root_certificate(cert);
-        }
         Ok(HttpsCollectorHealth {
-            client: builder.build().map_err(|e| e.to_string())?,
+            client: crate::bearer::api_client(ca_file)?,
             base: base.trim_end_matches('/').to_string(),
-            url: format!("{}/v1/health", base.trim_end_matches('/')),
-            token_file,
+            token: ClientCredential::File(token_file),
             cached: Mutex::new(None),
         })
     }
@@ -75,15 +71,15 @@ impl HttpsCollectorHealth {
         struct Answer {
             servers: Health,
         }
-        let answer: Answer = self.call(self.client.get(&self.url)).await?;
+        let answer: Answer = self.call(self.client.get(format!("{}/v1/health", self.base))).await?;
         Ok(answer.servers)
     }
 
     /// Sends `request` with the operator's current token; the JSON answer.
     async fn call<T: serde::de::DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, String> {
-        let token = std::fs::read_to_string(&self.token_file)
-            .map_err(|e| format!("token file {}: {e}", self.token_file.display()))?;
-        let response = request.bearer_auth(token.trim()).send().await.map_err(|e| e.without_url().to_string())?;
+        let token = self.token.current()?;
+        let response =
+            request.bearer_auth(token).timeout(CALL_TIMEOUT).send().await.map_err(|e| e.without_url().to_string())?;
         if !response.status().is_success() {
             return Err(format!("the collector answered HTTP {}", response.status().as_u16()));
         }

@@ -64,7 +64,7 @@ pub struct OperatorArgs {
     #[arg(long, env = "MCPW_COLLECTOR_TOKEN_FILE")]
     pub collector_token_file: Option<std::path::PathBuf>,
     /// PEM CA bundle the collector's certificate chains to (besides the
-    /// system roots).
+    /// system roots); default: `--warden-ca-file`.
     #[arg(long, env = "MCPW_COLLECTOR_CA_FILE")]
     pub collector_ca_file: Option<std::path::PathBuf>,
     /// The credential broker (e.g. `https://mcpw-broker.mcp-warden.svc:8443`),
@@ -187,7 +187,9 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         args.pod_name.clone(),
     );
     if let (Some(url), Some(token)) = (&args.collector_url, &args.collector_token_file) {
-        let source = collector::HttpsCollectorHealth::new(url, token.clone(), args.collector_ca_file.as_deref())
+        // The collector's certificate chains to the warden CA unless told otherwise.
+        let ca = args.collector_ca_file.as_deref().or(args.warden_ca_file.as_deref());
+        let source = collector::HttpsCollectorHealth::new(url, token.clone(), ca)
             .map_err(|e| anyhow::anyhow!("--collector-url: {e}"))?;
         ctx = ctx.with_collector(Arc::new(source));
     }
