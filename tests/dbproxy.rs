@@ -58,7 +58,6 @@ struct World {
     grants: Arc<Grants>,
     proxy: std::net::SocketAddr,
     gateway: String,
-    wal: Arc<Wal>,
     metrics: ProxyMetrics,
 }
 
@@ -134,7 +133,7 @@ impl World {
                 .with_data_access(DataAccess::new(broker_client.clone(), Arc::clone(&grants), proxy));
         let gateway = serve(Arc::new(gateway).router()).await;
         let revoker = BrokerClient::new(&broker_url, REVOKER_CREDENTIAL).unwrap();
-        World { pg, dir, broker: broker_client, revoker, grants, proxy, gateway, wal, metrics: proxy_metrics }
+        World { pg, dir, broker: broker_client, revoker, grants, proxy, gateway, metrics: proxy_metrics }
     }
 
     fn sidecar_records(&self) -> Vec<Record> {
@@ -649,7 +648,6 @@ async fn an_expiring_credential_closes_its_connections() {
     })
     .await;
     assert_eq!(expired.event.correlation.as_deref(), Some("c-direct"));
-    let _ = &world.wal;
     drop(ticket);
 }
 

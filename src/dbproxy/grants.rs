@@ -161,13 +161,6 @@ impl Grants {
     }
 }
 
-impl CallTicket {
-    /// Whether any token was issued under it.
-    pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
-    }
-}
-
 impl Drop for CallTicket {
     fn drop(&mut self) {
         if let Some(grants) = self.grants.upgrade() {

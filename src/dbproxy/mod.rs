@@ -54,11 +54,6 @@ impl DbProxy {
         Arc::new(DbProxy { grants, cancel_keys: CancelKeys::default(), wal, refusals: Mutex::default(), metrics })
     }
 
-    /// Its metrics.
-    pub fn metrics(&self) -> &ProxyMetrics {
-        &self.metrics
-    }
-
     /// The DSN a call's MCP server gets for `store`.
     pub fn dsn(listen: SocketAddr, token: &str, store: &str) -> String {
         format!("postgres://{DSN_USER}:{token}@{listen}/{store}?sslmode=disable")

@@ -3,8 +3,9 @@
 //! ```text
 //!   pod (automountServiceAccountToken: false, seccomp RuntimeDefault, non-root)
 //!   ├─ initContainers[mcp-warden-sidecar]  restartPolicy: Always (native sidecar), uid 10002
-//!   │    mounts: policy (ro), jwks (ro), audit WAL (rw), audit key Secret (ro)
-//!   │    ports:  8443 public, 9090 health/metrics
+//!   │    mounts: policy (ro), jwks (ro), audit WAL (rw), audit key Secret (ro),
+//!   │            projected tokens for the broker / collector audiences (ro, when wired)
+//!   │    ports:  8443 public, 9090 health/metrics; 127.0.0.1:15432 database proxy
 //!   └─ containers[mcp-server]              uid 10001
 //!        mounts: /tmp only — no token, no secret, no audit volume
 //! ```

@@ -7,9 +7,11 @@
 //!                      gap / fork / rewrite / another sender's stream ─▶ incident record (DATA/incidents)
 //! ```
 //!
-//! This slice runs outside a cluster with a static sender credential. Still
-//! to come (issue #7): TokenReview-bound senders, signed checkpoints,
-//! per-server health for the operator.
+//! Senders are a static credential (laptops, tests) or, in a cluster,
+//! sidecars and the broker known by TokenReview; the operator reads
+//! per-server health (`GET /v1/health`) and reports present pods
+//! (`POST /v1/pods`, so streams of deleted pods become incidents); streams
+//! get Ed25519-signed checkpoints (`checkpoint.rs`).
 
 pub mod store;
 
