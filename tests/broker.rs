@@ -935,27 +935,12 @@ async fn in_a_cluster_a_sidecar_gets_credentials_for_its_own_server_only() {
     ));
 }
 
-#[tokio::test]
-async fn the_api_is_served_over_tls() {
-    let w = world().await;
-    let (ca, server_tls) = tls_material(&["127.0.0.1"]);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tls.crt"), &server_tls.cert_pem).unwrap();
-    std::fs::write(dir.path().join("tls.key"), &server_tls.key_pem).unwrap();
-    let config =
-        mcp_warden::tls_listener::server_config(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let tls = mcp_warden::tls_listener::TlsListener::new(listener, config).unwrap();
-    let callers =
-        Callers { sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()), revoker: None };
-    let app = router(Arc::clone(&w.broker), callers);
-    tokio::spawn(async move { axum::serve(tls, app).await.unwrap() });
-    // A silent client does not hold up the others.
-    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-
+/// A client of the broker's API trusting only `ca`: does a credential
+/// request succeed over TLS?
+async fn tls_request_succeeds(port: u16, ca: &str) -> bool {
     let http = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
         .build()
         .unwrap();
     let response = http
@@ -963,13 +948,77 @@ async fn the_api_is_served_over_tls() {
         .bearer_auth(SIDECAR_CREDENTIAL)
         .json(&request("lookup_patient", &token("olga", &["front-desk"])))
         .send()
-        .await
-        .expect("TLS request");
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["cache-control"], "no-store");
+        .await;
+    match response {
+        Ok(r) => {
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()["cache-control"], "no-store");
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Replaces a mounted file the way the kubelet does: the new content
+/// appears at once (rename), never half-written.
+fn swap_file(path: &Path, content: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, content).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+#[tokio::test]
+async fn the_api_is_served_over_tls_and_follows_a_renewed_certificate() {
+    use mcp_warden::tls_listener::{ServingCertificate, TlsListener};
+    let w = world().await;
+    let (ca, first) = tls_material(&["127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    swap_file(&cert_file, &first.cert_pem);
+    swap_file(&key_file, &first.key_pem);
+    let certificate = ServingCertificate::load(&cert_file, &key_file).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tls = TlsListener::new(listener, certificate.server_config().unwrap()).unwrap();
+    let callers =
+        Callers { sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()), revoker: None };
+    let app = router(Arc::clone(&w.broker), callers);
+    tokio::spawn(async move { axum::serve(tls, app).await.unwrap() });
+    // A silent client does not hold up the others.
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    assert!(tls_request_succeeds(port, &ca).await, "TLS request");
     // Plain HTTP to the TLS port gets nothing.
     let plain = reqwest::Client::new().post(format!("http://127.0.0.1:{port}/v1/credentials")).send().await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    assert!(!certificate.reload().unwrap(), "unchanged files are not a renewal");
+
+    // Renewals that cannot be used leave the certificate in force: a
+    // half-written chain, a key of another certificate, an empty key.
+    let (_, other) = tls_material(&["127.0.0.1"]);
+    for (cert, key, expected) in [
+        ("-----BEGIN CERTIFICATE-----\nMIIB", first.key_pem.as_str(), "tls.crt"),
+        (other.cert_pem.as_str(), first.key_pem.as_str(), "do not match"),
+        (first.cert_pem.as_str(), "", "no usable private key"),
+    ] {
+        swap_file(&cert_file, cert);
+        swap_file(&key_file, key);
+        let err = certificate.reload().expect_err("unusable renewal");
+        assert!(err.to_string().contains(expected), "{err}");
+        assert!(!err.to_string().contains("PRIVATE KEY"), "no key material in errors: {err}");
+        assert!(tls_request_succeeds(port, &ca).await, "the previous certificate still serves");
+    }
+
+    // cert-manager renews under a new CA: picked up without a restart.
+    certificate.keep_fresh(Duration::from_millis(100));
+    let (new_ca, renewed) = tls_material(&["127.0.0.1"]);
+    swap_file(&cert_file, &renewed.cert_pem);
+    swap_file(&key_file, &renewed.key_pem);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !tls_request_succeeds(port, &new_ca).await {
+        assert!(std::time::Instant::now() < deadline, "the renewed certificate was never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!tls_request_succeeds(port, &ca).await, "the old certificate is no longer served");
 }
 
 #[tokio::test]
