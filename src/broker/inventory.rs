@@ -126,9 +126,15 @@ impl Inventory {
         for server in servers {
             let key = ServerRef { namespace: namespace_of(&server), name: server.name_any() };
             let stores = by_namespace.get(&key.namespace).unwrap_or(&empty);
-            let entry = policy::compile(&server, stores).map_err(|e| e.to_string()).and_then(|policy| {
-                Ok(ServerEntry { keys: key_source(&server, &key.namespace, secrets, config_maps)?, policy })
-            });
+            // Deleting an MCPServer ends its access at once, not when the
+            // operator's finalizer lets the object go.
+            let entry = if server.metadata.deletion_timestamp.is_some() {
+                Err("the MCPServer is being deleted".to_string())
+            } else {
+                policy::compile(&server, stores).map_err(|e| e.to_string()).and_then(|policy| {
+                    Ok(ServerEntry { keys: key_source(&server, &key.namespace, secrets, config_maps)?, policy })
+                })
+            };
             inventory.servers.insert(key, entry);
         }
         inventory
@@ -306,6 +312,18 @@ mod tests {
         let key = ServerRef { namespace: "clinic".into(), name: "patient-lookup".into() };
         assert!(inventory.servers[&key].as_ref().unwrap_err().contains("ehr"));
         assert!(inventory.groups().is_empty());
+    }
+
+    #[test]
+    fn a_server_being_deleted_is_unusable_and_wants_no_group() {
+        let (mut server, store) = objects();
+        let secret = admin_secret(serde_json::json!({"username": "warden", "password": "pw"}));
+        server.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let inventory = Inventory::build(vec![server], vec![store], &[secret], &[]);
+        let key = ServerRef { namespace: "clinic".into(), name: "patient-lookup".into() };
+        assert!(inventory.servers[&key].as_ref().unwrap_err().contains("being deleted"));
+        assert!(inventory.groups().is_empty(), "its group roles, and so its leases, end");
     }
 
     #[test]
