@@ -457,12 +457,25 @@ async fn broker_reviews_sidecar_tokens_reads_its_inventory_and_writes_store_stat
     // Status under the broker's own field manager.
     let status = mcp_warden::api::PHIStoreStatus { admin_missing: vec!["CREATEROLE".into()], ..Default::default() };
     let writer = StatusWriter::new(client.clone());
-    assert_eq!(writer.write(&std::collections::BTreeMap::from([(key, status)])).await.expect("status"), 1);
+    assert_eq!(writer.write(&std::collections::BTreeMap::from([(key.clone(), status)])).await.expect("status"), 1);
     let stored = Api::<PHIStore>::namespaced(client.clone(), &ns).get("ehr").await.expect("store");
     assert_eq!(stored.status.expect("status").admin_missing, vec!["CREATEROLE".to_string()]);
     let managers: Vec<String> =
         stored.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect();
     assert!(managers.iter().any(|m| m == "mcp-warden-broker"), "{managers:?}");
+
+    // Deleting the MCPServer ends its access while a finalizer still holds
+    // the object (as the operator's does until its cleanup is done).
+    let servers = Api::<MCPServer>::namespaced(client.clone(), &ns);
+    let hold = json!({"metadata": {"finalizers": ["e2e.mcpwarden.io/hold"]}});
+    servers.patch("patient-lookup", &PatchParams::default(), &Patch::Merge(&hold)).await.expect("finalizer");
+    servers.delete("patient-lookup", &Default::default()).await.expect("delete");
+    let inventory = load_inventory(&client, Some(&ns)).await.expect("inventory");
+    let entry = inventory.servers.get(&server_key).expect("still listed while held");
+    assert!(entry.as_ref().is_err_and(|e| e.contains("being deleted")), "a server being deleted is unusable");
+    assert!(!inventory.groups().contains_key(&key), "it wants no group role, so its leases end");
+    let release = json!({"metadata": {"finalizers": null}});
+    servers.patch("patient-lookup", &PatchParams::default(), &Patch::Merge(&release)).await.expect("release");
     drop(run);
 }
 
