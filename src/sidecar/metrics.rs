@@ -57,8 +57,9 @@ impl SidecarMetrics {
         metrics
     }
 
-    /// Counts a decision.
-    pub fn decision(&self, verdict: &str) {
+    /// Counts a decision (a verdict written in the code: labels never carry
+    /// request text).
+    pub fn decision(&self, verdict: &'static str) {
         self.decisions.get_or_create(&VerdictLabels { verdict: verdict.to_string() }).inc();
     }
 
