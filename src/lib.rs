@@ -14,9 +14,10 @@
 //!   check ───────── the GitOps gate          cli ─── subcommands
 //! ```
 //!
-//! Later homes, one module each: `operator` (the controller), `sidecar`
-//! (MCP gateway + PostgreSQL proxy), `broker` (per-caller database roles),
-//! `audit` (records, WAL, collector, verify/query).
+//! The programs, one module each: `operator` (the controller; `leader`
+//! elects one writing replica), `sidecar` (MCP gateway + PostgreSQL proxy),
+//! `broker` (per-caller database roles), `audit` (records, WAL, collector,
+//! verify/query).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
@@ -30,6 +31,7 @@ pub mod compliance;
 pub mod dbproxy;
 pub mod health;
 pub mod jwks;
+pub mod leader;
 pub mod manifest;
 pub mod operator;
 pub mod policy;

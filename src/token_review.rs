@@ -136,7 +136,7 @@ mod tests {
     const REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 
     fn review_answer(authenticated: bool, username: &str, audiences: &[&str]) -> serde_json::Value {
-        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {},
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {"creationTimestamp": null}, "spec": {},
                "status": {"authenticated": authenticated, "user": {"username": username}, "audiences": audiences}})
     }
 
@@ -165,7 +165,14 @@ mod tests {
     async fn unauthenticated_wrong_audience_and_other_accounts_are_refused() {
         let (client, verifier) = mock_client();
         let server = verifier
-            .expect(Method::POST, REVIEWS, |_| (StatusCode::CREATED, review_answer(false, "", &[])))
+            // A failed review as the real server answers it: 201, no
+            // `authenticated` at all, an error string.
+            .expect(Method::POST, REVIEWS, |_| {
+                (
+                    StatusCode::CREATED,
+                    crate::operator::fixtures::recording("06-auth/tokenreview-bad-signature.response.json"),
+                )
+            })
             .expect(Method::POST, REVIEWS, |_| {
                 (
                     StatusCode::CREATED,

@@ -40,8 +40,10 @@ pub(super) fn audit_controls(input: &Input<'_>) -> Assessment {
             .filter(|pod| pod.spec.as_ref().is_none_or(|spec| !auditing_pod_problems(spec).is_empty()))
             .map(|pod| pod.name_any())
             .collect();
-        if bare.is_empty() {
-            a.held(format!("all {} running pod(s) carry the auditing sidecar", pods.len()));
+        if pods.is_empty() {
+            a.held("no pod of this server exists yet");
+        } else if bare.is_empty() {
+            a.held(format!("all {} pod(s) carry the auditing sidecar ({})", pods.len(), phases(pods)));
         } else {
             a.failed(format!("pod(s) running without the auditing sidecar: {}", bare.join(", ")));
         }
@@ -55,6 +57,17 @@ pub(super) fn audit_controls(input: &Input<'_>) -> Assessment {
         (None, Source::Cluster) => a.unseen("the audit collector has not reported on this server"),
     }
     a
+}
+
+/// How many pods are in each phase, e.g. `1 Running, 2 Pending`: a pod
+/// that exists is not yet a pod that serves.
+fn phases(pods: &[k8s_openapi::api::core::v1::Pod]) -> String {
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for pod in pods {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Unknown");
+        *counts.entry(phase).or_default() += 1;
+    }
+    counts.iter().map(|(phase, n)| format!("{n} {phase}")).collect::<Vec<_>>().join(", ")
 }
 
 /// What keeps a pod from auditing every call: the sidecar must run as a

@@ -115,7 +115,7 @@ pub struct CollectorView {
     /// Integrity incidents not yet resolved.
     pub open_incidents: u32,
     /// What was observed, for the messages (e.g. "open streams from 2/2
-    /// running pod(s); last record 14s ago, at seq 1042").
+    /// running pod(s); a record within the last 5 min").
     pub observed: String,
 }
 

@@ -92,9 +92,21 @@ fn the_compliant_clinic_offline() {
 
 #[test]
 fn observed_cluster_state_turns_unknowns_into_verdicts() {
-    let observed = cluster(vec![rendered_pod("p-1"), rendered_pod("p-2")], Vec::new(), healthy_collector());
+    let mut pending = rendered_pod("p-2");
+    pending.status =
+        Some(k8s_openapi::api::core::v1::PodStatus { phase: Some("Pending".into()), ..Default::default() });
+    let mut running = rendered_pod("p-1");
+    running.status =
+        Some(k8s_openapi::api::core::v1::PodStatus { phase: Some("Running".into()), ..Default::default() });
+    let observed = cluster(vec![running, pending.clone(), pending], Vec::new(), healthy_collector());
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &observed);
-    assert_verdict(&report, Control::AuditControls, Verdict::Pass, "all 2 running pod(s) carry the auditing sidecar");
+    // Pods that exist are not pods that serve: their phases are said.
+    assert_verdict(
+        &report,
+        Control::AuditControls,
+        Verdict::Pass,
+        "all 3 pod(s) carry the auditing sidecar (2 Pending, 1 Running)",
+    );
     assert_verdict(&report, Control::Integrity, Verdict::Pass, "verified");
     assert_verdict(&report, Control::AccessControl, Verdict::Pass, "no other NetworkPolicy in the namespace");
     // Break-glass is still not implemented.

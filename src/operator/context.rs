@@ -1,5 +1,6 @@
-//! What every reconcile shares: the client, settings, event recorder, JWKS
-//! source, metrics and per-object backoff.
+//! What every reconcile shares: the client, the caches, what this process
+//! wrote recently, whether it leads, settings, event recorder, JWKS source,
+//! metrics and per-object backoff.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,16 +11,26 @@ use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::caches::Caches;
 use super::jwks::JwksSource;
+use super::recent::RecentWrites;
+use crate::leader::Leadership;
 use crate::render::Settings;
 
 /// Shared state of the controllers.
 pub struct Context {
-    /// The API client.
+    /// The API client (its writes are fenced by leadership).
     pub client: Client,
+    /// The watched objects; reconciles read here, never list.
+    pub caches: Caches,
+    /// Answers to this process's writes the caches may not show yet.
+    pub recent: RecentWrites,
+    /// Whether this process may write.
+    pub leadership: Leadership,
     /// How objects are rendered.
     pub settings: Settings,
     /// Publishes Kubernetes events.
@@ -38,8 +49,11 @@ pub struct Context {
 
 impl Context {
     /// A context; metrics are registered in `registry`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
+        caches: Caches,
+        leadership: Leadership,
         settings: Settings,
         jwks: Arc<dyn JwksSource>,
         registry: &mut Registry,
@@ -50,6 +64,9 @@ impl Context {
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            caches,
+            recent: RecentWrites::default(),
+            leadership,
             settings,
             jwks,
             collector: None,
@@ -103,6 +120,8 @@ pub struct Metrics {
     pub orphans_deleted: Counter,
     /// Failed JWKS fetches.
     pub jwks_fetch_failures: Counter,
+    /// 1 while this replica leads, else 0.
+    pub leader: Gauge,
 }
 
 impl Metrics {
@@ -115,6 +134,7 @@ impl Metrics {
             drift_corrected: Counter::default(),
             orphans_deleted: Counter::default(),
             jwks_fetch_failures: Counter::default(),
+            leader: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("mcpwarden_operator");
         r.register("reconciles", "Reconciliations started", metrics.reconciles.clone());
@@ -124,6 +144,7 @@ impl Metrics {
         r.register("drift_corrected", "Owned objects restored after a hand edit", metrics.drift_corrected.clone());
         r.register("orphans_deleted", "Owned objects deleted as no longer needed", metrics.orphans_deleted.clone());
         r.register("jwks_fetch_failures", "Failed JWKS fetches", metrics.jwks_fetch_failures.clone());
+        r.register("leader", "1 while this replica leads", metrics.leader.clone());
         metrics
     }
 }

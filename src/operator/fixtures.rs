@@ -1,7 +1,13 @@
 //! A mock API server for controller tests (the kube-rs controller-rs idea):
 //! each expected request is a chainable step that asserts method and path
-//! (and lets the test inspect the body), answers as the API server would,
+//! (and lets the test inspect the body), answers as a real API server did,
 //! and is recorded. After the reconcile, any further request fails the test.
+//!
+//! The answers and the cached objects come from `tests/k8s-recordings/`:
+//! what a real kube-apiserver answered to this operator's requests, in its
+//! shapes (LIST items of built-in kinds without apiVersion/kind, managed
+//! fields per manager, defaults, Status bodies). The scenario is the
+//! recorded one: MCPServer `patient-lookup` in namespace `rec-ssa`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,20 +20,63 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle};
 
+use super::caches::fill;
 use super::context::Context;
 use super::jwks::{JwksError, JwksSource};
+use crate::api::MCPServer;
+use crate::leader::Leadership;
 use crate::render::Settings;
 
-pub const NS: &str = "clinic";
-pub const STORES: &str = "/apis/mcpwarden.io/v1alpha1/namespaces/clinic/phistores";
-pub const SERVICE_ACCOUNTS: &str = "/api/v1/namespaces/clinic/serviceaccounts";
-pub const CONFIG_MAPS: &str = "/api/v1/namespaces/clinic/configmaps";
-pub const NETWORK_POLICIES: &str = "/apis/networking.k8s.io/v1/namespaces/clinic/networkpolicies";
-pub const SERVICES: &str = "/api/v1/namespaces/clinic/services";
-pub const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/clinic/deployments";
-pub const PODS: &str = "/api/v1/namespaces/clinic/pods";
-pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/clinic/events";
-pub const SERVER: &str = "/apis/mcpwarden.io/v1alpha1/namespaces/clinic/mcpservers/patient-lookup";
+pub const NS: &str = "rec-ssa";
+pub const SERVICE_ACCOUNTS: &str = "/api/v1/namespaces/rec-ssa/serviceaccounts";
+pub const CONFIG_MAPS: &str = "/api/v1/namespaces/rec-ssa/configmaps";
+pub const NETWORK_POLICIES: &str = "/apis/networking.k8s.io/v1/namespaces/rec-ssa/networkpolicies";
+pub const SERVICES: &str = "/api/v1/namespaces/rec-ssa/services";
+pub const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/rec-ssa/deployments";
+pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/rec-ssa/events";
+pub const SERVER: &str = "/apis/mcpwarden.io/v1alpha1/namespaces/rec-ssa/mcpservers/patient-lookup";
+
+/// The recorded owned objects: (file stem, collection, name), in apply order.
+pub const OWNED: [(&str, &str, &str); 7] = [
+    ("serviceaccount-patient-lookup-mcpw", SERVICE_ACCOUNTS, "patient-lookup-mcpw"),
+    ("configmap-patient-lookup-policy", CONFIG_MAPS, "patient-lookup-policy"),
+    ("configmap-patient-lookup-jwks", CONFIG_MAPS, "patient-lookup-jwks"),
+    ("networkpolicy-patient-lookup-ingress", NETWORK_POLICIES, "patient-lookup-ingress"),
+    ("networkpolicy-patient-lookup-egress", NETWORK_POLICIES, "patient-lookup-egress"),
+    ("service-patient-lookup", SERVICES, "patient-lookup"),
+    ("deployment-patient-lookup", DEPLOYMENTS, "patient-lookup"),
+];
+
+/// A recorded exchange's body.
+pub fn recording(file: &str) -> Value {
+    let path = format!("{}/tests/k8s-recordings/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The MCPServer as the real API server returned it (finalizer held, no
+/// status written yet).
+pub fn recorded_server() -> MCPServer {
+    let mut server = recording("03-get/get-mcpserver-patient-lookup.json");
+    server.as_object_mut().map(|o| o.remove("status"));
+    serde_json::from_value(server).expect("the recorded MCPServer")
+}
+
+/// The PHIStore as the real API server returned it.
+pub fn recorded_store() -> Value {
+    recording("03-get/get-phistore-ehr.json")
+}
+
+/// The owned objects as the real API server stored them after the
+/// operator's apply (the answers to the identical second apply).
+pub fn stored_owned() -> Vec<Value> {
+    OWNED.iter().map(|(stem, _, _)| recording(&format!("01-apply/ssa-again-{stem}.response.json"))).collect()
+}
+
+/// What the operator applied for each owned object, as recorded.
+pub fn recorded_request(stem: &str) -> Value {
+    recording(&format!("01-apply/ssa-{stem}.request.json"))
+}
 
 /// A JWKS source answering from memory.
 pub struct FakeJwks(pub Result<String, JwksError>);
@@ -39,8 +88,12 @@ impl JwksSource for FakeJwks {
     }
 }
 
-/// A valid public JWKS.
-pub const JWKS: &str = r#"{"keys":[{"kty":"RSA","kid":"k1","n":"AQAB","e":"AQAB"}]}"#;
+/// What the issuer's JWKS URI answered in the recorded world: nothing (the
+/// recorded objects are `render`'s, made without fetching keys, so the
+/// jwks ConfigMap carries no data).
+pub fn recorded_jwks() -> Result<String, JwksError> {
+    Err(JwksError::Fetch("the recording fetched no keys".into()))
+}
 
 /// A request as the mock API server saw it.
 #[derive(Debug, Clone)]
@@ -65,11 +118,16 @@ pub struct Verifier {
     steps: Vec<Step>,
 }
 
-/// A client of a fresh mock API server, and the server's expectations.
+/// A client of a fresh mock API server (default namespace `clinic`), and
+/// the server's expectations: for tests of other API users (broker, token
+/// review).
 pub fn mock_client() -> (Client, Verifier) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    (Client::new(service, NS), Verifier { handle, steps: Vec::new() })
+    (Client::new(service, "clinic"), Verifier { handle, steps: Vec::new() })
 }
+
+/// A valid public JWKS.
+pub const JWKS: &str = r#"{"keys":[{"kty":"RSA","kid":"k1","n":"AQAB","e":"AQAB"}]}"#;
 
 /// A collector health source answering from memory.
 pub struct FakeCollector(pub Result<super::collector::Health, String>);
@@ -81,38 +139,55 @@ impl super::collector::CollectorHealthSource for FakeCollector {
     }
 }
 
-/// A test context whose audit collector answers `health`.
-pub fn context_with_collector(
-    jwks: Result<String, JwksError>,
-    health: Result<super::collector::Health, String>,
-) -> (Arc<Context>, Verifier) {
-    let (ctx, verifier) = context(jwks);
-    let ctx = Arc::try_unwrap(ctx).unwrap_or_else(|_| unreachable!("a fresh context has one owner"));
-    (Arc::new(ctx.with_collector(Arc::new(FakeCollector(health)))), verifier)
+/// What a scenario starts from.
+pub struct World {
+    /// Objects in the caches, any kind (routed by `kind`, then stored as a
+    /// LIST would hand them over).
+    pub cached: Vec<Value>,
+    /// What the issuer's JWKS URI answers.
+    pub jwks: Result<String, JwksError>,
+    /// The audit collector's answer, if one is configured.
+    pub collector: Option<Result<super::collector::Health, String>>,
+    /// Whether this replica leads.
+    pub leading: bool,
 }
 
-/// A test context over the mock API server.
-pub fn context(jwks: Result<String, JwksError>) -> (Arc<Context>, Verifier) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, NS);
-    let mut registry = Registry::default();
-    let ctx = Context::new(
-        client,
-        Settings::default(),
-        Arc::new(FakeJwks(jwks)),
-        &mut registry,
-        Duration::from_secs(300),
-        None,
-    );
-    (Arc::new(ctx), Verifier { handle, steps: Vec::new() })
+impl World {
+    /// The recorded PHIStore cached, keys served, leading.
+    pub fn new(cached: Vec<Value>) -> Self {
+        let mut all = vec![recorded_store()];
+        all.extend(cached);
+        World { cached: all, jwks: recorded_jwks(), collector: None, leading: true }
+    }
+
+    /// A test context over a fresh mock API server.
+    pub fn context(self) -> (Arc<Context>, Verifier) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, NS);
+        let mut registry = Registry::default();
+        let leadership = if self.leading { Leadership::standalone() } else { Leadership::elected() };
+        let mut ctx = Context::new(
+            client,
+            fill::caches(&self.cached),
+            leadership,
+            Settings::default(),
+            Arc::new(FakeJwks(self.jwks)),
+            &mut registry,
+            Duration::from_secs(300),
+            None,
+        );
+        if let Some(health) = self.collector {
+            ctx = ctx.with_collector(Arc::new(FakeCollector(health)));
+        }
+        (Arc::new(ctx), Verifier { handle, steps: Vec::new() })
+    }
 }
 
-fn list_of(items: Vec<Value>) -> Value {
-    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items})
-}
-
-fn kind_of(v: &Value) -> &str {
-    v["kind"].as_str().unwrap_or_default()
+/// `object` with `patch` merged in (RFC 7386), a new resourceVersion.
+fn answered(mut object: Value, patch: &Value, version: &str) -> Value {
+    json_patch::merge(&mut object, patch);
+    object["metadata"]["resourceVersion"] = json!(version);
+    object
 }
 
 impl Verifier {
@@ -127,76 +202,100 @@ impl Verifier {
         self
     }
 
-    /// A list answered with `items`.
-    pub fn list(self, path: &str, items: Vec<Value>) -> Self {
-        self.expect(Method::GET, path, move |_| (StatusCode::OK, list_of(items)))
-    }
-
-    /// The five lists of owned objects: each kind of `existing`, and every
-    /// NetworkPolicy of `existing` plus `foreign_policies`.
-    pub fn owned_lists(self, existing: &[Value], foreign_policies: &[Value]) -> Self {
-        let of = |kind: &str| existing.iter().filter(|v| kind_of(v) == kind).cloned().collect::<Vec<_>>();
-        let mut policies = of("NetworkPolicy");
-        policies.extend(foreign_policies.iter().cloned());
-        self.list(SERVICE_ACCOUNTS, of("ServiceAccount"))
-            .list(CONFIG_MAPS, of("ConfigMap"))
-            .list(NETWORK_POLICIES, policies)
-            .list(SERVICES, of("Service"))
-            .list(DEPLOYMENTS, of("Deployment"))
-    }
-
-    /// A server-side apply of `name` at `collection`, answered with the
-    /// applied object as the API server would store it.
-    pub fn apply(self, collection: &str, name: &str) -> Self {
-        self.expect(Method::PATCH, &format!("{collection}/{name}"), |req| {
+    /// A server-side apply of the recorded object `stem` at `collection`,
+    /// answered as the real API server answered it: the recorded creation
+    /// (201) when the object is new, else the stored object with the applied
+    /// fields.
+    pub fn apply(self, collection: &str, name: &str, creates: bool) -> Self {
+        let stem = OWNED.iter().find(|(_, c, n)| *c == collection && *n == name).map(|(s, _, _)| *s);
+        let path = format!("{collection}/{name}");
+        self.expect(Method::PATCH, &path, move |req| {
             assert!(req.query.contains("fieldManager=mcp-warden"), "{}", req.query);
             assert!(req.query.contains("force=true"), "{}", req.query);
-            (StatusCode::OK, stored(req.body.clone()))
+            let stem = stem.expect("a recorded object");
+            if creates {
+                // The recorded creation, holding what this request sent
+                // (the recorder's hash differs; keys, when fetched, are
+                // data the recorder had not), owned as the server records.
+                let created = recording(&format!("01-apply/ssa-{stem}.response.json"));
+                let version = created["metadata"]["resourceVersion"].as_str().unwrap_or("1").to_string();
+                let mut stored = answered(created, &req.body, &version);
+                if let Some(data) = req.body.get("data").and_then(Value::as_object) {
+                    let keys: serde_json::Map<String, Value> =
+                        data.keys().map(|k| (format!("f:{k}"), json!({}))).collect();
+                    if let Some(entry) = stored["metadata"]["managedFields"]
+                        .as_array_mut()
+                        .and_then(|m| m.iter_mut().find(|e| e["manager"] == "mcp-warden"))
+                    {
+                        entry["fieldsV1"]["f:data"] = Value::Object(keys);
+                    }
+                }
+                (StatusCode::CREATED, stored)
+            } else {
+                let stored = recording(&format!("01-apply/ssa-again-{stem}.response.json"));
+                (StatusCode::OK, answered(stored, &req.body, "99999"))
+            }
         })
     }
 
-    /// Server-side applies of every object the clinic server owns, in apply
-    /// order.
-    pub fn apply_all_owned(self) -> Self {
-        self.apply(SERVICE_ACCOUNTS, "patient-lookup-mcpw")
-            .apply(CONFIG_MAPS, "patient-lookup-policy")
-            .apply(CONFIG_MAPS, "patient-lookup-jwks")
-            .apply(NETWORK_POLICIES, "patient-lookup-ingress")
-            .apply(NETWORK_POLICIES, "patient-lookup-egress")
-            .apply(SERVICES, "patient-lookup")
-            .apply(DEPLOYMENTS, "patient-lookup")
-    }
-
-    /// A deletion of `name` at `collection`.
-    pub fn delete(self, collection: &str, name: &str) -> Self {
-        self.expect(Method::DELETE, &format!("{collection}/{name}"), |_| {
-            (StatusCode::OK, json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "metadata": {}}))
-        })
-    }
-
-    /// `n` events, answered by echoing them.
-    pub fn events(mut self, n: usize) -> Self {
-        for _ in 0..n {
-            self = self.expect(Method::POST, EVENTS, |req| (StatusCode::OK, req.body.clone()));
+    /// Server-side applies of every object the recorded server owns, each
+    /// creating it.
+    pub fn apply_all_owned(mut self) -> Self {
+        for (_, collection, name) in OWNED {
+            self = self.apply(collection, name, true);
         }
         self
     }
 
-    /// The status patch, answered with `server` carrying that status.
-    pub fn status_patch(self, server: Value) -> Self {
+    /// A deletion of `name` at `collection` (no finalizer: a Status).
+    pub fn delete(self, collection: &str, name: &str) -> Self {
+        self.expect(Method::DELETE, &format!("{collection}/{name}"), |_| {
+            (StatusCode::OK, recording("04-watch/d7-delete-deployment-no-finalizer.response.json"))
+        })
+    }
+
+    /// `n` events, answered as the real server answered the operator's.
+    pub fn events(mut self, n: usize) -> Self {
+        for _ in 0..n {
+            self = self.expect(Method::POST, EVENTS, |req| {
+                assert!(req.body.get("eventTime").is_some(), "an event without eventTime is refused (422)");
+                (
+                    StatusCode::CREATED,
+                    answered(recording("07-events/create-event-eventsv1.response.json"), &req.body, "9028"),
+                )
+            });
+        }
+        self
+    }
+
+    /// The status apply, answered with the whole server carrying it.
+    pub fn status_patch(self, server: &MCPServer) -> Self {
+        let server = serde_json::to_value(server).expect("server");
         self.expect(Method::PATCH, &format!("{SERVER}/status"), move |req| {
             assert!(req.query.contains("fieldManager=mcp-warden"), "{}", req.query);
+            assert_eq!(req.body["kind"], "MCPServer", "a status apply names its kind");
             let mut answer = server;
             answer["status"] = req.body["status"].clone();
+            answer["metadata"]["resourceVersion"] = json!("99999");
             (StatusCode::OK, answer)
         })
     }
 
-    /// A failing request.
+    /// The finalizer JSON patch, answered with `server` after it.
+    pub fn finalizer_patch(self, op: &'static str, answer: Value) -> Self {
+        self.expect(Method::PATCH, SERVER, move |req| {
+            assert!(req.query.is_empty() || !req.query.contains("fieldManager"), "{}", req.query);
+            let ops = req.body.as_array().expect("a JSON patch");
+            assert!(ops.iter().any(|o| o["op"] == op), "{ops:?}");
+            (StatusCode::OK, answer)
+        })
+    }
+
+    /// A failing request, with the real server's Status body.
     pub fn fail(self, method: Method, path: &str, code: u16) -> Self {
         self.expect(method, path, move |_| {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            (status, json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code, "message": "injected failure", "reason": "InternalError", "metadata": {}}))
+            (status, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "injected failure", "reason": "InternalError", "code": code}))
         })
     }
 
@@ -246,19 +345,11 @@ async fn record(request: Request<Body>) -> Recorded {
     Recorded { method, path, query, body }
 }
 
-/// An applied object as the API server returns and later lists it.
-pub fn stored(mut object: Value) -> Value {
-    object["metadata"]["uid"] = json!("00000000-0000-4000-8000-00000000beef");
-    object["metadata"]["resourceVersion"] = json!("2");
-    object["metadata"]["generation"] = json!(1);
-    object
-}
-
-/// Bodies of the applies among `seen`, as stored objects.
+/// Bodies of the owned-object applies among `seen`.
 pub fn applied_objects(seen: &[Recorded]) -> Vec<Value> {
     seen.iter()
         .filter(|r| r.method == Method::PATCH && !r.path.ends_with("/status") && !r.path.contains("/mcpservers/"))
-        .map(|r| stored(r.body.clone()))
+        .map(|r| r.body.clone())
         .collect()
 }
 
@@ -273,4 +364,9 @@ pub fn event_reasons(seen: &[Recorded]) -> Vec<String> {
         .filter(|r| r.path == EVENTS)
         .map(|r| r.body["reason"].as_str().unwrap_or_default().to_string())
         .collect()
+}
+
+/// Whether `seen` holds any write (anything but a GET).
+pub fn writes(seen: &[Recorded]) -> Vec<String> {
+    seen.iter().filter(|r| r.method != Method::GET).map(|r| format!("{} {}", r.method, r.path)).collect()
 }

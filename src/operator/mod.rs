@@ -2,45 +2,49 @@
 //! reports compliance from what it observes.
 //!
 //! ```text
-//!   watch MCPServer ─────────────┐
-//!   watch owned kinds (by owner) ├─▶ Controller ─▶ reconcile (render, apply, evaluate, status)
-//!   watch PHIStore  → servers using it (same namespace)
-//!   watch NetworkPolicy → servers of its namespace
-//!   watch Pod (label) → its server
-//!   :8080  /healthz /readyz /metrics
+//!   watch MCPServer ──────────────┐
+//!   watch owned kinds (label) ────┤  caches ── read by ──▶ reconcile (render, apply, evaluate, status)
+//!   watch PHIStore → servers using it      ─▶ Controller ──┘        │ writes pass the fence
+//!   watch NetworkPolicy → servers whose pods it selects              ▼
+//!   watch Pod (label) → its server                         API server (only while leading)
+//!   Lease (leader election) ─ new term ─▶ reconcile every server
+//!   :8080  /healthz /readyz (every cache synced) /metrics
 //! ```
+//!
+//! Every replica watches and keeps its caches warm (and reports ready);
+//! only the one holding the Lease writes.
 
+pub mod caches;
 pub mod collector;
 pub mod context;
 pub mod jwks;
+pub mod managed_fields;
 pub mod owned;
+pub mod recent;
 pub mod reconcile;
 pub mod status;
+pub mod triggers;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use clap::Args;
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use clap::{ArgAction, Args};
+use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
-use crate::api::{MCPServer, PHIStore};
 use crate::health::{self, Health};
+use crate::leader::fence::FenceLayer;
+use crate::leader::{self, Leadership, LeaseConfig};
+use crate::policy::parse_go_duration;
 use crate::render::Settings;
-use crate::render::names::{MANAGER, SERVER_LABEL};
+use caches::{Caches, Scope};
 use context::Context;
 use jwks::HttpsJwksSource;
+use triggers::PolicyTargets;
 
 /// Flags of `mcp-warden operator` (each also read from the environment).
 #[derive(Debug, Clone, Args)]
@@ -94,6 +98,31 @@ pub struct OperatorArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "MCPW_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
+    /// Quiet time after a change before a server is reconciled, so a burst
+    /// of events (its own writes, the Deployment controller's answer, new
+    /// pods) makes one pass, e.g. `1s`.
+    #[arg(long, env = "MCPW_DEBOUNCE", default_value = "1s", value_parser = duration)]
+    pub debounce: Duration,
+    /// Elect one writing replica with a Lease (`false`: this process always
+    /// writes; run one replica only).
+    #[arg(long, env = "MCPW_LEADER_ELECTION", default_value_t = true, action = ArgAction::Set)]
+    pub leader_election: bool,
+    /// Namespace of the Lease (default: the warden namespace).
+    #[arg(long, env = "MCPW_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, env = "MCPW_LEASE_NAME", default_value = "mcp-warden-operator")]
+    pub lease_name: String,
+    /// How long a standby waits on an unrenewed Lease before taking it.
+    #[arg(long, env = "MCPW_LEASE_DURATION", default_value = "10s", value_parser = duration)]
+    pub lease_duration: Duration,
+    /// How long after its last successful renewal a leader stops writing
+    /// (shorter than the lease duration: the gap is the fencing margin).
+    #[arg(long, env = "MCPW_LEASE_RENEW_DEADLINE", default_value = "7s", value_parser = duration)]
+    pub lease_renew_deadline: Duration,
+    /// How often the Lease is renewed, or polled by a standby.
+    #[arg(long, env = "MCPW_LEASE_RETRY_PERIOD", default_value = "2s", value_parser = duration)]
+    pub lease_retry_period: Duration,
 }
 
 impl OperatorArgs {
@@ -127,59 +156,54 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(labels)
 }
 
-/// The servers of `store`'s namespace whose tools use it.
-pub fn servers_using_store(servers: &[Arc<MCPServer>], store: &PHIStore) -> Vec<ObjectRef<MCPServer>> {
-    let name = store.name_any();
-    servers
-        .iter()
-        .filter(|s| s.namespace() == store.namespace())
-        .filter(|s| s.spec.tools.iter().any(|t| t.data_access.iter().any(|d| d.store == name)))
-        .map(|s| ObjectRef::from_obj(&**s))
-        .collect()
+fn duration(text: &str) -> Result<Duration, String> {
+    parse_go_duration(text)
 }
 
-/// Every server of a namespace.
-pub fn servers_in_namespace(servers: &[Arc<MCPServer>], namespace: Option<&str>) -> Vec<ObjectRef<MCPServer>> {
-    servers.iter().filter(|s| s.namespace().as_deref() == namespace).map(|s| ObjectRef::from_obj(&**s)).collect()
-}
-
-/// The server a pod says it belongs to.
-pub fn server_of_pod(pod: &Pod) -> Option<ObjectRef<MCPServer>> {
-    let name = pod.labels().get(SERVER_LABEL)?;
-    let reference = ObjectRef::<MCPServer>::new(name);
-    Some(match pod.namespace() {
-        Some(ns) => reference.within(&ns),
-        None => reference,
-    })
-}
-
-/// Where the operator watches: every namespace, or one.
-struct Scope {
-    client: Client,
-    namespace: Option<String>,
-}
-
-impl Scope {
-    fn api<K>(&self) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-        K::DynamicType: Default,
-    {
-        match &self.namespace {
-            Some(ns) => Api::namespaced(self.client.clone(), ns),
-            None => Api::all(self.client.clone()),
+impl OperatorArgs {
+    /// The election's timing and identity, when leader election is on.
+    pub fn lease(&self) -> Result<Option<LeaseConfig>, String> {
+        if !self.leader_election {
+            return Ok(None);
         }
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "mcp-warden".into());
+        let base = self.pod_name.clone().unwrap_or(host);
+        let config = LeaseConfig {
+            namespace: self.lease_namespace.clone().unwrap_or_else(|| self.warden_namespace.clone()),
+            name: self.lease_name.clone(),
+            // Unique per process: a restarted replica must not inherit its
+            // predecessor's term.
+            identity: format!("{base}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            lease_duration: self.lease_duration,
+            renew_deadline: self.lease_renew_deadline,
+            retry_period: self.lease_retry_period,
+        };
+        config.validate()?;
+        Ok(Some(config))
     }
 }
 
-/// Runs the controllers and the health server until SIGTERM or SIGINT.
+/// Runs the controllers and the health server until SIGTERM or SIGINT;
+/// then stops reconciling, releases the Lease, and exits.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let settings = args.settings().map_err(anyhow::Error::msg)?;
-    let client = Client::try_default().await?;
+    let lease = args.lease().map_err(anyhow::Error::msg)?;
+    let config = kube::Config::infer().await?;
+    let leadership = if lease.is_some() { Leadership::elected() } else { Leadership::standalone() };
+    // Every write of the controllers passes the fence; the elector's own
+    // client does not.
+    let client =
+        kube::client::ClientBuilder::try_from(config.clone())?.with_layer(&FenceLayer(leadership.clone())).build();
+    let lease_client = kube::Client::try_from(config)?;
+
+    let scope = Scope { client: client.clone(), namespace: args.watch_namespace.clone() };
+    let (caches, triggers) = Caches::watch(&scope);
     let mut registry = Registry::default();
     let jwks = Arc::new(HttpsJwksSource::new(Duration::from_secs(args.jwks_timeout_seconds))?);
     let mut ctx = Context::new(
-        client.clone(),
+        client,
+        caches.clone(),
+        leadership.clone(),
         settings,
         jwks,
         &mut registry,
@@ -193,63 +217,71 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--collector-url: {e}"))?;
         ctx = ctx.with_collector(Arc::new(source));
     }
+    let leader_gauge = ctx.metrics.leader.clone();
+    if lease.is_none() {
+        leader_gauge.set(1);
+    }
     let ctx = Arc::new(ctx);
-    let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let health = Arc::new(Health::with_flag(Arc::clone(&synced), registry));
+    let sync = Arc::clone(&caches.sync);
+    let health = Arc::new(Health {
+        ready: Box::new(move || {
+            let pending = sync.pending();
+            if pending.is_empty() { Ok(()) } else { Err(format!("caches not synced: {}", pending.join(", "))) }
+        }),
+        registry,
+    });
 
-    let scope = Scope { client: client.clone(), namespace: args.watch_namespace.clone() };
-    let servers: Api<MCPServer> = scope.api();
-    let stores: Api<PHIStore> = scope.api();
-    let owned_cfg = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    let controller = Controller::new(servers, watcher::Config::default())
-        .with_config(ControllerConfig::default().concurrency(args.concurrency));
-    let server_store = controller.store();
-
-    let by_store = server_store.clone();
-    let by_namespace = server_store.clone();
-    let controller = controller
-        .owns(scope.api::<Deployment>(), owned_cfg.clone())
-        .owns(scope.api::<Service>(), owned_cfg.clone())
-        .owns(scope.api::<ConfigMap>(), owned_cfg.clone())
-        .owns(scope.api::<ServiceAccount>(), owned_cfg.clone())
-        // A PHIStore change re-renders every server of its namespace using it.
-        .watches(stores, watcher::Config::default(), move |store: PHIStore| {
-            servers_using_store(&by_store.state(), &store)
-        })
-        // Any NetworkPolicy can widen a server's traffic: re-evaluate its namespace.
-        .watches(scope.api::<NetworkPolicy>(), watcher::Config::default(), move |policy: NetworkPolicy| {
-            servers_in_namespace(&by_namespace.state(), policy.namespace().as_deref())
-        })
+    let signal = health::shutdown_signal().boxed().shared();
+    let by_store = caches.servers.clone();
+    let by_policy = caches.servers.clone();
+    let targets = PolicyTargets::default();
+    let controller = Controller::for_stream(triggers.servers, caches.servers.clone())
+        .with_config(ControllerConfig::default().concurrency(args.concurrency).debounce(args.debounce))
+        .owns_stream(triggers.deployments)
+        .owns_stream(triggers.services)
+        .owns_stream(triggers.config_maps)
+        .owns_stream(triggers.service_accounts)
+        // A PHIStore change re-renders the servers of its namespace using it.
+        .watches_stream(triggers.stores, move |store| triggers::servers_using_store(&by_store.state(), &store))
+        // A NetworkPolicy can widen the traffic of the pods it selects.
+        .watches_stream(triggers.network_policies, move |policy| targets.concerned(&by_policy.state(), &policy))
         // Pods, so status follows what really runs (label set by the renderer,
         // and by anyone imitating it: a pod without the sidecar is what we look for).
-        .watches(scope.api::<Pod>(), watcher::Config::default().labels(SERVER_LABEL), |pod: Pod| server_of_pod(&pod))
-        .shutdown_on_signal();
+        .watches_stream(triggers.pods, |pod| triggers::server_of_pod(&pod))
+        // A new leader looks at everything once, from its warm caches.
+        .reconcile_all_on(leadership.terms())
+        .graceful_shutdown_on(signal.clone());
 
-    let readiness = async move {
-        let _ = server_store.wait_until_ready().await;
-        synced.store(true, Ordering::Relaxed);
-        info!("caches synced; reconciling");
-    };
-
+    let reconciled = Arc::clone(&ctx);
     let servers_done =
-        controller.run(reconcile::reconcile, reconcile::error_policy, Arc::clone(&ctx)).for_each(|result| async move {
+        controller.run(reconcile::reconcile, reconcile::error_policy, reconciled).for_each(|result| async move {
             if let Err(e) = result {
                 warn!(error = %e, "controller event");
             }
         });
-    // The controllers stop on SIGTERM/SIGINT; the health server stops after them.
-    let stopped = Arc::new(tokio::sync::Notify::new());
-    let stop_health = Arc::clone(&stopped);
+    // Order of the stop: the controllers (no more writes), then the Lease
+    // (released, so a standby takes over at once), then the health server.
+    let controllers_stopped = Arc::new(tokio::sync::Notify::new());
+    let election_stopped = Arc::new(tokio::sync::Notify::new());
     let listener = tokio::net::TcpListener::bind(args.health_listen).await?;
+    let stop_health = Arc::clone(&election_stopped);
     let health_server = health::serve(listener, Arc::clone(&health), async move { stop_health.notified().await });
+    let stop_election = Arc::clone(&controllers_stopped);
+    let election = async move {
+        if let Some(lease) = lease {
+            info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "leader election");
+            leader::run(lease_client, lease, leadership, stop_election.notified(), leader_gauge).await;
+        } else {
+            stop_election.notified().await;
+        }
+        election_stopped.notify_one();
+    };
     let controllers = async move {
         servers_done.await;
-        stopped.notify_one();
+        controllers_stopped.notify_one();
     };
     info!(listen = %args.health_listen, "mcp-warden operator starting");
-    let readiness = tokio::spawn(readiness);
-    let (_, served) = tokio::join!(controllers, health_server);
-    readiness.abort();
+    let (_, _, served) = tokio::join!(controllers, election, health_server);
     served?;
     info!("mcp-warden operator stopped");
     Ok(())

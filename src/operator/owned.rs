@@ -4,21 +4,26 @@
 //!
 //! ```text
 //!   desired (render) ─┐                          ┌─ Create      (absent)
-//!                     ├─ plan_object(desired, ─▶ ├─ Unchanged   (every desired field holds: no write)
-//!   existing (list) ──┘        existing)         ├─ Update      (the spec changed)
-//!                                                └─ Drift(path) (same spec, a field was edited by hand)
+//!                     ├─ plan_object(desired, ─▶ ├─ Unchanged   (same desired hash, every applied field still ours: no write)
+//!   live (cache) ─────┘        live)             ├─ Update      (the desired object changed)
+//!                                                └─ Drift(path) (same desired object, a field taken by an edit)
 //! ```
 //!
 //! Every applied object carries `mcpwarden.io/desired-hash`, the hash of
-//! what the warden applied; a non-conforming object whose hash still
-//! matches was edited by someone else.
+//! what the warden applied. Whether the live object still holds it is read
+//! from field ownership (`managed_fields`), never by comparing values: the
+//! server's defaults, normalisations and stripped type metadata are not
+//! differences.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{ApiResource, DynamicObject};
+use kube::api::ApiResource;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use super::managed_fields::{applied_fields, first_unowned};
+use crate::render::names::MANAGER;
 
 /// Annotation with the hash of the object as the warden last applied it.
 pub const DESIRED_HASH_ANNOTATION: &str = "mcpwarden.io/desired-hash";
@@ -32,6 +37,19 @@ pub fn owned_kinds() -> [ApiResource; 5] {
         ApiResource::erase::<Service>(&()),
         ApiResource::erase::<Deployment>(&()),
     ]
+}
+
+/// Where a kind comes when a server's objects are deleted: the workload
+/// first, the NetworkPolicies that isolate its pods last.
+pub fn deletion_rank(kind: &str) -> u8 {
+    match kind {
+        "Deployment" => 0,
+        "Service" => 1,
+        "ConfigMap" => 2,
+        "ServiceAccount" => 3,
+        "NetworkPolicy" => 4,
+        _ => 5,
+    }
 }
 
 /// What to do with one desired object.
@@ -69,49 +87,16 @@ fn desired_hash(object: &Value) -> Option<&str> {
 
 /// Decides what to do with `desired` (already carrying its hash) given the
 /// object the cluster holds.
-pub fn plan_object(desired: &Value, existing: Option<&Value>) -> Plan {
-    let Some(existing) = existing else { return Plan::Create };
-    match first_difference(desired, existing, "") {
-        None => Plan::Unchanged,
-        Some(path) if desired_hash(existing) == desired_hash(desired) => Plan::Drift(path),
-        Some(_) => Plan::Update,
+pub fn plan_object(desired: &Value, live: Option<&Value>) -> Plan {
+    let Some(live) = live else { return Plan::Create };
+    if desired_hash(live) != desired_hash(desired) {
+        return Plan::Update;
     }
-}
-
-/// The first path where `actual` does not hold what `desired` says, or
-/// None. Fields the API server adds (defaults, status, metadata it manages)
-/// are ignored; an empty or zero desired value matches an absent one, as
-/// the API server omits those.
-pub fn first_difference(desired: &Value, actual: &Value, path: &str) -> Option<String> {
-    match (desired, actual) {
-        (Value::Object(d), Value::Object(a)) => d.iter().find_map(|(key, dv)| {
-            let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
-            match a.get(key) {
-                Some(av) => first_difference(dv, av, &child),
-                None if is_empty(dv) => None,
-                None => Some(child),
-            }
-        }),
-        (Value::Array(d), Value::Array(a)) => {
-            if d.len() != a.len() {
-                return Some(path.to_string());
-            }
-            d.iter().zip(a).enumerate().find_map(|(i, (dv, av))| first_difference(dv, av, &format!("{path}[{i}]")))
-        }
-        (d, a) if d == a => None,
-        (d, Value::Null) if is_empty(d) => None,
-        _ => Some(path.to_string()),
-    }
-}
-
-fn is_empty(value: &Value) -> bool {
-    match value {
-        Value::Null => true,
-        Value::Bool(b) => !b,
-        Value::Number(n) => n.as_f64() == Some(0.0),
-        Value::String(s) => s.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        Value::Object(o) => o.is_empty(),
+    match applied_fields(live, MANAGER) {
+        // Same hash, yet no apply of ours on record: its field ownership
+        // was wiped, which only someone else can do.
+        None => Plan::Drift("metadata.managedFields".into()),
+        Some(owned) => first_unowned(desired, owned).map_or(Plan::Unchanged, Plan::Drift),
     }
 }
 
@@ -124,8 +109,10 @@ pub fn key_of(value: &Value) -> (String, String) {
 }
 
 /// Whether an object is owned (controller reference) by the object `uid`.
-pub fn is_owned_by(object: &DynamicObject, uid: &str) -> bool {
-    object.metadata.owner_references.iter().flatten().any(|r| r.uid == uid && r.controller == Some(true))
+pub fn is_owned_by(object: &Value, uid: &str) -> bool {
+    object.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|owners| {
+        owners.iter().any(|r| r["uid"].as_str() == Some(uid) && r["controller"].as_bool() == Some(true))
+    })
 }
 
 #[cfg(test)]
@@ -133,53 +120,50 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn desired() -> Value {
-        with_desired_hash(json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "s", "namespace": "n", "labels": {"a": "b"}},
-            "spec": {"ports": [{"name": "mcp", "port": 8443}], "selector": {"a": "b"}, "type": "ClusterIP"}
-        }))
+    fn recorded(file: &str) -> Value {
+        let path = format!("{}/tests/k8s-recordings/{file}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("recording")).expect("json")
+    }
+
+    /// The Deployment the operator applied, and the object a real API server
+    /// stored: defaults, `deployment.kubernetes.io/revision`, status, and
+    /// (in a LIST) no apiVersion/kind.
+    fn applied_and_stored() -> (Value, Value) {
+        let desired = recorded("01-apply/ssa-deployment-patient-lookup.request.json");
+        let mut stored = recorded("01-apply/ssa-again-deployment-patient-lookup.response.json");
+        let listed = stored.as_object_mut().expect("object");
+        listed.remove("apiVersion");
+        listed.remove("kind");
+        (desired, stored)
     }
 
     #[test]
-    fn server_defaults_and_managed_metadata_are_not_differences() {
-        let mut existing = desired();
-        existing["metadata"]["uid"] = json!("u");
-        existing["metadata"]["resourceVersion"] = json!("7");
-        existing["spec"]["ports"][0]["protocol"] = json!("TCP");
-        existing["spec"]["clusterIP"] = json!("10.0.0.1");
-        existing["status"] = json!({"loadBalancer": {}});
-        assert_eq!(plan_object(&desired(), Some(&existing)), Plan::Unchanged);
+    fn server_defaults_type_metadata_and_status_are_not_differences() {
+        let (desired, stored) = applied_and_stored();
+        assert_eq!(plan_object(&desired, Some(&stored)), Plan::Unchanged);
     }
 
     #[test]
-    fn empty_desired_values_match_omitted_ones() {
-        let d = json!({"spec": {"ingress": [], "flag": false, "n": 0, "emptyDir": {}}});
-        assert_eq!(first_difference(&d, &json!({"spec": {"emptyDir": {}}}), ""), None);
-    }
-
-    #[test]
-    fn a_hand_edit_is_drift_and_a_new_spec_is_an_update() {
-        assert_eq!(plan_object(&desired(), None), Plan::Create);
-        let mut edited = desired();
-        edited["spec"]["ports"][0]["port"] = json!(80);
-        assert_eq!(plan_object(&desired(), Some(&edited)), Plan::Drift("spec.ports[0].port".into()));
-        let mut extra_port = desired();
-        extra_port["spec"]["ports"].as_array_mut().expect("ports").push(json!({"port": 22}));
-        assert_eq!(plan_object(&desired(), Some(&extra_port)), Plan::Drift("spec.ports".into()));
-        let mut older = edited.clone();
-        older["metadata"]["annotations"][DESIRED_HASH_ANNOTATION] = json!("an-older-hash");
-        assert_eq!(plan_object(&desired(), Some(&older)), Plan::Update);
-        let mut label_removed = desired();
-        label_removed["metadata"]["labels"] = json!({});
-        assert_eq!(plan_object(&desired(), Some(&label_removed)), Plan::Drift("metadata.labels.a".into()));
+    fn an_edit_by_another_manager_is_drift_and_a_new_hash_is_an_update() {
+        let (desired, _) = applied_and_stored();
+        assert_eq!(plan_object(&desired, None), Plan::Create);
+        let taken = recorded("05-errors/409-setup-ssa-replicas-by-someone-else.response.json");
+        assert_eq!(plan_object(&desired, Some(&taken)), Plan::Drift("spec.replicas".into()));
+        let mut changed = desired.clone();
+        changed["metadata"]["annotations"][DESIRED_HASH_ANNOTATION] = json!("another-spec");
+        assert_eq!(plan_object(&changed, Some(&taken)), Plan::Update);
+        let mut wiped = taken.clone();
+        wiped["metadata"]["managedFields"] = json!([]);
+        assert_eq!(plan_object(&desired, Some(&wiped)), Plan::Drift("metadata.managedFields".into()));
     }
 
     #[test]
     fn the_hash_is_stable_and_follows_the_object() {
-        assert_eq!(desired(), desired());
-        let mut other = desired();
+        let object =
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}, "spec": {"type": "ClusterIP"}});
+        assert_eq!(with_desired_hash(object.clone()), with_desired_hash(object.clone()));
+        let mut other = object.clone();
         other["spec"]["type"] = json!("NodePort");
-        assert_ne!(desired_hash(&with_desired_hash(other)), desired_hash(&desired()));
+        assert_ne!(desired_hash(&with_desired_hash(other)), desired_hash(&with_desired_hash(object)));
     }
 }

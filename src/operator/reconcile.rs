@@ -1,25 +1,27 @@
 //! Reconciling one MCPServer.
 //!
 //! ```text
-//!   reconcile ─ finalizer ─┬─ Apply:   stores → owned objects (listed) → JWKS → render
-//!                          │           → create / update / restore / skip each object → delete orphans
-//!                          │           → pods → evaluate → status (only if changed) → events
-//!                          └─ Cleanup: delete every owned object (idempotent; fine if Apply never ran)
+//!   reconcile ─ leading? ─ caches synced ─ newest server ─ finalizer ─┬─ Apply:   caches → JWKS → render
+//!                                                                     │           → create / update / restore / skip each object → delete orphans
+//!                                                                     │           → wrote anything? requeue: status waits for the caches to show it
+//!                                                                     │           → pods → evaluate → status (only if changed) → events
+//!                                                                     └─ Cleanup: delete every owned object (idempotent; fine if Apply never ran)
 //! ```
 //!
-//! Requests, in order, so the controller tests can follow them: list
-//! PHIStores; list owned ServiceAccounts, ConfigMaps, NetworkPolicies (all
-//! of the namespace), Services, Deployments; server-side apply of each object
-//! that needs it; delete orphans; list pods; events; status patch.
+//! Nothing is read from the API server here: the objects come from the
+//! watch caches (`caches`), overlaid with the answers to this process's own
+//! recent writes (`recent`), so an unchanged world costs no request at all.
+//! Writes, in order, so the controller tests can follow them: the
+//! finalizer; server-side apply of each object that needs it; deletion of
+//! orphans; events; the status.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -30,11 +32,16 @@ use tracing::{info, instrument, warn};
 use super::context::{Context, ErrorLabels};
 use super::jwks::validate_jwks;
 use super::owned::{self, Plan};
+use super::recent::{Key, version_of};
 use super::status::{self, ConditionValue, JwksState};
-use crate::api::{API_VERSION, MCPServer, PHIStore};
+use crate::api::{API_VERSION, MCPServer};
 use crate::compliance::{self, Observations, Source};
-use crate::render::names::{MANAGER, SERVER_LABEL};
+use crate::render::names::MANAGER;
 use crate::render::{self, OwnedNames};
+
+/// How soon a reconcile that wrote objects looks again, in case no watch
+/// event follows (a write the server found to be a no-op sends none).
+const AFTER_WRITES: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Finalizer guarding cleanup of owned objects.
 pub const FINALIZER: &str = "mcpwarden.io/cleanup";
@@ -77,12 +84,20 @@ fn key(server: &MCPServer) -> String {
     format!("{}/{}", server.namespace().unwrap_or_default(), server.name_any())
 }
 
-/// Reconciles one MCPServer (the controller's entry point).
+/// Reconciles one MCPServer (the controller's entry point). A replica that
+/// does not lead does nothing: the leader reconciles every server when its
+/// term starts.
 #[instrument(skip_all, fields(namespace = server.namespace().unwrap_or_default(), name = server.name_any()))]
 pub async fn reconcile(server: Arc<MCPServer>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.leadership.is_leader() {
+        return Ok(Action::await_change());
+    }
+    // Planning from half-filled caches would re-create what exists.
+    ctx.caches.sync.wait().await;
     let namespace = server.namespace().ok_or(Error::NoNamespace)?;
     ctx.metrics.reconciles.inc();
     let started = std::time::Instant::now();
+    let server = newest(&ctx, server, &namespace);
     let api: Api<MCPServer> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = key(&server);
     let result = finalizer(&api, FINALIZER, server, |event| async {
@@ -100,6 +115,21 @@ pub async fn reconcile(server: Arc<MCPServer>, ctx: Arc<Context>) -> Result<Acti
     result
 }
 
+fn object_key(kind: &str, namespace: &str, name: &str) -> Key {
+    (kind.to_string(), namespace.to_string(), name.to_string())
+}
+
+/// The server as the cache holds it, unless this process's last status
+/// write answered with a newer version.
+fn newest(ctx: &Context, server: Arc<MCPServer>, namespace: &str) -> Arc<MCPServer> {
+    let key = object_key("MCPServer", namespace, &server.name_any());
+    let Ok(cached) = serde_json::to_value(&*server) else { return server };
+    match ctx.recent.resolve(&key, Some(cached.clone())) {
+        Some(newer) if newer != cached => serde_json::from_value(newer).map(Arc::new).unwrap_or(server),
+        _ => server,
+    }
+}
+
 /// Logs and counts a failure, then retries with exponential backoff.
 pub fn error_policy(server: Arc<MCPServer>, error: &Error, ctx: Arc<Context>) -> Action {
     let wait = ctx.backoff(&key(&server));
@@ -108,43 +138,30 @@ pub fn error_policy(server: Arc<MCPServer>, error: &Error, ctx: Arc<Context>) ->
     Action::requeue(wait)
 }
 
-/// The owned objects the cluster holds, as listed at the start of a
-/// reconcile, plus every NetworkPolicy of the namespace.
-struct Existing {
-    owned: BTreeMap<(String, String), DynamicObject>,
-    network_policies: Vec<NetworkPolicy>,
+/// The objects the server owns as this process knows them: the caches,
+/// overlaid with the answers to its own recent writes.
+struct Existing<'a> {
+    ctx: &'a Context,
+    namespace: String,
+    cached: BTreeMap<(String, String), Value>,
 }
 
-impl Existing {
-    async fn list(ctx: &Context, namespace: &str, server: &str) -> Result<Self, Error> {
-        let selector = format!("{SERVER_LABEL}={server},app.kubernetes.io/managed-by={MANAGER}");
-        let mut owned = BTreeMap::new();
-        let mut network_policies = Vec::new();
-        for resource in owned::owned_kinds() {
-            let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, &resource);
-            let is_network_policy = resource.kind == "NetworkPolicy";
-            // NetworkPolicies are listed whole: other policies selecting the
-            // server's pods are part of its access-control verdict.
-            let params =
-                if is_network_policy { ListParams::default() } else { ListParams::default().labels(&selector) };
-            for object in api.list(&params).await? {
-                if is_network_policy {
-                    network_policies.push(object.clone().try_parse::<NetworkPolicy>()?);
-                    let labels = object.labels();
-                    if labels.get(SERVER_LABEL).map(String::as_str) != Some(server)
-                        || labels.get("app.kubernetes.io/managed-by").map(String::as_str) != Some(MANAGER)
-                    {
-                        continue;
-                    }
-                }
-                owned.insert((resource.kind.clone(), object.name_any()), object);
-            }
-        }
-        Ok(Existing { owned, network_policies })
+impl<'a> Existing<'a> {
+    fn of(ctx: &'a Context, namespace: &str, server: &str) -> Self {
+        Existing { ctx, namespace: namespace.to_string(), cached: ctx.caches.managed_of(namespace, server) }
     }
 
-    fn get(&self, kind: &str, name: &str) -> Option<&DynamicObject> {
-        self.owned.get(&(kind.to_string(), name.to_string()))
+    fn get(&self, kind: &str, name: &str) -> Option<Value> {
+        let cached = self.cached.get(&(kind.to_string(), name.to_string())).cloned();
+        self.ctx.recent.resolve(&object_key(kind, &self.namespace, name), cached)
+    }
+
+    /// Every owned object known, resolved.
+    fn all(&self) -> Vec<((String, String), Value)> {
+        self.cached
+            .keys()
+            .filter_map(|(kind, name)| Some(((kind.clone(), name.clone()), self.get(kind, name)?)))
+            .collect()
     }
 }
 
@@ -155,31 +172,28 @@ struct Changes {
     updated: Vec<String>,
     drifted: Vec<(String, String)>,
     deleted: Vec<String>,
-    deployment: Option<Deployment>,
+}
+
+impl Changes {
+    fn wrote(&self) -> bool {
+        !(self.created.is_empty() && self.updated.is_empty() && self.drifted.is_empty() && self.deleted.is_empty())
+    }
 }
 
 async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
     let namespace = server.namespace().ok_or(Error::NoNamespace)?;
     let name = server.name_any();
     let names = OwnedNames::for_server(&name);
-    let client = &ctx.client;
 
-    let stores: BTreeMap<String, PHIStore> = Api::<PHIStore>::namespaced(client.clone(), &namespace)
-        .list(&ListParams::default())
-        .await?
-        .into_iter()
-        .map(|s| (s.name_any(), s))
-        .collect();
-    let existing = Existing::list(ctx, &namespace, &name).await?;
+    let stores = ctx.caches.stores_in(&namespace);
+    let existing = Existing::of(ctx, &namespace, &name);
 
     let jwks_uri = server.spec.authentication.oidc.jwks_uri.clone();
     let (jwks, jwks_state) = match &jwks_uri {
         Some(uri) => {
             let last_good = existing
                 .get("ConfigMap", &names.jwks_config_map)
-                .and_then(|cm| cm.data.pointer("/data/jwks.json"))
-                .and_then(Value::as_str)
-                .map(str::to_string);
+                .and_then(|cm| cm.pointer("/data/jwks.json").and_then(Value::as_str).map(str::to_string));
             let (doc, state) = current_jwks(ctx, uri, last_good).await;
             (doc, Some(state))
         }
@@ -191,18 +205,16 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
     if let Ok(objects) = &rendered {
         sync_objects(ctx, server, &namespace, objects, &existing, &mut changes).await?;
     }
-    let deployment = match changes.deployment.take() {
-        Some(d) => Some(d),
-        None => {
-            existing.get("Deployment", &names.workload).cloned().map(|d| d.try_parse::<Deployment>()).transpose()?
-        }
-    };
+    publish_changes(ctx, server, &changes).await;
+    if changes.wrote() {
+        // Status describes what the caches show; they show these writes
+        // only once their watch events arrive, which trigger the next pass.
+        return Ok(Action::requeue(AFTER_WRITES));
+    }
+    let deployment =
+        existing.get("Deployment", &names.workload).map(serde_json::from_value::<Deployment>).transpose()?;
 
-    let listed = Api::<Pod>::namespaced(client.clone(), &namespace)
-        .list(&ListParams::default().labels(&format!("{SERVER_LABEL}={name}")))
-        .await?
-        .items;
-    let (present_names, pods) = present_and_running(listed);
+    let (present_names, pods) = present_and_running(ctx.caches.pods_of(&namespace, &name));
     let collector = match &ctx.collector {
         Some(source) => match source.health().await {
             Ok(health) => {
@@ -226,7 +238,7 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
     };
     let observed = Observations {
         source: Source::Cluster,
-        network_policies: Some(existing.network_policies.clone()),
+        network_policies: Some(ctx.caches.network_policies_in(&namespace)),
         pods: Some(pods),
         collector,
     };
@@ -265,16 +277,18 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
         &Time(k8s_openapi::jiff::Timestamp::now()),
     );
 
-    publish_changes(ctx, server, &changes).await;
-    for (type_, old, new) in status::transitions(server.status.as_ref(), &next) {
-        let message = next.conditions.iter().find(|c| c.type_ == type_).map(|c| c.message.clone()).unwrap_or_default();
-        let type_event = if new == "True" { EventType::Normal } else { EventType::Warning };
-        publish(ctx, server, type_event, &format!("{type_}{new}"), format!("{type_} {old} -> {new}: {message}")).await;
-    }
     if server.status.as_ref() != Some(&next) {
-        let api: Api<MCPServer> = Api::namespaced(client.clone(), &namespace);
+        for (type_, old, new) in status::transitions(server.status.as_ref(), &next) {
+            let message =
+                next.conditions.iter().find(|c| c.type_ == type_).map(|c| c.message.clone()).unwrap_or_default();
+            let type_event = if new == "True" { EventType::Normal } else { EventType::Warning };
+            publish(ctx, server, type_event, &format!("{type_}{new}"), format!("{type_} {old} -> {new}: {message}"))
+                .await;
+        }
+        let api: Api<MCPServer> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = json!({"apiVersion": API_VERSION, "kind": "MCPServer", "status": next});
-        api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+        let written = api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+        ctx.recent.written(object_key("MCPServer", &namespace, &name), serde_json::to_value(&written)?);
     }
     Ok(Action::requeue(ctx.resync))
 }
@@ -306,7 +320,7 @@ async fn sync_objects(
     server: &MCPServer,
     namespace: &str,
     objects: &render::OwnedObjects,
-    existing: &Existing,
+    existing: &Existing<'_>,
     changes: &mut Changes,
 ) -> Result<(), Error> {
     let kinds = owned::owned_kinds();
@@ -315,8 +329,8 @@ async fn sync_objects(
         let desired = owned::with_desired_hash(desired);
         let (kind, name) = owned::key_of(&desired);
         wanted.push((kind.clone(), name.clone()));
-        let current = existing.get(&kind, &name).map(serde_json::to_value).transpose()?;
-        let plan = owned::plan_object(&desired, current.as_ref());
+        let live = existing.get(&kind, &name);
+        let plan = owned::plan_object(&desired, live.as_ref());
         let label = format!("{kind} {name}");
         match &plan {
             Plan::Unchanged => continue,
@@ -327,22 +341,21 @@ async fn sync_objects(
         let Some(resource) = kinds.iter().find(|r| r.kind == kind) else { continue };
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, resource);
         let applied = api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired)).await?;
+        ctx.recent.written(object_key(&kind, namespace, &name), serde_json::to_value(&applied)?);
         ctx.metrics.applied.inc();
         if matches!(plan, Plan::Drift(_)) {
             ctx.metrics.drift_corrected.inc();
         }
-        if kind == "Deployment" {
-            changes.deployment = Some(applied.try_parse::<Deployment>()?);
-        }
     }
     let uid = server.uid().unwrap_or_default();
-    for ((kind, name), object) in &existing.owned {
-        if wanted.contains(&(kind.clone(), name.clone())) || !owned::is_owned_by(object, &uid) {
+    for ((kind, name), object) in existing.all() {
+        if wanted.contains(&(kind.clone(), name.clone())) || !owned::is_owned_by(&object, &uid) {
             continue;
         }
-        let Some(resource) = kinds.iter().find(|r| &r.kind == kind) else { continue };
+        let Some(resource) = kinds.iter().find(|r| r.kind == kind) else { continue };
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, resource);
-        delete_ignoring_absent(&api, name).await?;
+        delete_ignoring_absent(&api, &name).await?;
+        ctx.recent.deleted(object_key(&kind, namespace, &name), version_of(&object));
         ctx.metrics.orphans_deleted.inc();
         changes.deleted.push(format!("{kind} {name}"));
     }
@@ -391,21 +404,29 @@ async fn publish(ctx: &Context, server: &MCPServer, type_: EventType, reason: &s
 }
 
 /// Deletes every object the server owns. Idempotent; absent objects are
-/// fine, and so is a server whose apply never ran.
+/// fine, and so is a server whose apply never ran. (Kubernetes' garbage
+/// collector would delete them too, by their owner reference; deleting them
+/// here ends the server's workload before the MCPServer is gone.)
 async fn cleanup(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
     let namespace = server.namespace().ok_or(Error::NoNamespace)?;
     let name = server.name_any();
     let uid = server.uid().unwrap_or_default();
-    let selector = format!("{SERVER_LABEL}={name},app.kubernetes.io/managed-by={MANAGER}");
+    let kinds = owned::owned_kinds();
+    let existing = Existing::of(ctx, &namespace, &name);
     let mut deleted = Vec::new();
-    for resource in owned::owned_kinds() {
-        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &namespace, &resource);
-        for object in api.list(&ListParams::default().labels(&selector)).await? {
-            if owned::is_owned_by(&object, &uid) {
-                delete_ignoring_absent(&api, &object.name_any()).await?;
-                deleted.push(format!("{} {}", resource.kind, object.name_any()));
-            }
+    let mut owned_objects = existing.all();
+    // The workload first, its NetworkPolicies last: pods never run a moment
+    // without their isolation.
+    owned_objects.sort_by_key(|((kind, name), _)| (owned::deletion_rank(kind), name.clone()));
+    for ((kind, object_name), object) in owned_objects {
+        if !owned::is_owned_by(&object, &uid) {
+            continue;
         }
+        let Some(resource) = kinds.iter().find(|r| r.kind == kind) else { continue };
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &namespace, resource);
+        delete_ignoring_absent(&api, &object_name).await?;
+        ctx.recent.deleted(object_key(&kind, &namespace, &object_name), version_of(&object));
+        deleted.push(format!("{kind} {object_name}"));
     }
     info!(deleted = deleted.len(), "cleaned up owned objects");
     publish(ctx, server, EventType::Normal, "CleanedUp", format!("deleted {} owned object(s)", deleted.len())).await;

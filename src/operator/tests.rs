@@ -1,9 +1,12 @@
-//! Controller scenarios against a mock API server: create, nothing
-//! changed, a dropped tool, an orphan, a hand edit, deletion, a widening
-//! NetworkPolicy, a pod without the sidecar, a missing PHIStore, JWKS
-//! failures, and API errors.
+//! Controller scenarios against a mock API server answering as the real
+//! one did (`tests/k8s-recordings/`): creation, the pass that writes status,
+//! a steady world, a cache that has not caught up, a dropped tool, an
+//! orphan, hand edits, deletion, a widening NetworkPolicy, a pod without the
+//! sidecar, a missing PHIStore, JWKS failures, API errors, and a replica
+//! that does not lead.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::Method;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -12,30 +15,9 @@ use serde_json::{Value, json};
 
 use super::fixtures::*;
 use super::jwks::JwksError;
-use super::reconcile::{FINALIZER, error_policy, reconcile};
+use super::owned::DESIRED_HASH_ANNOTATION;
+use super::reconcile::{error_policy, reconcile};
 use crate::api::MCPServer;
-use crate::fixtures::{clinic_server, clinic_store};
-
-const UID: &str = "11111111-2222-4333-8444-555555555555";
-
-fn server() -> MCPServer {
-    let mut server = clinic_server();
-    server.metadata.uid = Some(UID.into());
-    server.metadata.generation = Some(1);
-    server.metadata.resource_version = Some("1".into());
-    server.metadata.finalizers = Some(vec![FINALIZER.into()]);
-    server
-}
-
-fn as_value(server: &MCPServer) -> Value {
-    serde_json::to_value(server).expect("json")
-}
-
-fn store_value() -> Value {
-    let mut store = serde_json::to_value(clinic_store()).expect("json");
-    store["metadata"]["uid"] = json!("store-uid");
-    store
-}
 
 fn control<'a>(status: &'a Value, id: &str) -> &'a Value {
     status["controls"].as_array().and_then(|c| c.iter().find(|c| c["id"] == id)).expect("control")
@@ -45,107 +27,172 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
     status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == type_)).expect("condition")
 }
 
-/// The objects as applied on first creation, and the status written then.
-async fn first_creation() -> (Vec<Value>, Value) {
-    let (ctx, api) = context(Ok(JWKS.into()));
-    first_creation_in(ctx, api).await
+fn without_hash(mut object: Value) -> Value {
+    if let Some(a) = object.pointer_mut("/metadata/annotations").and_then(Value::as_object_mut) {
+        a.remove(DESIRED_HASH_ANNOTATION);
+    }
+    object
 }
 
-/// [`first_creation`] with a given context and mock API.
-async fn first_creation_in(ctx: Arc<super::context::Context>, api: Verifier) -> (Vec<Value>, Value) {
-    let server = server();
-    let mock = api
-        .list(STORES, vec![store_value()])
-        .owned_lists(&[], &[])
-        .apply_all_owned()
-        .list(PODS, vec![])
-        .events(4)
-        .status_patch(as_value(&server))
-        .run();
-    let action = reconcile(Arc::new(server), ctx).await.expect("reconcile");
-    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(300)));
-    let seen = mock.await.expect("mock api");
-    let status = written_status(&seen).expect("status written");
-    (applied_objects(&seen), status)
+fn hash_of(object: &Value) -> Value {
+    object["metadata"]["annotations"][DESIRED_HASH_ANNOTATION].clone()
 }
 
-/// The state after first creation: what was applied, a fresh mock API, and
-/// the server carrying the status written then.
-async fn after_creation(
-    jwks: Result<String, JwksError>,
-) -> (Vec<Value>, Arc<super::context::Context>, Verifier, MCPServer) {
-    let (applied, status) = first_creation().await;
-    let (ctx, api) = context(jwks);
-    let mut server = server();
-    server.status = Some(serde_json::from_value(status).expect("status"));
-    (applied, ctx, api, server)
+/// The owned objects as the real server stored them, carrying what this
+/// build applies where it differs from the recording: its hashes (the
+/// recorder computed its own; see the recordings' README) and, when keys
+/// were fetched, the jwks ConfigMap's data, owned by mcp-warden as the
+/// server would record it.
+async fn stored_by_this_build(jwks: Result<String, JwksError>) -> Vec<Value> {
+    let mut world = World::new(vec![]);
+    world.jwks = jwks;
+    let (ctx, api) = world.context();
+    let mock = api.apply_all_owned().events(1).run();
+    reconcile(Arc::new(recorded_server()), ctx).await.expect("reconcile");
+    let applied = applied_objects(&mock.await.expect("mock api"));
+    stored_owned()
+        .into_iter()
+        .map(|mut stored| {
+            let ours = applied
+                .iter()
+                .find(|a| a["metadata"]["name"] == stored["metadata"]["name"] && a["kind"] == stored["kind"])
+                .expect("applied");
+            stored["metadata"]["annotations"][DESIRED_HASH_ANNOTATION] = hash_of(ours);
+            if let Some(data) = ours.get("data").and_then(Value::as_object) {
+                stored["data"] = json!(data);
+                let entry = stored["metadata"]["managedFields"]
+                    .as_array_mut()
+                    .and_then(|m| m.iter_mut().find(|e| e["manager"] == "mcp-warden"))
+                    .expect("our entry");
+                let keys: serde_json::Map<String, Value> = data.keys().map(|k| (format!("f:{k}"), json!({}))).collect();
+                entry["fieldsV1"]["f:data"] = Value::Object(keys);
+            }
+            stored
+        })
+        .collect()
+}
+
+/// The status the first full pass writes over the stored objects, and the
+/// server carrying it.
+async fn settled() -> (Vec<Value>, MCPServer) {
+    let stored = stored_by_this_build(recorded_jwks()).await;
+    let server = recorded_server();
+    let (ctx, api) = World::new(stored.clone()).context();
+    let mock = api.events(3).status_patch(&server).run();
+    reconcile(Arc::new(server.clone()), ctx).await.expect("reconcile");
+    let status = written_status(&mock.await.expect("mock api")).expect("status written");
+    let mut settled = server;
+    settled.status = Some(serde_json::from_value(status).expect("status"));
+    (stored, settled)
 }
 
 #[tokio::test]
 async fn a_new_server_first_gets_the_finalizer() {
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let mut fresh = server();
+    let mut fresh = recorded_server();
     fresh.metadata.finalizers = None;
-    let with_finalizer = as_value(&server());
-    let mock = api
-        .expect(Method::PATCH, SERVER, move |req| {
-            let ops = req.body.as_array().expect("json patch");
-            assert!(ops.iter().any(|op| op["op"] == "add" && op["value"] == json!([FINALIZER])), "{ops:?}");
-            (http::StatusCode::OK, with_finalizer)
-        })
-        .run();
+    let (ctx, api) = World::new(vec![]).context();
+    let mock = api.finalizer_patch("add", recording("01-apply/jsonpatch-add-finalizer-mcpserver.response.json")).run();
     let action = reconcile(Arc::new(fresh), ctx).await.expect("reconcile");
     assert_eq!(action, Action::await_change());
     mock.await.expect("mock api");
 }
 
 #[tokio::test]
-async fn create_applies_every_object_and_writes_status() {
-    let (applied, status) = first_creation().await;
+async fn creation_applies_what_the_real_server_recorded_and_leaves_status_for_the_next_pass() {
+    let (ctx, api) = World::new(vec![]).context();
+    let mock = api.apply_all_owned().events(1).run();
+    let action = reconcile(Arc::new(recorded_server()), ctx).await.expect("reconcile");
+    // Status waits until the caches show these objects (their watch events
+    // trigger the next pass); the requeue covers a write that sends none.
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+    let seen = mock.await.expect("mock api");
+    let applied = applied_objects(&seen);
     assert_eq!(applied.len(), 7);
-    for object in &applied {
-        assert_eq!(object["metadata"]["ownerReferences"][0]["uid"], UID, "{}", object["kind"]);
-        assert!(object["metadata"]["annotations"]["mcpwarden.io/desired-hash"].is_string());
+    for ((stem, _, _), body) in OWNED.iter().zip(&applied) {
+        // Exactly the bodies recorded against the real server, but for the
+        // hash (the recorder computed its own).
+        assert_eq!(without_hash(body.clone()), without_hash(recorded_request(stem)), "{stem}");
+        assert!(hash_of(body).is_string());
     }
-    let jwks = applied.iter().find(|o| o["metadata"]["name"] == "patient-lookup-jwks").expect("jwks cm");
-    let canonical = super::jwks::validate_jwks(JWKS).expect("valid");
-    assert_eq!(jwks["data"]["jwks.json"], canonical.as_str());
+    assert_eq!(event_reasons(&seen), ["Applied"]);
+    assert!(written_status(&seen).is_none());
+}
+
+#[tokio::test]
+async fn the_pass_after_creation_reports_from_the_stored_objects() {
+    let (_, settled) = settled().await;
+    let status = serde_json::to_value(settled.status.expect("status")).expect("json");
     assert_eq!(status["observedGeneration"], 1);
     assert_eq!(status["counts"]["phiTools"], 1);
     assert_eq!(status["controls"].as_array().map(Vec::len), Some(9));
-    assert_eq!(condition(&status, "Ready")["status"], "False");
-    // Just applied: the Deployment controller has not caught up yet.
-    assert_eq!(condition(&status, "Ready")["reason"], "Progressing");
+    // The recorded world fetched no keys: every caller would be refused.
+    assert_eq!(condition(&status, "Ready")["reason"], "NoSigningKeys");
+    assert_eq!(condition(&status, "JWKSCurrent")["reason"], "NoKeys");
     assert_eq!(condition(&status, "Compliant")["status"], "Unknown");
-    assert_eq!(condition(&status, "JWKSCurrent")["status"], "True");
     assert_eq!(control(&status, "access-control")["verdict"], "Pass");
     assert_eq!(control(&status, "integrity")["verdict"], "Unknown");
 }
 
 #[tokio::test]
-async fn a_second_reconcile_with_nothing_changed_writes_nothing() {
-    let (applied, ctx, api, server) = after_creation(Ok(JWKS.into())).await;
-    // Only reads: the mock fails the test on any other request.
-    let mock = api.list(STORES, vec![store_value()]).owned_lists(&applied, &[]).list(PODS, vec![]).run();
+async fn with_keys_served_readiness_follows_the_recorded_deployment() {
+    let stored = stored_by_this_build(Ok(JWKS.into())).await;
+    let server = recorded_server();
+    let mut world = World::new(stored);
+    world.jwks = Ok(JWKS.into());
+    let (ctx, api) = world.context();
+    let mock = api.events(3).status_patch(&server).run();
     reconcile(Arc::new(server), ctx).await.expect("reconcile");
+    let status = written_status(&mock.await.expect("mock api")).expect("status");
+    // The recorded Deployment: observed by its controller, 0 of 2 available.
+    let ready = condition(&status, "Ready");
+    assert_eq!((ready["status"].as_str(), ready["message"].as_str()), (Some("False"), Some("0/2 replicas available")));
+    assert_eq!(condition(&status, "JWKSCurrent")["status"], "True");
+}
+
+#[tokio::test]
+async fn a_settled_world_sends_no_request_at_all() {
+    let (stored, settled) = settled().await;
+    let (ctx, api) = World::new(stored).context();
+    let mock = api.run();
+    let action = reconcile(Arc::new(settled), ctx).await.expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert!(mock.await.expect("mock api").is_empty(), "no read, no write");
+}
+
+#[tokio::test]
+async fn a_pass_before_the_caches_show_our_writes_does_not_write_them_again() {
+    let server = recorded_server();
+    let mut world = World::new(vec![]);
+    world.jwks = Ok(JWKS.into());
+    let (ctx, api) = world.context();
+    // First pass: every object created. Second pass, with the caches still
+    // empty (the watch events have not arrived): the answers to its own
+    // applies stand in for them, so nothing is applied twice and the
+    // status is written from those answers.
+    let mock = api.apply_all_owned().events(1).events(3).status_patch(&server).run();
+    reconcile(Arc::new(server.clone()), Arc::clone(&ctx)).await.expect("first pass");
+    assert_eq!(ctx.recent.len(), 7);
+    reconcile(Arc::new(server), Arc::clone(&ctx)).await.expect("second pass");
     let seen = mock.await.expect("mock api");
-    assert!(seen.iter().all(|r| r.method == Method::GET));
+    assert_eq!(applied_objects(&seen).len(), 7, "each object applied once");
+    let status = written_status(&seen).expect("status");
+    // From the answer to its own apply: the created Deployment, not yet
+    // observed by its controller.
+    assert_eq!(condition(&status, "Ready")["message"], "the Deployment controller has not observed the latest spec");
 }
 
 #[tokio::test]
 async fn dropping_the_phi_tool_closes_egress_to_its_store() {
-    let (applied, ctx, api, mut server) = after_creation(Ok(JWKS.into())).await;
+    let (stored, settled) = settled().await;
+    let mut server = settled;
     server.spec.tools.retain(|t| t.name != "lookup_patient");
     server.metadata.generation = Some(2);
+    let (ctx, api) = World::new(stored).context();
     let mock = api
-        .list(STORES, vec![store_value()])
-        .owned_lists(&applied, &[])
-        .apply(CONFIG_MAPS, "patient-lookup-policy")
-        .apply(NETWORK_POLICIES, "patient-lookup-egress")
-        .apply(DEPLOYMENTS, "patient-lookup")
-        .list(PODS, vec![])
+        .apply(CONFIG_MAPS, "patient-lookup-policy", false)
+        .apply(NETWORK_POLICIES, "patient-lookup-egress", false)
+        .apply(DEPLOYMENTS, "patient-lookup", false)
         .events(1)
-        .status_patch(as_value(&server))
         .run();
     reconcile(Arc::new(server), ctx).await.expect("reconcile");
     let seen = mock.await.expect("mock api");
@@ -154,118 +201,127 @@ async fn dropping_the_phi_tool_closes_egress_to_its_store() {
     assert!(!text.contains("ehr-db"), "egress still reaches the store: {text}");
     assert_eq!(egress.body["spec"]["egress"].as_array().map(Vec::len), Some(2), "DNS and the warden only");
     assert_eq!(event_reasons(&seen), ["Applied"]);
-    let status = written_status(&seen).expect("status");
-    assert_eq!(status["counts"]["phiTools"], 0);
-    assert_eq!(status["observedGeneration"], 2);
 }
 
 #[tokio::test]
 async fn an_object_the_spec_no_longer_needs_is_deleted() {
-    let (applied, ctx, api, mut server) = after_creation(Ok(JWKS.into())).await;
+    let (stored, settled) = settled().await;
+    let mut server = settled;
     // Keys now come from a ConfigMap of the user's: the operator's copy goes.
     let oidc = &mut server.spec.authentication.oidc;
     oidc.jwks_uri = None;
     oidc.jwks_config_map_ref = Some(crate::api::KeyRef { name: "idp-keys".into(), key: "jwks.json".into() });
-    let mock = api
-        .list(STORES, vec![store_value()])
-        .owned_lists(&applied, &[])
-        .apply(DEPLOYMENTS, "patient-lookup")
-        .delete(CONFIG_MAPS, "patient-lookup-jwks")
-        .list(PODS, vec![])
-        .events(2)
-        .status_patch(as_value(&server))
-        .run();
-    reconcile(Arc::new(server), ctx).await.expect("reconcile");
+    let (ctx, api) = World::new(stored).context();
+    let mock =
+        api.apply(DEPLOYMENTS, "patient-lookup", false).delete(CONFIG_MAPS, "patient-lookup-jwks").events(2).run();
+    reconcile(Arc::new(server.clone()), Arc::clone(&ctx)).await.expect("reconcile");
     let seen = mock.await.expect("mock api");
     assert_eq!(event_reasons(&seen), ["Applied", "OrphansDeleted"]);
+    assert_eq!(writes(&seen).iter().filter(|w| w.starts_with("DELETE")).count(), 1);
 }
 
 #[tokio::test]
-async fn a_hand_edited_deployment_is_restored_with_a_warning() {
-    let (mut applied, ctx, api, server) = after_creation(Ok(JWKS.into())).await;
-    let deployment = applied.iter_mut().find(|o| o["kind"] == "Deployment").expect("deployment");
-    deployment["spec"]["template"]["spec"]["containers"][0]["image"] = json!("registry.example/other:latest");
+async fn a_kubectl_edit_is_restored_once_with_a_warning_naming_the_field() {
+    let (mut stored, settled) = settled().await;
+    // The recorded merge patch by kubectl-edit: it took two fields.
+    let policy = stored.iter_mut().find(|o| o["metadata"]["name"] == "patient-lookup-policy").expect("policy");
+    let mut edited = recording("05-errors/409-setup-merge-patch-by-kubectl-edit.response.json");
+    edited["metadata"]["annotations"][DESIRED_HASH_ANNOTATION] = hash_of(policy);
+    *policy = edited;
+    let (ctx, api) = World::new(stored).context();
     let mock = api
-        .list(STORES, vec![store_value()])
-        .owned_lists(&applied, &[])
-        .apply(DEPLOYMENTS, "patient-lookup")
-        .list(PODS, vec![])
+        .expect(Method::PATCH, &format!("{CONFIG_MAPS}/patient-lookup-policy"), |req| {
+            assert!(req.query.contains("force=true"), "restored with force, taking the fields back");
+            let answer = recording("05-errors/409-conflict-with-update-manager-resolved.response.json");
+            (http::StatusCode::OK, answer)
+        })
         .events(1)
         .run();
-    reconcile(Arc::new(server), ctx).await.expect("reconcile");
+    reconcile(Arc::new(settled), ctx).await.expect("reconcile");
     let seen = mock.await.expect("mock api");
     let event = seen.iter().find(|r| r.path == EVENTS).expect("event");
-    assert_eq!(event.body["reason"], "DriftCorrected");
-    assert_eq!(event.body["type"], "Warning");
+    assert_eq!((event.body["reason"].as_str(), event.body["type"].as_str()), (Some("DriftCorrected"), Some("Warning")));
     let note = event.body["note"].as_str().unwrap_or_default();
-    assert!(
-        note.contains("Deployment patient-lookup") && note.contains("spec.template.spec.containers[0].image"),
-        "{note}"
-    );
+    assert!(note.contains("ConfigMap patient-lookup-policy") && note.contains("data.policy.json"), "{note}");
+}
+
+#[tokio::test]
+async fn replicas_taken_by_another_manager_are_taken_back() {
+    let (mut stored, settled) = settled().await;
+    let deployment = stored.iter_mut().find(|o| o["kind"] == "Deployment").expect("deployment");
+    let mut taken = recording("05-errors/409-setup-ssa-replicas-by-someone-else.response.json");
+    taken["metadata"]["annotations"][DESIRED_HASH_ANNOTATION] = hash_of(deployment);
+    *deployment = taken;
+    let (ctx, api) = World::new(stored).context();
+    let mock = api.apply(DEPLOYMENTS, "patient-lookup", false).events(1).run();
+    reconcile(Arc::new(settled), ctx).await.expect("reconcile");
+    let seen = mock.await.expect("mock api");
+    let note = seen.iter().find(|r| r.path == EVENTS).and_then(|e| e.body["note"].as_str().map(str::to_string));
+    assert!(note.is_some_and(|n| n.contains("spec.replicas")));
     let restored = seen.iter().find(|r| r.path.ends_with("/deployments/patient-lookup")).expect("apply");
-    assert_eq!(restored.body["spec"]["template"]["spec"]["containers"][0]["image"], "registry.example/phi-tools:1.4");
+    assert_eq!(restored.body["spec"]["replicas"], 2);
 }
 
 #[tokio::test]
 async fn a_widening_network_policy_fails_compliance_by_name() {
-    let (applied, ctx, api, server) = after_creation(Ok(JWKS.into())).await;
-    let allow_all = json!({
+    let (mut stored, settled) = settled().await;
+    stored.push(json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "allow-all", "namespace": NS},
+        "metadata": {"name": "allow-all", "namespace": NS, "resourceVersion": "9100"},
         "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]}
-    });
-    let mock = api
-        .list(STORES, vec![store_value()])
-        .owned_lists(&applied, &[allow_all])
-        .list(PODS, vec![])
-        .events(1)
-        .status_patch(as_value(&server))
-        .run();
-    reconcile(Arc::new(server), ctx).await.expect("reconcile");
+    }));
+    let (ctx, api) = World::new(stored).context();
+    let mock = api.events(1).status_patch(&settled).run();
+    reconcile(Arc::new(settled), ctx).await.expect("reconcile");
     let seen = mock.await.expect("mock api");
     let status = written_status(&seen).expect("status");
     assert_eq!(condition(&status, "Compliant")["status"], "False");
     assert_eq!(condition(&status, "Compliant")["message"], "failing: access-control");
     let message = control(&status, "access-control")["message"].as_str().unwrap_or_default();
-    assert!(message.contains("NetworkPolicy clinic/allow-all"), "{message}");
+    assert!(message.contains("NetworkPolicy rec-ssa/allow-all"), "{message}");
     assert_eq!(event_reasons(&seen), ["CompliantFalse"]);
 }
 
 #[tokio::test]
-async fn a_pod_without_the_sidecar_fails_audit_controls() {
-    let (applied, ctx, api, server) = after_creation(Ok(JWKS.into())).await;
-    let bare_pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "patient-lookup-bare", "namespace": NS, "labels": {"mcpwarden.io/server": "patient-lookup"}},
-        "spec": {"containers": [{"name": "mcp-server", "image": "registry.example/phi-tools:1.4"}]},
-        "status": {"phase": "Running"}
-    });
-    let mock = api
-        .list(STORES, vec![store_value()])
-        .owned_lists(&applied, &[])
-        .list(PODS, vec![bare_pod])
-        .events(1)
-        .status_patch(as_value(&server))
-        .run();
-    reconcile(Arc::new(server), ctx).await.expect("reconcile");
-    let seen = mock.await.expect("mock api");
-    let status = written_status(&seen).expect("status");
+async fn pods_are_judged_as_the_real_server_shows_them() {
+    let (mut stored, settled) = settled().await;
+    // The recorded pod the ReplicaSet made: Pending, no node.
+    stored.push(recording("03-get/get-pod.json"));
+    let mut bare = recording("03-get/get-pod.json");
+    bare["metadata"]["name"] = json!("patient-lookup-bare");
+    bare["spec"]["initContainers"] = json!([]);
+    bare["status"]["phase"] = json!("Running");
+    stored.push(bare);
+    let (ctx, api) = World::new(stored).context();
+    let mock = api.events(1).status_patch(&settled).run();
+    reconcile(Arc::new(settled), ctx).await.expect("reconcile");
+    let status = written_status(&mock.await.expect("mock api")).expect("status");
     let audit = control(&status, "audit-controls");
     assert_eq!(audit["verdict"], "Fail");
-    assert!(audit["message"].as_str().unwrap_or_default().contains("patient-lookup-bare"), "{audit}");
+    let message = audit["message"].as_str().unwrap_or_default();
+    assert!(message.contains("patient-lookup-bare"), "{message}");
+    assert!(!message.contains("patient-lookup-5d975f8958-65rcg"), "the rendered pod carries the sidecar: {message}");
+}
+
+#[tokio::test]
+async fn pending_pods_are_said_to_be_pending() {
+    let (mut stored, settled) = settled().await;
+    stored.push(recording("03-get/get-pod.json"));
+    let (ctx, api) = World::new(stored).context();
+    let mock = api.status_patch(&settled).run();
+    reconcile(Arc::new(settled), ctx).await.expect("reconcile");
+    let status = written_status(&mock.await.expect("mock api")).expect("status");
+    let message = control(&status, "audit-controls")["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("all 1 pod(s) carry the auditing sidecar (1 Pending)"), "{message}");
 }
 
 #[tokio::test]
 async fn a_missing_store_deploys_nothing_and_says_why() {
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let server = server();
-    let mock = api
-        .list(STORES, vec![])
-        .owned_lists(&[], &[])
-        .list(PODS, vec![])
-        .events(3)
-        .status_patch(as_value(&server))
-        .run();
+    let server = recorded_server();
+    let mut world = World::new(vec![]);
+    world.cached.clear();
+    let (ctx, api) = world.context();
+    let mock = api.events(3).status_patch(&server).run();
     reconcile(Arc::new(server), ctx).await.expect("bad input is not a reconcile error");
     let seen = mock.await.expect("mock api");
     assert!(applied_objects(&seen).is_empty(), "no partial objects");
@@ -278,16 +334,14 @@ async fn a_missing_store_deploys_nothing_and_says_why() {
 
 #[tokio::test]
 async fn a_failed_jwks_fetch_keeps_the_last_good_keys() {
-    let (applied, ctx, api, server) = after_creation(Err(JwksError::Fetch("connection failed".into()))).await;
+    let stored = stored_by_this_build(Ok(JWKS.into())).await;
+    let settled = recorded_server();
+    let mut world = World::new(stored);
+    world.jwks = Err(JwksError::Fetch("connection failed".into()));
+    let (ctx, api) = world.context();
     // The jwks ConfigMap is unchanged (last good keys), so nothing is applied.
-    let mock = api
-        .list(STORES, vec![store_value()])
-        .owned_lists(&applied, &[])
-        .list(PODS, vec![])
-        .events(1)
-        .status_patch(as_value(&server))
-        .run();
-    reconcile(Arc::new(server), ctx).await.expect("reconcile");
+    let mock = api.events(3).status_patch(&settled).run();
+    reconcile(Arc::new(settled), ctx).await.expect("reconcile");
     let seen = mock.await.expect("mock api");
     assert!(applied_objects(&seen).is_empty(), "the last good keys stay in place");
     let status = written_status(&seen).expect("status");
@@ -297,43 +351,47 @@ async fn a_failed_jwks_fetch_keeps_the_last_good_keys() {
 }
 
 #[tokio::test]
-async fn no_keys_at_all_is_not_ready() {
-    let (ctx, api) = context(Err(JwksError::Fetch("timed out".into())));
-    let (applied, status) = first_creation_in(ctx, api).await;
-    assert_eq!(condition(&status, "Ready")["reason"], "NoSigningKeys");
-    assert_eq!(condition(&status, "JWKSCurrent")["reason"], "NoKeys");
-    let jwks_cm = applied.into_iter().find(|o| o["metadata"]["name"] == "patient-lookup-jwks").expect("cm");
-    assert!(jwks_cm.get("data").is_none(), "no keys are invented");
+async fn no_keys_at_all_invents_none() {
+    let (ctx, api) = World::new(vec![]).context();
+    let mock = api.apply_all_owned().events(1).run();
+    reconcile(Arc::new(recorded_server()), ctx).await.expect("reconcile");
+    let seen = mock.await.expect("mock api");
+    let jwks_cm = applied_objects(&seen).into_iter().find(|o| o["metadata"]["name"] == "patient-lookup-jwks");
+    assert!(jwks_cm.expect("cm").get("data").is_none(), "no keys are invented");
+}
+
+#[tokio::test]
+async fn fetched_keys_are_served_to_the_sidecar() {
+    let mut world = World::new(vec![]);
+    world.jwks = Ok(JWKS.into());
+    let (ctx, api) = world.context();
+    let mock = api.apply_all_owned().events(1).run();
+    reconcile(Arc::new(recorded_server()), ctx).await.expect("reconcile");
+    let seen = mock.await.expect("mock api");
+    let jwks_cm = applied_objects(&seen).into_iter().find(|o| o["metadata"]["name"] == "patient-lookup-jwks");
+    let canonical = super::jwks::validate_jwks(JWKS).expect("valid");
+    assert_eq!(jwks_cm.expect("cm")["data"]["jwks.json"], canonical.as_str());
 }
 
 #[tokio::test]
 async fn deletion_cleans_up_every_owned_object_then_releases_the_finalizer() {
-    let (applied, _) = first_creation().await;
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let mut server = server();
+    let (stored, settled) = settled().await;
+    let mut server = settled;
     server.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
-    let of = |kind: &str| applied.iter().filter(|o| o["kind"] == kind).cloned().collect::<Vec<_>>();
-    let mut released = as_value(&server);
+    let mut released = serde_json::to_value(&server).expect("json");
     released["metadata"]["finalizers"] = json!([]);
+    let (ctx, api) = World::new(stored).context();
     let mock = api
-        .list(SERVICE_ACCOUNTS, of("ServiceAccount"))
-        .delete(SERVICE_ACCOUNTS, "patient-lookup-mcpw")
-        .list(CONFIG_MAPS, of("ConfigMap"))
-        .delete(CONFIG_MAPS, "patient-lookup-policy")
-        .delete(CONFIG_MAPS, "patient-lookup-jwks")
-        .list(NETWORK_POLICIES, of("NetworkPolicy"))
-        .delete(NETWORK_POLICIES, "patient-lookup-ingress")
-        .delete(NETWORK_POLICIES, "patient-lookup-egress")
-        .list(SERVICES, of("Service"))
-        .delete(SERVICES, "patient-lookup")
-        .list(DEPLOYMENTS, of("Deployment"))
+        // The workload first, its isolation last.
         .delete(DEPLOYMENTS, "patient-lookup")
+        .delete(SERVICES, "patient-lookup")
+        .delete(CONFIG_MAPS, "patient-lookup-jwks")
+        .delete(CONFIG_MAPS, "patient-lookup-policy")
+        .delete(SERVICE_ACCOUNTS, "patient-lookup-mcpw")
+        .delete(NETWORK_POLICIES, "patient-lookup-egress")
+        .delete(NETWORK_POLICIES, "patient-lookup-ingress")
         .events(1)
-        .expect(Method::PATCH, SERVER, move |req| {
-            let ops = req.body.as_array().expect("json patch");
-            assert!(ops.iter().any(|op| op["op"] == "remove"), "{ops:?}");
-            (http::StatusCode::OK, released)
-        })
+        .finalizer_patch("remove", released)
         .run();
     reconcile(Arc::new(server), ctx).await.expect("cleanup");
     mock.await.expect("mock api");
@@ -341,86 +399,63 @@ async fn deletion_cleans_up_every_owned_object_then_releases_the_finalizer() {
 
 #[tokio::test]
 async fn cleanup_works_when_apply_never_ran() {
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let mut server = server();
+    let mut server = recorded_server();
     server.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
-    let released = as_value(&server);
-    let mock = api
-        .list(SERVICE_ACCOUNTS, vec![])
-        .list(CONFIG_MAPS, vec![])
-        .list(NETWORK_POLICIES, vec![])
-        .list(SERVICES, vec![])
-        .list(DEPLOYMENTS, vec![])
-        .events(1)
-        .expect(Method::PATCH, SERVER, move |_| (http::StatusCode::OK, released))
-        .run();
+    let released = serde_json::to_value(&server).expect("json");
+    let (ctx, api) = World::new(vec![]).context();
+    let mock = api.events(1).finalizer_patch("remove", released).run();
     reconcile(Arc::new(server), ctx).await.expect("cleanup");
     mock.await.expect("mock api");
 }
 
 #[tokio::test]
 async fn an_api_error_is_retried_with_growing_backoff() {
-    let (ctx, api) = context(Ok(JWKS.into()));
-    let server = Arc::new(server());
-    let mock = api.fail(Method::GET, STORES, 500).fail(Method::GET, STORES, 500).run();
+    let (ctx, api) = World::new(vec![]).context();
+    let server = Arc::new(recorded_server());
+    let sa = format!("{SERVICE_ACCOUNTS}/patient-lookup-mcpw");
+    let mock = api.fail(Method::PATCH, &sa, 500).fail(Method::PATCH, &sa, 500).run();
     let first = reconcile(Arc::clone(&server), Arc::clone(&ctx)).await.expect_err("api error");
     assert_eq!(first.metric_label(), "finalizer");
-    assert_eq!(
-        error_policy(Arc::clone(&server), &first, Arc::clone(&ctx)),
-        Action::requeue(std::time::Duration::from_secs(5))
-    );
+    assert_eq!(error_policy(Arc::clone(&server), &first, Arc::clone(&ctx)), Action::requeue(Duration::from_secs(5)));
     let second = reconcile(Arc::clone(&server), Arc::clone(&ctx)).await.expect_err("api error");
-    assert_eq!(
-        error_policy(Arc::clone(&server), &second, Arc::clone(&ctx)),
-        Action::requeue(std::time::Duration::from_secs(10))
-    );
+    assert_eq!(error_policy(Arc::clone(&server), &second, Arc::clone(&ctx)), Action::requeue(Duration::from_secs(10)));
     mock.await.expect("mock api");
     let failures = ctx.metrics.failures.get_or_create(&super::context::ErrorLabels { error: "finalizer".into() }).get();
     assert_eq!(failures, 2);
 }
 
-#[test]
-fn watch_mappers_find_the_servers_concerned() {
-    use super::{server_of_pod, servers_in_namespace, servers_using_store};
-    let using = Arc::new(server());
-    let mut other_ns = server();
-    other_ns.metadata.namespace = Some("billing".into());
-    let mut not_using = server();
-    not_using.metadata.name = Some("scheduler".into());
-    not_using.spec.tools.retain(|t| t.data_access.is_empty());
-    let servers = vec![Arc::clone(&using), Arc::new(other_ns), Arc::new(not_using)];
-    let refs = servers_using_store(&servers, &clinic_store());
-    assert_eq!(
-        refs.iter().map(|r| (r.name.as_str(), r.namespace.as_deref())).collect::<Vec<_>>(),
-        [("patient-lookup", Some("clinic"))]
-    );
-    assert_eq!(servers_in_namespace(&servers, Some("clinic")).len(), 2);
-    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
-        "metadata": {"name": "p", "namespace": "clinic", "labels": {"mcpwarden.io/server": "patient-lookup"}}
-    }))
-    .expect("pod");
-    let r = server_of_pod(&pod).expect("server");
-    assert_eq!((r.name.as_str(), r.namespace.as_deref()), ("patient-lookup", Some("clinic")));
-    let unlabelled: k8s_openapi::api::core::v1::Pod =
-        serde_json::from_value(json!({"metadata": {"name": "q"}})).expect("pod");
-    assert!(server_of_pod(&unlabelled).is_none());
-}
-
-/// A fresh server's status, with the audit collector answering `health`.
-async fn created_with_collector(health: Result<super::collector::Health, String>) -> Value {
-    let (ctx, api) = super::fixtures::context_with_collector(Ok(JWKS.into()), health);
-    first_creation_in(ctx, api).await.1
+#[tokio::test]
+async fn a_replica_that_does_not_lead_sends_nothing() {
+    let mut world = World::new(vec![]);
+    world.leading = false;
+    let (ctx, api) = world.context();
+    let mock = api.run();
+    let action = reconcile(Arc::new(recorded_server()), ctx).await.expect("reconcile");
+    assert_eq!(action, Action::await_change());
+    assert!(mock.await.expect("mock api").is_empty());
 }
 
 fn collector_health(incidents: u32) -> super::collector::Health {
     let health =
         crate::audit::collector::store::ServerHealth { streams: 2, open_incidents: incidents, ..Default::default() };
-    std::collections::BTreeMap::from([("clinic/patient-lookup".to_string(), health)])
+    std::collections::BTreeMap::from([(format!("{NS}/patient-lookup"), health)])
+}
+
+/// The status written over the stored objects with the collector answering.
+async fn status_with_collector(health: Result<super::collector::Health, String>) -> Value {
+    let stored = stored_by_this_build(recorded_jwks()).await;
+    let server = recorded_server();
+    let mut world = World::new(stored);
+    world.collector = Some(health);
+    let (ctx, api) = world.context();
+    let mock = api.events(3).status_patch(&server).run();
+    reconcile(Arc::new(server), ctx).await.expect("reconcile");
+    written_status(&mock.await.expect("mock api")).expect("status")
 }
 
 #[tokio::test]
 async fn the_collectors_health_decides_integrity_with_what_it_observed() {
-    let status = created_with_collector(Ok(collector_health(0))).await;
+    let status = status_with_collector(Ok(collector_health(0))).await;
     let integrity = control(&status, "integrity");
     assert_eq!(integrity["verdict"], "Pass", "{integrity}");
     assert!(
@@ -428,13 +463,13 @@ async fn the_collectors_health_decides_integrity_with_what_it_observed() {
         "{integrity}"
     );
 
-    let status = created_with_collector(Ok(collector_health(3))).await;
+    let status = status_with_collector(Ok(collector_health(3))).await;
     let integrity = control(&status, "integrity");
     assert_eq!(integrity["verdict"], "Fail");
     assert!(integrity["message"].as_str().unwrap_or_default().contains("3 open integrity incident(s)"), "{integrity}");
 
     // An unreachable collector is not evidence either way.
-    let status = created_with_collector(Err("connection refused".into())).await;
+    let status = status_with_collector(Err("connection refused".into())).await;
     assert_eq!(control(&status, "integrity")["verdict"], "Unknown");
 }
 

@@ -25,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::Context;
 use super::config_maps::{JWKS_FILE, POLICY_FILE, WARDEN_CA_FILE};
-use super::names::{MCP_CONTAINER, POLICY_HASH_ANNOTATION, SIDECAR_CONTAINER, common_labels, selector_labels};
+use super::names::{MCP_CONTAINER, POLICY_HASH_ANNOTATION, SIDECAR_CONTAINER, pod_labels, selector_labels};
 use super::service::PUBLIC_PORT_NAME;
 use crate::api::{SIDECAR_METRICS_PORT, SIDECAR_PG_PROXY_PORT, SIDECAR_PUBLIC_PORT};
 use crate::policy::CompiledPolicy;
@@ -89,8 +89,7 @@ pub const AUDIT_KEY_FILE: &str = "key";
 
 pub(super) fn deployment(ctx: &Context<'_>, policy: &CompiledPolicy) -> Deployment {
     let server = ctx.server_name();
-    let mut pod_labels = common_labels(&server);
-    pod_labels.extend(selector_labels(&server));
+    let pod_labels = pod_labels(&server);
     let annotations = BTreeMap::from([
         (POLICY_HASH_ANNOTATION.to_string(), policy.hash()),
         ("kubectl.kubernetes.io/default-container".to_string(), MCP_CONTAINER.to_string()),

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 
@@ -205,7 +205,13 @@ impl Context<'_> {
             name: Some(name.to_string()),
             namespace: self.server.namespace(),
             labels: Some(names::common_labels(&self.server.name_any())),
-            owner_references: self.server.controller_owner_ref(&()).map(|r| vec![r]),
+            // blockOwnerDeletion: a foreground deletion of the MCPServer
+            // waits for its workload and policies to be gone (the API server
+            // checks the operator may update mcpservers/finalizers).
+            owner_references: self
+                .server
+                .controller_owner_ref(&())
+                .map(|r| vec![OwnerReference { block_owner_deletion: Some(true), ..r }]),
             ..ObjectMeta::default()
         }
     }

@@ -68,3 +68,11 @@ pub fn common_labels(server: &str) -> BTreeMap<String, String> {
     labels.insert("app.kubernetes.io/managed-by".into(), MANAGER.into());
     labels
 }
+
+/// Labels of the server's pods (the Deployment's pod template): what other
+/// NetworkPolicies are matched against.
+pub fn pod_labels(server: &str) -> BTreeMap<String, String> {
+    let mut labels = common_labels(server);
+    labels.extend(selector_labels(server));
+    labels
+}

@@ -1,0 +1,409 @@
+//! The operator's view of the cluster: one watch and reflector cache per
+//! kind, read by every reconcile instead of listing.
+//!
+//! ```text
+//!   watcher(kind) ─ trim ─ InitDone? ─▶ sync flag ─▶ /readyz, reconciles wait for all
+//!                                  └─▶ reflector ─▶ Store (read by reconcile)
+//!                                               └─▶ trigger stream (the Controller)
+//! ```
+//!
+//! Readiness comes from each stream's own `InitDone` event, not from
+//! `Store::wait_until_ready`: that future wakes only its last poller, and the
+//! Controller's runner waits on the same store, so a second waiter (the
+//! readiness probe) was never woken on a real cluster.
+//!
+//! Memory: other managers' `managedFields` entries are dropped as objects
+//! arrive (only mcp-warden's own Apply entry decides drift), and so are the
+//! parts of Pods the evaluation never reads.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::api::{MCPServer, PHIStore};
+use crate::render::names::{MANAGER, SERVER_LABEL};
+
+/// A stream of changed objects, for the Controller's triggers.
+pub type Trigger<K> = BoxStream<'static, Result<K, watcher::Error>>;
+
+/// Whether each watched kind has listed its objects once.
+#[derive(Debug)]
+pub struct SyncState {
+    flags: Vec<(&'static str, AtomicBool)>,
+    synced: tokio::sync::watch::Sender<usize>,
+}
+
+impl SyncState {
+    fn new(kinds: &[&'static str]) -> Arc<Self> {
+        let (synced, _) = tokio::sync::watch::channel(0);
+        Arc::new(SyncState { flags: kinds.iter().map(|k| (*k, AtomicBool::new(false))).collect(), synced })
+    }
+
+    /// Marks `kind` as listed (idempotent).
+    pub fn mark(&self, kind: &str) {
+        if let Some((_, flag)) = self.flags.iter().find(|(k, _)| *k == kind)
+            && !flag.swap(true, Ordering::SeqCst)
+        {
+            self.synced.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The kinds not listed yet; empty when every cache is ready.
+    pub fn pending(&self) -> Vec<&'static str> {
+        self.flags.iter().filter(|(_, f)| !f.load(Ordering::SeqCst)).map(|(k, _)| *k).collect()
+    }
+
+    /// Resolves once every cache has listed its objects.
+    pub async fn wait(&self) {
+        let total = self.flags.len();
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|n| *n >= total).await;
+    }
+}
+
+/// The cached objects of every watched kind.
+#[derive(Clone)]
+pub struct Caches {
+    /// MCPServers (the Controller's main store).
+    pub servers: Store<MCPServer>,
+    /// PHIStores.
+    pub stores: Store<PHIStore>,
+    /// Deployments managed by mcp-warden.
+    pub deployments: Store<Deployment>,
+    /// Services managed by mcp-warden.
+    pub services: Store<Service>,
+    /// ConfigMaps managed by mcp-warden.
+    pub config_maps: Store<ConfigMap>,
+    /// ServiceAccounts managed by mcp-warden.
+    pub service_accounts: Store<ServiceAccount>,
+    /// Every NetworkPolicy in scope: ours, and the ones that could widen ours.
+    pub network_policies: Store<NetworkPolicy>,
+    /// Pods carrying the server label.
+    pub pods: Store<Pod>,
+    /// Which caches have synced.
+    pub sync: Arc<SyncState>,
+}
+
+/// The trigger streams feeding the Controller, one per cache.
+pub struct Triggers {
+    /// MCPServer changes.
+    pub servers: Trigger<MCPServer>,
+    /// PHIStore changes.
+    pub stores: Trigger<PHIStore>,
+    /// Owned Deployment changes.
+    pub deployments: Trigger<Deployment>,
+    /// Owned Service changes.
+    pub services: Trigger<Service>,
+    /// Owned ConfigMap changes.
+    pub config_maps: Trigger<ConfigMap>,
+    /// Owned ServiceAccount changes.
+    pub service_accounts: Trigger<ServiceAccount>,
+    /// Any NetworkPolicy change.
+    pub network_policies: Trigger<NetworkPolicy>,
+    /// Server pod changes.
+    pub pods: Trigger<Pod>,
+}
+
+const KINDS: [&str; 8] =
+    ["MCPServer", "PHIStore", "Deployment", "Service", "ConfigMap", "ServiceAccount", "NetworkPolicy", "Pod"];
+
+/// Label selecting the objects mcp-warden manages.
+pub fn managed_selector() -> String {
+    format!("app.kubernetes.io/managed-by={MANAGER}")
+}
+
+/// Keeps only mcp-warden's own Apply entry among `managedFields`.
+pub fn keep_own_apply_entry<K: Resource>(object: &mut K) {
+    object.managed_fields_mut().retain(|m| {
+        m.manager.as_deref() == Some(MANAGER)
+            && m.operation.as_deref() == Some("Apply")
+            && m.subresource.as_deref().is_none_or(str::is_empty)
+    });
+}
+
+/// Drops what the operator never reads of an MCPServer or PHIStore.
+pub fn trim_custom<K: Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
+    object.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+/// Drops what the evaluation never reads of a Pod: field ownership and the
+/// status beyond its phase.
+pub fn trim_pod(pod: &mut Pod) {
+    pod.managed_fields_mut().clear();
+    pod.status = pod.status.take().map(|s| PodStatus { phase: s.phase, ..PodStatus::default() });
+}
+
+fn cache<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    sync: &Arc<SyncState>,
+    kind: &'static str,
+    trim: fn(&mut K),
+) -> (Store<K>, Trigger<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let sync = Arc::clone(sync);
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(trim)
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                tracing::debug!(kind, "cache synced");
+                sync.mark(kind);
+            }
+        })
+        .reflect(writer)
+        .touched_objects()
+        .boxed();
+    (reader, stream)
+}
+
+/// Where the operator watches: every namespace, or one.
+#[derive(Clone)]
+pub struct Scope {
+    /// The API client.
+    pub client: kube::Client,
+    /// The one namespace watched, or None for all.
+    pub namespace: Option<String>,
+}
+
+impl Scope {
+    /// An Api for namespaced kind `K` in this scope.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+}
+
+impl Caches {
+    /// Starts one watch per kind. Nothing is fetched until the returned
+    /// triggers are polled (by the Controller).
+    pub fn watch(scope: &Scope) -> (Caches, Triggers) {
+        let sync = SyncState::new(&KINDS);
+        let all = watcher::Config::default;
+        let managed = || watcher::Config::default().labels(&managed_selector());
+        let (servers, servers_t) = cache(scope.api(), all(), &sync, "MCPServer", trim_custom);
+        let (stores, stores_t) = cache(scope.api(), all(), &sync, "PHIStore", trim_custom);
+        let (deployments, deployments_t) = cache(scope.api(), managed(), &sync, "Deployment", keep_own_apply_entry);
+        let (services, services_t) = cache(scope.api(), managed(), &sync, "Service", keep_own_apply_entry);
+        let (config_maps, config_maps_t) = cache(scope.api(), managed(), &sync, "ConfigMap", keep_own_apply_entry);
+        let (service_accounts, service_accounts_t) =
+            cache(scope.api(), managed(), &sync, "ServiceAccount", keep_own_apply_entry);
+        let (network_policies, network_policies_t) =
+            cache(scope.api(), all(), &sync, "NetworkPolicy", keep_own_apply_entry);
+        let (pods, pods_t) = cache(scope.api(), all().labels(SERVER_LABEL), &sync, "Pod", trim_pod);
+        let caches = Caches {
+            servers,
+            stores,
+            deployments,
+            services,
+            config_maps,
+            service_accounts,
+            network_policies,
+            pods,
+            sync,
+        };
+        let triggers = Triggers {
+            servers: servers_t,
+            stores: stores_t,
+            deployments: deployments_t,
+            services: services_t,
+            config_maps: config_maps_t,
+            service_accounts: service_accounts_t,
+            network_policies: network_policies_t,
+            pods: pods_t,
+        };
+        (caches, triggers)
+    }
+
+    /// The PHIStores of `namespace`, by name.
+    pub fn stores_in(&self, namespace: &str) -> BTreeMap<String, PHIStore> {
+        in_namespace(&self.stores, namespace).map(|s| (s.name_any(), (*s).clone())).collect()
+    }
+
+    /// The NetworkPolicies of `namespace`.
+    pub fn network_policies_in(&self, namespace: &str) -> Vec<NetworkPolicy> {
+        in_namespace(&self.network_policies, namespace).map(|p| (*p).clone()).collect()
+    }
+
+    /// The pods of server `name` in `namespace`.
+    pub fn pods_of(&self, namespace: &str, name: &str) -> Vec<Pod> {
+        in_namespace(&self.pods, namespace)
+            .filter(|p| p.labels().get(SERVER_LABEL).map(String::as_str) == Some(name))
+            .map(|p| (*p).clone())
+            .collect()
+    }
+
+    /// The objects of `namespace` carrying server `name`'s labels, as JSON
+    /// keyed by `(kind, name)`.
+    pub fn managed_of(&self, namespace: &str, name: &str) -> BTreeMap<(String, String), Value> {
+        let mut found = BTreeMap::new();
+        collect(&self.service_accounts, namespace, name, &mut found);
+        collect(&self.config_maps, namespace, name, &mut found);
+        collect(&self.network_policies, namespace, name, &mut found);
+        collect(&self.services, namespace, name, &mut found);
+        collect(&self.deployments, namespace, name, &mut found);
+        found
+    }
+}
+
+fn in_namespace<'a, K>(store: &Store<K>, namespace: &'a str) -> impl Iterator<Item = Arc<K>> + 'a
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.state().into_iter().filter(move |o| o.meta().namespace.as_deref() == Some(namespace))
+}
+
+fn collect<K>(store: &Store<K>, namespace: &str, server: &str, into: &mut BTreeMap<(String, String), Value>)
+where
+    K: Resource<DynamicType = ()> + Clone + Serialize + 'static,
+{
+    let kind = K::kind(&()).to_string();
+    for object in in_namespace(store, namespace) {
+        let labels = object.labels();
+        if labels.get(SERVER_LABEL).map(String::as_str) != Some(server)
+            || labels.get("app.kubernetes.io/managed-by").map(String::as_str) != Some(MANAGER)
+        {
+            continue;
+        }
+        if let Ok(value) = serde_json::to_value(&*object) {
+            into.insert((kind.clone(), object.name_any()), value);
+        }
+    }
+}
+
+/// Caches filled from objects, for tests: every kind synced.
+#[cfg(test)]
+pub mod fill {
+    use super::*;
+
+    /// A synced store holding `objects`.
+    pub fn store<K>(objects: Vec<K>) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + 'static,
+    {
+        let mut writer = reflector::store::Writer::<K>::default();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for object in objects {
+            writer.apply_watcher_event(&watcher::Event::InitApply(object));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        writer.as_reader()
+    }
+
+    /// Synced caches holding the objects in `values` (any kind, routed by
+    /// their `kind`), handed over as a LIST hands them (built-in kinds
+    /// without apiVersion/kind) and trimmed as the watchers trim them.
+    pub fn caches(values: &[Value]) -> Caches {
+        fn of<K: DeserializeOwned + Resource<DynamicType = ()>>(values: &[Value], trim: fn(&mut K)) -> Vec<K> {
+            values
+                .iter()
+                .filter(|v| v["kind"] == K::kind(&()).as_ref())
+                .map(|v| {
+                    let mut listed = v.clone();
+                    if K::group(&()).as_ref() != "mcpwarden.io"
+                        && let Some(fields) = listed.as_object_mut()
+                    {
+                        fields.remove("apiVersion");
+                        fields.remove("kind");
+                    }
+                    let mut object: K = serde_json::from_value(listed).expect("object of its kind");
+                    trim(&mut object);
+                    object
+                })
+                .collect()
+        }
+        let sync = SyncState::new(&KINDS);
+        for kind in KINDS {
+            sync.mark(kind);
+        }
+        Caches {
+            servers: store(of(values, trim_custom)),
+            stores: store(of(values, trim_custom)),
+            deployments: store(of(values, keep_own_apply_entry)),
+            services: store(of(values, keep_own_apply_entry)),
+            config_maps: store(of(values, keep_own_apply_entry)),
+            service_accounts: store(of(values, keep_own_apply_entry)),
+            network_policies: store(of(values, keep_own_apply_entry)),
+            pods: store(of(values, trim_pod)),
+            sync,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn readiness_waits_for_every_kind_and_wakes_every_waiter() {
+        let sync = SyncState::new(&["A", "B"]);
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let sync = Arc::clone(&sync);
+                tokio::spawn(async move { sync.wait().await })
+            })
+            .collect();
+        sync.mark("A");
+        sync.mark("A");
+        assert_eq!(sync.pending(), ["B"]);
+        tokio::task::yield_now().await;
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        sync.mark("B");
+        for waiter in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(1), waiter).await.expect("woken").expect("task");
+        }
+        assert!(sync.pending().is_empty());
+    }
+
+    #[test]
+    fn only_our_apply_entry_is_kept() {
+        let stored = format!(
+            "{}/tests/k8s-recordings/05-errors/409-setup-merge-patch-by-kubectl-edit.response.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let mut config_map: ConfigMap =
+            serde_json::from_str(&std::fs::read_to_string(stored).expect("recording")).expect("configmap");
+        assert_eq!(config_map.managed_fields().len(), 2);
+        keep_own_apply_entry(&mut config_map);
+        let managers: Vec<_> = config_map.managed_fields().iter().filter_map(|m| m.manager.clone()).collect();
+        assert_eq!(managers, ["mcp-warden"]);
+    }
+
+    #[test]
+    fn pods_keep_their_phase_and_spec_only() {
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"containers": [{"name": "c"}]},
+            "status": {"phase": "Pending", "qosClass": "Burstable", "conditions": [{"type": "PodScheduled", "status": "False"}]}
+        }))
+        .expect("pod");
+        trim_pod(&mut pod);
+        assert!(pod.managed_fields().is_empty());
+        let status = pod.status.expect("status");
+        assert_eq!((status.phase.as_deref(), status.qos_class, status.conditions), (Some("Pending"), None, None));
+        assert_eq!(pod.spec.expect("spec").containers.len(), 1);
+    }
+}
