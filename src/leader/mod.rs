@@ -153,9 +153,12 @@ pub async fn run(
     let mut elector = Elector { api, config, seen: None, last: None };
     tokio::pin!(stop);
     let round_limit = elector.config.renew_deadline / 2;
+    // Whether this process led at the end of the previous round: a term can
+    // also end silently, by its deadline passing.
+    let mut leading = false;
     loop {
         let outcome = tokio::time::timeout(round_limit, elector.round()).await;
-        let was_leading = leadership.is_leader();
+        let was_leading = leading;
         match outcome {
             Ok(Ok(Round::Leading(sent))) => {
                 leadership.lead_until(sent + elector.config.renew_deadline);
@@ -175,10 +178,11 @@ pub async fn run(
             Err(_) => warn!("leader election: the API server did not answer in time"),
         }
         if was_leading && !leadership.is_leader() {
-            warn!("the lease was not renewed in time; writes stop");
+            warn!("the lease was not renewed in time; writes stopped");
             leadership.resign();
         }
-        gauge.set(i64::from(leadership.is_leader()));
+        leading = leadership.is_leader();
+        gauge.set(i64::from(leading));
         tokio::select! {
             _ = &mut stop => break,
             _ = tokio::time::sleep(elector.config.retry_period) => {}

@@ -37,7 +37,7 @@ use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
 use crate::health::{self, Health};
-use crate::leader::fence::FenceLayer;
+use crate::leader::fence::{FenceLayer, RequestCounts};
 use crate::leader::{self, Leadership, LeaseConfig};
 use crate::policy::parse_go_duration;
 use crate::render::Settings;
@@ -156,8 +156,15 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(labels)
 }
 
+/// A flag's duration: `500ms`, or a Go duration (`10s`, `1m30s`).
 fn duration(text: &str) -> Result<Duration, String> {
-    parse_go_duration(text)
+    match text.strip_suffix("ms") {
+        Some(ms) => ms
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("{text:?}: whole milliseconds, as in 500ms")),
+        None => parse_go_duration(text),
+    }
 }
 
 impl OperatorArgs {
@@ -190,15 +197,15 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let lease = args.lease().map_err(anyhow::Error::msg)?;
     let config = kube::Config::infer().await?;
     let leadership = if lease.is_some() { Leadership::elected() } else { Leadership::standalone() };
+    let mut registry = Registry::default();
     // Every write of the controllers passes the fence; the elector's own
     // client does not.
-    let client =
-        kube::client::ClientBuilder::try_from(config.clone())?.with_layer(&FenceLayer(leadership.clone())).build();
+    let fence = FenceLayer::new(leadership.clone(), RequestCounts::register(&mut registry));
+    let client = kube::client::ClientBuilder::try_from(config.clone())?.with_layer(&fence).build();
     let lease_client = kube::Client::try_from(config)?;
 
     let scope = Scope { client: client.clone(), namespace: args.watch_namespace.clone() };
     let (caches, triggers) = Caches::watch(&scope);
-    let mut registry = Registry::default();
     let jwks = Arc::new(HttpsJwksSource::new(Duration::from_secs(args.jwks_timeout_seconds))?);
     let mut ctx = Context::new(
         client,
