@@ -4,11 +4,23 @@
 //! --test-threads=1`). They are ignored in a plain `cargo test`; run without
 //! a reachable cluster they print why they skip and pass nothing else.
 //!
-//! Each run works in a namespace of its own, installs the CRDs (server-side
-//! apply), runs the operator binary from this build against the cluster, and
-//! deletes the namespace at the end, also when a step fails. Workload images
-//! are not pulled from anywhere real, so pods never become ready: these tests
-//! assert what the operator creates and reports, not that MCP traffic flows.
+//! Each test works in a namespace of its own (labelled
+//! `app.kubernetes.io/created-by=mcp-warden-e2e`), installs the CRDs
+//! (server-side apply), runs the operator binary of this build against the
+//! cluster (watching only that namespace, its Lease there too), and deletes
+//! the namespace at the end, also when a step fails; `e2e/run.sh` deletes
+//! any labelled namespace left behind when the test binary itself dies.
+//! Workload images are not pulled from anywhere real, so pods never become
+//! ready: these tests assert what the operator creates and reports, not that
+//! MCP traffic flows.
+//!
+//! What they prove on a real API server: the operator becomes ready; it
+//! creates, reports and cleans up; a converged server's objects keep their
+//! resourceVersions for 30 s and the operator sends no write; 200 servers
+//! converge (time and writes per server printed); leadership moves to a
+//! standby within the lease duration when the leader gets SIGTERM; the
+//! chart and rendered objects pass `kubectl apply --dry-run`; the broker and
+//! the collector trust exactly the service-account tokens they should.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -52,27 +64,34 @@ async fn cluster(test: &str) -> Option<Client> {
     }
 }
 
-/// The test namespace and the operator process; both go away on drop.
+/// Label on every namespace this suite creates; `e2e/run.sh` deletes
+/// leftovers carrying it even when a test binary aborts.
+const RUN_LABEL: &str = "app.kubernetes.io/created-by";
+
+/// The test namespace and the operator processes; all go away on drop.
 struct Run {
-    client: Client,
     namespace: String,
-    operator: Option<Child>,
+    operators: Vec<Child>,
 }
 
 impl Drop for Run {
     fn drop(&mut self) {
-        if let Some(mut operator) = self.operator.take() {
+        for operator in &mut self.operators {
             let _ = operator.kill();
             let _ = operator.wait();
         }
-        let client = self.client.clone();
         let namespace = self.namespace.clone();
-        // Drop cannot await; a short-lived runtime on another thread can.
+        // Drop cannot await. A short-lived runtime on another thread can,
+        // with a client of its own: the test's client dispatches through a
+        // task on the test's runtime, which is blocked in this join.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
+                let Ok(client) = Client::try_default().await else { return };
                 let api: Api<Namespace> = Api::all(client);
-                let _ = api.delete(&namespace, &DeleteParams::background()).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(30), api.delete(&namespace, &DeleteParams::background()))
+                        .await;
             });
             Ok::<(), std::io::Error>(())
         })
@@ -83,11 +102,11 @@ impl Drop for Run {
 async fn start(client: Client) -> Run {
     let namespace = format!("mcpw-e2e-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let ns: Namespace = serde_json::from_value(json!({
-        "metadata": {"name": namespace, "labels": {"app.kubernetes.io/created-by": MANAGER}}
+        "metadata": {"name": namespace, "labels": {RUN_LABEL: MANAGER}}
     }))
     .expect("namespace");
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
-    Run { client, namespace, operator: None }
+    Run { namespace, operators: Vec::new() }
 }
 
 async fn install_crds(client: &Client) {
@@ -106,37 +125,62 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
-/// Runs the operator binary of this build against the cluster.
-async fn run_operator(run: &mut Run) {
+/// Runs the operator binary of this build against the cluster, watching
+/// only the test namespace and keeping its Lease there; returns the base URL
+/// of its health port once it is ready.
+async fn run_operator(run: &mut Run, identity: &str, extra: &[&str]) -> String {
     let port = free_port();
+    let mut args = vec![
+        "operator".to_string(),
+        "--health-listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--resync-seconds".into(),
+        "15".into(),
+        // Never touch MCPServers of other namespaces on a shared cluster.
+        "--watch-namespace".into(),
+        run.namespace.clone(),
+        "--lease-namespace".into(),
+        run.namespace.clone(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     let child = Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
-        .args([
-            "operator",
-            "--health-listen",
-            &format!("127.0.0.1:{port}"),
-            "--resync-seconds",
-            "15",
-            // Never touch MCPServers of other namespaces on a shared cluster.
-            "--watch-namespace",
-            &run.namespace,
-        ])
+        .args(&args)
+        .env("POD_NAME", identity)
         .env("RUST_LOG", "info,kube=warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the operator");
-    run.operator = Some(child);
+    run.operators.push(child);
+    let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let started = Instant::now();
     loop {
-        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/readyz")).send().await
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
             && r.status().is_success()
         {
-            return;
+            eprintln!("operator {identity} ready after {:?}", started.elapsed());
+            return base;
         }
         assert!(started.elapsed() < WAIT, "the operator did not become ready");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The sum of the operator's write requests (POST, PUT, PATCH, DELETE), Lease
+/// renewals excluded (they use a client of their own).
+async fn operator_writes(base: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics")).await.expect("metrics").text().await.expect("text");
+    text.lines()
+        .filter(|l| l.starts_with("mcpwarden_operator_api_requests_total") && !l.contains("method=\"GET\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The holder of the operator's Lease in `namespace`.
+async fn lease_holder(client: &Client, namespace: &str) -> Option<String> {
+    let api: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), namespace);
+    api.get_opt("mcp-warden-operator").await.ok()??.spec?.holder_identity
 }
 
 /// The clinic example in the test namespace, keys from a ConfigMap (no
@@ -194,7 +238,7 @@ async fn operator_reconciles_reports_and_cleans_up() {
     install_crds(&client).await;
     let mut run = start(client.clone()).await;
     let ns = run.namespace.clone();
-    run_operator(&mut run).await;
+    run_operator(&mut run, "e2e-operator", &[]).await;
 
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let keys: ConfigMap = serde_json::from_value(json!({
@@ -554,5 +598,163 @@ async fn collector_knows_senders_and_its_reader_by_real_service_account_tokens()
     assert_eq!(health(&sidecar).await, 401);
     assert_eq!(health(&broker).await, 401);
     assert_eq!(health(&operator).await, 200);
+    drop(run);
+}
+
+/// The server `name` of the clinic example, keys from ConfigMap `idp-keys`.
+fn clinic_server(namespace: &str, name: &str) -> Value {
+    let (_, mut server) = clinic(namespace);
+    server["metadata"]["name"] = json!(name);
+    server
+}
+
+async fn keys_and_store(client: &Client, namespace: &str) {
+    let keys = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "idp-keys", "namespace": namespace},
+                      "data": {"jwks.json": include_str!("../tests/fixtures/test-jwks.json")}});
+    apply(&Api::<ConfigMap>::namespaced(client.clone(), namespace), &keys).await;
+    let (store, _) = clinic(namespace);
+    apply(&Api::<PHIStore>::namespaced(client.clone(), namespace), &store).await;
+}
+
+/// Whether the server has a status for its current generation.
+fn reported(server: &MCPServer) -> bool {
+    server.status.as_ref().is_some_and(|s| s.observed_generation == server.metadata.generation && s.controls.len() == 9)
+}
+
+/// resourceVersions of the server and everything it owns.
+async fn versions(client: &Client, namespace: &str, name: &str) -> Vec<(String, String)> {
+    let selector =
+        ListParams::default().labels(&format!("mcpwarden.io/server={name},app.kubernetes.io/managed-by=mcp-warden"));
+    let mut out = Vec::new();
+    let rv = |kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        (format!("{kind} {}", meta.name.clone().unwrap_or_default()), meta.resource_version.clone().unwrap_or_default())
+    };
+    let server = Api::<MCPServer>::namespaced(client.clone(), namespace).get(name).await.expect("server");
+    out.push(rv("MCPServer", &server.metadata));
+    for d in Api::<Deployment>::namespaced(client.clone(), namespace).list(&selector).await.expect("list").items {
+        out.push(rv("Deployment", &d.metadata));
+    }
+    for s in Api::<Service>::namespaced(client.clone(), namespace).list(&selector).await.expect("list").items {
+        out.push(rv("Service", &s.metadata));
+    }
+    for a in Api::<ServiceAccount>::namespaced(client.clone(), namespace).list(&selector).await.expect("list").items {
+        out.push(rv("ServiceAccount", &a.metadata));
+    }
+    for c in Api::<ConfigMap>::namespaced(client.clone(), namespace).list(&selector).await.expect("list").items {
+        out.push(rv("ConfigMap", &c.metadata));
+    }
+    for p in Api::<NetworkPolicy>::namespaced(client.clone(), namespace).list(&selector).await.expect("list").items {
+        out.push(rv("NetworkPolicy", &p.metadata));
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
+async fn a_converged_server_and_its_objects_stay_unchanged() {
+    let Some(client) = cluster("a_converged_server_and_its_objects_stay_unchanged").await else { return };
+    install_crds(&client).await;
+    let mut run = start(client.clone()).await;
+    let ns = run.namespace.clone();
+    let operator = run_operator(&mut run, "e2e-quiet", &[]).await;
+    keys_and_store(&client, &ns).await;
+    apply(&Api::<MCPServer>::namespaced(client.clone(), &ns), &clinic_server(&ns, "patient-lookup")).await;
+    let servers: Api<MCPServer> = Api::namespaced(client.clone(), &ns);
+    eventually("a status for the generation", || async { servers.get("patient-lookup").await.ok().filter(reported) })
+        .await;
+    // Let the Deployment controller, the pods and the debounce settle.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let before = versions(&client, &ns, "patient-lookup").await;
+    let writes_before = operator_writes(&operator).await;
+    assert!(before.len() >= 6, "the server and its objects: {before:?}");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let after = versions(&client, &ns, "patient-lookup").await;
+    let writes_after = operator_writes(&operator).await;
+    eprintln!(
+        "after convergence, 30 s: {} object(s) unchanged; operator writes {writes_before} -> {writes_after}",
+        after.len()
+    );
+    assert_eq!(before, after, "a converged world is left alone");
+    assert_eq!(writes_before, writes_after, "no write request in steady state");
+    drop(run);
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
+async fn two_hundred_servers_converge_with_bounded_writes() {
+    const N: usize = 200;
+    let Some(client) = cluster("two_hundred_servers_converge_with_bounded_writes").await else { return };
+    install_crds(&client).await;
+    let mut run = start(client.clone()).await;
+    let ns = run.namespace.clone();
+    keys_and_store(&client, &ns).await;
+    let servers: Api<MCPServer> = Api::namespaced(client.clone(), &ns);
+    for i in 0..N {
+        apply(&servers, &clinic_server(&ns, &format!("s-{i:03}"))).await;
+    }
+    let operator = run_operator(&mut run, "e2e-scale", &["--concurrency", "16"]).await;
+    let started = Instant::now();
+    let mut done = 0;
+    while done < N {
+        done = servers.list(&ListParams::default()).await.expect("list").items.iter().filter(|s| reported(s)).count();
+        assert!(started.elapsed() < Duration::from_secs(600), "{done}/{N} reconciled after 10 min");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let reconciled = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let writes = operator_writes(&operator).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let later = operator_writes(&operator).await;
+    eprintln!(
+        "{N} servers: all reconciled in {reconciled:?}; {writes} writes ({:.1} per server, events included); {} more in the next 30 s",
+        writes / N as f64,
+        later - writes
+    );
+    // Six owned objects, the finalizer, the status (maybe twice), a few
+    // events: a loop would be far above this.
+    assert!(writes / (N as f64) <= 14.0, "{writes} writes for {N} servers");
+    assert_eq!(later, writes, "no writes once converged");
+    drop(run);
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
+async fn leadership_moves_to_the_standby_when_the_leader_stops() {
+    let Some(client) = cluster("leadership_moves_to_the_standby_when_the_leader_stops").await else { return };
+    install_crds(&client).await;
+    let mut run = start(client.clone()).await;
+    let ns = run.namespace.clone();
+    keys_and_store(&client, &ns).await;
+    run_operator(&mut run, "e2e-a", &[]).await;
+    eventually("a leads", || async { lease_holder(&client, &ns).await.filter(|h| h.starts_with("e2e-a_")) }).await;
+    // The standby reports ready with warm caches while it does not lead.
+    run_operator(&mut run, "e2e-b", &[]).await;
+    let servers: Api<MCPServer> = Api::namespaced(client.clone(), &ns);
+    apply(&servers, &clinic_server(&ns, "patient-lookup")).await;
+    eventually("a status", || async { servers.get("patient-lookup").await.ok().filter(reported) }).await;
+
+    // SIGTERM: a stops reconciling and releases the Lease.
+    let leader = run.operators[0].id() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(leader, libc::SIGTERM) };
+    let stopped = Instant::now();
+    eventually("b leads", || async { lease_holder(&client, &ns).await.filter(|h| h.starts_with("e2e-b_")) }).await;
+    let took = stopped.elapsed();
+    eprintln!("leadership moved in {took:?} after SIGTERM");
+    assert!(took < Duration::from_secs(10), "within the lease duration: the lease was released ({took:?})");
+    let status = run.operators[0].wait().expect("a exits");
+    assert!(status.success(), "a stopped cleanly: {status}");
+
+    // The new leader acts: dropping the PHI tool closes egress to its store.
+    let mut without_phi = clinic_server(&ns, "patient-lookup");
+    without_phi["spec"]["tools"].as_array_mut().expect("tools").retain(|t| t["name"] != "lookup_patient");
+    apply(&servers, &without_phi).await;
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    eventually("egress to the store removed by b", || async {
+        let egress = policies.get("patient-lookup-egress").await.ok()?;
+        (!reaches_store(&egress)).then_some(())
+    })
+    .await;
     drop(run);
 }

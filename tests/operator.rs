@@ -224,8 +224,18 @@ async fn a_converged_world_costs_no_request_and_a_hand_edit_is_restored_once() {
     let per_server = writes.len() as f64 / n as f64;
     eprintln!("writes to converge: {} ({per_server:.1} per server)", writes.len());
     // Six owned objects (keys from the user's ConfigMap: no jwks copy), the
-    // finalizer and the status: no object written twice.
-    assert!(writes.len() <= n * (6 + 2), "{:#?}", writes.iter().map(|r| &r.path).collect::<Vec<_>>());
+    // finalizer and the status: no object written twice. One more status
+    // write per server is allowed when the Deployment controller's answer
+    // comes after the status pass (a slow machine); the benchmark reports
+    // the exact count.
+    let owned: Vec<_> = writes.iter().filter(|r| !r.path.contains("/mcpservers/")).collect();
+    assert_eq!(
+        owned.len(),
+        n * 6,
+        "each owned object applied once: {:#?}",
+        owned.iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+    assert!(writes.len() <= n * (6 + 3), "{:#?}", writes.iter().map(|r| &r.path).collect::<Vec<_>>());
 
     // Steady state, with a resync every second: nothing at all.
     let mark = fake.requests().len();

@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
@@ -33,7 +33,12 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::api::{MCPServer, PHIStore};
-use crate::render::names::{MANAGER, SERVER_LABEL};
+use crate::compliance::selectors::selector_matches;
+use crate::render::JWKS_SOURCE_ANNOTATION;
+use crate::render::OwnedNames;
+use crate::render::names::{MANAGER, SERVER_LABEL, pod_labels};
+
+use super::pod_view::ServerPod;
 
 /// A stream of changed objects, for the Controller's triggers.
 pub type Trigger<K> = BoxStream<'static, Result<K, watcher::Error>>;
@@ -90,8 +95,8 @@ pub struct Caches {
     pub service_accounts: Store<ServiceAccount>,
     /// Every NetworkPolicy in scope: ours, and the ones that could widen ours.
     pub network_policies: Store<NetworkPolicy>,
-    /// Pods carrying the server label.
-    pub pods: Store<Pod>,
+    /// Pods carrying the server label (compact views).
+    pub pods: Store<ServerPod>,
     /// Which caches have synced.
     pub sync: Arc<SyncState>,
 }
@@ -113,7 +118,7 @@ pub struct Triggers {
     /// Any NetworkPolicy change.
     pub network_policies: Trigger<NetworkPolicy>,
     /// Server pod changes.
-    pub pods: Trigger<Pod>,
+    pub pods: Trigger<ServerPod>,
 }
 
 const KINDS: [&str; 8] =
@@ -124,26 +129,88 @@ pub fn managed_selector() -> String {
     format!("app.kubernetes.io/managed-by={MANAGER}")
 }
 
-/// Keeps only mcp-warden's own Apply entry among `managedFields`.
+/// Keeps only mcp-warden's own Apply entry among `managedFields`, as its
+/// JSON text: drift is decided from it alone, and a Deployment's field tree
+/// parsed into maps weighs several times its text.
 pub fn keep_own_apply_entry<K: Resource>(object: &mut K) {
-    object.managed_fields_mut().retain(|m| {
+    let entries = object.managed_fields_mut();
+    entries.retain(|m| {
         m.manager.as_deref() == Some(MANAGER)
             && m.operation.as_deref() == Some("Apply")
             && m.subresource.as_deref().is_none_or(str::is_empty)
     });
+    for entry in entries.iter_mut() {
+        if let Some(fields) = entry.fields_v1.as_mut()
+            && !fields.0.is_string()
+        {
+            fields.0 = Value::String(fields.0.to_string());
+        }
+        entry.time = None;
+        entry.fields_type = None;
+    }
 }
 
-/// Drops what the operator never reads of an MCPServer or PHIStore.
+/// An owned Deployment as drift and readiness read it: metadata and status
+/// (its pod template is what this operator applied; field ownership says
+/// whether it still holds).
+pub fn trim_deployment(deployment: &mut Deployment) {
+    keep_own_apply_entry(deployment);
+    deployment.spec = Default::default();
+}
+
+/// An owned Service: metadata only.
+pub fn trim_service(service: &mut Service) {
+    keep_own_apply_entry(service);
+    service.spec = None;
+    service.status = None;
+}
+
+/// An owned ConfigMap: metadata, and the data of a JWKS copy (the last good
+/// keys are served again when a fetch fails).
+pub fn trim_config_map(config_map: &mut ConfigMap) {
+    keep_own_apply_entry(config_map);
+    if !config_map.annotations().contains_key(JWKS_SOURCE_ANNOTATION) {
+        config_map.data = None;
+        config_map.binary_data = None;
+    }
+}
+
+/// Drops what the operator never reads of an MCPServer or PHIStore: field
+/// ownership and annotations (`kubectl apply`'s last-applied copy of the
+/// whole spec among them).
 pub fn trim_custom<K: Resource>(object: &mut K) {
     object.managed_fields_mut().clear();
-    object.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+    object.meta_mut().annotations = None;
 }
 
-/// Drops what the evaluation never reads of a Pod: field ownership and the
-/// status beyond its phase.
-pub fn trim_pod(pod: &mut Pod) {
-    pod.managed_fields_mut().clear();
-    pod.status = pod.status.take().map(|s| PodStatus { phase: s.phase, ..PodStatus::default() });
+/// A pod as the evaluation reads it (see `pod_view`).
+pub fn trim_pod(pod: &mut ServerPod) {
+    pod.trim();
+}
+
+fn slim<K: DeserializeOwned + Serialize>(value: Value, trim: fn(&mut K)) -> Value {
+    match serde_json::from_value::<K>(value.clone()) {
+        Ok(mut object) => {
+            trim(&mut object);
+            serde_json::to_value(&object).unwrap_or(value)
+        }
+        Err(_) => value,
+    }
+}
+
+/// An API server's answer about an object of `kind`, trimmed as its cache
+/// keeps such objects (answers stand in for the cache for a while; they
+/// need not weigh more).
+pub fn as_cached(kind: &str, value: Value) -> Value {
+    match kind {
+        "Deployment" => slim::<Deployment>(value, trim_deployment),
+        "Service" => slim::<Service>(value, trim_service),
+        "ConfigMap" => slim::<ConfigMap>(value, trim_config_map),
+        "ServiceAccount" => slim::<ServiceAccount>(value, keep_own_apply_entry),
+        "NetworkPolicy" => slim::<NetworkPolicy>(value, keep_own_apply_entry),
+        "MCPServer" => slim::<MCPServer>(value, trim_custom),
+        _ => value,
+    }
 }
 
 fn cache<K>(
@@ -205,9 +272,9 @@ impl Caches {
         let managed = || watcher::Config::default().labels(&managed_selector());
         let (servers, servers_t) = cache(scope.api(), all(), &sync, "MCPServer", trim_custom);
         let (stores, stores_t) = cache(scope.api(), all(), &sync, "PHIStore", trim_custom);
-        let (deployments, deployments_t) = cache(scope.api(), managed(), &sync, "Deployment", keep_own_apply_entry);
-        let (services, services_t) = cache(scope.api(), managed(), &sync, "Service", keep_own_apply_entry);
-        let (config_maps, config_maps_t) = cache(scope.api(), managed(), &sync, "ConfigMap", keep_own_apply_entry);
+        let (deployments, deployments_t) = cache(scope.api(), managed(), &sync, "Deployment", trim_deployment);
+        let (services, services_t) = cache(scope.api(), managed(), &sync, "Service", trim_service);
+        let (config_maps, config_maps_t) = cache(scope.api(), managed(), &sync, "ConfigMap", trim_config_map);
         let (service_accounts, service_accounts_t) =
             cache(scope.api(), managed(), &sync, "ServiceAccount", keep_own_apply_entry);
         let (network_policies, network_policies_t) =
@@ -242,28 +309,41 @@ impl Caches {
         in_namespace(&self.stores, namespace).map(|s| (s.name_any(), (*s).clone())).collect()
     }
 
-    /// The NetworkPolicies of `namespace`.
-    pub fn network_policies_in(&self, namespace: &str) -> Vec<NetworkPolicy> {
-        in_namespace(&self.network_policies, namespace).map(|p| (*p).clone()).collect()
+    /// The NetworkPolicies of `namespace` that select the pods of server
+    /// `name` (its own among them): the only ones its verdict depends on.
+    pub fn network_policies_selecting(&self, namespace: &str, name: &str) -> Vec<NetworkPolicy> {
+        let labels = pod_labels(name);
+        in_namespace(&self.network_policies, namespace)
+            .filter(|p| {
+                p.spec.as_ref().and_then(|s| s.pod_selector.as_ref()).is_none_or(|sel| selector_matches(sel, &labels))
+            })
+            .map(|p| (*p).clone())
+            .collect()
     }
 
     /// The pods of server `name` in `namespace`.
     pub fn pods_of(&self, namespace: &str, name: &str) -> Vec<Pod> {
         in_namespace(&self.pods, namespace)
             .filter(|p| p.labels().get(SERVER_LABEL).map(String::as_str) == Some(name))
-            .map(|p| (*p).clone())
+            .map(|p| p.to_pod())
             .collect()
     }
 
-    /// The objects of `namespace` carrying server `name`'s labels, as JSON
-    /// keyed by `(kind, name)`.
+    /// The objects server `name` of `namespace` may own, looked up by the
+    /// names the renderer gives them (every name it can produce, whether or
+    /// not the spec needs it now: what it no longer needs is an orphan), as
+    /// JSON keyed by `(kind, name)`. Objects carrying another server's
+    /// labels are not its own.
     pub fn managed_of(&self, namespace: &str, name: &str) -> BTreeMap<(String, String), Value> {
+        let names = OwnedNames::for_server(name);
         let mut found = BTreeMap::new();
-        collect(&self.service_accounts, namespace, name, &mut found);
-        collect(&self.config_maps, namespace, name, &mut found);
-        collect(&self.network_policies, namespace, name, &mut found);
-        collect(&self.services, namespace, name, &mut found);
-        collect(&self.deployments, namespace, name, &mut found);
+        lookup(&self.service_accounts, namespace, &names.service_account, name, &mut found);
+        lookup(&self.config_maps, namespace, &names.policy_config_map, name, &mut found);
+        lookup(&self.config_maps, namespace, &names.jwks_config_map, name, &mut found);
+        lookup(&self.network_policies, namespace, &names.ingress_policy, name, &mut found);
+        lookup(&self.network_policies, namespace, &names.egress_policy, name, &mut found);
+        lookup(&self.services, namespace, &names.workload, name, &mut found);
+        lookup(&self.deployments, namespace, &names.workload, name, &mut found);
         found
     }
 }
@@ -275,21 +355,24 @@ where
     store.state().into_iter().filter(move |o| o.meta().namespace.as_deref() == Some(namespace))
 }
 
-fn collect<K>(store: &Store<K>, namespace: &str, server: &str, into: &mut BTreeMap<(String, String), Value>)
-where
+fn lookup<K>(
+    store: &Store<K>,
+    namespace: &str,
+    object: &str,
+    server: &str,
+    into: &mut BTreeMap<(String, String), Value>,
+) where
     K: Resource<DynamicType = ()> + Clone + Serialize + 'static,
 {
-    let kind = K::kind(&()).to_string();
-    for object in in_namespace(store, namespace) {
-        let labels = object.labels();
-        if labels.get(SERVER_LABEL).map(String::as_str) != Some(server)
-            || labels.get("app.kubernetes.io/managed-by").map(String::as_str) != Some(MANAGER)
-        {
-            continue;
-        }
-        if let Ok(value) = serde_json::to_value(&*object) {
-            into.insert((kind.clone(), object.name_any()), value);
-        }
+    let Some(found) = store.get(&ObjectRef::new(object).within(namespace)) else { return };
+    let labels = found.labels();
+    if labels.get(SERVER_LABEL).map(String::as_str) != Some(server)
+        || labels.get("app.kubernetes.io/managed-by").map(String::as_str) != Some(MANAGER)
+    {
+        return;
+    }
+    if let Ok(value) = serde_json::to_value(&*found) {
+        into.insert((K::kind(&()).to_string(), object.to_string()), value);
     }
 }
 
@@ -341,9 +424,9 @@ pub mod fill {
         Caches {
             servers: store(of(values, trim_custom)),
             stores: store(of(values, trim_custom)),
-            deployments: store(of(values, keep_own_apply_entry)),
-            services: store(of(values, keep_own_apply_entry)),
-            config_maps: store(of(values, keep_own_apply_entry)),
+            deployments: store(of(values, trim_deployment)),
+            services: store(of(values, trim_service)),
+            config_maps: store(of(values, trim_config_map)),
             service_accounts: store(of(values, keep_own_apply_entry)),
             network_policies: store(of(values, keep_own_apply_entry)),
             pods: store(of(values, trim_pod)),
@@ -394,16 +477,39 @@ mod tests {
 
     #[test]
     fn pods_keep_their_phase_and_spec_only() {
-        let mut pod: Pod = serde_json::from_value(json!({
+        let mut pod: ServerPod = serde_json::from_value(json!({
             "metadata": {"name": "p", "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
-            "spec": {"containers": [{"name": "c"}]},
+            "spec": {"containers": [{"name": "c", "livenessProbe": {"httpGet": {"port": 1}}}]},
             "status": {"phase": "Pending", "qosClass": "Burstable", "conditions": [{"type": "PodScheduled", "status": "False"}]}
         }))
         .expect("pod");
         trim_pod(&mut pod);
         assert!(pod.managed_fields().is_empty());
+        let pod = pod.to_pod();
         let status = pod.status.expect("status");
         assert_eq!((status.phase.as_deref(), status.qos_class, status.conditions), (Some("Pending"), None, None));
-        assert_eq!(pod.spec.expect("spec").containers.len(), 1);
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.containers.len(), 1);
+        assert!(spec.containers[0].liveness_probe.is_none(), "not kept");
+    }
+
+    #[test]
+    fn cached_owned_objects_keep_what_drift_and_readiness_read() {
+        let stored = format!(
+            "{}/tests/k8s-recordings/01-apply/ssa-again-deployment-patient-lookup.response.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let value: Value = serde_json::from_str(&std::fs::read_to_string(stored).expect("recording")).expect("json");
+        let cached = as_cached("Deployment", value.clone());
+        assert_eq!(cached["status"], value["status"]);
+        assert_eq!(cached["metadata"]["annotations"], value["metadata"]["annotations"]);
+        assert!(cached["spec"]["template"].get("spec").is_none(), "the pod template is not kept");
+        let entries = cached["metadata"]["managedFields"].as_array().expect("entries");
+        assert_eq!(entries.len(), 1);
+        assert!(entries[0]["fieldsV1"].is_string(), "kept as text");
+        assert_eq!(
+            crate::operator::managed_fields::applied_fields(&cached, MANAGER),
+            crate::operator::managed_fields::applied_fields(&value, MANAGER)
+        );
     }
 }

@@ -25,13 +25,18 @@
 use serde_json::{Map, Value};
 
 /// The FieldsV1 of `manager`'s Apply entry on the main resource (not a
-/// subresource such as `status`), if it has one.
-pub fn applied_fields<'a>(object: &'a Value, manager: &str) -> Option<&'a Value> {
+/// subresource such as `status`), if it has one. The caches keep it as its
+/// JSON text (see `caches`); either form is read.
+pub fn applied_fields(object: &Value, manager: &str) -> Option<Value> {
     object.pointer("/metadata/managedFields")?.as_array()?.iter().find_map(|entry| {
         let ours = entry.get("manager").and_then(Value::as_str) == Some(manager)
             && entry.get("operation").and_then(Value::as_str) == Some("Apply")
             && entry.get("subresource").and_then(Value::as_str).is_none_or(str::is_empty);
-        if ours { entry.get("fieldsV1") } else { None }
+        match entry.get("fieldsV1") {
+            Some(Value::String(text)) if ours => serde_json::from_str(text).ok(),
+            Some(fields) if ours => Some(fields.clone()),
+            _ => None,
+        }
     })
 }
 
@@ -181,7 +186,7 @@ mod tests {
             let desired = recorded(&format!("01-apply/ssa-{kind}.request.json"));
             let stored = recorded(&format!("01-apply/ssa-again-{kind}.response.json"));
             let owned = applied_fields(&stored, "mcp-warden").expect("our entry");
-            assert_eq!(first_unowned(&desired, owned), None, "{kind}");
+            assert_eq!(first_unowned(&desired, &owned), None, "{kind}");
         }
     }
 
@@ -191,10 +196,10 @@ mod tests {
         let edited = recorded("05-errors/409-setup-merge-patch-by-kubectl-edit.response.json");
         let owned = applied_fields(&edited, "mcp-warden").expect("our entry");
         // Both taken fields are named by path; the first in key order is reported.
-        assert_eq!(first_unowned(&desired, owned).as_deref(), Some("data.policy.json"));
+        assert_eq!(first_unowned(&desired, &owned).as_deref(), Some("data.policy.json"));
         let mut labels_only = desired.clone();
         labels_only.as_object_mut().map(|o| o.remove("data"));
-        assert_eq!(first_unowned(&labels_only, owned).as_deref(), Some("metadata.labels.app.kubernetes.io/name"));
+        assert_eq!(first_unowned(&labels_only, &owned).as_deref(), Some("metadata.labels.app.kubernetes.io/name"));
     }
 
     #[test]
@@ -202,9 +207,9 @@ mod tests {
         let desired = recorded("01-apply/ssa-deployment-patient-lookup.request.json");
         let taken = recorded("05-errors/409-setup-ssa-replicas-by-someone-else.response.json");
         let owned = applied_fields(&taken, "mcp-warden").expect("our entry");
-        assert_eq!(first_unowned(&desired, owned).as_deref(), Some("spec.replicas"));
+        assert_eq!(first_unowned(&desired, &owned).as_deref(), Some("spec.replicas"));
         let back = recorded("05-errors/409-conflict-resolved-with-force.response.json");
-        assert_eq!(first_unowned(&desired, applied_fields(&back, "mcp-warden").expect("entry")), None);
+        assert_eq!(first_unowned(&desired, &applied_fields(&back, "mcp-warden").expect("entry")), None);
     }
 
     #[test]
@@ -256,7 +261,12 @@ mod tests {
             {"manager": "other", "operation": "Apply", "fieldsV1": {"f:y": {}}},
             {"manager": "mcp-warden", "operation": "Apply", "fieldsV1": {"f:spec": {}}}
         ]}});
-        assert_eq!(applied_fields(&object, "mcp-warden"), Some(&json!({"f:spec": {}})));
+        assert_eq!(applied_fields(&object, "mcp-warden"), Some(json!({"f:spec": {}})));
         assert_eq!(applied_fields(&json!({"metadata": {}}), "mcp-warden"), None);
+        // As the caches keep it: the entry's JSON text.
+        let compact = json!({"metadata": {"managedFields": [
+            {"manager": "mcp-warden", "operation": "Apply", "fieldsV1": "{\"f:spec\":{}}"}
+        ]}});
+        assert_eq!(applied_fields(&compact, "mcp-warden"), Some(json!({"f:spec": {}})));
     }
 }

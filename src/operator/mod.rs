@@ -20,6 +20,7 @@ pub mod context;
 pub mod jwks;
 pub mod managed_fields;
 pub mod owned;
+pub mod pod_view;
 pub mod recent;
 pub mod reconcile;
 pub mod status;

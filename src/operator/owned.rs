@@ -96,7 +96,7 @@ pub fn plan_object(desired: &Value, live: Option<&Value>) -> Plan {
         // Same hash, yet no apply of ours on record: its field ownership
         // was wiped, which only someone else can do.
         None => Plan::Drift("metadata.managedFields".into()),
-        Some(owned) => first_unowned(desired, owned).map_or(Plan::Unchanged, Plan::Drift),
+        Some(owned) => first_unowned(desired, &owned).map_or(Plan::Unchanged, Plan::Drift),
     }
 }
 

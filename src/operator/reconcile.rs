@@ -29,6 +29,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{info, instrument, warn};
 
+use super::caches::as_cached;
 use super::context::{Context, ErrorLabels};
 use super::jwks::validate_jwks;
 use super::owned::{self, Plan};
@@ -238,7 +239,7 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
     };
     let observed = Observations {
         source: Source::Cluster,
-        network_policies: Some(ctx.caches.network_policies_in(&namespace)),
+        network_policies: Some(ctx.caches.network_policies_selecting(&namespace, &name)),
         pods: Some(pods),
         collector,
     };
@@ -288,7 +289,10 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
         let api: Api<MCPServer> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = json!({"apiVersion": API_VERSION, "kind": "MCPServer", "status": next});
         let written = api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
-        ctx.recent.written(object_key("MCPServer", &namespace, &name), serde_json::to_value(&written)?);
+        ctx.recent.written(
+            object_key("MCPServer", &namespace, &name),
+            as_cached("MCPServer", serde_json::to_value(&written)?),
+        );
     }
     Ok(Action::requeue(ctx.resync))
 }
@@ -341,7 +345,7 @@ async fn sync_objects(
         let Some(resource) = kinds.iter().find(|r| r.kind == kind) else { continue };
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, resource);
         let applied = api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired)).await?;
-        ctx.recent.written(object_key(&kind, namespace, &name), serde_json::to_value(&applied)?);
+        ctx.recent.written(object_key(&kind, namespace, &name), as_cached(&kind, serde_json::to_value(&applied)?));
         ctx.metrics.applied.inc();
         if matches!(plan, Plan::Drift(_)) {
             ctx.metrics.drift_corrected.inc();

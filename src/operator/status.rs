@@ -155,15 +155,17 @@ pub fn desired_status(
     MCPServerStatus { observed_generation: generation, conditions, controls, counts }
 }
 
-/// Conditions whose status differs between two statuses, as
-/// `(type, old, new)`: the transitions worth an event.
+/// Conditions whose status changed between two statuses, as
+/// `(type, old, new)`: the transitions worth an event. A condition reported
+/// for the first time is no transition (the "Applied" event already says
+/// the server was set up; one event per condition per server at creation
+/// would be noise, and the event recorder keeps each for minutes).
 pub fn transitions(previous: Option<&MCPServerStatus>, next: &MCPServerStatus) -> Vec<(String, String, String)> {
     next.conditions
         .iter()
         .filter_map(|c| {
-            let old = previous.and_then(|p| p.conditions.iter().find(|o| o.type_ == c.type_)).map(|o| o.status.clone());
-            (old.as_deref() != Some(c.status.as_str()))
-                .then(|| (c.type_.clone(), old.unwrap_or_else(|| "-".into()), c.status.clone()))
+            let old = previous?.conditions.iter().find(|o| o.type_ == c.type_)?.status.clone();
+            (old != c.status).then(|| (c.type_.clone(), old, c.status.clone()))
         })
         .collect()
 }
@@ -226,6 +228,7 @@ mod tests {
         assert_eq!(second.conditions[0].last_transition_time, at(100));
         assert_eq!(second.conditions[0].message, "1/2");
         assert!(transitions(Some(&first), &second).is_empty());
+        assert!(transitions(None, &first).is_empty(), "a first report is no transition");
         // Status flips: the time moves, and it is a transition.
         let third = desired_status(
             Some(1),

@@ -78,7 +78,7 @@ async fn settled() -> (Vec<Value>, MCPServer) {
     let stored = stored_by_this_build(recorded_jwks()).await;
     let server = recorded_server();
     let (ctx, api) = World::new(stored.clone()).context();
-    let mock = api.events(3).status_patch(&server).run();
+    let mock = api.status_patch(&server).run();
     reconcile(Arc::new(server.clone()), ctx).await.expect("reconcile");
     let status = written_status(&mock.await.expect("mock api")).expect("status written");
     let mut settled = server;
@@ -140,7 +140,7 @@ async fn with_keys_served_readiness_follows_the_recorded_deployment() {
     let mut world = World::new(stored);
     world.jwks = Ok(JWKS.into());
     let (ctx, api) = world.context();
-    let mock = api.events(3).status_patch(&server).run();
+    let mock = api.status_patch(&server).run();
     reconcile(Arc::new(server), ctx).await.expect("reconcile");
     let status = written_status(&mock.await.expect("mock api")).expect("status");
     // The recorded Deployment: observed by its controller, 0 of 2 available.
@@ -169,7 +169,7 @@ async fn a_pass_before_the_caches_show_our_writes_does_not_write_them_again() {
     // empty (the watch events have not arrived): the answers to its own
     // applies stand in for them, so nothing is applied twice and the
     // status is written from those answers.
-    let mock = api.apply_all_owned().events(1).events(3).status_patch(&server).run();
+    let mock = api.apply_all_owned().events(1).status_patch(&server).run();
     reconcile(Arc::new(server.clone()), Arc::clone(&ctx)).await.expect("first pass");
     assert_eq!(ctx.recent.len(), 7);
     reconcile(Arc::new(server), Arc::clone(&ctx)).await.expect("second pass");
@@ -321,7 +321,7 @@ async fn a_missing_store_deploys_nothing_and_says_why() {
     let mut world = World::new(vec![]);
     world.cached.clear();
     let (ctx, api) = world.context();
-    let mock = api.events(3).status_patch(&server).run();
+    let mock = api.status_patch(&server).run();
     reconcile(Arc::new(server), ctx).await.expect("bad input is not a reconcile error");
     let seen = mock.await.expect("mock api");
     assert!(applied_objects(&seen).is_empty(), "no partial objects");
@@ -340,7 +340,7 @@ async fn a_failed_jwks_fetch_keeps_the_last_good_keys() {
     world.jwks = Err(JwksError::Fetch("connection failed".into()));
     let (ctx, api) = world.context();
     // The jwks ConfigMap is unchanged (last good keys), so nothing is applied.
-    let mock = api.events(3).status_patch(&settled).run();
+    let mock = api.status_patch(&settled).run();
     reconcile(Arc::new(settled), ctx).await.expect("reconcile");
     let seen = mock.await.expect("mock api");
     assert!(applied_objects(&seen).is_empty(), "the last good keys stay in place");
@@ -448,7 +448,7 @@ async fn status_with_collector(health: Result<super::collector::Health, String>)
     let mut world = World::new(stored);
     world.collector = Some(health);
     let (ctx, api) = world.context();
-    let mock = api.events(3).status_patch(&server).run();
+    let mock = api.status_patch(&server).run();
     reconcile(Arc::new(server), ctx).await.expect("reconcile");
     written_status(&mock.await.expect("mock api")).expect("status")
 }

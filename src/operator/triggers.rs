@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
@@ -35,7 +34,7 @@ pub fn servers_using_store(servers: &[Arc<MCPServer>], store: &PHIStore) -> Vec<
 }
 
 /// The server a pod says it belongs to.
-pub fn server_of_pod(pod: &Pod) -> Option<ObjectRef<MCPServer>> {
+pub fn server_of_pod<K: kube::Resource>(pod: &K) -> Option<ObjectRef<MCPServer>> {
     let name = pod.labels().get(SERVER_LABEL)?;
     let reference = ObjectRef::<MCPServer>::new(name);
     Some(match pod.namespace() {

@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use crate::api::{MCPServer, PHIStore};
 use crate::policy::{self, CompiledPolicy, PolicyError};
-pub use config_maps::JWKS_FILE;
+pub use config_maps::{JWKS_FILE, JWKS_SOURCE_ANNOTATION};
 pub use names::OwnedNames;
 pub use network_policy::{StoreEgress, store_peers};
 

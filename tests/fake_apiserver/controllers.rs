@@ -62,15 +62,13 @@ pub async fn deployments(core: Arc<Core>, delay: Duration) {
 }
 
 fn pods_of(core: &Core, namespace: &str, deployment: &str) -> Vec<(String, String)> {
-    let pods = core.list(&kind("", "pods"), Some(namespace), &Selector::default()).0;
-    pods.iter()
-        .filter_map(|pod| {
-            let owner = pod.pointer("/metadata/ownerReferences/0/name").and_then(Value::as_str)?;
-            let hash = owner.strip_prefix(&format!("{deployment}-"))?;
-            (hash.len() == 10)
-                .then(|| (pod["metadata"]["name"].as_str().unwrap_or_default().to_string(), hash.to_string()))
-        })
-        .collect()
+    let prefix = format!("{deployment}-");
+    core.scan(&kind("", "pods"), namespace, &Selector::default(), |pod| {
+        let owner = pod.pointer("/metadata/ownerReferences/0/name").and_then(Value::as_str)?;
+        let hash = owner.strip_prefix(&prefix)?;
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        (hash.len() == 10).then(|| (name, hash.to_string()))
+    })
 }
 
 fn delete_pods(core: &Core, namespace: &str, deployment: &str, keep_hash: Option<&str>) {

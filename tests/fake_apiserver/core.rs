@@ -14,6 +14,9 @@ use super::kinds::{self, Kind};
 /// `(plural, namespace, name)`.
 pub type Key = (String, String, String);
 
+/// Events kept for watches to resume from.
+const LOG_LIMIT: usize = 50_000;
+
 /// An API error, as a Status body.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -182,6 +185,26 @@ impl Core {
         (items, state.rv)
     }
 
+    /// Applies `f` to every object of `kind` in `namespace` matching
+    /// `selector`, without copying them (for the fake's own controllers).
+    pub fn scan<T>(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        selector: &Selector,
+        mut f: impl FnMut(&Value) -> Option<T>,
+    ) -> Vec<T> {
+        let state = self.lock();
+        let from = (kind.plural.to_string(), namespace.to_string(), String::new());
+        state
+            .objects
+            .range(from..)
+            .take_while(|((plural, ns, _), _)| plural == kind.plural && ns == namespace)
+            .filter(|(_, o)| selector.matches(o))
+            .filter_map(|(_, o)| f(o))
+            .collect()
+    }
+
     /// Drops the event log before `keep` most recent events: watches from
     /// older versions get 410 Expired.
     pub fn compact(&self, keep: usize) {
@@ -231,6 +254,13 @@ impl Core {
             object: object.clone(),
             old,
         });
+        // Like etcd's compaction: old history goes; a watch from before it
+        // gets 410 Expired and lists again.
+        while state.events.len() > LOG_LIMIT {
+            if let Some(e) = state.events.pop_front() {
+                state.oldest_rv = e.rv;
+            }
+        }
         self.latest.send_replace(rv);
         Some(object)
     }
@@ -554,10 +584,12 @@ impl Core {
         if from < state.oldest_rv {
             return Err(state.rv);
         }
+        // The log is ordered by resourceVersion: start after `from`.
+        let start = state.events.partition_point(|e| e.rv <= from);
         let events = state
             .events
-            .iter()
-            .filter(|e| e.rv > from && e.plural == plural && namespace.is_none_or(|n| n == e.namespace))
+            .range(start..)
+            .filter(|e| e.plural == plural && namespace.is_none_or(|n| n == e.namespace))
             .cloned()
             .collect();
         Ok((events, state.rv))
