@@ -374,3 +374,24 @@ async fn a_leader_that_cannot_renew_stops_writing_before_the_next_one_starts() {
     })
     .await;
 }
+
+/// Serves the fake API server for a while, for running the e2e suite
+/// against it by hand (not a test of the product):
+/// `MCPW_FAKE_KUBECONFIG=/tmp/fake.kubeconfig cargo test --test operator -- --ignored serve_the_fake --nocapture`,
+/// then `KUBECONFIG=/tmp/fake.kubeconfig cargo test --test e2e -- --ignored --test-threads=1`.
+#[tokio::test]
+#[ignore = "a tool: serves the fake API server for a manual e2e run"]
+async fn serve_the_fake_api_server_for_e2e() {
+    let Ok(path) = std::env::var("MCPW_FAKE_KUBECONFIG") else {
+        eprintln!("set MCPW_FAKE_KUBECONFIG to the kubeconfig path to write");
+        return;
+    };
+    let mut fake = FakeApi::start(Duration::from_millis(20));
+    fake.set_latency(Duration::from_millis(1), Duration::from_millis(3));
+    let addr = fake.listen("e2e").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(FakeApi::kubeconfig(dir.path(), addr, "e2e"), &path).expect("kubeconfig");
+    eprintln!("fake API server at http://{addr}; kubeconfig {path}");
+    let minutes = std::env::var("MCPW_FAKE_MINUTES").ok().and_then(|m| m.parse().ok()).unwrap_or(15);
+    tokio::time::sleep(Duration::from_secs(60 * minutes)).await;
+}

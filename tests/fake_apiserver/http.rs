@@ -263,9 +263,25 @@ async fn dispatch(
     }
 }
 
+/// `fieldSelector` on `metadata.name` / `metadata.namespace` (what
+/// kube-client's `watch_object` and `await_condition` send).
+fn field_matches(query: &str, object: &Value) -> bool {
+    let Some(fields) = query_param(query, "fieldSelector") else { return true };
+    fields.split(',').filter(|f| !f.is_empty()).all(|f| {
+        let (key, value) = f.split_once('=').unwrap_or((f, ""));
+        let value = value.trim_start_matches('=');
+        match key {
+            "metadata.name" => object.pointer("/metadata/name").and_then(Value::as_str) == Some(value),
+            "metadata.namespace" => object.pointer("/metadata/namespace").and_then(Value::as_str) == Some(value),
+            _ => true,
+        }
+    })
+}
+
 fn list(shared: &Arc<Shared>, kind: &Kind, namespace: Option<&str>, query: &str) -> Value {
     let selector = Selector::parse(&query_param(query, "labelSelector").unwrap_or_default());
     let (mut items, rv) = shared.core.list(kind, namespace, &selector);
+    items.retain(|o| field_matches(query, o));
     let limit = query_param(query, "limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
     let start_after = query_param(query, "continue").filter(|c| !c.is_empty()).and_then(|c| hex_decode(&c));
     let list_rv = start_after.as_ref().and_then(|(rv, _)| rv.parse::<u64>().ok()).unwrap_or(rv);
@@ -329,6 +345,7 @@ fn watch(shared: &Arc<Shared>, kind: &Kind, namespace: Option<&str>, query: &str
     let timeout = query_param(query, "timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).unwrap_or(1800);
     let bookmarks = query_param(query, "allowWatchBookmarks").is_some_and(|b| b == "true");
     let from = query_param(query, "resourceVersion").unwrap_or_default();
+    let query = query.to_string();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
     let core = Arc::clone(&shared.core);
     let kind = *kind;
@@ -345,7 +362,7 @@ fn watch(shared: &Arc<Shared>, kind: &Kind, namespace: Option<&str>, query: &str
             "" | "0" => {
                 // Synthetic ADDED events for what exists, then live events.
                 let (items, rv) = core.list(&kind, namespace.as_deref(), &selector);
-                for item in items {
+                for item in items.into_iter().filter(|o| field_matches(&query, o)) {
                     if tx.send(Ok(line("ADDED", &item))).await.is_err() {
                         return;
                     }
@@ -365,6 +382,9 @@ fn watch(shared: &Arc<Shared>, kind: &Kind, namespace: Option<&str>, query: &str
                 }
                 Ok((events, now)) => {
                     for event in events {
+                        if !field_matches(&query, &event.object) {
+                            continue;
+                        }
                         let was = event.old.as_ref().is_some_and(|o| selector.matches(o));
                         let is = selector.matches(&event.object);
                         let type_ = match (event.type_, was, is) {

@@ -63,6 +63,7 @@ pub const KINDS: &[Kind] = &[
     builtin("coordination.k8s.io", "v1", "Lease", "leases"),
     builtin("events.k8s.io", "v1", "Event", "events"),
     builtin("", "v1", "Namespace", "namespaces"),
+    builtin("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions"),
 ];
 
 /// The resource served at `group`/`plural`.
@@ -167,6 +168,17 @@ pub fn apply_defaults(kind: &Kind, object: &mut Value, cluster_ip: impl FnOnce()
                 }
             }
             default(object, "/status", json!({"loadBalancer": {}}));
+        }
+        "CustomResourceDefinition" => {
+            // The apiextensions controller accepts the names at once.
+            default(
+                object,
+                "/status",
+                json!({"conditions": [
+                    {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found"},
+                    {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted"}
+                ]}),
+            );
         }
         "NetworkPolicy" => {
             let types = if object.pointer("/spec/egress").is_some() {
