@@ -45,7 +45,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(health);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(crate::net::no_delay(listener), app).with_graceful_shutdown(shutdown).await
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {

@@ -33,6 +33,7 @@ pub mod health;
 pub mod jwks;
 pub mod leader;
 pub mod manifest;
+pub mod net;
 pub mod operator;
 pub mod policy;
 pub mod render;

@@ -63,6 +63,11 @@ impl ApiListen {
 }
 
 impl Bound {
+    /// The address bound (a port chosen by the system when 0 was asked).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
     /// Whether it serves TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
@@ -77,7 +82,7 @@ impl Bound {
                 let listener = TlsListener::new(self.listener, certificate.server_config()?)?;
                 axum::serve(listener, app).with_graceful_shutdown(shutdown).await?
             }
-            None => axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?,
+            None => axum::serve(crate::net::no_delay(self.listener), app).with_graceful_shutdown(shutdown).await?,
         }
         Ok(())
     }
@@ -231,6 +236,8 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Before the handshake: its own flights are small writes too.
+                crate::net::set_no_delay(&tcp);
                 let acceptor = acceptor.clone();
                 let sender = tx.clone();
                 tokio::spawn(async move {

@@ -36,6 +36,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("phi-server: MCP at http://{}/mcp, store {}", listener.local_addr()?, args.store);
+    // Nagle off: a streamed (SSE) answer must not wait for the client's
+    // delayed ACK, 40 ms on Linux, on every call.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, axum::Router::new().nest_service("/mcp", service)).await?;
     Ok(())
 }

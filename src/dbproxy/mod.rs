@@ -68,7 +68,7 @@ impl DbProxy {
                 _ = &mut shutdown => return,
                 accepted = listener.accept() => match accepted {
                     Ok((socket, _)) => {
-                        let _ = socket.set_nodelay(true);
+                        crate::net::set_no_delay(&socket);
                         tokio::spawn(session::run(Arc::clone(&self), socket));
                     }
                     Err(e) => {

@@ -19,8 +19,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use std::future::IntoFuture;
-
 use anyhow::Context as _;
 use clap::Args;
 use prometheus_client::registry::Registry;
@@ -33,6 +31,17 @@ use crate::policy::{self, CompiledPolicy, POLICY_FORMAT_VERSION};
 use authn::{Authenticator, KeySource, Keys};
 use gateway::{Gateway, GatewayConfig};
 use metrics::SidecarMetrics;
+
+/// Serves the gateway on its public listener until `shutdown` resolves.
+/// Nagle is off on every connection (`net`): streamed answers go out as
+/// they are written.
+pub async fn serve_public(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(crate::net::no_delay(listener), router).with_graceful_shutdown(shutdown).await
+}
 
 /// Flags of `mcp-warden sidecar`.
 #[derive(Debug, Clone, Args)]
@@ -281,11 +290,8 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     }
     let stop_public = Arc::new(tokio::sync::Notify::new());
     let stop = Arc::clone(&stop_public);
-    let mut server = tokio::spawn(
-        axum::serve(public, Arc::clone(&gateway).router())
-            .with_graceful_shutdown(async move { stop.notified().await })
-            .into_future(),
-    );
+    let mut server =
+        tokio::spawn(serve_public(public, Arc::clone(&gateway).router(), async move { stop.notified().await }));
     tokio::select! {
         _ = crate::health::shutdown_signal() => {}
         result = &mut server => {

@@ -101,7 +101,11 @@ pub async fn start_gateway(upstream: &str, wal_bytes: u64) -> Harness {
     let data_access = DataAccess::new(broker, Grants::new(), "127.0.0.1:9".parse().expect("addr"));
     let gateway = Gateway::new(policy, authn, wal, args_key, config, metrics).expect("gateway");
     let gateway = Arc::new(gateway.with_data_access(data_access));
-    let url = serve(Arc::clone(&gateway).router()).await;
+    // Served as the sidecar binary serves it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let router = Arc::clone(&gateway).router();
+    tokio::spawn(mcp_warden::sidecar::serve_public(listener, router, std::future::pending()));
     Harness { url, gateway, audit }
 }
 
@@ -146,4 +150,61 @@ impl Drop for Reap {
 /// A loopback port free at the time of asking.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+}
+
+/// Whether the server side of `client`'s connection, in this process, has
+/// TCP_NODELAY set: its socket is found among this process's descriptors by
+/// its addresses (the client's, mirrored) and the option read back. None
+/// until the server has accepted the connection.
+pub fn server_nodelay(client: &tokio::net::TcpStream) -> Option<bool> {
+    let (client_local, client_peer) = (client.local_addr().ok()?, client.peer_addr().ok()?);
+    fn address(fd: i32, peer: bool) -> Option<std::net::SocketAddr> {
+        // SAFETY: a zeroed sockaddr_storage is valid; the kernel fills at most `len` bytes.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let ptr = &mut storage as *mut libc::sockaddr_storage as *mut libc::sockaddr;
+        // SAFETY: ptr and len describe `storage`.
+        let rc =
+            unsafe { if peer { libc::getpeername(fd, ptr, &mut len) } else { libc::getsockname(fd, ptr, &mut len) } };
+        if rc != 0 || i32::from(storage.ss_family) != libc::AF_INET {
+            return None;
+        }
+        // SAFETY: the family is AF_INET, so the storage holds a sockaddr_in.
+        let v4: libc::sockaddr_in = unsafe { *(ptr as *const libc::sockaddr_in) };
+        let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+        Some(std::net::SocketAddr::from((ip, u16::from_be(v4.sin_port))))
+    }
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if address(fd, true) != Some(client_local) || address(fd, false) != Some(client_peer) {
+            continue;
+        }
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: value and len describe an int, as TCP_NODELAY takes.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                &mut value as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        return (rc == 0).then_some(value != 0);
+    }
+    None
+}
+
+/// Waits (up to 5 s) until this process has accepted `client`'s connection,
+/// and says whether that socket has TCP_NODELAY.
+pub async fn accepted_with_nodelay(client: &tokio::net::TcpStream) -> bool {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(on) = server_nodelay(client) {
+            return on;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "the connection was never accepted");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
