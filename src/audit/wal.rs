@@ -8,7 +8,16 @@
 //!                               seal records (seq, prev, hash)
 //!                               one write(), one fdatasync() for the group
 //!                               on failure: cut the file back, roll the chain back
+//!   defer(event)  ─▶ queue ─▶ held ─▶ written with the next group, or alone
+//!                                     once it has waited `defer_window`
 //! ```
+//!
+//! A deferred record (a call's outcome, written after its answer went out)
+//! is not waited for: it joins the next group commit, so at one request at a
+//! time a call costs one fsync instead of two, and it is never alone on disk
+//! for longer than the window. Nothing reaches the file before its fsync
+//! starts, so a reader of the segments (the shipper) never sees a record
+//! that is not, or is not about to be, durable.
 //!
 //! One thread owns the files, so records are ordered and never interleaved;
 //! concurrent callers share each fsync. A failed write leaves no partial
@@ -56,6 +65,9 @@ pub struct WalConfig {
     pub queue_depth: usize,
     /// How long an async append waits for its record to be durable.
     pub append_timeout: Duration,
+    /// Longest a deferred record waits for a group to join before it is
+    /// made durable on its own.
+    pub defer_window: Duration,
 }
 
 impl WalConfig {
@@ -70,6 +82,7 @@ impl WalConfig {
             max_batch: 1024,
             queue_depth: 8192,
             append_timeout: Duration::from_secs(5),
+            defer_window: Duration::from_millis(10),
         }
     }
 }
@@ -158,6 +171,7 @@ type Reply<T> = oneshot::Sender<Result<T, WalError>>;
 enum Command {
     // Boxed: events are large and most commands are appends.
     Append { event: Box<Event>, reply: Reply<Receipt> },
+    Defer { event: Box<Event> },
     Release { through: u64, reply: Reply<u64> },
     Close { reply: Reply<Receipt> },
 }
@@ -228,6 +242,33 @@ impl Wal {
             .map_err(|_| WalError::Timeout(self.append_timeout))?
             .map_err(|_| WalError::Closed)?;
         Ok(rx)
+    }
+
+    /// Queues a record that need not be durable before the caller goes on
+    /// (the outcome of a call whose answer is already sent). It is made
+    /// durable with the next append's group, or on its own after at most
+    /// `defer_window`. Its write shares the fate of that group: a failure
+    /// shows on the appends written with it and, for a failed fsync, in
+    /// [`Wal::is_poisoned`]. Waits only while the queue is full.
+    pub async fn defer(&self, event: Event) -> Result<(), WalError> {
+        let send = self.tx.send(Command::Defer { event: Box::new(event) });
+        tokio::time::timeout(self.append_timeout, send)
+            .await
+            .map_err(|_| WalError::Timeout(self.append_timeout))?
+            .map_err(|_| WalError::Closed)
+    }
+
+    /// [`Wal::defer`] without waiting: hands the event back when the queue
+    /// is full (or the WAL closed), for callers that cannot await (a
+    /// response body's `Drop`).
+    pub fn try_defer(&self, event: Event) -> Result<(), Box<Event>> {
+        match self.tx.try_send(Command::Defer { event: Box::new(event) }) {
+            Ok(()) => Ok(()),
+            Err(e) => match e.into_inner() {
+                Command::Defer { event } => Err(event),
+                _ => unreachable!("only a Defer command was sent"),
+            },
+        }
     }
 
     /// [`Wal::append`] for threads outside an async runtime (no timeout).
@@ -320,7 +361,15 @@ fn lock_dir(dir: &Path) -> Result<File, WalError> {
 
 struct Pending {
     event: Event,
-    reply: Reply<Receipt>,
+    /// None for a deferred record: nobody waits for it.
+    reply: Option<Reply<Receipt>>,
+}
+
+/// Answers a waiting appender, if any.
+fn answer(reply: Option<Reply<Receipt>>, result: Result<Receipt, WalError>) {
+    if let Some(reply) = reply {
+        let _ = reply.send(result);
+    }
 }
 
 /// The state owned by the writer thread.
@@ -337,6 +386,11 @@ struct Writer {
     max_batch: usize,
     poisoned: Option<String>,
     poison_flag: Arc<AtomicBool>,
+    /// Deferred records waiting for a group, oldest first, and when the
+    /// oldest arrived.
+    deferred: Vec<Pending>,
+    deferred_since: Option<std::time::Instant>,
+    defer_window: Duration,
     _lock: File,
 }
 
@@ -449,18 +503,48 @@ impl Writer {
             max_batch: config.max_batch.max(1),
             poisoned: None,
             poison_flag: Arc::new(AtomicBool::new(false)),
+            deferred: Vec::new(),
+            deferred_since: None,
+            defer_window: config.defer_window,
             _lock: lock,
         };
         Ok((writer, restart))
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(first) = rx.blocking_recv() {
+        // A clock for the deferred records' deadline; the thread's blocking
+        // I/O runs on nothing else.
+        let clock = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            Ok(clock) => clock,
+            Err(e) => {
+                self.poison(format!("the writer's clock could not start: {e}"));
+                return;
+            }
+        };
+        loop {
+            let first = match self.deferred_since {
+                None => rx.blocking_recv(),
+                Some(since) => {
+                    let deadline = tokio::time::Instant::from_std(since + self.defer_window);
+                    match clock.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await }) {
+                        Ok(command) => command,
+                        Err(_elapsed) => {
+                            self.commit(Vec::new());
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(first) = first else { break };
             let mut batch = Vec::new();
             let mut next = Some(first);
             while let Some(command) = next.take() {
                 match command {
-                    Command::Append { event, reply } => batch.push(Pending { event: *event, reply }),
+                    Command::Append { event, reply } => batch.push(Pending { event: *event, reply: Some(reply) }),
+                    Command::Defer { event } => {
+                        self.deferred_since.get_or_insert_with(std::time::Instant::now);
+                        self.deferred.push(Pending { event: *event, reply: None });
+                    }
                     Command::Release { through, reply } => {
                         self.commit(std::mem::take(&mut batch));
                         let _ = reply.send(self.release_through(through));
@@ -471,54 +555,61 @@ impl Writer {
                         return;
                     }
                 }
-                if batch.len() < self.max_batch {
+                if batch.len() + self.deferred.len() < self.max_batch {
                     next = rx.try_recv().ok();
                 }
             }
-            self.commit(batch);
+            if !batch.is_empty() || self.deferred.len() >= self.max_batch {
+                self.commit(batch);
+            }
         }
-        // Every handle dropped without close: stop as a crash would, with
-        // no stream-end; the next open records the restart.
+        // Every handle dropped without close: what is deferred is written,
+        // then the writer stops as a crash would, with no stream-end; the
+        // next open records the restart.
+        self.commit(Vec::new());
     }
 
     fn commit_one(&mut self, event: Event) -> Result<Receipt, WalError> {
         let (reply, mut rx) = oneshot::channel();
-        self.commit(vec![Pending { event, reply }]);
+        self.commit(vec![Pending { event, reply: Some(reply) }]);
         rx.try_recv().map_err(|_| WalError::Closed)?
     }
 
-    /// Makes a group of records durable with one write and one fsync.
+    /// Makes a group of records durable with one write and one fsync: the
+    /// deferred records waiting first, in the order they came, then `batch`.
     fn commit(&mut self, batch: Vec<Pending>) {
+        self.deferred_since = None;
+        let batch: Vec<Pending> = std::mem::take(&mut self.deferred).into_iter().chain(batch).collect();
         if batch.is_empty() {
             return;
         }
         if let Some(reason) = &self.poisoned {
             for pending in batch {
-                let _ = pending.reply.send(Err(WalError::Poisoned(reason.clone())));
+                answer(pending.reply, Err(WalError::Poisoned(reason.clone())));
             }
             return;
         }
         if let Err(e) = self.rotate_if_full() {
             for pending in batch {
-                let _ = pending.reply.send(Err(e.clone()));
+                answer(pending.reply, Err(e.clone()));
             }
             return;
         }
         let before = self.chain.clone();
         let now = Utc::now();
         let mut buf = Vec::new();
-        let mut accepted: Vec<(Reply<Receipt>, Receipt)> = Vec::new();
+        let mut accepted: Vec<(Option<Reply<Receipt>>, Receipt)> = Vec::new();
         for Pending { event, reply } in batch {
             let sealed: Sealed = match self.chain.prepare(event, now) {
                 Ok(sealed) => sealed,
                 Err(e) => {
-                    let _ = reply.send(Err(WalError::Record(e)));
+                    answer(reply, Err(WalError::Record(e)));
                     continue;
                 }
             };
             let used = self.total_bytes + buf.len() as u64;
             if used + sealed.line.len() as u64 > self.max_bytes {
-                let _ = reply.send(Err(WalError::Full { used, limit: self.max_bytes }));
+                answer(reply, Err(WalError::Full { used, limit: self.max_bytes }));
                 continue;
             }
             self.chain.commit(&sealed);
@@ -533,14 +624,14 @@ impl Writer {
                 self.active_len += buf.len() as u64;
                 self.total_bytes += buf.len() as u64;
                 for (reply, receipt) in accepted {
-                    let _ = reply.send(Ok(receipt));
+                    answer(reply, Ok(receipt));
                 }
             }
             Err(e) => {
                 self.chain = before;
                 tracing::error!(error = %e, records = accepted.len(), "audit WAL: records not made durable");
                 for (reply, _) in accepted {
-                    let _ = reply.send(Err(e.clone()));
+                    answer(reply, Err(e.clone()));
                 }
             }
         }

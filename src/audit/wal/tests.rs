@@ -246,3 +246,73 @@ fn appends_after_the_writer_stopped_report_closed() {
     rx.blocking_recv().expect("reply").expect("closed");
     assert_eq!(wal.append_blocking(decision(0)), Err(WalError::Closed));
 }
+
+#[tokio::test]
+async fn a_deferred_record_is_durable_within_the_window_without_another_append() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let window = Duration::from_millis(50);
+    let wal = Wal::open(WalConfig { defer_window: window, ..config(dir.path()) }).expect("open");
+    wal.defer(decision(0)).await.expect("defer");
+    // Held in memory, not on disk: a reader of the segments never sees a
+    // record before its fsync.
+    assert_eq!(records(dir.path()).len(), 1, "only the stream start is on disk yet");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while records(dir.path()).len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the deferred record was never written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let all = records(dir.path());
+    assert_eq!(all[1].event.correlation.as_deref(), Some("c-0"));
+    wal.close().await.expect("close");
+    assert_verifies(dir.path(), true);
+}
+
+#[tokio::test]
+async fn a_deferred_record_joins_the_next_append_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A window far longer than the test: only the append can write it.
+    let wal = Wal::open(WalConfig { defer_window: Duration::from_secs(60), ..config(dir.path()) }).expect("open");
+    wal.defer(decision(0)).await.expect("defer");
+    wal.defer(decision(1)).await.expect("defer");
+    let receipt = wal.append(decision(2)).await.expect("append");
+    assert_eq!(receipt.seq, 4, "the deferred records were sealed first, in the order they came");
+    let all = records(dir.path());
+    let correlations: Vec<_> = all.iter().skip(1).map(|r| r.event.correlation.clone().unwrap_or_default()).collect();
+    assert_eq!(correlations, ["c-0", "c-1", "c-2"]);
+    wal.close().await.expect("close");
+    assert_verifies(dir.path(), true);
+}
+
+#[tokio::test]
+async fn closing_writes_what_is_deferred_before_the_stream_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(WalConfig { defer_window: Duration::from_secs(60), ..config(dir.path()) }).expect("open");
+    assert!(wal.try_defer(decision(0)).is_ok());
+    let end = wal.close().await.expect("close");
+    let all = records(dir.path());
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[1].event.correlation.as_deref(), Some("c-0"));
+    assert_eq!(end.seq, 3);
+    assert_verifies(dir.path(), true);
+}
+
+#[tokio::test]
+async fn a_full_log_refuses_what_was_deferred_and_what_follows() {
+    // Room for the stream start only.
+    let measure = tempfile::tempdir().expect("tempdir");
+    Wal::open(config(measure.path())).expect("open");
+    let start_bytes: u64 = segment::list_segments(measure.path())
+        .expect("segments")
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limit = start_bytes + 10;
+    let wal = Wal::open(WalConfig { defer_window: Duration::from_secs(60), max_bytes: limit, ..config(dir.path()) })
+        .expect("open");
+    wal.defer(decision(0)).await.expect("queued");
+    // The disk bound refuses both the deferred record and the append that
+    // carries it; neither reaches the file.
+    assert!(matches!(wal.append(decision(1)).await, Err(WalError::Full { .. })));
+    assert_eq!(records(dir.path()).len(), 1);
+}
