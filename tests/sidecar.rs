@@ -831,12 +831,22 @@ async fn an_unreachable_server_still_closes_every_forwarded_call_with_an_outcome
         let response = http.post(format!("{}/mcp", h.url)).bearer_auth(&token).json(&body).send().await.expect("send");
         assert_eq!(response.status().as_u16(), 502);
     }
-    let records: Vec<Record> = segment::list_segments(h.audit.path())
-        .expect("segments")
-        .iter()
-        .flat_map(|(_, p)| segment::read_lines(p).expect("lines"))
-        .map(|l| Record::parse_line(&l.bytes).expect("record"))
-        .collect();
+    let read = || -> Vec<Record> {
+        segment::list_segments(h.audit.path())
+            .expect("segments")
+            .iter()
+            .flat_map(|(_, p)| segment::read_lines(p).expect("lines"))
+            .map(|l| Record::parse_line(&l.bytes).expect("record"))
+            .collect()
+    };
+    // Outcome records are deferred: they join the next group commit, or
+    // are written on their own within the WAL's defer window.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut records = read();
+    while records.iter().filter(|r| r.event.kind == Kind::Outcome).count() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        records = read();
+    }
     let allowed: Vec<&Record> = records.iter().filter(|r| r.event.decision == Some(Decision::Allow)).collect();
     assert_eq!(allowed.len(), 3);
     for decision in allowed {

@@ -230,20 +230,6 @@ impl Wal {
         tokio::time::timeout(self.append_timeout, wait).await.map_err(|_| WalError::Timeout(self.append_timeout))?
     }
 
-    /// Queues a record in order and returns at once with a receiver of its
-    /// receipt: for records written after the fact (statements at the
-    /// database proxy) whose writer must not wait for each fsync. Records
-    /// submitted one after another by one task are sequenced in that order.
-    pub async fn submit(&self, event: Event) -> Result<oneshot::Receiver<Result<Receipt, WalError>>, WalError> {
-        let (reply, rx) = oneshot::channel();
-        let send = self.tx.send(Command::Append { event: Box::new(event), reply });
-        tokio::time::timeout(self.append_timeout, send)
-            .await
-            .map_err(|_| WalError::Timeout(self.append_timeout))?
-            .map_err(|_| WalError::Closed)?;
-        Ok(rx)
-    }
-
     /// Queues a record that need not be durable before the caller goes on
     /// (the outcome of a call whose answer is already sent). It is made
     /// durable with the next append's group, or on its own after at most

@@ -1,0 +1,456 @@
+//! The gateway: one request's path through the sidecar.
+//!
+//! ```text
+//!   1. Host and Origin (DNS-rebinding protection) ........ 403
+//!   2. authentication: bearer JWT ........................ 401 / 403 insufficient_scope / 400
+//!   3. body: size bound, JSON-RPC parse .................. 413 / 400
+//!   4. transport checks: batches, Mcp-* headers, session . 400 / 404
+//!   5. authorization from the policy ..................... JSON-RPC error; the server never sees it
+//!   6. audit: decision record durable in the WAL ......... 503 if it cannot be (failurePolicy Closed)
+//!   7. forward: token stripped, _meta rewritten, Host set for the upstream
+//!   8. response: lists filtered to the caller; everything else streamed
+//!   9. audit: outcome record when the response completes (or is cut off)
+//! ```
+//!
+//! One file per stage: `admission` (1–2), `request` (3–4), `decision`
+//! (5–6), `db_access` and `upstream` (7), `response` (8), `outcome` (9);
+//! `batch` runs 5–9 per element of a 2025-03-26 batch. This file holds the
+//! shared state and reads as the pipeline.
+//!
+//! Nothing from a token, a header value or an argument goes into a log
+//! line, a metric label or an error message.
+
+mod admission;
+mod batch;
+mod db_access;
+mod decision;
+mod outcome;
+mod request;
+mod response;
+pub mod upstream;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use super::authn::Authenticator;
+use super::authz::{self, Decision};
+use super::data_access::{DataAccess, META_DB};
+use super::messages::{self, GATEWAY_REFUSED, HEADER_MISMATCH, INVALID_REQUEST, PARSE_ERROR};
+use super::metrics::SidecarMetrics;
+use super::session::SessionKey;
+use crate::api::FailurePolicy;
+use crate::audit::args_hmac::ArgsKey;
+use crate::audit::budget::RefusalBudget;
+use crate::audit::record::{Decision as RecordDecision, Event, Kind};
+use crate::audit::{Receipt, Wal, WalError};
+use crate::policy::{Caller, CompiledPolicy};
+use admission::{check_host_and_origin, record_unauthenticated, refuse_unauthenticated};
+use batch::post_batch;
+use db_access::refuse_data_access;
+use decision::{decision_event, record_caller};
+use request::{Refusal, read_body, session_for_upstream};
+use response::forward;
+use upstream::{Upstream, UpstreamError};
+
+/// Largest response body buffered for list filtering or outcome reading.
+pub const MAX_BUFFERED_RESPONSE: usize = 32 * 1024 * 1024;
+
+/// What the gateway is set up with.
+pub struct GatewayConfig {
+    /// The MCP endpoint of the server, on loopback.
+    pub upstream: reqwest::Url,
+    /// Host names this server answers to (DNS-rebinding protection).
+    pub allowed_hosts: Vec<String>,
+    /// Origins allowed to call (browsers); none by default.
+    pub allowed_origins: Vec<String>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+/// The sidecar's shared state.
+pub struct Gateway {
+    policy: std::sync::RwLock<Arc<CompiledPolicy>>,
+    authn: Authenticator,
+    wal: Arc<Wal>,
+    args_key: ArgsKey,
+    sessions: SessionKey,
+    config: GatewayConfig,
+    upstream: Upstream,
+    /// Public metrics.
+    pub metrics: SidecarMetrics,
+    authn_records: Mutex<RefusalBudget>,
+    /// `Mcp-Param-*` mirroring of each tool, learnt from `tools/list`
+    /// responses passing through.
+    mirrored_params: std::sync::RwLock<std::collections::HashMap<String, messages::MirroredParams>>,
+    /// The broker and database proxy, for tools with `dataAccess`.
+    data_access: Option<DataAccess>,
+}
+
+impl Gateway {
+    /// A gateway over an open WAL.
+    pub fn new(
+        policy: Arc<CompiledPolicy>,
+        authn: Authenticator,
+        wal: Arc<Wal>,
+        args_key: ArgsKey,
+        config: GatewayConfig,
+        metrics: SidecarMetrics,
+    ) -> Result<Self, UpstreamError> {
+        let sessions = SessionKey::derive(args_key.secret());
+        let upstream = Upstream::new(&config.upstream)?;
+        Ok(Gateway {
+            policy: std::sync::RwLock::new(policy),
+            authn,
+            wal,
+            args_key,
+            sessions,
+            config,
+            upstream,
+            metrics,
+            authn_records: Mutex::new(RefusalBudget::default()),
+            mirrored_params: std::sync::RwLock::new(std::collections::HashMap::new()),
+            data_access: None,
+        })
+    }
+
+    /// Serves tools with `dataAccess` through this broker and proxy; without
+    /// it, calls to them are refused.
+    pub fn with_data_access(mut self, data_access: DataAccess) -> Self {
+        self.data_access = Some(data_access);
+        self
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<CompiledPolicy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts a new policy in force, for the same server. The authentication
+    /// settings follow it.
+    pub fn replace_policy(&self, next: CompiledPolicy) -> Result<(), String> {
+        let current = self.policy();
+        if next.server != current.server {
+            return Err(format!("the new policy is for {}, not {}", next.server, current.server));
+        }
+        self.authn.set_settings(next.authentication.clone());
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(())
+    }
+
+    /// Remembers which parameters each tool mirrors into headers.
+    fn learn_tools(&self, result: &Value) {
+        let Some(tools) = result.get("tools").and_then(Value::as_array) else { return };
+        let mut map = self.mirrored_params.write().unwrap_or_else(|p| p.into_inner());
+        for tool in tools {
+            if let Some(name) = tool.get("name").and_then(Value::as_str) {
+                let mirrored = tool.get("inputSchema").map(messages::mirrored_params).unwrap_or_default();
+                map.insert(name.to_string(), mirrored);
+            }
+        }
+    }
+
+    fn mirrored_for(&self, tool: &str) -> Option<messages::MirroredParams> {
+        self.mirrored_params.read().unwrap_or_else(|p| p.into_inner()).get(tool).cloned()
+    }
+
+    /// Whether the sidecar can serve: keys loaded and the WAL accepting.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.authn.keys().is_empty() {
+            return Err("no signing keys".into());
+        }
+        if self.wal.is_poisoned() {
+            return Err("audit WAL refuses appends".into());
+        }
+        if !self.metrics.last_append_ok() && self.policy().audit_failure_policy == FailurePolicy::Closed {
+            return Err("the last audit record could not be written; PHI calls are refused".into());
+        }
+        Ok(())
+    }
+
+    /// The public router: the MCP endpoint and the protected-resource
+    /// metadata.
+    pub fn router(self: Arc<Self>) -> Router {
+        let path = self.config.upstream.path().to_string();
+        let metadata_path = format!("/.well-known/oauth-protected-resource{}", self.audience_path());
+        let mut router = Router::new().route("/.well-known/oauth-protected-resource", get(resource_metadata));
+        if metadata_path != "/.well-known/oauth-protected-resource" {
+            router = router.route(&metadata_path, get(resource_metadata));
+        }
+        router.route(&path, any(mcp_endpoint)).fallback(not_found).with_state(self)
+    }
+
+    fn audience_path(&self) -> String {
+        reqwest::Url::parse(&self.policy().authentication.audience)
+            .map(|u| u.path().trim_end_matches('/').to_string())
+            .unwrap_or_default()
+    }
+
+    /// URL of this server's protected-resource metadata (RFC 9728).
+    fn resource_metadata_url(&self) -> String {
+        match reqwest::Url::parse(&self.policy().authentication.audience) {
+            Ok(url) => format!(
+                "{}://{}/.well-known/oauth-protected-resource{}",
+                url.scheme(),
+                url.host_str()
+                    .map(|h| match url.port() {
+                        Some(p) => format!("{h}:{p}"),
+                        None => h.to_string(),
+                    })
+                    .unwrap_or_default(),
+                self.audience_path()
+            ),
+            Err(_) => String::new(),
+        }
+    }
+
+    async fn record(&self, event: Event) -> Result<Receipt, WalError> {
+        let started = Instant::now();
+        let result = self.wal.append(event).await;
+        self.metrics.wal_append(started.elapsed(), result.is_ok());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "audit record not written");
+        }
+        result
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn not_found() -> Response {
+    json_response(StatusCode::NOT_FOUND, &messages::error_body(None, GATEWAY_REFUSED, "not found"))
+}
+
+async fn resource_metadata(State(gw): State<Arc<Gateway>>) -> Response {
+    let policy = gw.policy();
+    let auth = &policy.authentication;
+    let body = json!({
+        "resource": auth.audience,
+        "authorization_servers": [auth.issuer],
+        "scopes_supported": auth.required_scopes,
+        "bearer_methods_supported": ["header"],
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+/// Steps 1–9 for every method on the MCP endpoint.
+async fn mcp_endpoint(
+    State(gw): State<Arc<Gateway>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let correlation = uuid::Uuid::new_v4().simple().to_string();
+    // 1. Host and Origin.
+    if let Err(why) = check_host_and_origin(&gw.config, &headers) {
+        gw.metrics.decision("origin");
+        record_unauthenticated(&gw, &correlation, method.as_str(), RecordDecision::Deny, why.to_string()).await;
+        return json_response(StatusCode::FORBIDDEN, &messages::error_body(None, GATEWAY_REFUSED, why));
+    }
+    // 2. Authentication.
+    let caller = match gw.authn.authenticate(&headers, &uri).await {
+        Ok(caller) => caller,
+        Err(error) => return refuse_unauthenticated(&gw, &correlation, method.as_str(), &error).await,
+    };
+    let revision = messages::revision(&headers);
+    match method {
+        Method::POST => post(gw, caller, correlation, revision, headers, body).await,
+        Method::GET | Method::DELETE if !messages::is_stateless(&revision) => {
+            stream_or_delete(gw, caller, correlation, method, headers).await
+        }
+        _ => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &messages::error_body(None, GATEWAY_REFUSED, "method not allowed for this protocol revision"),
+        ),
+    }
+}
+
+async fn post(
+    gw: Arc<Gateway>,
+    caller: Caller,
+    correlation: String,
+    revision: String,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let refusal = Refusal { gw: &gw, caller: &caller, correlation: &correlation };
+    // 3. Body.
+    let bytes = match read_body(body, gw.config.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(StatusCode::PAYLOAD_TOO_LARGE) => {
+            let reason = format!("request body larger than {} bytes", gw.config.max_body_bytes);
+            return refusal.refuse("POST", StatusCode::PAYLOAD_TOO_LARGE, INVALID_REQUEST, &reason, None).await;
+        }
+        Err(status) => {
+            return refusal.refuse("POST", status, INVALID_REQUEST, "unreadable body", None).await;
+        }
+    };
+    let message: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(_) => {
+            return refusal.refuse("POST", StatusCode::BAD_REQUEST, PARSE_ERROR, "malformed JSON", None).await;
+        }
+    };
+    // 4. Transport checks.
+    let mut message = match message {
+        Value::Object(map) => map,
+        // Batches exist only in 2025-03-26, where each element is decided
+        // on its own; later revisions have none.
+        Value::Array(items) if revision == messages::DEFAULT_REVISION && !items.is_empty() => {
+            return post_batch(Arc::clone(&gw), caller.clone(), correlation.clone(), headers, items).await;
+        }
+        Value::Array(_) => {
+            let reason = "JSON-RPC batches are not part of this protocol revision (or empty)";
+            return refusal.refuse("batch", StatusCode::BAD_REQUEST, INVALID_REQUEST, reason, None).await;
+        }
+        _ => {
+            return refusal
+                .refuse("POST", StatusCode::BAD_REQUEST, INVALID_REQUEST, "not a JSON-RPC message", None)
+                .await;
+        }
+    };
+    let id = message.get("id").cloned();
+    let method = message.get("method").and_then(Value::as_str).map(str::to_string);
+    let is_response = method.is_none() && (message.contains_key("result") || message.contains_key("error"));
+    if message.get("jsonrpc").and_then(Value::as_str) != Some("2.0") || (method.is_none() && !is_response) {
+        return refusal
+            .refuse("POST", StatusCode::BAD_REQUEST, INVALID_REQUEST, "not a JSON-RPC 2.0 message", id.as_ref())
+            .await;
+    }
+    let method_name = method.clone().unwrap_or_else(|| "response".into());
+    let params = message.get("params").cloned();
+    if messages::is_stateless(&revision)
+        && let Some(m) = &method
+        && let Err(reason) = messages::check_mirrored_headers(&headers, m, params.as_ref())
+    {
+        return refusal.refuse(&method_name, StatusCode::BAD_REQUEST, HEADER_MISMATCH, &reason, id.as_ref()).await;
+    }
+    // Mcp-Param-* headers, for tools whose schema a tools/list has shown.
+    if messages::is_stateless(&revision)
+        && method.as_deref() == Some("tools/call")
+        && let Some(mirrored) =
+            params.as_ref().and_then(|p| p.get("name")).and_then(Value::as_str).and_then(|t| gw.mirrored_for(t))
+        && let Err(reason) =
+            messages::check_param_headers(&headers, &mirrored, params.as_ref().and_then(|p| p.get("arguments")))
+    {
+        return refusal.refuse(&method_name, StatusCode::BAD_REQUEST, HEADER_MISMATCH, &reason, id.as_ref()).await;
+    }
+    let upstream_session = match session_for_upstream(&gw, &caller, &revision, &headers) {
+        Ok(session) => session,
+        Err(reason) => {
+            return refusal.refuse(&method_name, StatusCode::NOT_FOUND, INVALID_REQUEST, reason, id.as_ref()).await;
+        }
+    };
+    // 5. Authorization.
+    let decision = authz::decide(&gw.policy(), &caller, method.as_deref(), params.as_ref());
+    let stripped = authz::rewrite_meta(&mut message, &caller, &gw.policy().authentication.issuer);
+    // 6. Audit first.
+    let issuer = gw.policy().authentication.issuer.clone();
+    let event =
+        decision_event(&gw, &caller, &issuer, &correlation, method.as_deref(), params.as_ref(), &decision, stripped);
+    let recorded = gw.record(event).await;
+    let allowed = match decision {
+        Decision::Deny(denied) => {
+            gw.metrics.decision("deny");
+            let status = if denied.code == authz::METHOD_NOT_FOUND && messages::is_stateless(&revision) {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::OK
+            };
+            return json_response(status, &messages::error_body(id.as_ref(), denied.code, &denied.message));
+        }
+        Decision::Allow(allowed) => allowed,
+    };
+    if recorded.is_err() && gw.policy().audit_failure_policy == FailurePolicy::Closed {
+        gw.metrics.decision("refused_audit");
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &messages::error_body(
+                id.as_ref(),
+                GATEWAY_REFUSED,
+                "the audit trail cannot record this call, so it is refused",
+            ),
+        );
+    }
+    gw.metrics.decision("allow");
+    // 7. Database access: the caller's credentials, as per-call DSNs.
+    let access = match (method.as_deref(), allowed.target.as_deref()) {
+        (Some("tools/call"), Some(tool)) => {
+            let token = crate::bearer::bearer(&headers).unwrap_or_default();
+            let who = record_caller(&caller, &issuer);
+            match DataAccess::open(gw.data_access.as_ref(), &gw.policy(), tool, token, &who, &correlation).await {
+                Ok(access) => access,
+                Err(e) => return refuse_data_access(&gw, &correlation, id.as_ref(), &e).await,
+            }
+        }
+        _ => None,
+    };
+    // 8. Forward.
+    if let Some(params) = message.get_mut("params").and_then(Value::as_object_mut)
+        && let Some(meta) = params.get_mut("_meta").and_then(Value::as_object_mut)
+    {
+        meta.insert("io.mcpwarden/correlation".into(), Value::String(correlation.clone()));
+        if let Some(access) = &access {
+            meta.insert(META_DB.into(), Value::Object(access.dsns.clone()));
+        }
+    }
+    let body = Bytes::from(Value::Object(message).to_string());
+    let request = gw.upstream.post(&headers, upstream_session.as_deref(), body);
+    forward(gw, caller, correlation, request, allowed.filter, id, access).await
+}
+
+/// GET (the server's stream) and DELETE (end of session), 2025 revisions.
+async fn stream_or_delete(
+    gw: Arc<Gateway>,
+    caller: Caller,
+    correlation: String,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    let label = if method == Method::GET { "GET stream" } else { "DELETE session" };
+    let refusal = Refusal { gw: &gw, caller: &caller, correlation: &correlation };
+    let session = match session_for_upstream(&gw, &caller, messages::DEFAULT_REVISION, &headers) {
+        Ok(Some(session)) => session,
+        Ok(None) => {
+            return refusal
+                .refuse(label, StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id required", None)
+                .await;
+        }
+        Err(reason) => {
+            return refusal.refuse(label, StatusCode::NOT_FOUND, INVALID_REQUEST, reason, None).await;
+        }
+    };
+    let event = Event {
+        correlation: Some(correlation.clone()),
+        caller: Some(record_caller(&caller, &gw.policy().authentication.issuer)),
+        method: Some(label.to_string()),
+        phi: Some(false),
+        decision: Some(RecordDecision::Allow),
+        ..Event::new(Kind::Decision)
+    };
+    if gw.record(event).await.is_err() && gw.policy().audit_failure_policy == FailurePolicy::Closed {
+        gw.metrics.decision("refused_audit");
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &messages::error_body(
+                None,
+                GATEWAY_REFUSED,
+                "the audit trail cannot record this request, so it is refused",
+            ),
+        );
+    }
+    gw.metrics.decision("allow");
+    let request = gw.upstream.request(method, &headers, Some(&session), Bytes::new());
+    forward(gw, caller, correlation, request, None, None, None).await
+}

@@ -1,0 +1,183 @@
+//! Step 8: the MCP server's answer. Lists are filtered to the caller;
+//! other answers go back as the server wrote them, SSE as it arrives.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::Value;
+
+use super::outcome::{OutcomeStream, outcome_event, record_outcome};
+use super::{Gateway, MAX_BUFFERED_RESPONSE, json_response};
+use crate::api::FailurePolicy;
+use crate::audit::record::{Outcome, OutcomeStatus};
+use crate::policy::Caller;
+use crate::sidecar::authz::{self, ListKind};
+use crate::sidecar::data_access::CallAccess;
+use crate::sidecar::messages::{self, GATEWAY_REFUSED};
+
+/// Sends the request upstream and relays the answer (step 8), recording
+/// the outcome (step 9).
+pub(super) async fn forward(
+    gw: Arc<Gateway>,
+    caller: Caller,
+    correlation: String,
+    request: Request<Full<Bytes>>,
+    filter: Option<ListKind>,
+    id: Option<Value>,
+    access: Option<CallAccess>,
+) -> Response {
+    let started = Instant::now();
+    let upstream = match gw.upstream.send(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream unreachable");
+            let outcome = Outcome { status: OutcomeStatus::Error, http_status: Some(502), rpc_error: None, rows: None };
+            record_outcome(&gw, &correlation, outcome, started).await;
+            return json_response(
+                StatusCode::BAD_GATEWAY,
+                &messages::error_body(id.as_ref(), GATEWAY_REFUSED, "the MCP server is unreachable"),
+            );
+        }
+    };
+    let status = upstream.status();
+    let mut headers = HeaderMap::with_capacity(upstream.headers().len());
+    for (name, value) in upstream.headers() {
+        if !matches!(
+            name.as_str(),
+            "content-length" | "connection" | "keep-alive" | "transfer-encoding" | "mcp-session-id"
+        ) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(session) = upstream.headers().get("mcp-session-id").and_then(|v| v.to_str().ok())
+        && let Ok(bound) = HeaderValue::from_str(&gw.sessions.bind(&caller.subject, session))
+    {
+        headers.insert("mcp-session-id", bound);
+    }
+    let content_type = content_type_of(upstream.headers());
+    let streaming = content_type.starts_with("text/event-stream");
+    if streaming && filter.is_none() && access.is_none() {
+        // SSE is relayed as it arrives; dropping the response (client gone)
+        // drops the upstream connection, which cancels the request there.
+        // A call with database access is read whole instead: its answer
+        // waits for its statement records (below).
+        let mut stream = OutcomeStream::new(
+            upstream.into_body().into_data_stream().boxed(),
+            Arc::clone(&gw),
+            correlation,
+            status.as_u16(),
+            started,
+        );
+        stream.access = access;
+        let mut response = Response::new(Body::from_stream(stream));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+        return response;
+    }
+    let body = match read_upstream(upstream.into_body()).await {
+        Ok(body) => body,
+        Err(e) => {
+            let outcome = Outcome { status: OutcomeStatus::Error, http_status: Some(502), rpc_error: None, rows: None };
+            record_outcome(&gw, &correlation, outcome, started).await;
+            return json_response(StatusCode::BAD_GATEWAY, &messages::error_body(id.as_ref(), GATEWAY_REFUSED, e));
+        }
+    };
+    let mut rpc_error = None;
+    let body = if content_type.starts_with("application/json") {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(mut value) => {
+                rpc_error = value.pointer("/error/code").and_then(Value::as_i64);
+                match (filter, value.get_mut("result")) {
+                    (Some(kind), Some(result)) => {
+                        if kind == ListKind::Tools {
+                            gw.learn_tools(result);
+                        }
+                        let removed = authz::filter_list(&gw.policy(), &caller, kind, result);
+                        gw.metrics.filtered(removed);
+                        mark_private(kind, result);
+                        Bytes::from(value.to_string())
+                    }
+                    // Anything not filtered goes back exactly as the server wrote it.
+                    _ => body,
+                }
+            }
+            Err(_) => body,
+        }
+    } else if streaming && filter.is_some() {
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let policy = gw.policy();
+        let rewritten = messages::rewrite_sse(&text, |message| {
+            if let (Some(kind), Some(result)) = (filter, message.get_mut("result")) {
+                if kind == ListKind::Tools {
+                    gw.learn_tools(result);
+                }
+                let removed = authz::filter_list(&policy, &caller, kind, result);
+                gw.metrics.filtered(removed);
+                mark_private(kind, result);
+            }
+        });
+        Bytes::from(rewritten)
+    } else {
+        body
+    };
+    let outcome_status =
+        if !status.is_success() || rpc_error.is_some() { OutcomeStatus::Error } else { OutcomeStatus::Ok };
+    let outcome = Outcome { status: outcome_status, http_status: Some(status.as_u16()), rpc_error, rows: None };
+    match access {
+        // The call's database access ends with its answer. The proxy queued
+        // every statement record before the MCP server could read its
+        // results, so this durable record, written after them, makes them
+        // durable too: the answer is released only then.
+        Some(access) => {
+            drop(access);
+            let recorded = gw.record(outcome_event(&correlation, outcome, started)).await;
+            if recorded.is_err() && gw.policy().audit_failure_policy == FailurePolicy::Closed {
+                gw.metrics.decision("refused_audit");
+                return json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &messages::error_body(
+                        id.as_ref(),
+                        GATEWAY_REFUSED,
+                        "the audit trail cannot record this call's statements, so its answer is withheld",
+                    ),
+                );
+            }
+        }
+        None => record_outcome(&gw, &correlation, outcome, started).await,
+    }
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// A filtered list differs per caller: in 2026-07-28 terms, its cache scope
+/// is private.
+pub(super) fn mark_private(kind: ListKind, result: &mut Value) {
+    if kind == ListKind::Tools
+        && let Some(map) = result.as_object_mut()
+    {
+        map.insert("cacheScope".into(), Value::String("private".into()));
+    }
+}
+
+pub(super) fn content_type_of(headers: &HeaderMap) -> String {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+}
+
+/// The whole answer, up to [`MAX_BUFFERED_RESPONSE`].
+pub(super) async fn read_upstream(body: Incoming) -> Result<Bytes, &'static str> {
+    match http_body_util::Limited::new(body, MAX_BUFFERED_RESPONSE).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err("the MCP server's response is too large"),
+        Err(_) => Err("the MCP server's response was cut off"),
+    }
+}
