@@ -289,12 +289,17 @@ async fn alice_and_bob_query_as_their_own_roles_with_their_calls_correlation_ids
 
     // Each session's role is the one the broker leased to that caller for
     // that call, and its application_name is that call's correlation id.
-    // (Statement records are queued without waiting for their fsync.)
-    let records = eventually("both statement records", async || {
-        let records = world.sidecar_records();
-        (records.iter().filter(|r| r.event.kind == Kind::Statement).count() == 2).then_some(records)
-    })
-    .await;
+    // Both answers were released only once their statement records were
+    // durable: they are in the trail already, each before its call's outcome.
+    let records = world.sidecar_records();
+    assert_eq!(records.iter().filter(|r| r.event.kind == Kind::Statement).count(), 2, "{records:#?}");
+    for statement in records.iter().filter(|r| r.event.kind == Kind::Statement) {
+        let outcome = records
+            .iter()
+            .find(|r| r.event.kind == Kind::Outcome && r.event.correlation == statement.event.correlation)
+            .expect("the call's outcome record, durable before its answer");
+        assert!(statement.seq < outcome.seq, "a statement record follows its call's outcome");
+    }
     let leases = world.broker_records();
     for (sub, (role, correlation)) in ["alice", "bob"].iter().zip(correlation_order(&records, &sessions)) {
         let decision = records

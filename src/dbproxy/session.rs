@@ -268,10 +268,12 @@ async fn relay(
         loop {
             let step = tokio::select! {
                 frame = from_client.next() => {
-                    client_step(frame, &mut from_client, &mut tracker, &mut done, &mut server_write, &mut client_write).await
+                    let mut out = Out { proxy: &proxy, grant: &grant, client: &mut client_write };
+                    client_step(frame, &mut from_client, &mut tracker, &mut done, &mut server_write, &mut out).await
                 }
                 frame = from_server.next() => {
-                    server_step(frame, &mut from_server, &mut tracker, &mut done, &mut client_write).await
+                    let mut out = Out { proxy: &proxy, grant: &grant, client: &mut client_write };
+                    server_step(frame, &mut from_server, &mut tracker, &mut done, &mut out).await
                 }
                 _ = async { ended.wait_for(|ended| *ended).await.map(|_| ()) } => Err(End::CallEnded),
                 _ = tokio::time::sleep_until(expiry) => Err(End::CredentialExpired),
@@ -314,6 +316,23 @@ async fn relay(
 
 type ServerWrite = WriteHalf<Box<dyn Io>>;
 
+/// The way back to the MCP server. Finished statements' records are queued
+/// in the WAL before the bytes that end them are written, so a record the
+/// gateway makes durable after the call's answer (which the MCP server can
+/// only write after reading these bytes) makes them durable too.
+struct Out<'a> {
+    proxy: &'a DbProxy,
+    grant: &'a CallGrant,
+    client: &'a mut OwnedWriteHalf,
+}
+
+impl Out<'_> {
+    async fn write(&mut self, bytes: &[u8], done: &mut Vec<Finished>) -> Result<(), End> {
+        record_statements(self.proxy, self.grant, done).await.map_err(|()| End::AuditUnavailable)?;
+        self.client.write_all(bytes).await.map_err(|_| End::ClientClosed)
+    }
+}
+
 /// One client message (and any others already buffered) to the server.
 async fn client_step(
     frame: Result<Option<wire::Frame>, WireError>,
@@ -321,7 +340,7 @@ async fn client_step(
     tracker: &mut Tracker,
     done: &mut Vec<Finished>,
     server: &mut ServerWrite,
-    client: &mut OwnedWriteHalf,
+    client: &mut Out<'_>,
 ) -> Result<(), End> {
     let mut frame = match frame {
         Ok(Some(frame)) => frame,
@@ -336,7 +355,7 @@ async fn client_step(
             FrontAction::Answer(answers) => {
                 flush(server, &mut to_server).await.map_err(|_| End::ServerClosed)?;
                 for answer in answers {
-                    client.write_all(&answer).await.map_err(|_| End::ClientClosed)?;
+                    client.write(&answer, done).await?;
                 }
             }
         }
@@ -358,7 +377,7 @@ async fn server_step(
     reader: &mut FrameReader<ReadHalf<Box<dyn Io>>>,
     tracker: &mut Tracker,
     done: &mut Vec<Finished>,
-    client: &mut OwnedWriteHalf,
+    client: &mut Out<'_>,
 ) -> Result<(), End> {
     let mut frame = match frame {
         Ok(Some(frame)) => frame,
@@ -370,7 +389,7 @@ async fn server_step(
         match tracker.server(&frame, Instant::now(), done).map_err(|_| End::ServerProtocol)? {
             BackAction::Forward => to_client.extend_from_slice(&frame.raw),
             BackAction::Close(reason) => {
-                client.write_all(&to_client).await.map_err(|_| End::ClientClosed)?;
+                client.write(&to_client, done).await?;
                 return Err(End::Refused(reason));
             }
         }
@@ -379,7 +398,7 @@ async fn server_step(
             None => break,
         }
     }
-    client.write_all(&to_client).await.map_err(|_| End::ClientClosed)
+    client.write(&to_client, done).await
 }
 
 async fn flush(server: &mut ServerWrite, bytes: &mut BytesMut) -> std::io::Result<()> {
@@ -402,8 +421,11 @@ fn call_event(grant: &CallGrant, kind: Kind) -> Event {
     }
 }
 
-/// Queues the finished statements' records in order; the relay does not
-/// wait for each fsync, but a WAL that refuses records ends the connection.
+/// Queues the finished statements' records in order, deferred: they need
+/// no fsync of their own, because the gateway's durable outcome record,
+/// queued after them, is what the call's answer waits for (and a failed
+/// write of theirs fails that record too, so the answer is withheld). A WAL
+/// that refuses to queue records ends the connection.
 async fn record_statements(proxy: &DbProxy, grant: &CallGrant, done: &mut Vec<Finished>) -> Result<(), ()> {
     for finished in done.drain(..) {
         let mut event = call_event(grant, Kind::Statement);
@@ -424,14 +446,9 @@ async fn record_statements(proxy: &DbProxy, grant: &CallGrant, done: &mut Vec<Fi
         event.outcome = Some(Outcome { status, http_status: None, rpc_error: None, rows: Some(finished.rows) });
         event.reason = reason;
         event.duration_us = Some(finished.duration.as_micros() as u64);
-        let receipt = proxy.wal.submit(event).await.map_err(|e| {
+        proxy.wal.defer(event).await.map_err(|e| {
             tracing::error!(error = %e, "could not queue a statement record");
         })?;
-        tokio::spawn(async move {
-            if let Ok(Err(e)) = receipt.await {
-                tracing::error!(error = %e, "a statement record was not written");
-            }
-        });
     }
     Ok(())
 }
