@@ -239,22 +239,44 @@ struct Cached {
     reuse_until: Instant,
 }
 
-/// One store: its admin connection (serialized) and what was proven of it.
+/// Admin connections kept per store. Fresh issuances to one store run on
+/// up to this many connections at once (opened as concurrency needs them).
+pub const ADMIN_CONNECTIONS: usize = 4;
+
+/// One store: a small pool of admin connections and what was proven of it.
 pub(super) struct StoreHandle {
     pub(super) entry: StoreEntry,
-    conn: tokio::sync::Mutex<Option<Client>>,
+    conns: Vec<tokio::sync::Mutex<Option<Client>>>,
+    next: std::sync::atomic::AtomicUsize,
+    /// Held while group roles' grants are checked or changed: grant DDL on
+    /// one group from two connections at once would race.
+    pub(super) group_ddl: tokio::sync::Mutex<()>,
     /// Group roles proven to hold exactly these grants.
     synced: Mutex<HashMap<String, BTreeSet<Grant>>>,
 }
 
 impl StoreHandle {
     fn new(entry: StoreEntry) -> Self {
-        StoreHandle { entry, conn: tokio::sync::Mutex::new(None), synced: Mutex::new(HashMap::new()) }
+        StoreHandle {
+            entry,
+            conns: (0..ADMIN_CONNECTIONS).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+            group_ddl: tokio::sync::Mutex::new(()),
+            synced: Mutex::new(HashMap::new()),
+        }
     }
 
-    /// The admin connection, opened if needed.
+    /// An admin connection: the first idle one, else the next in turn once
+    /// it is free; opened if needed. A burst opens more connections; one
+    /// request at a time keeps using the first.
     pub(super) async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, StoreError> {
-        let mut guard = self.conn.lock().await;
+        let mut guard = match self.conns.iter().find_map(|c| c.try_lock().ok()) {
+            Some(idle) => idle,
+            None => {
+                let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
+                self.conns[turn].lock().await
+            }
+        };
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = Some(store::connect(&self.entry.access).await?);
         }
@@ -477,16 +499,34 @@ impl Broker {
         );
         let role = naming::login_role(&prefix, &lease_id);
         let store_error = |source| BrokerError::Store { store: store_key.to_string(), source };
+        // The SCRAM verifier (4096 PBKDF2 rounds) is CPU work: done on a
+        // blocking thread, before an admin connection is taken.
+        let verifier = {
+            let password = password.clone();
+            tokio::task::spawn_blocking(move || postgres_protocol::password::scram_sha_256(password.as_bytes()))
+                .await
+                .map_err(|e| store_error(StoreError::Unreachable(format!("verifier task: {e}"))))?
+        };
         let created = {
             let mut guard = handle.client().await.map_err(store_error)?;
             let client = guard.as_mut().ok_or_else(|| store_error(StoreError::Unreachable("no connection".into())))?;
             if !handle.is_synced(&group, &grants) {
-                store::sync_group(client, &group, &grants).await.map_err(store_error)?;
-                handle.mark_synced(&group, Some(&grants));
+                let _ddl = handle.group_ddl.lock().await;
+                if !handle.is_synced(&group, &grants) {
+                    store::sync_group(client, &group, &grants).await.map_err(store_error)?;
+                    handle.mark_synced(&group, Some(&grants));
+                }
             }
-            let created =
-                store::create_login(client, &group, &role, &password, ttl, self.settings.connection_limit, &lease_id)
-                    .await;
+            let login = store::NewLogin {
+                group: &group,
+                role: &role,
+                pair: &prefix,
+                verifier: &verifier,
+                ttl,
+                connection_limit: self.settings.connection_limit,
+                lease_id: &lease_id,
+            };
+            let created = store::create_login(client, &login).await;
             if created.as_ref().is_err_and(|e| matches!(e, StoreError::Unreachable(_))) {
                 *guard = None;
             }

@@ -120,6 +120,9 @@ impl Broker {
             observation.reach = Err("no connection".into());
             return observation;
         };
+        // Group grants change only under this lock (issuance syncs a
+        // group it finds out of date on another admin connection).
+        let _ddl = handle.group_ddl.lock().await;
         let needed: BTreeSet<_> = groups.values().flat_map(|g| g.grants.iter().cloned()).collect();
         match checks::check_admin(client, &needed).await {
             Ok(report) => observation.admin = Some(report),

@@ -394,35 +394,52 @@ pub struct CreatedLogin {
     pub db_now: DateTime<Utc>,
 }
 
+/// A LOGIN role to create.
+pub struct NewLogin<'a> {
+    /// The group role it is a member of (and nothing else).
+    pub group: &'a str,
+    /// Its name.
+    pub role: &'a str,
+    /// The name prefix shared by every role of its caller × tool pair.
+    pub pair: &'a str,
+    /// The SCRAM-SHA-256 verifier of its password (never the password).
+    pub verifier: &'a str,
+    /// Its lifetime, from the database's clock.
+    pub ttl: Duration,
+    /// `CONNECTION LIMIT`.
+    pub connection_limit: u32,
+    /// The lease id, as its comment.
+    pub lease_id: &'a str,
+}
+
 /// Creates a LOGIN role in `group` only, with a SCRAM verifier (never the
 /// password), an expiry from the database's clock, a connection limit and
 /// the lease id as its comment — in one transaction, so a failure leaves
-/// nothing behind.
-pub async fn create_login(
-    client: &mut Client,
-    group: &str,
-    role: &str,
-    password: &str,
-    ttl: Duration,
-    connection_limit: u32,
-    lease_id: &str,
-) -> Result<CreatedLogin, StoreError> {
-    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
-    let secs = ttl.as_secs_f64();
+/// nothing behind. The transaction holds an advisory lock on the role's
+/// name prefix (its caller × tool pair), so two brokers (a rollout's old
+/// and new pod) never create roles for one pair at the same moment.
+pub async fn create_login(client: &mut Client, login: &NewLogin<'_>) -> Result<CreatedLogin, StoreError> {
+    let secs = login.ttl.as_secs_f64();
     let tx = client.transaction().await?;
-    let row = tx.query_one("SELECT now(), now() + make_interval(secs => $1)", &[&secs]).await?;
+    let row = tx
+        .query_one(
+            "SELECT now(), now() + make_interval(secs => $1), pg_advisory_xact_lock(hashtextextended($2, 0))",
+            &[&secs, &login.pair],
+        )
+        .await?;
     let db_now: DateTime<Utc> = row.get(0);
     let valid_until: DateTime<Utc> = row.get(1);
     let until = valid_until.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
     tx.batch_execute(&format!(
         "CREATE ROLE {role} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS \
-         CONNECTION LIMIT {connection_limit} PASSWORD {verifier} VALID UNTIL {until} IN ROLE {group}; \
+         CONNECTION LIMIT {limit} PASSWORD {verifier} VALID UNTIL {until} IN ROLE {group}; \
          COMMENT ON ROLE {role} IS {lease}",
-        role = ident(role),
-        verifier = literal(&verifier),
+        role = ident(login.role),
+        limit = login.connection_limit,
+        verifier = literal(login.verifier),
         until = literal(&until),
-        group = ident(group),
-        lease = literal(lease_id),
+        group = ident(login.group),
+        lease = literal(login.lease_id),
     ))
     .await?;
     tx.commit().await?;
