@@ -1,7 +1,10 @@
 //! Broker issuance latency against a real PostgreSQL (a private cluster
-//! started like the tests do): a fresh role per new caller, and a cached
-//! hit for a caller who already holds one. Prints p50/p99; the numbers are
-//! recorded in docs/broker.md.
+//! started like the tests do): a fresh role per new caller at 1 and 8
+//! concurrent clients, a cached hit for a caller who already holds one, and
+//! a shift change — 200 caller × tool pairs new to the broker arriving
+//! within two seconds, served by 8 clients. Also what one SCRAM verifier
+//! (PBKDF2) costs, and whether a catalog grown by a thousand roles slows
+//! issuance. Prints p50/p99; the numbers are recorded in docs/broker.md.
 //!
 //! `cargo bench --bench broker`
 
@@ -18,6 +21,7 @@ use mcp_warden::broker::client::BrokerClient;
 use mcp_warden::broker::inventory::Inventory;
 use mcp_warden::broker::issuer::{Broker, CredentialRequest, Settings};
 use mcp_warden::broker::metrics::BrokerMetrics;
+use mcp_warden::broker::store;
 use mcp_warden::broker::trail::Trail;
 use pg::clinic::{ADMIN_PASSWORD, SERVER, manifests, prepare_database};
 use prometheus_client::registry::Registry;
@@ -43,13 +47,55 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 }
 
 fn request(subject: &str) -> CredentialRequest {
+    request_for(subject, "lookup_patient")
+}
+
+fn request_for(subject: &str, tool: &str) -> CredentialRequest {
     CredentialRequest {
         server: SERVER.into(),
-        tool: "lookup_patient".into(),
+        tool: tool.into(),
         store: "ehr".into(),
-        caller_token: common::rs256(&common::claims(subject, &["front-desk"])),
+        caller_token: common::rs256(&common::claims(subject, &["clinicians"])),
         correlation: None,
     }
+}
+
+/// Serves `requests` with `clients` concurrent clients; request `i` arrives
+/// at `i * spacing` after the start and is timed from its arrival, so time
+/// spent queued for a free client counts. With no spacing it is a closed
+/// loop: each request is timed from when a client takes it.
+async fn open_loop(
+    client: &BrokerClient,
+    requests: Vec<CredentialRequest>,
+    clients: usize,
+    spacing: Duration,
+) -> (Vec<Duration>, Duration) {
+    let start = tokio::time::Instant::now();
+    let queue = Arc::new(std::sync::Mutex::new(requests.into_iter().enumerate().collect::<Vec<_>>().into_iter()));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, queue) = (client.clone(), Arc::clone(&queue));
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            loop {
+                let next = queue.lock().expect("queue").next();
+                let Some((i, req)) = next else { break };
+                // Without spacing every request is there at the start: a
+                // closed loop, timed from when a client takes it.
+                let arrival = if spacing.is_zero() { tokio::time::Instant::now() } else { start + spacing * i as u32 };
+                tokio::time::sleep_until(arrival).await;
+                let credential = client.credential(&req).await.expect("issued");
+                assert!(!credential.reused, "a pair new to the broker gets a new role");
+                samples.push(arrival.elapsed());
+            }
+            samples
+        }));
+    }
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.extend(task.await.expect("task"));
+    }
+    (samples, start.elapsed())
 }
 
 fn main() {
@@ -99,28 +145,69 @@ fn main() {
         report("cached hit (sequential)", samples);
 
         let burst: Vec<CredentialRequest> = (0..400).map(|i| request(&format!("burst-{i}"))).collect();
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for chunk in burst.chunks(50) {
-            let client = client.clone();
-            let chunk = chunk.to_vec();
-            tasks.push(tokio::spawn(async move {
-                let mut samples = Vec::new();
-                for req in chunk {
-                    let t = Instant::now();
-                    client.credential(&req).await.expect("issued");
-                    samples.push(t.elapsed());
-                }
-                samples
-            }));
-        }
-        let mut samples = Vec::new();
-        for task in tasks {
-            samples.extend(task.await.expect("task"));
-        }
-        let took = started.elapsed();
+        let (samples, took) = open_loop(&client, burst, 8, Duration::ZERO).await;
         report("fresh issuance (8 clients)", samples);
         println!("{:<34} {:.0} roles/s", "fresh issuance throughput", 400.0 / took.as_secs_f64());
+
+        // A shift change: 100 clinicians, each calling both tools, arrive
+        // over two seconds.
+        let shift: Vec<CredentialRequest> = (0..100)
+            .flat_map(|i| ["lookup_patient", "record_note"].map(|tool| request_for(&format!("shift-{i}"), tool)))
+            .collect();
+        let (samples, took) = open_loop(&client, shift, 8, Duration::from_millis(10)).await;
+        report("shift change (200 pairs in 2 s, 8 clients)", samples);
+        println!("{:<34} {:.2?}", "shift change served in", took);
+
+        // The catalog has grown by ~1,000 roles: the same sequential
+        // issuance again shows what catalog churn costs.
+        let later: Vec<CredentialRequest> = (0..200).map(|i| request(&format!("later-{i}"))).collect();
+        let (samples, _) = open_loop(&client, later, 1, Duration::ZERO).await;
+        report("fresh issuance, ~1,000 roles later", samples);
+        let verifiers = Instant::now();
+        for i in 0..50 {
+            std::hint::black_box(postgres_protocol::password::scram_sha_256(format!("password-{i}").as_bytes()));
+        }
+        println!("{:<34} {:.2?}", "one SCRAM verifier (PBKDF2, 4096)", verifiers.elapsed() / 50);
+        println!("{:<34} {}", "admin connections per store", mcp_warden::broker::issuer::ADMIN_CONNECTIONS);
+        // The database's own share: the role-creating transaction alone, on
+        // 1 and on 4 connections at once (does PostgreSQL serialize it?).
+        let setup = pg.superuser("ehr").await;
+        setup.batch_execute("CREATE ROLE bench_group NOLOGIN").await.expect("group");
+        let verifier = postgres_protocol::password::scram_sha_256(b"bench-password");
+        for connections in [1usize, 4] {
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..connections {
+                let mut admin = pg.superuser("ehr").await;
+                let verifier = verifier.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut samples = Vec::new();
+                    for i in 0..100 {
+                        let role = format!("bench_login_{connections}_{c}_{i}");
+                        let login = store::NewLogin {
+                            group: "bench_group",
+                            role: &role,
+                            pair: &format!("bench_pair_{c}_{i}"),
+                            verifier: &verifier,
+                            ttl: Duration::from_secs(600),
+                            connection_limit: 4,
+                            lease_id: "bench",
+                        };
+                        let t = Instant::now();
+                        store::create_login(&mut admin, &login).await.expect("create");
+                        samples.push(t.elapsed());
+                    }
+                    samples
+                }));
+            }
+            let mut samples = Vec::new();
+            for task in tasks {
+                samples.extend(task.await.expect("task"));
+            }
+            let rate = samples.len() as f64 / started.elapsed().as_secs_f64();
+            report(&format!("CREATE ROLE transaction, {connections} conn"), samples);
+            println!("{:<34} {rate:.0} roles/s", "");
+        }
         broker.close().await;
     });
 }

@@ -1,11 +1,15 @@
 //! The database proxy's cost, side by side in one run: `pgbench -S`
-//! (select-only) straight to PostgreSQL and through the proxy, as the same
-//! role, at 1 and 10 clients, with the simple and the extended protocol.
-//! The proxy records every statement in its WAL, as in production. The
-//! numbers are recorded in docs/db-proxy.md.
+//! (select-only) straight to PostgreSQL, through PgBouncer in session mode
+//! (what a team would otherwise put in front of a database), and through
+//! the proxy, as the same role, at 1 and 10 clients, with the simple and
+//! the extended protocol. Rounds alternate the order of the three; medians
+//! and their spread are printed. The proxy records every statement in its
+//! WAL, as in production. The numbers are recorded in docs/db-proxy.md.
 //!
-//! `cargo bench --bench dbproxy` (set MCPW_BENCH_SECONDS to change the
-//! 10-second runs)
+//! `cargo bench --bench dbproxy`. PgBouncer is taken from `PATH` or
+//! /usr/sbin; without it (`apt-get install pgbouncer`) its column is
+//! skipped with a message. MCPW_BENCH_SECONDS (5) per run,
+//! MCPW_BENCH_ROUNDS (3).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -53,12 +57,88 @@ fn pgbench(target: &Target<'_>, clients: u32, protocol: &str, seconds: u64) -> (
     (field("tps"), field("latency average"))
 }
 
+/// A PgBouncer in session mode in front of `pg_port`, run unprivileged in
+/// a temporary directory; stopped when dropped.
+struct Bouncer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pgbouncer_binary() -> Option<std::path::PathBuf> {
+    let on_path = std::process::Command::new("pgbouncer").arg("--version").output().is_ok_and(|o| o.status.success());
+    if on_path {
+        return Some("pgbouncer".into());
+    }
+    let sbin = std::path::PathBuf::from("/usr/sbin/pgbouncer");
+    sbin.exists().then_some(sbin)
+}
+
+fn start_pgbouncer(binary: &std::path::Path, pg_port: u16) -> Bouncer {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix("mcpw-pgbouncer-").tempdir().expect("tempdir");
+    let port = common::free_port();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(dir.path().join("userlist.txt"), format!("\"bench_caller\" \"{ROLE_PASSWORD}\"\n"))
+        .expect("userlist");
+    std::fs::write(
+        dir.path().join("pgbouncer.ini"),
+        format!(
+            "[databases]\nbench = host=127.0.0.1 port={pg_port} dbname=bench\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = scram-sha-256\nauth_file = {}\npool_mode = session\n\
+             max_client_conn = 100\ndefault_pool_size = 20\nlogfile = {}\npidfile = {}\n",
+            path("userlist.txt"),
+            path("pgbouncer.log"),
+            path("pgbouncer.pid"),
+        ),
+    )
+    .expect("config");
+    if unsafe { libc::geteuid() } == 0 {
+        for entry in std::fs::read_dir(dir.path()).expect("dir").flatten() {
+            std::os::unix::fs::chown(entry.path(), Some(pg::NOBODY), Some(pg::NOBODY)).expect("chown");
+        }
+        std::os::unix::fs::chown(dir.path(), Some(pg::NOBODY), Some(pg::NOBODY)).expect("chown");
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let child = pg::as_unprivileged(&mut std::process::Command::new(binary))
+        .arg(path("pgbouncer.ini"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start pgbouncer");
+    let bouncer = Bouncer { child, port, _dir: dir };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "pgbouncer did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bouncer
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn main() {
-    let seconds: u64 = std::env::var("MCPW_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let seconds: u64 = std::env::var("MCPW_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let rounds: usize = std::env::var("MCPW_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let pg = pg::Postgres::start().await;
         let root = pg.superuser("postgres").await;
+        // The test clusters log every statement; a benchmark measures the
+        // database's work, not its log.
+        root.execute("ALTER SYSTEM SET log_statement = 'none'", &[]).await.expect("log");
+        root.execute("SELECT pg_reload_conf()", &[]).await.expect("reload");
         root.batch_execute("CREATE DATABASE bench").await.expect("database");
         let init = std::process::Command::new(pg::bin_dir().join("pgbench"))
             .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "bench"])
@@ -107,22 +187,51 @@ fn main() {
         };
         let token = grants.issue(grant, &mut ticket).expect("token");
 
-        let direct = Target { name: "direct", port: pg.port, user: "bench_caller", password: ROLE_PASSWORD };
-        let proxied = Target { name: "proxy", port: proxy_port, user: "mcp", password: &token };
-        println!("pgbench -S, {seconds} s per run, scale 1 (tps; average latency)");
+        let bouncer = pgbouncer_binary().map(|binary| start_pgbouncer(&binary, pg.port));
+        if bouncer.is_none() {
+            println!("PgBouncer not found (apt-get install pgbouncer): its column is skipped");
+        }
+        let mut targets = vec![Target { name: "direct", port: pg.port, user: "bench_caller", password: ROLE_PASSWORD }];
+        if let Some(bouncer) = &bouncer {
+            targets.push(Target {
+                name: "pgbouncer",
+                port: bouncer.port,
+                user: "bench_caller",
+                password: ROLE_PASSWORD,
+            });
+        }
+        targets.push(Target { name: "proxy", port: proxy_port, user: "mcp", password: &token });
         println!(
-            "{:<10} {:>8} {:>9} {:>14} {:>14} {:>9}",
-            "protocol", "clients", "target", "tps", "latency ms", "vs direct"
+            "pgbench -S, scale 1, {seconds} s per run, {rounds} rounds alternating the order; median tps (spread)"
         );
+        println!(
+            "| protocol | clients | {} | proxy ÷ direct | proxy ÷ pgbouncer |",
+            targets.iter().map(|t| t.name).collect::<Vec<_>>().join(" | ")
+        );
+        println!("|---|---|{}---|---|", "---|".repeat(targets.len()));
         for protocol in ["simple", "extended"] {
             for clients in [1, 10] {
-                let mut base = None;
-                for target in [&direct, &proxied] {
-                    let (tps, latency) = tokio::task::block_in_place(|| pgbench(target, clients, protocol, seconds));
-                    let ratio = base.map(|b: f64| format!("{:.0}%", 100.0 * tps / b)).unwrap_or_default();
-                    base.get_or_insert(tps);
-                    println!("{protocol:<10} {clients:>8} {:>9} {tps:>14.0} {latency:>14.3} {ratio:>9}", target.name);
+                let mut tps: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+                for round in 0..rounds {
+                    let mut order: Vec<usize> = (0..targets.len()).collect();
+                    order.rotate_left(round % targets.len());
+                    for i in order {
+                        let run = tokio::task::block_in_place(|| pgbench(&targets[i], clients, protocol, seconds));
+                        tps[i].push(run.0);
+                    }
                 }
+                let cells: Vec<String> = tps
+                    .iter()
+                    .map(|runs| {
+                        let (lo, hi) = runs.iter().fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
+                        format!("{:.0} ({lo:.0}–{hi:.0})", median(runs.clone()))
+                    })
+                    .collect();
+                let proxy = median(tps[targets.len() - 1].clone());
+                let vs_direct = proxy / median(tps[0].clone());
+                let vs_bouncer =
+                    if bouncer.is_some() { format!("{:.2}×", proxy / median(tps[1].clone())) } else { "–".into() };
+                println!("| {protocol} | {clients} | {} | {vs_direct:.2}× | {vs_bouncer} |", cells.join(" | "));
             }
         }
         drop(ticket);

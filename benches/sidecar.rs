@@ -1,104 +1,343 @@
-//! Sidecar benchmark: `tools/call` requests sent directly to an MCP
-//! endpoint and through the `mcp-warden sidecar` process, in one run.
-//! Prints added latency (p50, p99), throughput and the sidecar's peak RSS.
+//! Sidecar benchmark: what MCP clients see, direct and through the sidecar,
+//! side by side in one run.
 //!
-//! `cargo bench --bench sidecar` (MCPW_BENCH_REQUESTS, MCPW_BENCH_CONCURRENCY
-//! to change the load). Prints numbers; asserts nothing about speed.
+//! ```text
+//!   oha (a real HTTP load generator) ─┬─────────────────────────────▶ rmcp server (tool `add`, SSE answers)
+//!                                     └─▶ mcp-warden sidecar ────────▶ the same server
+//! ```
+//!
+//! Requests are what the MCP specification asks of a client: `POST` with
+//! `Accept: application/json, text/event-stream`, `MCP-Protocol-Version`,
+//! and per generation either a session from `initialize` (2025-11-25) or
+//! the stateless form with `Mcp-Method` / `Mcp-Name` (2026-07-28). Rounds
+//! alternate direct and sidecar; medians over rounds and their spread are
+//! printed, with the sidecar's CPU per call (utime + stime over the calls)
+//! and peak RSS (VmHWM). Prints numbers; asserts nothing.
+//!
+//! `cargo bench --bench sidecar`. oha is taken from `MCPW_OHA`, `PATH`, or
+//! installed once into `target/bench-tools` (`cargo install oha --locked`).
+//! MCPW_BENCH_ROUNDS (5), MCPW_BENCH_REQUESTS_C1 (2000),
+//! MCPW_BENCH_REQUESTS_C32 (20000).
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::routing::post;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
 use serde_json::{Value, json};
 
 const JWKS: &str = include_str!("../tests/fixtures/test-jwks.json");
 const RSA_KEY: &[u8] = include_bytes!("../tests/fixtures/test-rsa.pem");
 const CLINIC: &str = include_str!("../examples/compliant/clinic.yaml");
 
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct Sum {
+    a: i64,
+    b: i64,
 }
 
-async fn upstream() -> String {
-    let app = Router::new().route(
-        "/mcp",
-        post(|body: Bytes| async move {
-            let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let reply = json!({"jsonrpc": "2.0", "id": request["id"], "result": {"content": [{"type": "text", "text": "patient found"}]}});
-            ([("content-type", "application/json")], reply.to_string())
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
-    format!("http://{addr}/mcp")
+#[derive(Clone)]
+struct Arithmetic;
+
+#[tool_router]
+impl Arithmetic {
+    #[tool(description = "Adds two integers")]
+    fn add(&self, Parameters(Sum { a, b }): Parameters<Sum>) -> String {
+        (a + b).to_string()
+    }
+}
+
+#[tool_handler]
+impl ServerHandler for Arithmetic {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+}
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
 }
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+/// utime + stime of a process, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    // After the command: state is field 3, utime 14, stime 15 (1-based).
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    (ticks(14) + ticks(15)) * 1_000_000 / hz
 }
 
-async fn drive(url: &str, token: Option<&str>, requests: usize, concurrency: usize) -> (Vec<Duration>, Duration) {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().expect("client");
-    let started = Instant::now();
-    let per_task = requests / concurrency;
-    let mut tasks = Vec::new();
-    for t in 0..concurrency {
-        let client = client.clone();
-        let url = url.to_string();
-        let token = token.map(str::to_string);
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(per_task);
-            for n in 0..per_task {
-                let body = json!({"jsonrpc": "2.0", "id": t * per_task + n, "method": "tools/call",
-                    "params": {"name": "lookup_patient", "arguments": {"mrn": format!("{:08}", n)}}});
-                let mut request = client.post(&url).header("content-type", "application/json").body(body.to_string());
-                if let Some(token) = &token {
-                    request = request.bearer_auth(token);
-                }
-                let t0 = Instant::now();
-                let response = request.send().await.expect("send");
-                assert!(response.status().is_success(), "status {}", response.status());
-                response.bytes().await.expect("body");
-                latencies.push(t0.elapsed());
-            }
-            latencies
-        }));
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// oha: `MCPW_OHA`, on PATH, or installed into target/bench-tools.
+fn oha() -> PathBuf {
+    if let Ok(path) = std::env::var("MCPW_OHA") {
+        return PathBuf::from(path);
     }
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.expect("task"));
+    if Command::new("oha").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return PathBuf::from("oha");
     }
-    all.sort_unstable();
-    (all, started.elapsed())
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{}/target", env!("CARGO_MANIFEST_DIR")));
+    let root = Path::new(&target).join("bench-tools");
+    let bin = root.join("bin/oha");
+    if !bin.exists() {
+        eprintln!("installing oha into {} (cargo install oha --locked; once)", root.display());
+        let status = Command::new(env!("CARGO"))
+            .args(["install", "oha", "--locked", "--root"])
+            .arg(&root)
+            .status()
+            .expect("cargo install oha");
+        assert!(status.success(), "oha could not be installed; set MCPW_OHA to an oha binary");
+    }
+    bin
+}
+
+async fn upstream() -> String {
+    let service = StreamableHttpService::new(
+        || Ok(Arithmetic),
+        std::sync::Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default().with_sse_keep_alive(None),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        // The server's listener sets TCP_NODELAY, as a tuned MCP server would.
+        axum::serve(mcp_warden::net::no_delay(listener), axum::Router::new().nest_service("/mcp", service)).await
+    });
+    format!("http://{addr}/mcp")
+}
+
+/// The clinic example with a non-PHI tool `add` any caller may use.
+fn manifest(dir: &Path) -> PathBuf {
+    let mut docs: Vec<Value> = serde_yaml::Deserializer::from_str(CLINIC)
+        .map(|d| serde::Deserialize::deserialize(d).expect("example YAML"))
+        .collect();
+    docs[1]["spec"]["tools"].as_array_mut().expect("tools").push(json!({
+        "name": "add", "phi": false, "allowedCallers": {"anyAuthenticated": true},
+        "dataAccess": [], "noDataAccessReason": "arithmetic"
+    }));
+    let text: String = docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("yaml"))).collect();
+    let path = dir.join("bench.yaml");
+    std::fs::write(&path, text).expect("manifest");
+    path
+}
+
+fn token() -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs();
+    let claims = json!({"iss": "https://login.example.org", "aud": "https://patient-lookup.clinic.example/mcp",
+        "sub": "alice", "exp": now + 3600, "groups": ["front-desk"], "scope": "mcp:tools"});
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("test-rsa".into());
+    encode(&header, &claims, &EncodingKey::from_rsa_pem(RSA_KEY).expect("key")).expect("sign")
+}
+
+const ACCEPT: &str = "application/json, text/event-stream";
+
+/// A 2025-11-25 session at `url`: initialize, then initialized.
+async fn session(url: &str, bearer: Option<&str>) -> String {
+    let http = reqwest::Client::new();
+    let with_auth = |r: reqwest::RequestBuilder| match bearer {
+        Some(t) => r.bearer_auth(t),
+        None => r,
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}});
+    let response = with_auth(http.post(url).header("accept", ACCEPT).json(&init)).send().await.expect("initialize");
+    assert!(response.status().is_success(), "initialize: {}", response.status());
+    let id = response.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).expect("a session id").to_string();
+    response.bytes().await.expect("initialize answer");
+    let done = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let response = with_auth(
+        http.post(url)
+            .header("accept", ACCEPT)
+            .header("mcp-session-id", &id)
+            .header("mcp-protocol-version", "2025-11-25")
+            .json(&done),
+    )
+    .send()
+    .await
+    .expect("initialized");
+    assert!(response.status().is_success(), "initialized: {}", response.status());
+    id
+}
+
+/// What one oha run measured.
+struct Run {
+    p50: f64,
+    p99: f64,
+    rps: f64,
+    cpu_us_per_call: Option<f64>,
+}
+
+/// One way of calling: the body and headers a client of one protocol
+/// generation sends.
+struct Call {
+    body: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Call {
+    /// 2026-07-28: no session; `Mcp-Method`/`Mcp-Name` mirror the body and
+    /// every request carries its client context in `_meta` (SEP-2575).
+    fn stateless(bearer: Option<&str>) -> Call {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "add", "arguments": {"a": 2, "b": 3},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}});
+        let mut headers = vec![
+            ("mcp-protocol-version".to_string(), "2026-07-28".to_string()),
+            ("mcp-method".to_string(), "tools/call".to_string()),
+            ("mcp-name".to_string(), "add".to_string()),
+        ];
+        headers.extend(bearer.map(|t| ("authorization".to_string(), format!("Bearer {t}"))));
+        Call { body: body.to_string(), headers }
+    }
+
+    /// 2025-11-25: a session from `initialize`.
+    fn in_session(session: &str, bearer: Option<&str>) -> Call {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 2, "b": 3}}});
+        let mut headers = vec![
+            ("mcp-protocol-version".to_string(), "2025-11-25".to_string()),
+            ("mcp-session-id".to_string(), session.to_string()),
+        ];
+        headers.extend(bearer.map(|t| ("authorization".to_string(), format!("Bearer {t}"))));
+        Call { body: body.to_string(), headers }
+    }
+}
+
+/// Kills the sidecar however the bench ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One call made with curl, to show what a failing run was answered.
+fn sample(url: &str, call: &Call) -> String {
+    let mut command = Command::new("curl");
+    command.args([
+        "-s",
+        "-i",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-H",
+        &format!("accept: {ACCEPT}"),
+        "-d",
+        &call.body,
+    ]);
+    for (name, value) in &call.headers {
+        command.args(["-H", &format!("{name}: {value}")]);
+    }
+    command
+        .arg(url)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("(curl: {e})"))
+}
+
+fn drive(oha: &Path, url: &str, call: &Call, requests: usize, concurrency: usize, sidecar: Option<u32>) -> Run {
+    let mut command = Command::new(oha);
+    command.args([
+        "-n",
+        &requests.to_string(),
+        "-c",
+        &concurrency.to_string(),
+        "-m",
+        "POST",
+        "--no-tui",
+        "--output-format",
+        "json",
+    ]);
+    command.args(["-H", "content-type: application/json", "-H", &format!("accept: {ACCEPT}"), "-d", &call.body]);
+    for (name, value) in &call.headers {
+        command.args(["-H", &format!("{name}: {value}")]);
+    }
+    command.arg(url).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let cpu_before = sidecar.map(cpu_us);
+    let output = command.output().expect("run oha");
+    let cpu = sidecar.zip(cpu_before).map(|(pid, before)| (cpu_us(pid) - before) as f64 / requests as f64);
+    let report: Value = serde_json::from_slice(&output.stdout).expect("oha's JSON report");
+    let codes = &report["statusCodeDistribution"];
+    let all_ok = codes.as_object().is_some_and(|c| c.len() == 1 && c.contains_key("200"))
+        && report["errorDistribution"].as_object().is_none_or(|e| e.is_empty());
+    assert!(
+        all_ok,
+        "{url}: not every call answered 200: {codes} {}; one answer: {}",
+        report["errorDistribution"],
+        sample(url, call)
+    );
+    Run {
+        p50: report["latencyPercentiles"]["p50"].as_f64().unwrap_or(0.0) * 1000.0,
+        p99: report["latencyPercentiles"]["p99"].as_f64().unwrap_or(0.0) * 1000.0,
+        rps: report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        cpu_us_per_call: cpu,
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn spread(values: &[f64]) -> String {
+    let (min, max) = values.iter().fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+    format!("{min:.2}–{max:.2}")
 }
 
 fn main() {
-    let requests = env_number("MCPW_BENCH_REQUESTS", 20_000);
+    let rounds = env_number("MCPW_BENCH_ROUNDS", 5);
+    let counts =
+        [(1usize, env_number("MCPW_BENCH_REQUESTS_C1", 2000)), (32usize, env_number("MCPW_BENCH_REQUESTS_C32", 20000))];
+    let oha = oha();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let upstream = upstream().await;
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("jwks.json"), JWKS).expect("jwks");
-        std::fs::write(dir.path().join("clinic.yaml"), CLINIC).expect("clinic");
         std::fs::write(dir.path().join("audit.key"), "k".repeat(64)).expect("key");
-        let port = free_port();
-        let metrics_port = free_port();
-        let mut sidecar = Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+        let manifest = manifest(dir.path());
+        let (port, metrics_port) = (free_port(), free_port());
+        let sidecar = Child(Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
             .args(["sidecar", "--mcpserver"])
-            .arg(dir.path().join("clinic.yaml"))
+            .arg(&manifest)
             .args(["--upstream", &upstream, "--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--jwks-file"])
             .arg(dir.path().join("jwks.json"))
@@ -110,48 +349,78 @@ fn main() {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
-            .expect("start the sidecar");
+            .expect("start the sidecar"));
+        let pid = sidecar.0.id();
         let http = reqwest::Client::new();
         let ready = Instant::now();
         while http.get(format!("http://127.0.0.1:{metrics_port}/readyz")).send().await.map(|r| !r.status().is_success()).unwrap_or(true) {
             assert!(ready.elapsed() < Duration::from_secs(30), "the sidecar did not become ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs();
-        let claims = json!({"iss": "https://login.example.org", "aud": "https://patient-lookup.clinic.example/mcp",
-            "sub": "alice", "exp": now + 3600, "groups": ["front-desk"], "scope": "mcp:tools"});
-        let mut header = Header::new(Algorithm::RS256);
-        header.kid = Some("test-rsa".into());
-        let token = encode(&header, &claims, &EncodingKey::from_rsa_pem(RSA_KEY).expect("key")).expect("sign");
+        let token = token();
         let through = format!("http://127.0.0.1:{port}/mcp");
-        // Warm up both paths.
-        drive(&upstream, None, 200, 4).await;
-        drive(&through, Some(&token), 200, 4).await;
-        println!("sidecar: tools/call of a PHI tool (JWT check, policy, durable decision + outcome records), {requests} requests per row");
-        println!("{:>11}  {:>9}  {:>10}  {:>10}  {:>10}  {:>10}  {:>12}  {:>12}", "concurrency", "path", "p50", "p99", "added p50", "added p99", "requests/s", "sidecar RSS");
-        for concurrency in [1usize, env_number("MCPW_BENCH_CONCURRENCY", 16)] {
-            let (direct, direct_time) = drive(&upstream, None, requests, concurrency).await;
-            let (proxied, proxied_time) = drive(&through, Some(&token), requests, concurrency).await;
-            let rss = peak_rss_kib(sidecar.id()).map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "n/a".into());
-            let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
-            println!("{:>11}  {:>9}  {:>10.2?}  {:>10.2?}  {:>10}  {:>10}  {:>12.0}  {:>12}", concurrency, "direct", percentile(&direct, 0.5), percentile(&direct, 0.99), "-", "-", rate(direct.len(), direct_time), "-");
-            println!(
-                "{:>11}  {:>9}  {:>10.2?}  {:>10.2?}  {:>10.2?}  {:>10.2?}  {:>12.0}  {:>12}",
-                concurrency,
-                "sidecar",
-                percentile(&proxied, 0.5),
-                percentile(&proxied, 0.99),
-                percentile(&proxied, 0.5).saturating_sub(percentile(&direct, 0.5)),
-                percentile(&proxied, 0.99).saturating_sub(percentile(&direct, 0.99)),
-                rate(proxied.len(), proxied_time),
-                rss
-            );
+        let direct_session = session(&upstream, None).await;
+        let sidecar_session = session(&through, Some(&token)).await;
+        // Both paths, both generations: (name, concurrencies, direct call,
+        // call through the sidecar). oha sends one body on every connection:
+        // concurrent requests with one id in one session are not a valid
+        // client (JSON-RPC ids are unique while in flight, and the server
+        // answers only one of them), so the session form runs at c=1.
+        let generations = [
+            ("2026-07-28 stateless", &counts[..], Call::stateless(None), Call::stateless(Some(&token))),
+            ("2025-11-25 session", &counts[..1], Call::in_session(&direct_session, None), Call::in_session(&sidecar_session, Some(&token))),
+        ];
+        // Warm both paths.
+        for (_, _, direct, proxied) in &generations {
+            drive(&oha, &upstream, direct, 200, 1, None);
+            drive(&oha, &through, proxied, 200, 1, None);
         }
-        stop(&mut sidecar);
+        println!("sidecar benchmark: tools/call `add` (non-PHI; JWT check, policy, durable decision record), oha, rmcp server with SSE answers");
+        println!(
+            "  commit {}  cpu {} ({} cores)  kernel {}  rounds {rounds}, direct and sidecar alternating",
+            command_line("git", &["rev-parse", "--short", "HEAD"]),
+            cpu_model(),
+            std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
+            command_line("uname", &["-r"]),
+        );
+        println!("| generation | c | direct p50 / p99 ms | sidecar p50 / p99 ms | added p50 ms (spread) | added p99 ms (spread) | direct req/s | sidecar req/s | ratio | sidecar CPU µs/call |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for (name, concurrencies, direct_call, sidecar_call) in &generations {
+            for &(concurrency, requests) in *concurrencies {
+                let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+                for round in 0..rounds {
+                    // Alternate which path goes first.
+                    if round % 2 == 0 {
+                        direct.push(drive(&oha, &upstream, direct_call, requests, concurrency, None));
+                        proxied.push(drive(&oha, &through, sidecar_call, requests, concurrency, Some(pid)));
+                    } else {
+                        proxied.push(drive(&oha, &through, sidecar_call, requests, concurrency, Some(pid)));
+                        direct.push(drive(&oha, &upstream, direct_call, requests, concurrency, None));
+                    }
+                }
+                let added_p50: Vec<f64> = direct.iter().zip(&proxied).map(|(d, s)| s.p50 - d.p50).collect();
+                let added_p99: Vec<f64> = direct.iter().zip(&proxied).map(|(d, s)| s.p99 - d.p99).collect();
+                let ratios: Vec<f64> = direct.iter().zip(&proxied).map(|(d, s)| s.rps / d.rps).collect();
+                let cpu = median(proxied.iter().filter_map(|r| r.cpu_us_per_call).collect());
+                println!(
+                    "| {name} | {concurrency} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} ({}) | {:.2} ({}) | {:.0} | {:.0} | {:.2}× ({}) | {cpu:.0} |",
+                    median(direct.iter().map(|r| r.p50).collect()),
+                    median(direct.iter().map(|r| r.p99).collect()),
+                    median(proxied.iter().map(|r| r.p50).collect()),
+                    median(proxied.iter().map(|r| r.p99).collect()),
+                    median(added_p50.clone()),
+                    spread(&added_p50),
+                    median(added_p99.clone()),
+                    spread(&added_p99),
+                    median(direct.iter().map(|r| r.rps).collect()),
+                    median(proxied.iter().map(|r| r.rps).collect()),
+                    median(ratios.clone()),
+                    spread(&ratios),
+                );
+            }
+        }
+        let rss = status_kib(pid, "VmHWM:").unwrap_or(0);
+        println!("sidecar peak RSS (VmHWM) over the run: {:.1} MiB", rss as f64 / 1024.0);
+        drop(sidecar);
     });
-}
-
-fn stop(child: &mut std::process::Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }

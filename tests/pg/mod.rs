@@ -17,7 +17,7 @@ use tokio_postgres::{Client, NoTls};
 /// Password of the test cluster's superuser `postgres`.
 pub const SUPERUSER_PASSWORD: &str = "test-superuser-password";
 /// Unprivileged uid/gid the cluster runs as when the tests run as root.
-const NOBODY: u32 = 65534;
+pub const NOBODY: u32 = 65534;
 
 pub struct Postgres {
     pub port: u16,
@@ -49,7 +49,7 @@ pub fn bin_dir() -> PathBuf {
     );
 }
 
-fn as_unprivileged(command: &mut Command) -> &mut Command {
+pub fn as_unprivileged(command: &mut Command) -> &mut Command {
     if unsafe { libc::geteuid() } == 0 {
         command.uid(NOBODY).gid(NOBODY);
     }
