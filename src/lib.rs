@@ -31,6 +31,7 @@ pub mod compliance;
 pub mod dbproxy;
 pub mod health;
 pub mod jwks;
+pub mod jwt;
 pub mod leader;
 pub mod manifest;
 pub mod net;

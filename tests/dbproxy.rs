@@ -28,7 +28,7 @@ use mcp_warden::broker::trail::Trail;
 use mcp_warden::dbproxy::DbProxy;
 use mcp_warden::dbproxy::grants::{CallGrant, CallTicket, Grants, local_expiry};
 use mcp_warden::dbproxy::metrics::ProxyMetrics;
-use mcp_warden::sidecar::authn::{Authenticator, KeySource, Keys};
+use mcp_warden::jwt::{Authenticator, KeySource, Keys};
 use mcp_warden::sidecar::data_access::DataAccess;
 use mcp_warden::sidecar::gateway::{Gateway, GatewayConfig};
 use mcp_warden::sidecar::metrics::SidecarMetrics;

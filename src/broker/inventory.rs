@@ -23,11 +23,11 @@ use super::grants::{self, Grant};
 use super::naming::{self, NamingKey};
 use super::store::StoreAccess;
 use crate::api::{MCPServer, PHIStore};
+use crate::jwt::KeySource;
 use crate::manifest;
 use crate::policy::{self, CompiledPolicy, ServerRef, namespace_of};
 use crate::render::JWKS_FILE;
 use crate::render::names::OwnedNames;
-use crate::sidecar::authn::KeySource;
 
 /// Namespace and name of a PHIStore.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -28,8 +28,8 @@ use super::trail::{LeaseFacts, Trail, lease_event};
 use crate::api::PHIStoreStatus;
 use crate::audit::record::{Caller as AuditCaller, Decision, Event, Kind, LeaseAction, format_time};
 use crate::audit::wal::WalError;
+use crate::jwt::{Authenticator, KeySource, Keys};
 use crate::policy::ServerRef;
-use crate::sidecar::authn::{Authenticator, KeySource, Keys};
 
 /// Operational settings.
 #[derive(Debug, Clone)]

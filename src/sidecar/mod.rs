@@ -26,9 +26,9 @@ use prometheus_client::registry::Registry;
 use crate::audit::args_hmac::ArgsKey;
 use crate::audit::{Wal, WalConfig};
 use crate::health::{self, Health};
+use crate::jwt::{Authenticator, KeySource, Keys};
 use crate::manifest;
 use crate::policy::{self, CompiledPolicy, POLICY_FORMAT_VERSION};
-use authn::{Authenticator, KeySource, Keys};
 use gateway::{Gateway, GatewayConfig};
 use metrics::SidecarMetrics;
 

@@ -41,7 +41,7 @@ use axum::routing::{any, get};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::authn::Authenticator;
+use super::authn::{Authenticator, authenticate};
 use super::authz::{self, Decision};
 use super::data_access::{DataAccess, META_DB};
 use super::messages::{self, GATEWAY_REFUSED, HEADER_MISMATCH, INVALID_REQUEST, PARSE_ERROR};
@@ -259,7 +259,7 @@ async fn mcp_endpoint(
         return json_response(StatusCode::FORBIDDEN, &messages::error_body(None, GATEWAY_REFUSED, why));
     }
     // 2. Authentication.
-    let caller = match gw.authn.authenticate(&headers, &uri).await {
+    let caller = match authenticate(&gw.authn, &headers, &uri).await {
         Ok(caller) => caller,
         Err(error) => return refuse_unauthenticated(&gw, &correlation, method.as_str(), &error).await,
     };
