@@ -545,7 +545,10 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            if !batch.is_empty() || self.deferred.len() >= self.max_batch {
+            // A steady stream of deferred records alone still gets its
+            // fsync once the oldest has waited the window.
+            let overdue = self.deferred_since.is_some_and(|since| since.elapsed() >= self.defer_window);
+            if !batch.is_empty() || overdue || self.deferred.len() >= self.max_batch {
                 self.commit(batch);
             }
         }
