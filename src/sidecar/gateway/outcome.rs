@@ -10,7 +10,6 @@ use futures::{Stream, StreamExt};
 
 use super::Gateway;
 use crate::audit::record::{Event, Kind, Outcome, OutcomeStatus};
-use crate::sidecar::data_access::CallAccess;
 
 /// The outcome record of a call. It is deferred: the answer does not wait
 /// for it, and it is made durable with the next call's decision record (or
@@ -32,12 +31,11 @@ pub(super) fn outcome_event(correlation: &str, outcome: Outcome, started: Instan
 }
 
 /// An SSE body relayed as it arrives, recording its outcome when it ends,
-/// fails, or is dropped because the client went away.
+/// fails, or is dropped because the client went away. (Calls with database
+/// access are never streamed: their answer waits for a durable outcome.)
 pub(super) struct OutcomeStream {
     inner: futures::stream::BoxStream<'static, Result<Bytes, hyper::Error>>,
     pending: Option<(Arc<Gateway>, String, u16, Instant)>,
-    /// The call's database access, ended with the stream.
-    pub(super) access: Option<CallAccess>,
 }
 
 impl OutcomeStream {
@@ -48,12 +46,10 @@ impl OutcomeStream {
         http_status: u16,
         started: Instant,
     ) -> Self {
-        OutcomeStream { inner, pending: Some((gw, correlation, http_status, started)), access: None }
+        OutcomeStream { inner, pending: Some((gw, correlation, http_status, started)) }
     }
 
     fn finish(&mut self, status: OutcomeStatus) {
-        // The call is over: its database tokens and connections end.
-        self.access = None;
         if let Some((gw, correlation, http_status, started)) = self.pending.take() {
             let outcome = Outcome { status, http_status: Some(http_status), rpc_error: None, rows: None };
             // A full queue is waited for off the response's path.

@@ -68,14 +68,13 @@ pub(super) async fn forward(
         // drops the upstream connection, which cancels the request there.
         // A call with database access is read whole instead: its answer
         // waits for its statement records (below).
-        let mut stream = OutcomeStream::new(
+        let stream = OutcomeStream::new(
             upstream.into_body().into_data_stream().boxed(),
             Arc::clone(&gw),
             correlation,
             status.as_u16(),
             started,
         );
-        stream.access = access;
         let mut response = Response::new(Body::from_stream(stream));
         *response.status_mut() = status;
         *response.headers_mut() = headers;
