@@ -16,7 +16,6 @@ use super::outcome::record_outcome;
 use super::request::{Refusal, session_for_upstream};
 use super::response::{content_type_of, mark_private, read_upstream};
 use super::{Gateway, json_response};
-use crate::api::FailurePolicy;
 use crate::audit::record::{Outcome, OutcomeStatus};
 use crate::policy::Caller;
 use crate::sidecar::authz::{self, Decision, ListKind};
@@ -71,7 +70,7 @@ pub(super) async fn post_batch(
                     local.push(messages::error_body(id.as_ref(), denied.code, &denied.message));
                 }
             }
-            Decision::Allow(_) if recorded.is_err() && policy.audit_failure_policy == FailurePolicy::Closed => {
+            Decision::Allow(_) if gw.fails_closed(&recorded) => {
                 gw.metrics.decision("refused_audit");
                 if id.is_some() {
                     let text = "the audit trail cannot record this call, so it is refused";

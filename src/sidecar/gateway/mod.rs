@@ -212,6 +212,12 @@ impl Gateway {
         }
     }
 
+    /// Whether a record that could not be written stops the request: the
+    /// audit failure policy is `Closed`.
+    fn fails_closed(&self, recorded: &Result<Receipt, WalError>) -> bool {
+        recorded.is_err() && self.policy().audit_failure_policy == FailurePolicy::Closed
+    }
+
     async fn record(&self, event: Event) -> Result<Receipt, WalError> {
         let started = Instant::now();
         let result = self.wal.append(event).await;
@@ -221,6 +227,13 @@ impl Gateway {
         }
         result
     }
+}
+
+/// A request refused because its record could not be made durable under
+/// `failurePolicy: Closed`: 503, counted as `refused_audit`.
+fn refuse_unrecorded(gw: &Gateway, id: Option<&Value>, message: &str) -> Response {
+    gw.metrics.decision("refused_audit");
+    json_response(StatusCode::SERVICE_UNAVAILABLE, &messages::error_body(id, GATEWAY_REFUSED, message))
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
@@ -372,16 +385,8 @@ async fn post(
         }
         Decision::Allow(allowed) => allowed,
     };
-    if recorded.is_err() && gw.policy().audit_failure_policy == FailurePolicy::Closed {
-        gw.metrics.decision("refused_audit");
-        return json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &messages::error_body(
-                id.as_ref(),
-                GATEWAY_REFUSED,
-                "the audit trail cannot record this call, so it is refused",
-            ),
-        );
+    if gw.fails_closed(&recorded) {
+        return refuse_unrecorded(&gw, id.as_ref(), "the audit trail cannot record this call, so it is refused");
     }
     gw.metrics.decision("allow");
     // 7. Database access: the caller's credentials, as per-call DSNs.
@@ -439,16 +444,8 @@ async fn stream_or_delete(
         decision: Some(RecordDecision::Allow),
         ..Event::new(Kind::Decision)
     };
-    if gw.record(event).await.is_err() && gw.policy().audit_failure_policy == FailurePolicy::Closed {
-        gw.metrics.decision("refused_audit");
-        return json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &messages::error_body(
-                None,
-                GATEWAY_REFUSED,
-                "the audit trail cannot record this request, so it is refused",
-            ),
-        );
+    if gw.fails_closed(&gw.record(event).await) {
+        return refuse_unrecorded(&gw, None, "the audit trail cannot record this request, so it is refused");
     }
     gw.metrics.decision("allow");
     let request = gw.upstream.request(method, &headers, Some(&session), Bytes::new());

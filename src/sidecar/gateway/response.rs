@@ -14,8 +14,7 @@ use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::outcome::{OutcomeStream, outcome_event, record_outcome};
-use super::{Gateway, MAX_BUFFERED_RESPONSE, json_response};
-use crate::api::FailurePolicy;
+use super::{Gateway, MAX_BUFFERED_RESPONSE, json_response, refuse_unrecorded};
 use crate::audit::record::{Outcome, OutcomeStatus};
 use crate::policy::Caller;
 use crate::sidecar::authz::{self, ListKind};
@@ -137,17 +136,9 @@ pub(super) async fn forward(
         // durable too: the answer is released only then.
         Some(access) => {
             drop(access);
-            let recorded = gw.record(outcome_event(&correlation, outcome, started)).await;
-            if recorded.is_err() && gw.policy().audit_failure_policy == FailurePolicy::Closed {
-                gw.metrics.decision("refused_audit");
-                return json_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &messages::error_body(
-                        id.as_ref(),
-                        GATEWAY_REFUSED,
-                        "the audit trail cannot record this call's statements, so its answer is withheld",
-                    ),
-                );
+            if gw.fails_closed(&gw.record(outcome_event(&correlation, outcome, started)).await) {
+                let message = "the audit trail cannot record this call's statements, so its answer is withheld";
+                return refuse_unrecorded(&gw, id.as_ref(), message);
             }
         }
         None => record_outcome(&gw, &correlation, outcome, started).await,
