@@ -15,6 +15,7 @@
 mod common;
 #[path = "../tests/pg/mod.rs"]
 mod pg;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use mcp_warden::audit::wal::{Wal, WalConfig};
 use mcp_warden::broker::issuer::Credential;
 use mcp_warden::dbproxy::DbProxy;
 use mcp_warden::dbproxy::grants::{CallGrant, Grants};
+use support::{env_number, median, spread};
 
 const ROLE_PASSWORD: &str = "bench-role-password-0123456789";
 
@@ -123,14 +125,9 @@ fn start_pgbouncer(binary: &std::path::Path, pg_port: u16) -> Bouncer {
     bouncer
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 fn main() {
-    let seconds: u64 = std::env::var("MCPW_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let rounds: usize = std::env::var("MCPW_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let seconds = env_number("MCPW_BENCH_SECONDS", 5u64);
+    let rounds = env_number("MCPW_BENCH_ROUNDS", 3usize);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let pg = pg::Postgres::start().await;
@@ -220,17 +217,12 @@ fn main() {
                         tps[i].push(run.0);
                     }
                 }
-                let cells: Vec<String> = tps
-                    .iter()
-                    .map(|runs| {
-                        let (lo, hi) = runs.iter().fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
-                        format!("{:.0} ({lo:.0}–{hi:.0})", median(runs.clone()))
-                    })
-                    .collect();
-                let proxy = median(tps[targets.len() - 1].clone());
-                let vs_direct = proxy / median(tps[0].clone());
+                let cells: Vec<String> =
+                    tps.iter().map(|runs| format!("{:.0} ({})", median(runs), spread(runs, 0))).collect();
+                let proxy = median(&tps[targets.len() - 1]);
+                let vs_direct = proxy / median(&tps[0]);
                 let vs_bouncer =
-                    if bouncer.is_some() { format!("{:.2}×", proxy / median(tps[1].clone())) } else { "–".into() };
+                    if bouncer.is_some() { format!("{:.2}×", proxy / median(&tps[1])) } else { "–".into() };
                 println!("| {protocol} | {clients} | {} | {vs_direct:.2}× | {vs_bouncer} |", cells.join(" | "));
             }
         }

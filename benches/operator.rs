@@ -14,42 +14,17 @@
 
 #[path = "../tests/fake_apiserver/mod.rs"]
 mod fake_apiserver;
+mod support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fake_apiserver::{FakeApi, Request};
 use serde_json::{Value, json};
+use support::{env_number, status_kib};
 
 const NS: &str = "clinic";
 const CLINIC: &str = include_str!("../examples/compliant/clinic.yaml");
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-fn command_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
 
 fn world(n: u64) -> Vec<Value> {
     let docs: Vec<Value> = serde_yaml::Deserializer::from_str(CLINIC)
@@ -103,8 +78,8 @@ fn count(requests: &[Request]) -> Counts {
 
 #[tokio::main]
 async fn main() {
-    let n = env_number("MCPW_BENCH_SERVERS", 1000);
-    let steady = Duration::from_secs(env_number("MCPW_BENCH_STEADY_SECONDS", 30));
+    let n = env_number("MCPW_BENCH_SERVERS", 1000u64);
+    let steady = Duration::from_secs(env_number("MCPW_BENCH_STEADY_SECONDS", 30u64));
     let dir = tempfile::tempdir().expect("tempdir");
     let mut fake = FakeApi::start(Duration::from_millis(20));
     for object in world(n) {
@@ -181,13 +156,7 @@ async fn main() {
 
     let per = |x: usize| x as f64 / n as f64;
     println!("operator benchmark: {n} MCPServers, fake API server with 1-5 ms per request, resync 10 s");
-    println!(
-        "  commit {}  cpu {} ({} cores)  kernel {}",
-        command_line("git", &["rev-parse", "--short", "HEAD"]),
-        cpu_model(),
-        std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
-        command_line("uname", &["-r"]),
-    );
+    println!("  {}", support::machine());
     println!("| measure | value | target |");
     println!("|---|---|---|");
     println!("| time until every server reconciled | {:.1} s | <= 60 s |", converge_time.as_secs_f64());

@@ -19,10 +19,15 @@
 //! MCPW_BENCH_ROUNDS (5), MCPW_BENCH_REQUESTS_C1 (2000),
 //! MCPW_BENCH_REQUESTS_C32 (20000).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::free_port;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{ServerCapabilities, ServerConfig};
@@ -30,6 +35,7 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
 use serde_json::{Value, json};
+use support::{env_number, median, spread, status_kib};
 
 const JWKS: &str = include_str!("../tests/fixtures/test-jwks.json");
 const RSA_KEY: &[u8] = include_bytes!("../tests/fixtures/test-rsa.pem");
@@ -59,19 +65,6 @@ impl ServerHandler for Arithmetic {
     }
 }
 
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
-}
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
 /// utime + stime of a process, in microseconds.
 fn cpu_us(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -82,24 +75,6 @@ fn cpu_us(pid: u32) -> u64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     (ticks(14) + ticks(15)) * 1_000_000 / hz
-}
-
-fn command_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// oha: `MCPW_OHA`, on PATH, or installed into target/bench-tools.
@@ -311,20 +286,12 @@ fn drive(oha: &Path, url: &str, call: &Call, requests: usize, concurrency: usize
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn spread(values: &[f64]) -> String {
-    let (min, max) = values.iter().fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
-    format!("{min:.2}–{max:.2}")
-}
-
 fn main() {
-    let rounds = env_number("MCPW_BENCH_ROUNDS", 5);
-    let counts =
-        [(1usize, env_number("MCPW_BENCH_REQUESTS_C1", 2000)), (32usize, env_number("MCPW_BENCH_REQUESTS_C32", 20000))];
+    let rounds = env_number("MCPW_BENCH_ROUNDS", 5usize);
+    let counts = [
+        (1usize, env_number("MCPW_BENCH_REQUESTS_C1", 2000usize)),
+        (32usize, env_number("MCPW_BENCH_REQUESTS_C32", 20000usize)),
+    ];
     let oha = oha();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
@@ -376,13 +343,7 @@ fn main() {
             drive(&oha, &through, proxied, 200, 1, None);
         }
         println!("sidecar benchmark: tools/call `add` (non-PHI; JWT check, policy, durable decision record), oha, rmcp server with SSE answers");
-        println!(
-            "  commit {}  cpu {} ({} cores)  kernel {}  rounds {rounds}, direct and sidecar alternating",
-            command_line("git", &["rev-parse", "--short", "HEAD"]),
-            cpu_model(),
-            std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0),
-            command_line("uname", &["-r"]),
-        );
+        println!("  {}  rounds {rounds}, direct and sidecar alternating", support::machine());
         println!("| generation | c | direct p50 / p99 ms | sidecar p50 / p99 ms | added p50 ms (spread) | added p99 ms (spread) | direct req/s | sidecar req/s | ratio | sidecar CPU µs/call |");
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for (name, concurrencies, direct_call, sidecar_call) in &generations {
@@ -401,21 +362,21 @@ fn main() {
                 let added_p50: Vec<f64> = direct.iter().zip(&proxied).map(|(d, s)| s.p50 - d.p50).collect();
                 let added_p99: Vec<f64> = direct.iter().zip(&proxied).map(|(d, s)| s.p99 - d.p99).collect();
                 let ratios: Vec<f64> = direct.iter().zip(&proxied).map(|(d, s)| s.rps / d.rps).collect();
-                let cpu = median(proxied.iter().filter_map(|r| r.cpu_us_per_call).collect());
+                let cpu = median(&proxied.iter().filter_map(|r| r.cpu_us_per_call).collect::<Vec<_>>());
                 println!(
                     "| {name} | {concurrency} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} ({}) | {:.2} ({}) | {:.0} | {:.0} | {:.2}× ({}) | {cpu:.0} |",
-                    median(direct.iter().map(|r| r.p50).collect()),
-                    median(direct.iter().map(|r| r.p99).collect()),
-                    median(proxied.iter().map(|r| r.p50).collect()),
-                    median(proxied.iter().map(|r| r.p99).collect()),
-                    median(added_p50.clone()),
-                    spread(&added_p50),
-                    median(added_p99.clone()),
-                    spread(&added_p99),
-                    median(direct.iter().map(|r| r.rps).collect()),
-                    median(proxied.iter().map(|r| r.rps).collect()),
-                    median(ratios.clone()),
-                    spread(&ratios),
+                    median(&direct.iter().map(|r| r.p50).collect::<Vec<_>>()),
+                    median(&direct.iter().map(|r| r.p99).collect::<Vec<_>>()),
+                    median(&proxied.iter().map(|r| r.p50).collect::<Vec<_>>()),
+                    median(&proxied.iter().map(|r| r.p99).collect::<Vec<_>>()),
+                    median(&added_p50),
+                    spread(&added_p50, 2),
+                    median(&added_p99),
+                    spread(&added_p99, 2),
+                    median(&direct.iter().map(|r| r.rps).collect::<Vec<_>>()),
+                    median(&proxied.iter().map(|r| r.rps).collect::<Vec<_>>()),
+                    median(&ratios),
+                    spread(&ratios, 2),
                 );
             }
         }
