@@ -29,6 +29,7 @@ pub mod check;
 pub mod cli;
 pub mod compliance;
 pub mod dbproxy;
+pub mod deid;
 pub mod health;
 pub mod jwks;
 pub mod jwt;

@@ -198,7 +198,7 @@ fn json_output_is_complete() {
     assert_eq!(server["namespace"], "clinic");
     assert_eq!(server["name"], "patient-lookup");
     assert_eq!(server["origin"]["file"], "examples/compliant/clinic.yaml");
-    assert_eq!(server["controls"].as_array().map(Vec::len), Some(9));
+    assert_eq!(server["controls"].as_array().map(Vec::len), Some(10));
     assert_eq!(server["counts"]["phiTools"], 1);
     assert_eq!(server["counts"]["tools"], 2);
     for c in server["controls"].as_array().into_iter().flatten() {

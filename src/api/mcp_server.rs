@@ -13,7 +13,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{SIDECAR_METRICS_PORT, SIDECAR_PG_PROXY_PORT, SIDECAR_PUBLIC_PORT};
+use super::{Output, SIDECAR_METRICS_PORT, SIDECAR_PG_PROXY_PORT, SIDECAR_PUBLIC_PORT};
 
 /// Desired state of an MCP server that may reach protected health information.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -109,6 +109,14 @@ pub struct MCPServerSpec {
     /// Network reach of the server's pods.
     #[serde(default)]
     pub network: NetworkSettings,
+
+    /// Whose pseudonyms agree: de-identified tools of servers with the same
+    /// scope on the same store see the same patient as the same pseudonym,
+    /// and read the views of schema `deid_<scope>`. Unset: the server's own
+    /// scope, its name with `-` as `_`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 52), regex(pattern = r"^[a-z][a-z0-9_]{0,51}$"))]
+    pub pseudonym_scope: Option<String>,
 }
 
 impl MCPServerSpec {
@@ -244,6 +252,9 @@ pub struct AllowedCallers {
     validation = Rule::new("size(self.dataAccess) > 0 || (has(self.noDataAccessReason) && size(self.noDataAccessReason) > 0)").message("a tool with empty dataAccess must say why in noDataAccessReason").field_path(".noDataAccessReason"),
     validation = Rule::new("size(self.dataAccess) == 0 || !has(self.noDataAccessReason)").message("noDataAccessReason is only for tools with empty dataAccess").field_path(".noDataAccessReason"),
     validation = Rule::new("size(self.dataAccess) == 0 || self.phi").message("a tool that reads a PHIStore is a PHI tool: set phi: true and a purpose").field_path(".phi"),
+    validation = Rule::new("!has(self.output) || self.output != 'Identified' || (has(self.identifiedReason) && size(self.identifiedReason) > 0)").message("an Identified tool must say why in identifiedReason").field_path(".identifiedReason"),
+    validation = Rule::new("!has(self.identifiedReason) || (has(self.output) && self.output == 'Identified')").message("identifiedReason is only for Identified tools").field_path(".identifiedReason"),
+    validation = Rule::new("(has(self.output) && self.output == 'Identified') || self.dataAccess.all(d, d.tables.all(t, t.privileges.all(p, p == 'SELECT')))").message("a Deidentified tool reads pseudonymized views: SELECT only (declare output: Identified to write)").field_path(".dataAccess"),
 )]
 pub struct ToolPolicy {
     /// Tool name as the MCP server announces it.
@@ -268,6 +279,16 @@ pub struct ToolPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub no_data_access_reason: Option<String>,
+    /// What its answers may hold. `Deidentified` (the default) reads the
+    /// store's pseudonymized views, where every granted column must be
+    /// classified; `Identified` reads the tables themselves and is meant for
+    /// emergency access only.
+    #[serde(default)]
+    pub output: Output,
+    /// Why a tool needs identified output (required with `Identified`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub identified_reason: Option<String>,
 }
 
 /// The grants a tool needs on one PHIStore.

@@ -12,10 +12,12 @@
 //! offline (see [`crate::manifest`]).
 
 mod crd;
+mod deidentification;
 mod mcp_server;
 mod phi_store;
 
 pub use crd::{all_crds, crds_yaml};
+pub use deidentification::*;
 pub use mcp_server::*;
 pub use phi_store::*;
 

@@ -8,6 +8,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::Deidentification;
+
 /// A PostgreSQL database holding protected health information.
 // clippy reads the repeated `type_ = "string"` of printcolumn(...) as a
 // duplicated attribute; they are arguments of distinct columns.
@@ -47,6 +49,10 @@ pub struct PHIStoreSpec {
     pub postgres: PostgresConnection,
     /// Where the store is on the network (used for egress NetworkPolicy).
     pub endpoints: StoreEndpoints,
+    /// How its columns cross to de-identified tools: entities and the
+    /// classification of every column such a tool may be granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deidentification: Option<Deidentification>,
 }
 
 /// How the broker and the sidecar's proxy reach the database.

@@ -414,3 +414,63 @@ fn counts_for_the_printer_columns() {
     let server = admit_server(&server()).expect("admitted");
     assert_eq!(server.spec.counts(), Counts { tools: 2, phi_tools: 1, resources: 0, prompts: 0, stores: 1 });
 }
+
+#[test]
+fn output_defaults_to_deidentified_and_identified_needs_a_reason() {
+    let admitted = admit_server(&server()).expect("admitted");
+    assert_eq!(admitted.spec.tools[0].output, Output::Deidentified);
+    let identified = set(server(), "/spec/tools/0/output", json!("Identified"));
+    assert_refused(server_refusals(identified.clone()), "an Identified tool must say why in identifiedReason");
+    let with_reason = set(identified, "/spec/tools/0/identifiedReason", json!("check-in compares the real identity"));
+    assert!(server_refusals(with_reason).is_empty());
+    let stray = set(server(), "/spec/tools/0/identifiedReason", json!("why not"));
+    assert_refused(server_refusals(stray), "identifiedReason is only for Identified tools");
+    assert_refused(server_refusals(set(server(), "/spec/tools/0/output", json!("Raw"))), "output");
+}
+
+#[test]
+fn a_deidentified_tool_only_reads() {
+    let privileges = "/spec/tools/0/dataAccess/0/tables/0/privileges";
+    assert_refused(
+        server_refusals(set(server(), privileges, json!(["SELECT", "UPDATE"]))),
+        "a Deidentified tool reads pseudonymized views: SELECT only",
+    );
+    let identified = set(
+        set(set(server(), privileges, json!(["SELECT", "UPDATE"])), "/spec/tools/0/output", json!("Identified")),
+        "/spec/tools/0/identifiedReason",
+        json!("corrects demographics at the front desk"),
+    );
+    assert!(server_refusals(identified).is_empty());
+}
+
+#[test]
+fn pseudonym_scopes_are_plain_identifiers() {
+    assert!(server_refusals(set(server(), "/spec/pseudonymScope", json!("clinic_shared"))).is_empty());
+    for bad in ["Clinic", "1clinic", "clinic-shared", "a;drop", ""] {
+        assert_refused(server_refusals(set(server(), "/spec/pseudonymScope", json!(bad))), "pseudonymScope");
+    }
+}
+
+#[test]
+fn column_classifications_carry_what_their_class_needs() {
+    let column = "/spec/deidentification/tables/0/columns/0";
+    let refused = |value: Value, needle: &str| assert_refused(store_refusals(set(store(), column, value)), needle);
+    refused(json!({"name": "id", "class": "Identifier"}), "an Identifier column names the entity it identifies");
+    refused(
+        json!({"name": "id", "class": "Clear", "entity": "patient"}),
+        "entity and keyColumn are only for Identifier",
+    );
+    refused(json!({"name": "dob", "class": "Quasi"}), "a Quasi column names its generalization");
+    refused(json!({"name": "dob", "class": "Clear", "generalize": "Year"}), "generalize is only for Quasi columns");
+    refused(
+        json!({"name": "dob", "class": "Clear", "method": "ExpertDetermination"}),
+        "Expert Determination names the determination document in reference",
+    );
+    refused(json!({"name": "dob", "class": "Secret"}), "class");
+    refused(json!({"name": "dob", "class": "Quasi", "generalize": "Month"}), "generalize");
+    let expert = json!({"name": "dob", "class": "Clear", "method": "ExpertDetermination", "reference": "ED-2026-04"});
+    assert!(store_refusals(set(store(), column, expert)).is_empty());
+    let prefix = "/spec/deidentification/entities/0/prefix";
+    assert_refused(store_refusals(set(store(), prefix, json!("PT"))), "prefix");
+    assert_refused(store_refusals(set(store(), prefix, json!("pt_x"))), "prefix");
+}

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   MCPServer, PHIStores ─┐
-//!   rendered objects ─────┼─ evaluate() ─▶ Report { controls[9], compliant }
+//!   rendered objects ─────┼─ evaluate() ─▶ Report { controls[10], compliant }
 //!   Observations ─────────┘     (pure)
 //!     └ offline (`check`): NetworkPolicies among the manifests; no pods, no collector
 //!     └ in a cluster (operator): NetworkPolicies, Pods, collector health
@@ -16,6 +16,7 @@
 
 mod audit;
 mod data;
+mod deidentification;
 pub(crate) mod identity;
 mod network;
 pub mod selectors;
@@ -49,11 +50,13 @@ pub enum Control {
     TransmissionSecurity,
     /// Access limited to what each purpose needs.
     MinimumNecessary,
+    /// What crosses to the model is de-identified.
+    Deidentification,
 }
 
 impl Control {
     /// All controls, in status order.
-    pub const ALL: [Control; 9] = [
+    pub const ALL: [Control; 10] = [
         Control::AccessControl,
         Control::UniqueUserIdentification,
         Control::EmergencyAccess,
@@ -63,6 +66,7 @@ impl Control {
         Control::Authentication,
         Control::TransmissionSecurity,
         Control::MinimumNecessary,
+        Control::Deidentification,
     ];
 
     /// Stable id used in status and `check` output.
@@ -77,6 +81,7 @@ impl Control {
             Control::Authentication => "authentication",
             Control::TransmissionSecurity => "transmission-security",
             Control::MinimumNecessary => "minimum-necessary",
+            Control::Deidentification => "de-identification",
         }
     }
 
@@ -92,6 +97,7 @@ impl Control {
             Control::Authentication => "45 CFR 164.312(d)",
             Control::TransmissionSecurity => "45 CFR 164.312(e)(1)",
             Control::MinimumNecessary => "45 CFR 164.502(b), 164.514(d)",
+            Control::Deidentification => "45 CFR 164.514(a)-(b)",
         }
     }
 }
@@ -184,6 +190,7 @@ pub fn evaluate(input: &Input<'_>) -> Report {
                 Control::Authentication => identity::authentication(input),
                 Control::TransmissionSecurity => data::transmission_security(input),
                 Control::MinimumNecessary => data::minimum_necessary(input),
+                Control::Deidentification => deidentification::deidentification(input),
             };
             assessment.into_status(control)
         })

@@ -411,3 +411,48 @@ fn sidecar_detection_ignores_look_alikes() {
     };
     assert!(identity::sidecar_of(&spec).is_none());
 }
+
+#[test]
+fn de_identified_tools_pass_naming_every_column_and_method() {
+    let report = offline(&clinic_server());
+    assert_verdict(&report, Control::Deidentification, Verdict::Pass, "views of schema deid_patient_lookup");
+    assert_verdict(&report, Control::Deidentification, Verdict::Pass, "public.patients.birth_date BirthYear");
+    assert_verdict(&report, Control::Deidentification, Verdict::Pass, "public.appointments.patient_id pseudonym");
+    assert_verdict(&report, Control::Deidentification, Verdict::Pass, "Safe Harbor 164.514(b)(2)");
+}
+
+#[test]
+fn an_identified_tool_fails_until_break_glass_gates_it() {
+    let mut server = clinic_server();
+    server.spec.tools[0].output = crate::api::Output::Identified;
+    server.spec.tools[0].identified_reason = Some("check-in compares the real identity".into());
+    let report = offline(&server);
+    assert_verdict(&report, Control::Deidentification, Verdict::Fail, "check-in compares the real identity");
+    assert_verdict(&report, Control::Deidentification, Verdict::Fail, "outside emergency access");
+}
+
+#[test]
+fn unclassified_and_free_text_columns_fail_by_name() {
+    let mut server = clinic_server();
+    server.spec.tools[0].data_access[0].tables[0].columns.push("ssn".into());
+    assert_verdict(&offline(&server), Control::Deidentification, Verdict::Fail, "public.patients.ssn");
+    let mut server = clinic_server();
+    server.spec.tools[0].data_access[0].tables[1].columns.push("reason".into());
+    assert_verdict(
+        &offline(&server),
+        Control::Deidentification,
+        Verdict::Fail,
+        "free-text column(s) public.appointments.reason",
+    );
+    let mut stores = clinic_stores();
+    stores.get_mut("ehr").expect("ehr").spec.deidentification = None;
+    let report = evaluate_with(&clinic_server(), &stores, &Observations::from_manifests(Vec::new()));
+    assert_verdict(&report, Control::Deidentification, Verdict::Fail, "has no deidentification classification");
+}
+
+#[test]
+fn a_server_without_phi_tools_passes_de_identification() {
+    let mut server = clinic_server();
+    server.spec.tools.retain(|t| !t.phi);
+    assert_verdict(&offline(&server), Control::Deidentification, Verdict::Pass, "no tool reads a PHIStore");
+}

@@ -62,9 +62,23 @@ pub fn recorded_server() -> MCPServer {
     serde_json::from_value(server).expect("the recorded MCPServer")
 }
 
-/// The PHIStore as the real API server returned it.
+/// The PHIStore as the real API server returned it, with the
+/// classification the recording predates: its MCPServer's PHI tool is
+/// `Deidentified` (the default of `tools[].output`), which needs every
+/// column it reads classified.
 pub fn recorded_store() -> Value {
-    recording("03-get/get-phistore-ehr.json")
+    let mut store = recording("03-get/get-phistore-ehr.json");
+    store["spec"]["deidentification"] = json!({
+        "entities": [{"name": "patient", "prefix": "pt", "key": {"table": "public.patients", "column": "id"}}],
+        "tables": [{"name": "public.patients", "columns": [
+            {"name": "id", "class": "Identifier", "entity": "patient"},
+            {"name": "mrn", "class": "Identifier", "entity": "patient", "keyColumn": "id"},
+            {"name": "given_name", "class": "Identifier", "entity": "patient", "keyColumn": "id"},
+            {"name": "family_name", "class": "Identifier", "entity": "patient", "keyColumn": "id"},
+            {"name": "birth_date", "class": "Quasi", "generalize": "BirthYear"}
+        ]}]
+    });
+    store
 }
 
 /// The owned objects as the real API server stored them after the

@@ -19,7 +19,8 @@ use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::api::{AllowedCallers, FailurePolicy, MCPServer, PHIStore, Privilege, SslMode};
+use crate::api::{AllowedCallers, FailurePolicy, MCPServer, Output, PHIStore, Privilege, SslMode};
+use crate::deid::classification::{DeidError, tool_view_grants};
 
 /// Version of the compiled-policy format; the sidecar refuses others.
 pub const POLICY_FORMAT_VERSION: u32 = 1;
@@ -46,6 +47,9 @@ pub struct CompiledPolicy {
     pub audit_failure_policy: FailurePolicy,
     /// The PHIStores tools use, by name (connection facts only).
     pub stores: BTreeMap<String, CompiledStore>,
+    /// Whose pseudonyms the de-identified tools see (views of
+    /// `deid_<scope>`).
+    pub pseudonym_scope: String,
 }
 
 /// Namespace and name of an MCPServer.
@@ -89,7 +93,11 @@ pub struct CompiledTool {
     pub purpose: Option<String>,
     /// Who may list and call it.
     pub callers: CallerSet,
-    /// Grants per store.
+    /// Whether its answers are de-identified (grants on the scope's views)
+    /// or identified (grants on the tables).
+    #[serde(default)]
+    pub output: Output,
+    /// Grants per store: on `deid_<scope>` views for a de-identified tool.
     pub data_access: BTreeMap<String, Vec<CompiledTableGrant>>,
     /// Stores on which the database proxy lets this tool run COPY.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
@@ -204,6 +212,14 @@ pub enum PolicyError {
         /// Why.
         reason: String,
     },
+    /// A de-identified tool's grants cannot be served as views.
+    #[error("tool {tool:?}: {error}")]
+    Deidentification {
+        /// The tool.
+        tool: String,
+        /// Why.
+        error: DeidError,
+    },
     /// A PHIStore's port is out of range.
     #[error("PHIStore {store:?} has port {port}, outside 1-65535")]
     InvalidStorePort {
@@ -236,6 +252,7 @@ pub fn stores_in_use(server: &MCPServer) -> BTreeSet<String> {
 pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Result<CompiledPolicy, PolicyError> {
     let spec = &server.spec;
     let namespace = namespace_of(server);
+    let scope = spec.pseudonym_scope.clone().unwrap_or_else(|| crate::deid::default_scope(&server.name_any()));
     let mut compiled_stores = BTreeMap::new();
     let mut tools = BTreeMap::new();
     for tool in &spec.tools {
@@ -261,15 +278,22 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
                 access.store.clone(),
                 CompiledStore { host: pg.host.clone(), port, database: pg.database.clone(), ssl_mode: pg.ssl_mode },
             );
-            let grants = access
-                .tables
-                .iter()
-                .map(|t| CompiledTableGrant {
-                    table: t.name.clone(),
-                    columns: t.columns.iter().cloned().collect(),
-                    privileges: t.privileges.iter().copied().collect(),
-                })
-                .collect();
+            let grants = match tool.output {
+                Output::Identified => access
+                    .tables
+                    .iter()
+                    .map(|t| CompiledTableGrant {
+                        table: t.name.clone(),
+                        columns: t.columns.iter().cloned().collect(),
+                        privileges: t.privileges.iter().copied().collect(),
+                    })
+                    .collect(),
+                Output::Deidentified => {
+                    tool_view_grants(&scope, &access.store, store.spec.deidentification.as_ref(), &access.tables)
+                        .map_err(|error| PolicyError::Deidentification { tool: tool.name.clone(), error })?
+                        .grants
+                }
+            };
             data_access.insert(access.store.clone(), grants);
         }
         tools.insert(
@@ -278,6 +302,7 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
                 phi: tool.phi,
                 purpose: tool.purpose.clone(),
                 callers: CallerSet::from(&tool.allowed_callers),
+                output: tool.output,
                 data_access,
                 copy_stores,
             },
@@ -311,6 +336,7 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
         credential_ttl_seconds: ttl.as_secs(),
         audit_failure_policy: spec.audit.failure_policy,
         stores: compiled_stores,
+        pseudonym_scope: scope,
     })
 }
 

@@ -35,6 +35,8 @@ pub fn manifests(port: u16, lookup_columns: &[&str], with_note_tool: bool, admin
       phi: true
       purpose: Record a visit note
       allowedCallers: {groups: [clinicians]}
+      output: Identified
+      identifiedReason: writes to the clinical record
       dataAccess:
         - store: ehr
           tables:
@@ -76,6 +78,8 @@ spec:
       phi: true
       purpose: Verify a patient's identity at check-in
       allowedCallers: {{groups: [front-desk, clinicians]}}
+      output: Identified
+      identifiedReason: check-in compares the real identity
       dataAccess:
         - store: ehr
           tables:

@@ -1,0 +1,306 @@
+//! A scope's view of one classified table: identifiers as their entity's
+//! token, quasi-identifiers generalized, clear columns as they are, free
+//! text and unclassified columns absent.
+//!
+//! Every expression is total — it cannot fail on a malformed row, because a
+//! failing cast echoes the value in its error message — and calls only
+//! built-in functions every role may call: a view's user must be allowed to
+//! call the functions it uses, so a keyed function here would be an oracle.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sha2::{Digest, Sha256};
+
+use crate::api::{ColumnClass, Deidentification, Generalization, TableClassification};
+use crate::broker::sql::{TableName, ident, literal};
+
+use super::classification::relname;
+use super::mapping::{map_table, qualified};
+use super::view_schema;
+
+/// Three-digit ZIP areas of 20,000 people or fewer (HHS guidance on Safe
+/// Harbor, 2000 Census): served as `000`.
+pub const RESTRICTED_ZIP3: [&str; 17] = [
+    "036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831", "878", "879", "884", "890",
+    "893",
+];
+
+/// Comment marking a view the broker owns, followed by its fingerprint.
+pub const VIEW_COMMENT_PREFIX: &str = "mcp-warden de-identified view ";
+
+/// A column's type, as the catalog reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnType {
+    /// `format_type(atttypid, atttypmod)`.
+    pub name: String,
+    /// `pg_type.typcategory` (`D` date/time, `S` string, `N` numeric, …).
+    pub category: char,
+}
+
+/// One view to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// Its schema (`deid_<scope>`).
+    pub schema: String,
+    /// Its name (the table's).
+    pub name: String,
+    /// `CREATE VIEW …`.
+    pub create: String,
+    /// Short hash of `create`, kept in the view's comment: a view whose
+    /// comment carries it is current.
+    pub fingerprint: String,
+}
+
+impl View {
+    /// `"schema"."name"`.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", ident(&self.schema), ident(&self.name))
+    }
+
+    /// The comment the view carries once created.
+    pub fn comment(&self) -> String {
+        format!("{VIEW_COMMENT_PREFIX}{}", self.fingerprint)
+    }
+}
+
+/// The view of `table` in `scope`. `types` holds the table's column types;
+/// an error names a classified column that is missing or whose type the
+/// generalization cannot serve.
+pub fn view(
+    scope: &str,
+    deid: &Deidentification,
+    table: &TableClassification,
+    types: &BTreeMap<String, ColumnType>,
+) -> Result<View, String> {
+    let source =
+        TableName::parse(&table.name).ok_or_else(|| format!("table {:?} is not schema-qualified", table.name))?;
+    let mut outputs = Vec::new();
+    // (entity, key column) → join alias.
+    let mut joins: BTreeMap<(String, String), String> = BTreeMap::new();
+    for column in &table.columns {
+        let base = format!("b.{}", ident(&column.name));
+        let Some(kind) = types.get(&column.name) else {
+            return Err(format!("column {}.{} does not exist", table.name, column.name));
+        };
+        let expression = match column.class {
+            ColumnClass::FreeText => continue,
+            ColumnClass::Clear => base,
+            ColumnClass::Identifier => {
+                let entity =
+                    column.entity.clone().ok_or_else(|| format!("{}.{} names no entity", table.name, column.name))?;
+                let key = column.key_column.clone().unwrap_or_else(|| column.name.clone());
+                let next = format!("k{}", joins.len() + 1);
+                let alias = joins.entry((entity, key)).or_insert(next).clone();
+                format!("{alias}.token")
+            }
+            ColumnClass::Quasi => {
+                let generalization = column
+                    .generalize
+                    .ok_or_else(|| format!("{}.{} names no generalization", table.name, column.name))?;
+                generalize(generalization, &base, kind)
+                    .map_err(|why| format!("{}.{} ({}): {why}", table.name, column.name, kind.name))?
+            }
+        };
+        outputs.push(format!("{expression} AS {}", ident(&column.name)));
+    }
+    if outputs.is_empty() {
+        return Err(format!("table {} has no column a de-identified tool may read", table.name));
+    }
+    let mut from = format!("{} b", source.quoted());
+    if !joins.is_empty() {
+        from.push_str(&format!(
+            "\n CROSS JOIN (SELECT epoch FROM {} WHERE scope = {}) s",
+            qualified("scopes"),
+            literal(scope)
+        ));
+    }
+    let declared: BTreeSet<&str> = deid.entities.iter().map(|e| e.name.as_str()).collect();
+    for ((entity, key), alias) in &joins {
+        if !declared.contains(entity.as_str()) {
+            return Err(format!("entity {entity:?} is not declared"));
+        }
+        from.push_str(&format!(
+            "\n LEFT JOIN {map} {alias} ON {alias}.scope = {scope} AND {alias}.epoch = s.epoch AND {alias}.key = b.{key}",
+            map = map_table(entity),
+            scope = literal(scope),
+            key = ident(key),
+        ));
+    }
+    let schema = view_schema(scope);
+    let name = relname(&table.name).to_string();
+    let create = format!(
+        "CREATE VIEW {}.{} WITH (security_barrier = true) AS\nSELECT {}\n  FROM {from}",
+        ident(&schema),
+        ident(&name),
+        outputs.join(",\n       ")
+    );
+    let fingerprint = hex::encode(&Sha256::digest(create.as_bytes())[..8]);
+    Ok(View { schema, name, create, fingerprint })
+}
+
+/// The expression generalizing `base` (a column of type `kind`).
+fn generalize(generalization: Generalization, base: &str, kind: &ColumnType) -> Result<String, String> {
+    let year = || match kind.category {
+        'D' => Ok(format!("CASE WHEN isfinite({base}) THEN extract(year FROM {base})::integer END")),
+        'S' => Ok(format!("CASE WHEN {base} ~ '^[0-9]{{4}}-' THEN substr({base}, 1, 4)::integer END")),
+        _ => Err("a year is taken from a date, a timestamp or ISO-8601 text".to_string()),
+    };
+    Ok(match generalization {
+        Generalization::Year => year()?,
+        Generalization::BirthYear => {
+            let y = year()?;
+            // Anyone born in or before the year 90 years ago may be 90 or
+            // older: year removed (at most a year too cautious).
+            format!(
+                "CASE WHEN ({y}) IS NULL THEN NULL \
+                 WHEN ({y}) <= extract(year FROM now())::integer - 90 THEN '90+' ELSE ({y})::text END"
+            )
+        }
+        Generalization::Zip3 => {
+            if kind.category != 'S' {
+                return Err("ZIP codes are generalized from text (a number loses leading zeros)".into());
+            }
+            let restricted = RESTRICTED_ZIP3.iter().map(|z| literal(z)).collect::<Vec<_>>().join(", ");
+            format!(
+                "CASE WHEN {base} ~ '^[0-9]{{3}}' THEN \
+                 CASE WHEN substr({base}, 1, 3) IN ({restricted}) THEN '000' ELSE substr({base}, 1, 3) END END"
+            )
+        }
+        Generalization::Age => {
+            if kind.category != 'N' {
+                return Err("an age is generalized from a number".into());
+            }
+            format!("CASE WHEN {base} IS NULL THEN NULL WHEN {base} >= 90 THEN '90+' ELSE {base}::text END")
+        }
+    })
+}
+
+/// Reads a table's column types (bind `$1` = schema, `$2` = table).
+pub const COLUMN_TYPES_SQL: &str = "
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typcategory::text
+  FROM pg_attribute a
+  JOIN pg_class c ON c.oid = a.attrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_type t ON t.oid = a.atttypid
+ WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped";
+
+/// Lists the broker's views in every scope schema: schema, name, comment.
+pub const OWNED_VIEWS_SQL: &str = "
+SELECT n.nspname::text, c.relname::text, coalesce(obj_description(c.oid, 'pg_class'), '')
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind = 'v' AND n.nspname LIKE 'deid\\_%' AND pg_get_userbyid(c.relowner) = current_user";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ColumnClassification, ColumnRef, Entity};
+
+    fn col(name: &str, class: ColumnClass) -> ColumnClassification {
+        ColumnClassification {
+            name: name.into(),
+            class,
+            entity: None,
+            key_column: None,
+            generalize: None,
+            method: None,
+            reference: None,
+        }
+    }
+
+    fn deid() -> Deidentification {
+        Deidentification {
+            entities: vec![Entity {
+                name: "patient".into(),
+                prefix: "pt".into(),
+                key: ColumnRef { table: "clinical.patients".into(), column: "id".into() },
+            }],
+            tables: vec![TableClassification {
+                name: "clinical.patients".into(),
+                columns: vec![
+                    ColumnClassification { entity: Some("patient".into()), ..col("id", ColumnClass::Identifier) },
+                    ColumnClassification {
+                        entity: Some("patient".into()),
+                        key_column: Some("id".into()),
+                        ..col("mrn", ColumnClass::Identifier)
+                    },
+                    ColumnClassification {
+                        generalize: Some(Generalization::BirthYear),
+                        ..col("dob", ColumnClass::Quasi)
+                    },
+                    ColumnClassification { generalize: Some(Generalization::Zip3), ..col("zip", ColumnClass::Quasi) },
+                    col("diagnosis", ColumnClass::Clear),
+                    col("history", ColumnClass::FreeText),
+                ],
+            }],
+        }
+    }
+
+    fn types(pairs: &[(&str, &str, char)]) -> BTreeMap<String, ColumnType> {
+        pairs.iter().map(|(n, t, c)| (n.to_string(), ColumnType { name: t.to_string(), category: *c })).collect()
+    }
+
+    fn clinic_types() -> BTreeMap<String, ColumnType> {
+        types(&[
+            ("id", "integer", 'N'),
+            ("mrn", "text", 'S'),
+            ("dob", "date", 'D'),
+            ("zip", "text", 'S'),
+            ("diagnosis", "text", 'S'),
+            ("history", "text", 'S'),
+            ("ssn", "text", 'S'),
+        ])
+    }
+
+    #[test]
+    fn identifiers_of_one_entity_share_one_join_and_free_text_is_absent() {
+        let d = deid();
+        let v = view("lookup", &d, &d.tables[0], &clinic_types()).unwrap();
+        assert_eq!((v.schema.as_str(), v.name.as_str()), ("deid_lookup", "patients"));
+        assert!(v.create.starts_with("CREATE VIEW \"deid_lookup\".\"patients\" WITH (security_barrier = true)"));
+        assert!(v.create.contains("k1.token AS \"id\""), "{}", v.create);
+        assert!(v.create.contains("k1.token AS \"mrn\""), "{}", v.create);
+        assert_eq!(v.create.matches("LEFT JOIN").count(), 1, "{}", v.create);
+        assert!(v.create.contains("k1.key = b.\"id\""));
+        assert!(v.create.contains("b.\"diagnosis\" AS \"diagnosis\""));
+        assert!(!v.create.contains("history") && !v.create.contains("ssn"));
+        // The real columns appear only inside generalizations and joins.
+        assert!(!v.create.contains("b.\"mrn\""));
+        assert_eq!(v.comment(), format!("{VIEW_COMMENT_PREFIX}{}", v.fingerprint));
+    }
+
+    #[test]
+    fn views_differ_per_scope() {
+        let d = deid();
+        let a = view("a", &d, &d.tables[0], &clinic_types()).unwrap();
+        let b = view("b", &d, &d.tables[0], &clinic_types()).unwrap();
+        assert_ne!(a.fingerprint, b.fingerprint);
+        assert!(b.create.contains("scope = 'b'"));
+    }
+
+    #[test]
+    fn generalizations_are_total_and_typed() {
+        let date = ColumnType { name: "date".into(), category: 'D' };
+        let text = ColumnType { name: "text".into(), category: 'S' };
+        let int = ColumnType { name: "integer".into(), category: 'N' };
+        assert!(generalize(Generalization::Year, "b.x", &date).unwrap().contains("isfinite(b.x)"));
+        assert!(generalize(Generalization::Year, "b.x", &text).unwrap().contains("~ '^[0-9]{4}-'"));
+        assert!(generalize(Generalization::BirthYear, "b.x", &date).unwrap().contains("'90+'"));
+        let zip = generalize(Generalization::Zip3, "b.x", &text).unwrap();
+        assert!(zip.contains("'036'") && zip.contains("'000'") && zip.contains("~ '^[0-9]{3}'"), "{zip}");
+        assert!(generalize(Generalization::Zip3, "b.x", &int).is_err());
+        assert!(generalize(Generalization::Age, "b.x", &int).unwrap().contains(">= 90"));
+        assert!(generalize(Generalization::Age, "b.x", &text).is_err());
+        assert!(generalize(Generalization::Year, "b.x", &int).is_err());
+    }
+
+    #[test]
+    fn a_missing_column_or_an_unservable_type_is_named() {
+        let d = deid();
+        let mut t = clinic_types();
+        t.remove("dob");
+        assert!(view("s", &d, &d.tables[0], &t).unwrap_err().contains("clinical.patients.dob does not exist"));
+        let mut t = clinic_types();
+        t.insert("zip".into(), ColumnType { name: "integer".into(), category: 'N' });
+        assert!(view("s", &d, &d.tables[0], &t).unwrap_err().contains("clinical.patients.zip (integer)"));
+    }
+}
