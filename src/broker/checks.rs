@@ -101,6 +101,75 @@ pub async fn check_admin(client: &Client, needed: &BTreeSet<Grant>) -> Result<Ad
     Ok(report)
 }
 
+/// What the admin role lacks to serve de-identified views: CREATE on the
+/// database while a schema is missing (`mcpw_deid`, `deid_<scope>`), SELECT
+/// on every classified column a view reads (views read as their owner), and
+/// TRIGGER on each entity's key table (new keys get their tokens at once).
+pub async fn check_deid_admin(
+    client: &Client,
+    deid: Option<&crate::api::Deidentification>,
+    views: &crate::broker::deid::WantedViews,
+) -> Result<Vec<String>, StoreError> {
+    let mut missing = Vec::new();
+    let Some(deid) = deid.filter(|_| !views.is_empty()) else { return Ok(missing) };
+    let mut schemas = vec![crate::deid::MAP_SCHEMA.to_string()];
+    schemas.extend(views.keys().map(|s| crate::deid::view_schema(s)));
+    let row = client.query_one("SELECT has_database_privilege(current_database(), 'CREATE')", &[]).await?;
+    if !row.get::<_, bool>(0) {
+        for schema in schemas {
+            let exists =
+                client.query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[&schema]).await?;
+            if !exists.get::<_, bool>(0) {
+                missing.push(format!("CREATE on the database (to create schema {schema})"));
+                break;
+            }
+        }
+    }
+    let tables: BTreeSet<&String> = views.values().flatten().collect();
+    for name in tables {
+        let Some(table) = crate::deid::classification::table(deid, name) else { continue };
+        let Some(parsed) = TableName::parse(name) else { continue };
+        for column in table.columns.iter().filter(|c| c.class != crate::api::ColumnClass::FreeText) {
+            let row = client
+                .query_one(
+                    "SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL
+                            WHEN NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1)
+                                             AND attname = $2 AND NOT attisdropped) THEN NULL
+                            ELSE has_column_privilege(to_regclass($1), $2, 'SELECT') END",
+                    &[&parsed.quoted(), &column.name],
+                )
+                .await?;
+            match row.get::<_, Option<bool>>(0) {
+                Some(true) => {}
+                Some(false) => {
+                    missing.push(format!("SELECT on {name}.{} (read by the de-identified view)", column.name))
+                }
+                None => missing.push(format!("column {name}.{} does not exist", column.name)),
+            }
+        }
+    }
+    let used = crate::broker::deid::entities_used(deid, views);
+    for entity in deid.entities.iter().filter(|e| used.contains(&e.name)) {
+        let Some(parsed) = TableName::parse(&entity.key.table) else { continue };
+        let row = client
+            .query_one(
+                "SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL ELSE has_table_privilege(to_regclass($1), 'TRIGGER') END",
+                &[&parsed.quoted()],
+            )
+            .await?;
+        match row.get::<_, Option<bool>>(0) {
+            Some(true) => {}
+            Some(false) => missing.push(format!(
+                "TRIGGER on {} (new {} keys get their pseudonyms at once)",
+                entity.key.table, entity.name
+            )),
+            None => missing.push(format!("table {} does not exist", entity.key.table)),
+        }
+    }
+    missing.dedup();
+    Ok(missing)
+}
+
 /// The statement that revokes a finding from PUBLIC.
 pub fn revoke_sql(finding: &PublicPrivilege) -> String {
     match finding.kind.as_str() {

@@ -19,10 +19,11 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
 
+use super::deid::WantedViews;
 use super::grants::{self, Grant};
 use super::naming::{self, NamingKey};
 use super::store::StoreAccess;
-use crate::api::{MCPServer, PHIStore};
+use crate::api::{Deidentification, MCPServer, Output, PHIStore};
 use crate::jwt::KeySource;
 use crate::manifest;
 use crate::policy::{self, CompiledPolicy, ServerRef, namespace_of};
@@ -62,6 +63,8 @@ pub struct StoreEntry {
     pub naming: NamingKey,
     /// Whether to revoke PUBLIC's privileges.
     pub revoke_public: bool,
+    /// How its columns cross to de-identified tools.
+    pub deidentification: Option<Deidentification>,
 }
 
 /// One group role a store must hold.
@@ -162,6 +165,37 @@ impl Inventory {
         }
         out
     }
+
+    /// The de-identified views each store must serve: for every usable
+    /// server's de-identified tools that name someone, their scope and the
+    /// classified tables behind the views they are granted.
+    pub fn views(&self) -> BTreeMap<StoreRef, WantedViews> {
+        let mut out: BTreeMap<StoreRef, WantedViews> = BTreeMap::new();
+        for (server, entry) in &self.servers {
+            let Ok(entry) = entry else { continue };
+            let scope = &entry.policy.pseudonym_scope;
+            for tool in entry.policy.tools.values() {
+                if tool.output != Output::Deidentified || tool.callers.is_empty() {
+                    continue;
+                }
+                for (store, grants) in &tool.data_access {
+                    let key = StoreRef { namespace: server.namespace.clone(), name: store.clone() };
+                    let Some(Ok(store_entry)) = self.stores.get(&key) else { continue };
+                    let Some(deid) = &store_entry.deidentification else { continue };
+                    let tables = out.entry(key).or_default().entry(scope.clone()).or_default();
+                    for grant in grants {
+                        let view = crate::deid::classification::relname(&grant.table);
+                        if let Some(t) =
+                            deid.tables.iter().find(|t| crate::deid::classification::relname(&t.name) == view)
+                        {
+                            tables.insert(t.name.clone());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 fn store_entry(
@@ -202,6 +236,7 @@ fn store_entry(
             ca_pem,
         },
         revoke_public: pg.revoke_public_privileges,
+        deidentification: store.spec.deidentification.clone(),
     })
 }
 

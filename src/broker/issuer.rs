@@ -253,6 +253,9 @@ pub(super) struct StoreHandle {
     pub(super) group_ddl: tokio::sync::Mutex<()>,
     /// Group roles proven to hold exactly these grants.
     synced: Mutex<HashMap<String, BTreeSet<Grant>>>,
+    /// Whether this handle's first de-identification pass (which maps every
+    /// existing key) has run.
+    pub(super) deid_backfilled: std::sync::atomic::AtomicBool,
 }
 
 impl StoreHandle {
@@ -263,6 +266,7 @@ impl StoreHandle {
             next: std::sync::atomic::AtomicUsize::new(0),
             group_ddl: tokio::sync::Mutex::new(()),
             synced: Mutex::new(HashMap::new()),
+            deid_backfilled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::checks;
+use super::deid::{self, WantedViews};
 use super::inventory::{GroupSpec, Inventory};
 use super::issuer::{Broker, BrokerError, StoreHandle, parse_server};
 use super::naming;
@@ -66,6 +67,7 @@ impl Broker {
     async fn sync_with(&self, previous: Option<&Inventory>) -> Vec<String> {
         let inventory = self.inventory();
         let wanted = inventory.groups();
+        let views = inventory.views();
         // Origins of every group any inventory knows, so records of roles
         // ended because their server went away still name it.
         let mut origins = origins_of(&inventory);
@@ -83,7 +85,8 @@ impl Broker {
                 Ok(entry) => match self.store(key) {
                     Ok(handle) => {
                         let groups = wanted.get(key).cloned().unwrap_or_default();
-                        self.sync_store(&handle, entry.revoke_public, &groups, &all_wanted, &origins).await
+                        let views = views.get(key).cloned().unwrap_or_default();
+                        self.sync_store(&handle, entry.revoke_public, &groups, &views, &all_wanted, &origins).await
                     }
                     Err(e) => StoreObservation::unusable(e.to_string()),
                 },
@@ -105,6 +108,7 @@ impl Broker {
         handle: &StoreHandle,
         revoke_public: bool,
         groups: &BTreeMap<String, GroupSpec>,
+        views: &WantedViews,
         all_wanted: &BTreeSet<&String>,
         origins: &HashMap<String, GroupOrigin>,
     ) -> StoreObservation {
@@ -123,9 +127,28 @@ impl Broker {
         // Group grants change only under this lock (issuance syncs a
         // group it finds out of date on another admin connection).
         let _ddl = handle.group_ddl.lock().await;
+        // The views first: the group roles' grants name them.
+        let first = !handle.deid_backfilled.load(std::sync::atomic::Ordering::Relaxed);
+        let classification = handle.entry.deidentification.as_ref();
+        match deid::ensure(client, classification, views, first).await {
+            Ok(pass) => {
+                handle.deid_backfilled.store(true, std::sync::atomic::Ordering::Relaxed);
+                if !pass.views_written.is_empty() || !pass.views_dropped.is_empty() {
+                    // Re-created views lost their grants: groups are re-proven below.
+                    tracing::info!(written = ?pass.views_written, dropped = ?pass.views_dropped, "de-identified views changed");
+                }
+            }
+            Err(e) => observation.errors.push(format!("de-identified views: {e}")),
+        }
         let needed: BTreeSet<_> = groups.values().flat_map(|g| g.grants.iter().cloned()).collect();
         match checks::check_admin(client, &needed).await {
-            Ok(report) => observation.admin = Some(report),
+            Ok(mut report) => {
+                match checks::check_deid_admin(client, classification, views).await {
+                    Ok(missing) => report.missing.extend(missing),
+                    Err(e) => observation.errors.push(format!("admin check (de-identification): {e}")),
+                }
+                observation.admin = Some(report);
+            }
             Err(e) => observation.errors.push(format!("admin check: {e}")),
         }
         match checks::public_findings(client).await {

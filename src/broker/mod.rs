@@ -24,6 +24,7 @@ pub mod api;
 pub mod checks;
 pub mod client;
 pub mod cluster;
+pub mod deid;
 pub mod grants;
 pub mod inventory;
 pub mod issuer;

@@ -49,6 +49,9 @@ pub enum StoreError {
         /// The first difference found.
         detail: String,
     },
+    /// The de-identified views cannot be served as classified.
+    #[error("de-identification: {0}")]
+    Deidentification(String),
     /// Any other database error.
     #[error("database error: {0}")]
     Sql(String),
@@ -63,6 +66,7 @@ impl StoreError {
             StoreError::AdminPrivilege(_) => "admin_privilege",
             StoreError::Tls(_) => "tls",
             StoreError::GrantMismatch { .. } => "grant_mismatch",
+            StoreError::Deidentification(_) => "deidentification",
             StoreError::Sql(_) => "sql",
         }
     }

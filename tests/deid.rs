@@ -1,0 +1,439 @@
+//! De-identification enforced by a real PostgreSQL 15: the broker builds
+//! the mapping, trigger and views; per-call roles of de-identified tools
+//! get pseudonyms whatever SQL they send, and nothing else.
+//!
+//! The role a test logs in as is exactly what a compromised MCP server holds
+//! during a call (its per-call DSN reaches the store through the proxy with
+//! this role). Every value and every error message such a session sees is
+//! searched for the seeded real identifiers.
+
+mod common;
+mod pg;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use common::{AUDIENCE, ISSUER, JWKS, claims, rs256};
+use mcp_warden::broker::inventory::Inventory;
+use mcp_warden::broker::issuer::{Broker, Credential, CredentialRequest, Settings};
+use mcp_warden::broker::metrics::BrokerMetrics;
+use mcp_warden::broker::trail::Trail;
+use pg::Postgres;
+use pg::clinic::{ADMIN_PASSWORD, prepare_database};
+use prometheus_client::registry::Registry;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// Real values seeded into the store; none may reach a de-identified tool.
+const REAL: [&str; 16] = [
+    "MRN-0001",
+    "Joe Doe",
+    "123-45-6789",
+    "1970-01-01",
+    "MRN-0002",
+    "Ada Quill",
+    "987-65-4321",
+    "1920-05-05",
+    "MRN-0003",
+    "Bo Vance",
+    "111-22-3333",
+    "ZZ-X1",
+    "94110",
+    "03601",
+    "complained",
+    "2024-03-04",
+];
+
+const EXTRA_SCHEMA: &str = "
+SET ROLE ehr_owner;
+ALTER TABLE clinical.patients ADD COLUMN zip text;
+UPDATE clinical.patients SET zip = '94110' WHERE id = 1;
+INSERT INTO clinical.patients (id, mrn, name, dob, ssn, diagnosis, zip) VALUES
+  (2, 'MRN-0002', 'Ada Quill', '1920-05-05', '987-65-4321', 'asthma', '03601'),
+  (3, 'MRN-0003', 'Bo Vance', 'infinity', '111-22-3333', 'flu', 'ZZ-X1');
+CREATE TABLE clinical.visits (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, patient_id int, visit_date date,
+                              admitted text, note text);
+INSERT INTO clinical.visits (patient_id, visit_date, admitted, note) VALUES
+  (1, '2024-03-04', '2024-03-04', 'Joe Doe complained of fever'),
+  (1, '2025-01-10', 'not-a-date', 'follow-up'),
+  (2, '2023-07-01', '2023-07-01T09:00', 'Ada Quill, routine');
+RESET ROLE;
+GRANT SELECT ON clinical.visits TO warden_admin;
+GRANT TRIGGER ON clinical.patients TO warden_admin;
+GRANT CREATE ON DATABASE ehr TO warden_admin;
+ANALYZE clinical.patients;
+ANALYZE clinical.visits;
+";
+
+fn manifests(port: u16) -> String {
+    let jwks = serde_json::to_string(&serde_json::from_str::<serde_json::Value>(JWKS).unwrap()).unwrap();
+    let server = |name: &str, scope: Option<&str>, tools: &str| {
+        let scope = scope.map(|s| format!("\n  pseudonymScope: {s}")).unwrap_or_default();
+        format!(
+            r#"---
+apiVersion: mcpwarden.io/v1alpha1
+kind: MCPServer
+metadata: {{name: {name}, namespace: clinic}}
+spec:
+  image: registry.example/phi-tools:1.4{scope}
+  authentication:
+    oidc: {{issuer: "{ISSUER}", audience: "{AUDIENCE}", jwksConfigMapRef: {{name: idp-jwks}}}}
+  tools:{tools}
+"#
+        )
+    };
+    let tool = |name: &str, table: &str, columns: &str| {
+        format!(
+            r#"
+    - name: {name}
+      phi: true
+      purpose: de-identification test
+      allowedCallers: {{groups: [front-desk]}}
+      dataAccess:
+        - store: ehr
+          tables: [{{name: {table}, columns: [{columns}], privileges: [SELECT]}}]"#
+        )
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: ehr-db-admin, namespace: clinic}}
+stringData: {{username: warden_admin, password: "{ADMIN_PASSWORD}"}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: idp-jwks, namespace: clinic}}
+data:
+  jwks.json: '{jwks}'
+---
+apiVersion: mcpwarden.io/v1alpha1
+kind: PHIStore
+metadata: {{name: ehr, namespace: clinic}}
+spec:
+  postgres: {{host: 127.0.0.1, port: {port}, database: ehr, adminSecretRef: {{name: ehr-db-admin}}, sslMode: disable}}
+  endpoints: {{ipBlocks: [{{cidr: 127.0.0.1/32}}], ports: [{port}]}}
+  deidentification:
+    entities: [{{name: patient, prefix: pt, key: {{table: clinical.patients, column: id}}}}]
+    tables:
+      - name: clinical.patients
+        columns:
+          - {{name: id, class: Identifier, entity: patient}}
+          - {{name: mrn, class: Identifier, entity: patient, keyColumn: id}}
+          - {{name: name, class: Identifier, entity: patient, keyColumn: id}}
+          - {{name: ssn, class: Identifier, entity: patient, keyColumn: id}}
+          - {{name: dob, class: Quasi, generalize: BirthYear}}
+          - {{name: zip, class: Quasi, generalize: Zip3}}
+          - {{name: diagnosis, class: Clear}}
+      - name: clinical.visits
+        columns:
+          - {{name: patient_id, class: Identifier, entity: patient}}
+          - {{name: visit_date, class: Quasi, generalize: Year}}
+          - {{name: admitted, class: Quasi, generalize: Year}}
+          - {{name: note, class: FreeText}}
+{lookup}{billing}{research}"#,
+        lookup = server(
+            "patient-lookup",
+            None,
+            &(tool("find_patient", "clinical.patients", "id, mrn, dob, zip, diagnosis")
+                + &tool("patient_visits", "clinical.visits", "patient_id, visit_date, admitted"))
+        ),
+        billing = server("billing", Some("patient_lookup"), &tool("billing_lookup", "clinical.patients", "id")),
+        research = server("research", None, &tool("cohort", "clinical.patients", "id, dob")),
+    )
+}
+
+struct World {
+    pg: Postgres,
+    _dir: tempfile::TempDir,
+    broker: Arc<Broker>,
+}
+
+impl World {
+    async fn new() -> World {
+        let pg = Postgres::start().await;
+        prepare_database(&pg).await;
+        pg.superuser("ehr").await.batch_execute(EXTRA_SCHEMA).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let manifests_dir = dir.path().join("manifests");
+        std::fs::create_dir_all(&manifests_dir).unwrap();
+        std::fs::write(manifests_dir.join("clinic.yaml"), manifests(pg.port)).unwrap();
+        let inventory = Inventory::from_manifests(&manifests_dir).unwrap();
+        for (server, entry) in &inventory.servers {
+            assert!(entry.is_ok(), "{server}: {:?}", entry.as_ref().err());
+        }
+        let trail = Trail::new(dir.path().join("audit"), Some("broker-0".into())).unwrap();
+        let settings = Settings { max_ttl: None, connection_limit: 4 };
+        let broker =
+            Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
+        let problems = broker.sync().await;
+        assert!(problems.is_empty(), "{problems:?}");
+        World { pg, _dir: dir, broker }
+    }
+
+    /// The session a compromised MCP server would hold during a call.
+    async fn session(&self, server: &str, tool: &str) -> Client {
+        let credential: Credential = self
+            .broker
+            .issue(&CredentialRequest {
+                server: format!("clinic/{server}"),
+                tool: tool.into(),
+                store: "ehr".into(),
+                caller_token: rs256(&claims("alice", &["front-desk"])),
+                correlation: None,
+            })
+            .await
+            .unwrap();
+        self.pg.connect(&credential.database, &credential.role, &credential.password).await.unwrap()
+    }
+}
+
+/// Everything a query shows its sender: every value, or the whole error.
+async fn seen(session: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    match session.simple_query(sql).await {
+        Ok(messages) => Ok(messages
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect()),
+                _ => None,
+            })
+            .collect()),
+        Err(e) => Err(match e.as_db_error() {
+            Some(db) => format!("{} | {:?} | {:?} | {:?}", db.message(), db.detail(), db.hint(), db.where_()),
+            None => e.to_string(),
+        }),
+    }
+}
+
+#[track_caller]
+fn assert_no_real_value(sql: &str, text: &str) {
+    for real in REAL {
+        assert!(!text.contains(real), "{sql:?} showed the real value {real:?}: {text}");
+    }
+}
+
+/// Runs `sql` and checks that neither its rows nor its error hold a real
+/// value; returns the outcome for further checks.
+async fn probe(session: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    let outcome = seen(session, sql).await;
+    assert_no_real_value(sql, &format!("{outcome:?}"));
+    outcome
+}
+
+fn is_pseudonym(value: &str) -> bool {
+    value.strip_prefix("pt_").is_some_and(|h| h.len() == 20 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[tokio::test]
+async fn a_compromised_server_gets_pseudonyms_or_refusals_whatever_sql_it_sends() {
+    let w = World::new().await;
+    let s = w.session("patient-lookup", "find_patient").await;
+    let v = "deid_patient_lookup.patients";
+
+    // The tool's own query: pseudonyms, generalized quasi-identifiers, clear values.
+    let rows = probe(&s, &format!("SELECT id, mrn, dob, zip, diagnosis FROM {v} ORDER BY diagnosis")).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        let (id, mrn) = (row[0].as_deref().unwrap(), row[1].as_deref().unwrap());
+        assert!(is_pseudonym(id), "{row:?}");
+        assert_eq!(id, mrn, "an MRN is its patient's pseudonym");
+    }
+    let by_diagnosis = |d: &str| rows.iter().find(|r| r[4].as_deref() == Some(d)).unwrap().clone();
+    // Ada, born 1920: 90 or older, year removed; ZIP 036xx is a small area.
+    assert_eq!(by_diagnosis("asthma")[2..4], [Some("90+".into()), Some("000".into())]);
+    // Joe: a year and the first three ZIP digits.
+    assert_eq!(by_diagnosis("influenza")[2..4], [Some("1970".into()), Some("941".into())]);
+    // Bo's malformed rows (infinite birth date, garbage ZIP) do not fail the view.
+    assert_eq!(by_diagnosis("flu")[2..4], [None, None]);
+
+    // Expressions over granted columns see only what the view serves.
+    for sql in [
+        format!("SELECT mrn || '', lower(mrn), upper(mrn), mrn::text, md5(mrn), length(mrn) FROM {v}"),
+        format!("SELECT string_agg(mrn, ','), array_agg(dob), json_agg(zip) FROM {v}"),
+        format!("SELECT (SELECT max(mrn) FROM {v} p2 WHERE p2.id = p.id) FROM {v} p"),
+        format!("SELECT a.mrn, b.id FROM {v} a JOIN {v} b ON a.id = b.id"),
+        format!("SELECT mrn FROM {v} WHERE mrn LIKE 'MRN-%'"),
+        format!("SELECT to_json(array[id, mrn]) FROM {v}"),
+        format!("SELECT id FROM {v} WHERE dob = '1970'"),
+    ] {
+        probe(&s, &sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    // The filter on a real value finds nothing: the view holds none.
+    assert!(probe(&s, &format!("SELECT id FROM {v} WHERE mrn = 'MRN-0001'")).await.unwrap().is_empty());
+
+    // Refused outright: base tables, ungranted view columns, whole rows that
+    // include them, other views, the mapping, the token function, writes.
+    for sql in [
+        "SELECT mrn FROM clinical.patients".to_string(),
+        "SELECT count(*) FROM clinical.patients".to_string(),
+        "SELECT * FROM clinical.patients".to_string(),
+        "COPY clinical.patients TO STDOUT".to_string(),
+        format!("SELECT name FROM {v}"),
+        format!("SELECT ssn FROM {v}"),
+        format!("SELECT row_to_json(p) FROM {v} p"),
+        format!("SELECT p FROM {v} p"),
+        format!("SELECT * FROM {v}"),
+        "SELECT patient_id FROM deid_patient_lookup.visits".to_string(),
+        "SELECT * FROM mcpw_deid.map_patient".to_string(),
+        "SELECT mcpw_deid.new_token('pt')".to_string(),
+        "SELECT * FROM mcpw_deid.scopes".to_string(),
+        "SELECT id FROM deid_research.patients".to_string(),
+        format!("INSERT INTO {v} (id) VALUES ('pt_x')"),
+        format!("UPDATE {v} SET diagnosis = 'x'"),
+        "SET ROLE ehr_owner".to_string(),
+        "SET ROLE warden_admin".to_string(),
+        "CREATE TABLE public.loot AS SELECT 1".to_string(),
+    ] {
+        let outcome = probe(&s, &sql).await;
+        assert!(outcome.is_err(), "{sql} was not refused: {outcome:?}");
+    }
+
+    // A cast that fails echoes the pseudonym, never the real value.
+    let err = probe(&s, &format!("SELECT mrn::int FROM {v}")).await.unwrap_err();
+    assert!(err.contains("pt_"), "{err}");
+
+    // COPY of the tool's own query: pseudonyms, like SELECT.
+    let sql = format!("COPY (SELECT mrn, dob FROM {v}) TO STDOUT");
+    let stream = s.copy_out(sql.as_str()).await.unwrap();
+    let chunks: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(stream).await.unwrap();
+    let copied = String::from_utf8(chunks.concat()).unwrap();
+    assert_eq!(copied.lines().count(), 3);
+    assert!(copied.lines().all(|l| l.starts_with("pt_")), "{copied}");
+    assert_no_real_value(&sql, &copied);
+
+    // pg_stats shows the columns the role may read: none of the tables'.
+    let stats =
+        probe(&s, "SELECT attname, most_common_vals::text FROM pg_stats WHERE schemaname IN ('clinical', 'mcpw_deid')")
+            .await
+            .unwrap();
+    assert!(stats.is_empty(), "{stats:?}");
+    let admin = w.pg.superuser("ehr").await;
+    let visible = admin.query("SELECT 1 FROM pg_stats WHERE schemaname = 'clinical'", &[]).await.unwrap();
+    assert!(!visible.is_empty(), "the tables have statistics to hide");
+
+    // No privilege on any column of a base table, from any grant (PUBLIC's too).
+    let held = probe(
+        &s,
+        "SELECT c.relname, a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+          WHERE c.relnamespace IN ('clinical'::regnamespace, 'mcpw_deid'::regnamespace) AND a.attnum > 0
+            AND has_column_privilege(c.oid, a.attnum, 'SELECT, INSERT, UPDATE, REFERENCES')",
+    )
+    .await
+    .unwrap();
+    assert!(held.is_empty(), "{held:?}");
+
+    // What every role may read of the catalog holds no key, salt or value.
+    for sql in [
+        "SELECT prosrc FROM pg_proc WHERE pronamespace = 'mcpw_deid'::regnamespace",
+        "SELECT pg_get_viewdef('deid_patient_lookup.patients'::regclass)",
+        "EXPLAIN VERBOSE SELECT id, mrn, dob, zip FROM deid_patient_lookup.patients WHERE id = 'pt_0'",
+        "SELECT rolname, rolconfig FROM pg_roles",
+        "SELECT obj_description(oid, 'pg_class') FROM pg_class WHERE relnamespace = 'deid_patient_lookup'::regnamespace",
+    ] {
+        probe(&s, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    // The functions the mapping uses run as their owner only where no caller
+    // can reach them: both have no EXECUTE for PUBLIC, and the trigger's
+    // search_path is pinned.
+    let functions = admin
+        .query(
+            "SELECT proname::text, prosecdef, proconfig::text, has_function_privilege('public', oid, 'EXECUTE')
+               FROM pg_proc WHERE pronamespace = 'mcpw_deid'::regnamespace ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(functions.len(), 2);
+    for f in &functions {
+        let (name, definer, config, public): (String, bool, Option<String>, bool) =
+            (f.get(0), f.get(1), f.get(2), f.get(3));
+        assert!(!public, "{name} is executable by PUBLIC");
+        assert!(config.unwrap_or_default().contains("search_path=pg_catalog, pg_temp"), "{name}");
+        assert_eq!(definer, name == "tokens_patient", "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_pseudonym_finds_its_patient_through_a_second_tool_and_scopes_agree_or_not() {
+    let w = World::new().await;
+    let lookup = w.session("patient-lookup", "find_patient").await;
+    let joe =
+        probe(&lookup, "SELECT id FROM deid_patient_lookup.patients WHERE diagnosis = 'influenza'").await.unwrap();
+    let joe = joe[0][0].clone().unwrap();
+
+    // The model passes the pseudonym back; the database finds the rows.
+    let visits = w.session("patient-lookup", "patient_visits").await;
+    let sql = format!(
+        "SELECT patient_id, visit_date, admitted FROM deid_patient_lookup.visits WHERE patient_id = '{joe}' ORDER BY visit_date"
+    );
+    let rows = probe(&visits, &sql).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r[0].as_deref() == Some(joe.as_str())));
+    // Dates are years; the malformed text date is nothing, not an error.
+    assert_eq!(rows[0][1..], [Some("2024".into()), Some("2024".into())]);
+    assert_eq!(rows[1][1..], [Some("2025".into()), None]);
+    // The note is free text: not in the view at all.
+    assert!(probe(&visits, "SELECT note FROM deid_patient_lookup.visits").await.is_err());
+
+    // A server sharing the scope sees the same pseudonyms; another scope
+    // sees unrelated ones.
+    let all = |rows: Vec<Vec<Option<String>>>| rows.into_iter().map(|r| r[0].clone().unwrap()).collect::<BTreeSet<_>>();
+    let ours = all(probe(&lookup, "SELECT id FROM deid_patient_lookup.patients").await.unwrap());
+    let billing = w.session("billing", "billing_lookup").await;
+    assert_eq!(all(probe(&billing, "SELECT id FROM deid_patient_lookup.patients").await.unwrap()), ours);
+    let research = w.session("research", "cohort").await;
+    let theirs = all(probe(&research, "SELECT id FROM deid_research.patients").await.unwrap());
+    assert_eq!(theirs.len(), 3);
+    assert!(ours.is_disjoint(&theirs), "scopes must not link: {ours:?} {theirs:?}");
+    assert!(probe(&research, "SELECT id FROM deid_patient_lookup.patients").await.is_err());
+
+    // Tokens are random, not derived: the mapping holds one per key and scope.
+    let admin = w.pg.superuser("ehr").await;
+    let row = admin
+        .query_one("SELECT count(*), count(DISTINCT token), count(DISTINCT scope) FROM mcpw_deid.map_patient", &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (6, 6, 2));
+}
+
+#[tokio::test]
+async fn a_new_patient_has_a_pseudonym_at_once_and_a_steady_pass_changes_nothing() {
+    let w = World::new().await;
+    // The application's write (as the table owner) is not slowed by a
+    // failure of ours and maps the new key in every scope at once.
+    let owner = w.pg.superuser("ehr").await;
+    owner
+        .batch_execute(
+            "SET ROLE ehr_owner; INSERT INTO clinical.patients (id, mrn, name, diagnosis) VALUES (4, 'MRN-0004', 'Cy Oak', 'gout'); RESET ROLE",
+        )
+        .await
+        .unwrap();
+    let s = w.session("patient-lookup", "find_patient").await;
+    let rows = probe(&s, "SELECT id FROM deid_patient_lookup.patients WHERE diagnosis = 'gout'").await.unwrap();
+    assert!(is_pseudonym(rows[0][0].as_deref().unwrap()), "{rows:?}");
+    let research = w.session("research", "cohort").await;
+    let rows = probe(&research, "SELECT id FROM deid_research.patients").await.unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|r| r[0].as_deref().is_some_and(is_pseudonym)));
+
+    // A second pass finds everything current: no view re-created (their
+    // creation times stay), no problem reported.
+    let stamp = "SELECT string_agg(c.oid::text || ':' || c.relname, ',' ORDER BY c.relname) FROM pg_class c
+                  WHERE c.relnamespace IN ('deid_patient_lookup'::regnamespace, 'deid_research'::regnamespace)";
+    let before: String = owner.query_one(stamp, &[]).await.unwrap().get(0);
+    assert!(w.broker.sync().await.is_empty());
+    let after: String = owner.query_one(stamp, &[]).await.unwrap().get(0);
+    assert_eq!(before, after);
+    let report = &w.broker.reports()
+        [&mcp_warden::broker::inventory::StoreRef { namespace: "clinic".into(), name: "ehr".into() }];
+    assert!(report.admin_missing.is_empty(), "{:?}", report.admin_missing);
+
+    // Without TRIGGER on the key table the admin check says so.
+    owner.batch_execute("REVOKE TRIGGER ON clinical.patients FROM warden_admin").await.unwrap();
+    w.broker.sync().await;
+    let report = &w.broker.reports()
+        [&mcp_warden::broker::inventory::StoreRef { namespace: "clinic".into(), name: "ehr".into() }];
+    assert!(
+        report.admin_missing.iter().any(|m| m.starts_with("TRIGGER on clinical.patients")),
+        "{:?}",
+        report.admin_missing
+    );
+}
