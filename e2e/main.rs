@@ -34,6 +34,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, ResourceExt};
 use mcp_warden::api::{MCPServer, PHIStore, all_crds};
+use mcp_warden::compliance::Control;
 use serde_json::{Value, json};
 
 const MANAGER: &str = "mcp-warden-e2e";
@@ -256,7 +257,7 @@ async fn operator_reconciles_reports_and_cleans_up() {
     // Status and owned objects.
     let reported = eventually("status with every control", || async {
         let s = servers.get("patient-lookup").await.ok()?;
-        (s.status.as_ref()?.controls.len() == 9 && condition(&s, "Compliant").is_some()).then_some(s)
+        (s.status.as_ref()?.controls.len() == Control::ALL.len() && condition(&s, "Compliant").is_some()).then_some(s)
     })
     .await;
     let status = reported.status.clone().expect("status");
@@ -618,7 +619,10 @@ async fn keys_and_store(client: &Client, namespace: &str) {
 
 /// Whether the server has a status for its current generation.
 fn reported(server: &MCPServer) -> bool {
-    server.status.as_ref().is_some_and(|s| s.observed_generation == server.metadata.generation && s.controls.len() == 9)
+    server
+        .status
+        .as_ref()
+        .is_some_and(|s| s.observed_generation == server.metadata.generation && s.controls.len() == Control::ALL.len())
 }
 
 /// resourceVersions of the server and everything it owns.

@@ -3,7 +3,7 @@
 //! `tools.rs` and docs/db-proxy.md). Run it behind the sidecar:
 //!
 //! ```text
-//! cargo run --example phi-server -- --listen 127.0.0.1:8080 --store ehr
+//! cargo run --example phi-server -- --listen 127.0.0.1:8080 --store ehr --views deid_patient_lookup
 //! ```
 
 mod tools;
@@ -23,14 +23,18 @@ struct Args {
     /// The PHIStore the tools read (the key in `_meta["io.mcpwarden/db"]`).
     #[arg(long, default_value = "ehr")]
     store: String,
+    /// The schema of the server's de-identified views: `deid_` and its
+    /// pseudonym scope (by default the MCPServer's name, `-` as `_`).
+    #[arg(long, default_value = "deid_patient_lookup")]
+    views: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let store = args.store.clone();
+    let (store, views) = (args.store.clone(), args.views.clone());
     let service = StreamableHttpService::new(
-        move || Ok(tools::PhiTools { store: store.clone() }),
+        move || Ok(tools::PhiTools { store: store.clone(), views: views.clone() }),
         Arc::new(LocalSessionManager::default()),
         StreamableHttpServerConfig::default(),
     );

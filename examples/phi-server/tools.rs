@@ -6,6 +6,12 @@
 //! holds no database credential, keeps no pool (a pooled connection would
 //! be closed by the proxy when its call ends), and never echoes a database
 //! error's text (it can carry values): only its SQLSTATE.
+//!
+//! The tools are de-identified (docs/deidentification.md): they read the
+//! views of their scope's schema (`deid_<scope>`), where a patient is a
+//! pseudonym such as `pt_7f3a9c…`, a birth date is a year and free text is
+//! absent. They take pseudonyms and return pseudonyms: the database finds
+//! the rows, and no real identifier crosses MCP in either direction.
 
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
@@ -15,20 +21,18 @@ use rmcp::{ErrorData, RoleServer, ServerHandler, schemars, tool, tool_handler, t
 /// The `_meta` key the sidecar fills.
 pub const META_DB: &str = "io.mcpwarden/db";
 
+/// Arguments of `find_patients`.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct Find {
+    /// A diagnosis, e.g. `influenza`.
+    pub diagnosis: String,
+}
+
 /// Arguments of `lookup_patient`.
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
 pub struct Lookup {
-    /// Medical record number.
-    pub mrn: String,
-}
-
-/// Arguments of `record_note`.
-#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
-pub struct Note {
-    /// The patient's id.
-    pub patient_id: i32,
-    /// The note.
-    pub body: String,
+    /// The patient's pseudonym, as `find_patients` returned it.
+    pub patient: String,
 }
 
 /// The tools, reading the store named `store` (the PHIStore's name).
@@ -36,6 +40,8 @@ pub struct Note {
 pub struct PhiTools {
     /// The PHIStore the tools read.
     pub store: String,
+    /// The schema of this server's de-identified views (`deid_<scope>`).
+    pub views: String,
 }
 
 /// The DSN of `store` for this call, as the sidecar gave it.
@@ -63,50 +69,64 @@ fn refused(e: &tokio_postgres::Error) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(format!("database refused the query (SQLSTATE {code})"))])
 }
 
+/// Rows as the model sees them: pseudonym, birth year, diagnosis.
+fn patients(rows: &[tokio_postgres::Row]) -> CallToolResult {
+    let found: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "patient": r.get::<_, Option<String>>(0),
+                "birthYear": r.get::<_, Option<String>>(1),
+                "diagnosis": r.get::<_, Option<String>>(2),
+            })
+        })
+        .collect();
+    CallToolResult::success(vec![ContentBlock::text(serde_json::Value::Array(found).to_string())])
+}
+
+impl PhiTools {
+    /// Runs one de-identified query over this call's DSN.
+    async fn query(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        sql: &str,
+        param: &str,
+    ) -> Result<CallToolResult, ErrorData> {
+        let dsn = dsn_for(ctx, &self.store)?;
+        let client = match connect(&dsn).await {
+            Ok(client) => client,
+            Err(refusal) => return Ok(refusal),
+        };
+        // The view schema comes from configuration, never from a caller.
+        let sql = sql.replace("{views}", &self.views);
+        Ok(match client.query(&sql, &[&param]).await {
+            Ok(rows) => patients(&rows),
+            Err(e) => refused(&e),
+        })
+    }
+}
+
 #[tool_router]
 impl PhiTools {
-    /// Name and date of birth for an MRN (identity check at check-in).
-    #[tool(description = "Look up a patient's name and date of birth by MRN")]
-    async fn lookup_patient(
+    /// Pseudonyms and birth years of the patients with a diagnosis.
+    #[tool(description = "Find patients with a diagnosis; returns pseudonyms and birth years")]
+    async fn find_patients(
         &self,
-        Parameters(Lookup { mrn }): Parameters<Lookup>,
+        Parameters(Find { diagnosis }): Parameters<Find>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let dsn = dsn_for(&ctx, &self.store)?;
-        let client = match connect(&dsn).await {
-            Ok(client) => client,
-            Err(refusal) => return Ok(refusal),
-        };
-        let rows = match client.query("SELECT name, dob::text FROM clinical.patients WHERE mrn = $1", &[&mrn]).await {
-            Ok(rows) => rows,
-            Err(e) => return Ok(refused(&e)),
-        };
-        let found: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| serde_json::json!({"name": r.get::<_, Option<String>>(0), "dob": r.get::<_, Option<String>>(1)}))
-            .collect();
-        Ok(CallToolResult::success(vec![ContentBlock::text(serde_json::Value::Array(found).to_string())]))
+        self.query(&ctx, "SELECT id, dob, diagnosis FROM {views}.patients WHERE diagnosis = $1 ORDER BY id", &diagnosis)
+            .await
     }
 
-    /// Records a visit note.
-    #[tool(description = "Record a visit note for a patient")]
-    async fn record_note(
+    /// One patient, by pseudonym.
+    #[tool(description = "Look up a patient by pseudonym: birth year and diagnosis")]
+    async fn lookup_patient(
         &self,
-        Parameters(Note { patient_id, body }): Parameters<Note>,
+        Parameters(Lookup { patient }): Parameters<Lookup>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let dsn = dsn_for(&ctx, &self.store)?;
-        let client = match connect(&dsn).await {
-            Ok(client) => client,
-            Err(refusal) => return Ok(refusal),
-        };
-        match client
-            .execute("INSERT INTO clinical.notes (patient_id, body) VALUES ($1, $2)", &[&patient_id, &body])
-            .await
-        {
-            Ok(n) => Ok(CallToolResult::success(vec![ContentBlock::text(format!("{n} note recorded"))])),
-            Err(e) => Ok(refused(&e)),
-        }
+        self.query(&ctx, "SELECT id, dob, diagnosis FROM {views}.patients WHERE id = $1", &patient).await
     }
 
     /// No PHI: needs no database.

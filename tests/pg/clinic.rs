@@ -24,8 +24,74 @@ GRANT USAGE ON SCHEMA clinical TO warden_admin WITH GRANT OPTION;
 GRANT SELECT, INSERT, UPDATE ON clinical.patients, clinical.notes TO warden_admin WITH GRANT OPTION;
 ";
 
-/// The Secret, JWKS ConfigMap, PHIStore and MCPServer: `lookup_patient`
-/// reads `lookup_columns` of clinical.patients; `record_note` (optional)
+/// The classification of the clinic's columns (on the PHIStore).
+pub const CLASSIFICATION: &str = "
+  deidentification:
+    entities: [{name: patient, prefix: pt, key: {table: clinical.patients, column: id}}]
+    tables:
+      - name: clinical.patients
+        columns:
+          - {name: id, class: Identifier, entity: patient}
+          - {name: mrn, class: Identifier, entity: patient, keyColumn: id}
+          - {name: name, class: Identifier, entity: patient, keyColumn: id}
+          - {name: ssn, class: Identifier, entity: patient, keyColumn: id}
+          - {name: dob, class: Quasi, generalize: BirthYear}
+          - {name: diagnosis, class: Clear}";
+
+/// The scope schema of the clinic server's de-identified views.
+pub const VIEWS: &str = "deid_patient_lookup";
+
+/// The Secret, the JWKS ConfigMap and the PHIStore (with its classification).
+fn store_manifests(port: u16, admin_password: &str) -> String {
+    let jwks = serde_json::to_string(&serde_json::from_str::<serde_json::Value>(JWKS).unwrap()).unwrap();
+    format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: ehr-db-admin, namespace: clinic}}
+stringData: {{username: warden_admin, password: "{admin_password}"}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: idp-jwks, namespace: clinic}}
+data:
+  jwks.json: '{jwks}'
+---
+apiVersion: mcpwarden.io/v1alpha1
+kind: PHIStore
+metadata: {{name: ehr, namespace: clinic}}
+spec:
+  postgres: {{host: 127.0.0.1, port: {port}, database: ehr, adminSecretRef: {{name: ehr-db-admin}}, sslMode: disable}}
+  endpoints: {{ipBlocks: [{{cidr: 127.0.0.1/32}}], ports: [{port}]}}{CLASSIFICATION}
+"#
+    )
+}
+
+/// The store and an MCPServer whose `tools` YAML (indented list items) is
+/// given, plus the non-PHI `clinic_hours`.
+fn server_manifests(port: u16, admin_password: &str, tools: &str) -> String {
+    format!(
+        r#"{store}---
+apiVersion: mcpwarden.io/v1alpha1
+kind: MCPServer
+metadata: {{name: patient-lookup, namespace: clinic}}
+spec:
+  image: registry.example/phi-tools:1.4
+  authentication:
+    oidc: {{issuer: "{ISSUER}", audience: "{AUDIENCE}", jwksConfigMapRef: {{name: idp-jwks}}}}
+  tools:{tools}
+    - name: clinic_hours
+      phi: false
+      allowedCallers: {{anyAuthenticated: true}}
+      dataAccess: []
+      noDataAccessReason: static opening hours
+  credentials: {{ttl: 15m}}
+"#,
+        store = store_manifests(port, admin_password)
+    )
+}
+
+/// The broker's clinic: `lookup_patient` reads `lookup_columns` of
+/// clinical.patients itself (`Identified`); `record_note` (optional)
 /// inserts into clinical.notes.
 pub fn manifests(port: u16, lookup_columns: &[&str], with_note_tool: bool, admin_password: &str) -> String {
     let columns = lookup_columns.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
@@ -46,34 +112,8 @@ pub fn manifests(port: u16, lookup_columns: &[&str], with_note_tool: bool, admin
     } else {
         ""
     };
-    let jwks = serde_json::to_string(&serde_json::from_str::<serde_json::Value>(JWKS).unwrap()).unwrap();
-    format!(
-        r#"apiVersion: v1
-kind: Secret
-metadata: {{name: ehr-db-admin, namespace: clinic}}
-stringData: {{username: warden_admin, password: "{admin_password}"}}
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: idp-jwks, namespace: clinic}}
-data:
-  jwks.json: '{jwks}'
----
-apiVersion: mcpwarden.io/v1alpha1
-kind: PHIStore
-metadata: {{name: ehr, namespace: clinic}}
-spec:
-  postgres: {{host: 127.0.0.1, port: {port}, database: ehr, adminSecretRef: {{name: ehr-db-admin}}, sslMode: disable}}
-  endpoints: {{ipBlocks: [{{cidr: 127.0.0.1/32}}], ports: [{port}]}}
----
-apiVersion: mcpwarden.io/v1alpha1
-kind: MCPServer
-metadata: {{name: patient-lookup, namespace: clinic}}
-spec:
-  image: registry.example/phi-tools:1.4
-  authentication:
-    oidc: {{issuer: "{ISSUER}", audience: "{AUDIENCE}", jwksConfigMapRef: {{name: idp-jwks}}}}
-  tools:
+    let tools = format!(
+        r#"
     - name: lookup_patient
       phi: true
       purpose: Verify a patient's identity at check-in
@@ -85,15 +125,34 @@ spec:
           tables:
             - name: clinical.patients
               columns: [{columns}]
-              privileges: [SELECT]{note_tool}
-    - name: clinic_hours
-      phi: false
-      allowedCallers: {{anyAuthenticated: true}}
-      dataAccess: []
-      noDataAccessReason: static opening hours
-  credentials: {{ttl: 15m}}
-"#
-    )
+              privileges: [SELECT]{note_tool}"#
+    );
+    server_manifests(port, admin_password, &tools)
+}
+
+/// The reference server's clinic (examples/phi-server): `find_patients`
+/// and `lookup_patient` are de-identified, reading the views of
+/// [`VIEWS`]; `allow_copy` lets `lookup_patient` run COPY.
+pub fn deidentified_manifests(port: u16, allow_copy: bool) -> String {
+    let copy = if allow_copy { "\n          allowCopy: true" } else { "" };
+    let tools = format!(
+        r#"
+    - name: find_patients
+      phi: true
+      purpose: Find patients by diagnosis, as pseudonyms, for care coordination
+      allowedCallers: {{groups: [front-desk, clinicians]}}
+      dataAccess:
+        - store: ehr
+          tables: [{{name: clinical.patients, columns: [id, dob, diagnosis], privileges: [SELECT]}}]
+    - name: lookup_patient
+      phi: true
+      purpose: A patient's birth year and diagnosis, by pseudonym
+      allowedCallers: {{groups: [front-desk, clinicians]}}
+      dataAccess:
+        - store: ehr{copy}
+          tables: [{{name: clinical.patients, columns: [id, dob, diagnosis], privileges: [SELECT]}}]"#
+    );
+    server_manifests(port, ADMIN_PASSWORD, &tools)
 }
 
 /// Creates the database, its owner, the admin role and the tables.
@@ -110,6 +169,13 @@ pub async fn prepare_database(pg: &Postgres) {
     let ehr = pg.superuser("ehr").await;
     ehr.batch_execute("GRANT CONNECT ON DATABASE ehr TO warden_admin WITH GRANT OPTION").await.unwrap();
     ehr.batch_execute(SCHEMA_SQL).await.unwrap();
+    // What de-identified views need (docs/broker.md): schemas, and the
+    // token trigger on the patients' key table.
+    ehr.batch_execute(
+        "GRANT CREATE ON DATABASE ehr TO warden_admin; GRANT TRIGGER ON clinical.patients TO warden_admin",
+    )
+    .await
+    .unwrap();
 }
 
 /// A test CA and a server certificate for `sans` signed by it: the CA's PEM
