@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use mcp_warden::audit::record::{Decision, Kind, Record};
+use mcp_warden::audit::record::{Decision, Kind, OutcomeStatus, Record};
 use mcp_warden::audit::segment;
 use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
 use mcp_warden::sidecar::gateway::Gateway;
@@ -45,7 +45,11 @@ fn answer(request: &Value) -> Value {
             {"name": "clinic_hours", "inputSchema": {"type": "object"}},
             {"name": "undeclared_admin_tool", "inputSchema": {"type": "object"}}
         ]}),
-        Some("tools/call") => json!({"content": [{"type": "text", "text": "ok"}]}),
+        // `plant` makes the tool answer with that text (the scanner tests).
+        Some("tools/call") => match request["params"]["arguments"]["plant"].as_str() {
+            Some(planted) => json!({"content": [{"type": "text", "text": planted}]}),
+            None => json!({"content": [{"type": "text", "text": "ok"}]}),
+        },
         _ => json!({}),
     }
 }
@@ -951,4 +955,62 @@ async fn a_full_collector_disk_loses_nothing() {
     let (decisions, outcomes) = calls_on_record(&collected);
     assert_eq!(decisions.len(), calls as usize);
     assert!(decisions.values().all(|n| *n == 1) && outcomes.values().all(|n| *n == 1));
+}
+
+#[tokio::test]
+async fn a_de_identified_answer_holding_an_identifier_is_withheld_and_recorded_without_it() {
+    let s = sidecar().await;
+    let token = rs256(&claims("alice", &["front-desk"]));
+    let call = |id: u64, planted: &str| {
+        rpc(id, "tools/call", json!({"name": "lookup_patient", "arguments": {"patient": "pt_0", "plant": planted}}))
+    };
+    // The example data passes: pseudonyms, years, diagnoses.
+    let clean = r#"[{"patient": "pt_0a1b2c3d4e5f60718293", "birthYear": "1970", "diagnosis": "influenza"}]"#;
+    let (_, _, passed) = s.post(Some(&token), &call(1, clean), &[]).await;
+    assert_eq!(passed["result"]["content"][0]["text"], clean);
+    // Planted identifiers, in JSON and in SSE, are withheld.
+    let planted = [
+        ("SSN 123-45-6789", "ssn", &[][..]),
+        (r#"{"contact": "joe.doe@example.org"}"#, "email", &[][..]),
+        ("seen on 2024-03-04", "fullDate", &[("x-test-sse", "1")][..]),
+    ];
+    for (i, (text, pattern, headers)) in planted.iter().enumerate() {
+        let (status, _, answer) = s.post(Some(&token), &call(10 + i as u64, text), headers).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["error"]["code"], -32000, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("identifier shape ({pattern})")), "{message}");
+        assert!(!answer.to_string().contains(text.split(' ').next_back().unwrap_or(text)), "{answer}");
+        assert_eq!(s.gateway.metrics.withheld_for(pattern), 1);
+    }
+    // A batch: the element with the planted value is withheld, the other
+    // passes.
+    let batch = json!([call(20, "123-45-6789"), call(21, clean)]);
+    let (_, _, answers) = s.post(Some(&token), &batch, &[]).await;
+    let by_id = |id: u64| answers.as_array().unwrap().iter().find(|a| a["id"] == id).cloned().unwrap();
+    assert!(by_id(20)["error"]["message"].as_str().unwrap_or_default().contains("(ssn)"));
+    assert_eq!(by_id(21)["result"]["content"][0]["text"], clean);
+    // On the record: refused, with the pattern and the place, never the
+    // value. (The batch's outcomes are deferred: made durable within the
+    // WAL's window.)
+    let refused = |r: &&Record| {
+        r.event.kind == Kind::Outcome && r.event.outcome.as_ref().is_some_and(|o| o.status == OutcomeStatus::Refused)
+    };
+    let mut trail = s.records();
+    for _ in 0..100 {
+        if trail.iter().filter(refused).count() == 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        trail = s.records();
+    }
+    let withheld: Vec<_> = trail.iter().filter(refused).collect();
+    assert_eq!(withheld.len(), 4, "{trail:#?}");
+    let reasons: Vec<&str> = withheld.iter().filter_map(|r| r.event.reason.as_deref()).collect();
+    assert!(reasons.contains(&"identifier_shape ssn at /result/content/0/text"), "{reasons:?}");
+    assert!(reasons.contains(&"identifier_shape email at /result/content/0/text/~json/#0"), "{reasons:?}");
+    let text = format!("{trail:?}");
+    for value in ["123-45-6789", "joe.doe@example.org", "2024-03-04", "contact"] {
+        assert!(!text.contains(value), "{value} reached the trail");
+    }
 }

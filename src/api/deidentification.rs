@@ -33,6 +33,46 @@ pub struct Deidentification {
     #[schemars(length(max = 64))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub tables: Vec<TableClassification>,
+    /// Shapes of this store's identifiers (e.g. its MRN format) that the
+    /// sidecar looks for in de-identified tools' answers, besides the Safe
+    /// Harbor patterns it always applies (`ssn`, `phone`, `email`,
+    /// `fullDate`, `usDate`). A hit withholds the answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub identifier_patterns: Vec<IdentifierPattern>,
+    /// Answer fields where a pattern misfires (e.g. a `fullDate` in a
+    /// report's `generatedAt`): the pattern is not applied to those fields.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["pattern".into()]))]
+    pub scan_allow: Vec<ScanAllow>,
+}
+
+/// One identifier shape, as a regular expression (Rust `regex` syntax:
+/// linear time, no look-around or back-references).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentifierPattern {
+    /// Its name, shown in records (`mrn`).
+    #[schemars(length(min = 1, max = 31), regex(pattern = r"^[a-z][A-Za-z0-9]{0,30}$"))]
+    pub name: String,
+    /// The expression, e.g. `MRN-[0-9]{4,}`.
+    #[schemars(length(min = 1, max = 256))]
+    pub regex: String,
+}
+
+/// Fields exempt from one pattern.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScanAllow {
+    /// A pattern's name (built-in or declared).
+    #[schemars(length(min = 1, max = 31), regex(pattern = r"^[a-z][A-Za-z0-9]{0,30}$"))]
+    pub pattern: String,
+    /// JSON object keys whose string values the pattern skips.
+    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 128)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub fields: Vec<String>,
 }
 
 /// Something identifiers identify: a patient, a member, a device.

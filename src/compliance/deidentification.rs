@@ -66,6 +66,10 @@ fn judge_deidentified(
             continue;
         };
         let deid = store.spec.deidentification.as_ref();
+        if let Err(e) = crate::policy::add_scan_rules(&mut Default::default(), &access.store, deid) {
+            a.failed(format!("{at}: {e}"));
+            ok = false;
+        }
         match tool_view_grants(scope, &access.store, deid, &access.tables) {
             Err(e) => {
                 a.failed(format!("{at}: {e}"));

@@ -456,3 +456,14 @@ fn a_server_without_phi_tools_passes_de_identification() {
     server.spec.tools.retain(|t| !t.phi);
     assert_verdict(&offline(&server), Control::Deidentification, Verdict::Pass, "no tool reads a PHIStore");
 }
+
+#[test]
+fn an_identifier_pattern_that_does_not_compile_fails_by_name() {
+    let mut stores = clinic_stores();
+    let deid = stores.get_mut("ehr").expect("ehr").spec.deidentification.as_mut().expect("classified");
+    deid.identifier_patterns.push(crate::api::IdentifierPattern { name: "chart".into(), regex: "CH-(".into() });
+    let report = evaluate_with(&clinic_server(), &stores, &Observations::from_manifests(Vec::new()));
+    assert_verdict(&report, Control::Deidentification, Verdict::Fail, "identifier pattern \"chart\" does not compile");
+    let policy = crate::policy::compile(&clinic_server(), &stores);
+    assert!(policy.is_err_and(|e| e.to_string().contains("does not compile")));
+}

@@ -198,6 +198,8 @@ mod tests {
 
     fn clinic() -> Deidentification {
         Deidentification {
+            identifier_patterns: vec![],
+            scan_allow: vec![],
             entities: vec![Entity {
                 name: "patient".into(),
                 prefix: "pt".into(),

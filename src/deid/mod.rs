@@ -21,6 +21,7 @@
 
 pub mod classification;
 pub mod mapping;
+pub mod scan;
 pub mod views;
 
 /// Schema of the mapping tables, the scope registry and the token trigger

@@ -209,6 +209,8 @@ mod tests {
 
     fn deid() -> Deidentification {
         Deidentification {
+            identifier_patterns: vec![],
+            scan_allow: vec![],
             entities: vec![Entity {
                 name: "patient".into(),
                 prefix: "pt".into(),

@@ -33,7 +33,7 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
 /// scope's views), removed before comparing with them; the render tests
 /// check their content.
 const POLICY_FIELDS_AFTER_THE_RECORDING: [&str; 1] = ["pseudonymScope"];
-const TOOL_FIELDS_AFTER_THE_RECORDING: [&str; 2] = ["output", "dataAccess"];
+const TOOL_FIELDS_AFTER_THE_RECORDING: [&str; 3] = ["output", "dataAccess", "scan"];
 
 fn without_hash(mut object: Value) -> Value {
     if let Some(a) = object.pointer_mut("/metadata/annotations").and_then(Value::as_object_mut) {

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{AllowedCallers, FailurePolicy, MCPServer, Output, PHIStore, Privilege, SslMode};
 use crate::deid::classification::{DeidError, tool_view_grants};
+use crate::deid::scan::{ScanRules, Scanner};
 
 /// Version of the compiled-policy format; the sidecar refuses others.
 pub const POLICY_FORMAT_VERSION: u32 = 1;
@@ -102,6 +103,10 @@ pub struct CompiledTool {
     /// Stores on which the database proxy lets this tool run COPY.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub copy_stores: BTreeSet<String>,
+    /// For a de-identified tool with data access: what the sidecar searches
+    /// its answers for (the Safe Harbor shapes, and its stores' own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<ScanRules>,
 }
 
 /// Column grants on one table.
@@ -258,6 +263,7 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
     for tool in &spec.tools {
         let mut data_access = BTreeMap::new();
         let mut copy_stores = BTreeSet::new();
+        let mut scan = ScanRules::default();
         for access in &tool.data_access {
             if access.allow_copy {
                 copy_stores.insert(access.store.clone());
@@ -289,9 +295,11 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
                     })
                     .collect(),
                 Output::Deidentified => {
-                    tool_view_grants(&scope, &access.store, store.spec.deidentification.as_ref(), &access.tables)
-                        .map_err(|error| PolicyError::Deidentification { tool: tool.name.clone(), error })?
-                        .grants
+                    let deid = store.spec.deidentification.as_ref();
+                    let refused = |error| PolicyError::Deidentification { tool: tool.name.clone(), error };
+                    let grants = tool_view_grants(&scope, &access.store, deid, &access.tables).map_err(refused)?;
+                    add_scan_rules(&mut scan, &access.store, deid).map_err(refused)?;
+                    grants.grants
                 }
             };
             data_access.insert(access.store.clone(), grants);
@@ -303,6 +311,7 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
                 purpose: tool.purpose.clone(),
                 callers: CallerSet::from(&tool.allowed_callers),
                 output: tool.output,
+                scan: (tool.output == Output::Deidentified && !data_access.is_empty()).then_some(scan),
                 data_access,
                 copy_stores,
             },
@@ -338,6 +347,34 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
         stores: compiled_stores,
         pseudonym_scope: scope,
     })
+}
+
+/// Adds a store's identifier patterns and allowances to a tool's scan
+/// rules, proving they compile.
+pub(crate) fn add_scan_rules(
+    scan: &mut ScanRules,
+    store: &str,
+    deid: Option<&crate::api::Deidentification>,
+) -> Result<(), DeidError> {
+    let invalid = |problem: String| DeidError::InvalidClassification { store: store.into(), problems: vec![problem] };
+    let Some(deid) = deid else { return Ok(()) };
+    for pattern in &deid.identifier_patterns {
+        match scan.patterns.get(&pattern.name) {
+            Some(other) if *other != pattern.regex => {
+                return Err(invalid(format!(
+                    "identifier pattern {:?} differs from the one another store of the tool declares",
+                    pattern.name
+                )));
+            }
+            _ => {
+                scan.patterns.insert(pattern.name.clone(), pattern.regex.clone());
+            }
+        }
+    }
+    for allow in &deid.scan_allow {
+        scan.allow.entry(allow.pattern.clone()).or_default().extend(allow.fields.iter().cloned());
+    }
+    Scanner::new(scan).map(|_| ()).map_err(invalid)
 }
 
 impl CompiledPolicy {

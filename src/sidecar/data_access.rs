@@ -64,6 +64,9 @@ pub struct CallAccess {
     pub ticket: CallTicket,
     /// The `_meta["io.mcpwarden/db"]` value: store → DSN.
     pub dsns: Map<String, Value>,
+    /// For a de-identified tool: what its answer is searched for before it
+    /// is released (set by the gateway from its policy).
+    pub scan: Option<crate::sidecar::gateway::AnswerScan>,
 }
 
 impl DataAccess {
@@ -120,6 +123,6 @@ impl DataAccess {
             let token = this.grants.issue(grant, &mut ticket).map_err(DataAccessError::Token)?;
             dsns.insert(store.clone(), Value::String(DbProxy::dsn(this.proxy, &token, &store)));
         }
-        Ok(Some(CallAccess { ticket, dsns }))
+        Ok(Some(CallAccess { ticket, dsns, scan: None }))
     }
 }

@@ -18,10 +18,18 @@ pub struct VerdictLabels {
     pub verdict: String,
 }
 
+/// Label of the withheld-answers counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PatternLabels {
+    /// The identifier pattern's name (from the policy: `ssn`, `mrn`, …).
+    pub pattern: String,
+}
+
 /// Counters and histograms of the gateway.
 #[derive(Clone)]
 pub struct SidecarMetrics {
     decisions: Family<VerdictLabels, Counter>,
+    withheld: Family<PatternLabels, Counter>,
     wal_append_seconds: Histogram,
     wal_failures: Counter,
     authn_unrecorded: Counter,
@@ -34,6 +42,7 @@ impl SidecarMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = SidecarMetrics {
             decisions: Family::default(),
+            withheld: Family::default(),
             wal_append_seconds: Histogram::new([0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
             wal_failures: Counter::default(),
             authn_unrecorded: Counter::default(),
@@ -42,6 +51,11 @@ impl SidecarMetrics {
         };
         let r = registry.sub_registry_with_prefix("mcpwarden_sidecar");
         r.register("decisions", "Requests by verdict", metrics.decisions.clone());
+        r.register(
+            "answers_withheld",
+            "Answers of de-identified tools withheld because they held an identifier shape, by pattern",
+            metrics.withheld.clone(),
+        );
         r.register("wal_append_seconds", "Time to make an audit record durable", metrics.wal_append_seconds.clone());
         r.register("wal_failures", "Audit records that could not be made durable", metrics.wal_failures.clone());
         r.register(
@@ -85,6 +99,16 @@ impl SidecarMetrics {
     /// Counts hidden list entries.
     pub fn filtered(&self, removed: usize) {
         self.list_entries_hidden.inc_by(removed as u64);
+    }
+
+    /// Counts an answer withheld by the identifier scan.
+    pub fn withheld(&self, pattern: &str) {
+        self.withheld.get_or_create(&PatternLabels { pattern: pattern.to_string() }).inc();
+    }
+
+    /// The count of answers withheld for a pattern (tests).
+    pub fn withheld_for(&self, pattern: &str) -> u64 {
+        self.withheld.get_or_create(&PatternLabels { pattern: pattern.to_string() }).get()
     }
 
     /// The count for a verdict (tests and readiness).

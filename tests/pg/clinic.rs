@@ -36,7 +36,8 @@ pub const CLASSIFICATION: &str = "
           - {name: name, class: Identifier, entity: patient, keyColumn: id}
           - {name: ssn, class: Identifier, entity: patient, keyColumn: id}
           - {name: dob, class: Quasi, generalize: BirthYear}
-          - {name: diagnosis, class: Clear}";
+          - {name: diagnosis, class: Clear}
+    identifierPatterns: [{name: mrn, regex: 'MRN-[0-9]{4,}'}]";
 
 /// The scope schema of the clinic server's de-identified views.
 pub const VIEWS: &str = "deid_patient_lookup";

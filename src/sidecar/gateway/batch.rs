@@ -12,9 +12,10 @@ use serde_json::Value;
 
 use super::db_access::refuse_data_access;
 use super::decision::{decision_event, record_caller};
-use super::outcome::record_outcome;
+use super::outcome::{outcome_event, record_outcome};
 use super::request::{Refusal, session_for_upstream};
 use super::response::{content_type_of, mark_private, read_upstream};
+use super::scan;
 use super::{Gateway, json_response};
 use crate::audit::record::{Outcome, OutcomeStatus};
 use crate::policy::Caller;
@@ -46,6 +47,7 @@ pub(super) async fn post_batch(
     let mut filters: std::collections::HashMap<String, ListKind> = std::collections::HashMap::new();
     let mut element_correlations: Vec<(String, String)> = Vec::new();
     let mut accesses: Vec<CallAccess> = Vec::new();
+    let mut scans: std::collections::HashMap<String, super::AnswerScan> = std::collections::HashMap::new();
     for (i, item) in items.into_iter().enumerate() {
         let element = format!("{correlation}-{i}");
         let Value::Object(mut message) = item else {
@@ -84,7 +86,10 @@ pub(super) async fn post_batch(
                         let token = crate::bearer::bearer(&headers).unwrap_or_default();
                         let who = record_caller(&caller, &issuer);
                         match DataAccess::open(gw.data_access.as_ref(), &policy, tool, token, &who, &element).await {
-                            Ok(access) => access,
+                            Ok(access) => access.map(|mut a| {
+                                a.scan = gw.scan_for(tool);
+                                a
+                            }),
                             Err(e) => {
                                 let _ = refuse_data_access(&gw, &element, id.as_ref(), &e).await;
                                 if id.is_some() {
@@ -103,6 +108,9 @@ pub(super) async fn post_batch(
                     if let Some(access) = &access {
                         meta.insert(META_DB.into(), Value::Object(access.dsns.clone()));
                     }
+                }
+                if let (Some(scan), Some(id)) = (access.as_ref().and_then(|a| a.scan.clone()), &id) {
+                    scans.insert(id.to_string(), scan);
                 }
                 // Held until the batch's answer is read: the calls end with it.
                 accesses.extend(access);
@@ -127,10 +135,19 @@ pub(super) async fn post_batch(
     let body = Bytes::from(Value::Array(forwarded).to_string());
     let request = gw.upstream.post(&headers, upstream_session.as_deref(), body);
     let no_errors = std::collections::HashMap::new();
+    let no_errors_s = std::collections::HashMap::new();
     let upstream = match gw.upstream.send(request).await {
         Ok(response) => response,
         Err(_) => {
-            record_batch_outcomes(&gw, &element_correlations, StatusCode::BAD_GATEWAY, &no_errors, started).await;
+            record_batch_outcomes(
+                &gw,
+                &element_correlations,
+                StatusCode::BAD_GATEWAY,
+                &no_errors,
+                &no_errors_s,
+                started,
+            )
+            .await;
             return json_response(
                 StatusCode::BAD_GATEWAY,
                 &messages::error_body(None, GATEWAY_REFUSED, "the MCP server is unreachable"),
@@ -142,7 +159,15 @@ pub(super) async fn post_batch(
     let body = match read_upstream(upstream.into_body()).await {
         Ok(body) => body,
         Err(e) => {
-            record_batch_outcomes(&gw, &element_correlations, StatusCode::BAD_GATEWAY, &no_errors, started).await;
+            record_batch_outcomes(
+                &gw,
+                &element_correlations,
+                StatusCode::BAD_GATEWAY,
+                &no_errors,
+                &no_errors_s,
+                started,
+            )
+            .await;
             return json_response(StatusCode::BAD_GATEWAY, &messages::error_body(None, GATEWAY_REFUSED, e));
         }
     };
@@ -150,8 +175,19 @@ pub(super) async fn post_batch(
         return StatusCode::ACCEPTED.into_response();
     }
     let mut rpc_errors: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    let mut withheld: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     let mut edit = |message: &mut Value| {
         let key = message.get("id").map(ToString::to_string).unwrap_or_default();
+        // A de-identified tool's answer holding an identifier shape is
+        // replaced by an error before anything else looks at it.
+        if let Some(scan) = scans.get(&key)
+            && let Some(finding) = scan::search_value(scan, message)
+        {
+            gw.metrics.withheld(&finding.pattern);
+            tracing::warn!(pattern = %finding.pattern, "a de-identified tool's answer held an identifier shape; withheld");
+            *message = scan::withheld_body(message.get("id"), &finding);
+            withheld.insert(key.clone(), scan::reason(&finding));
+        }
         if let Some(code) = message.pointer("/error/code").and_then(Value::as_i64) {
             rpc_errors.insert(key.clone(), code);
         }
@@ -179,7 +215,8 @@ pub(super) async fn post_batch(
         answers.extend(local);
         (Bytes::from(Value::Array(answers).to_string()), "application/json")
     };
-    record_batch_outcomes(&gw, &element_correlations, status, &rpc_errors, started).await;
+    drop(accesses);
+    record_batch_outcomes(&gw, &element_correlations, status, &rpc_errors, &withheld, started).await;
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = if status == StatusCode::ACCEPTED { StatusCode::OK } else { status };
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -192,10 +229,21 @@ pub(super) async fn record_batch_outcomes(
     elements: &[(String, String)],
     status: StatusCode,
     rpc_errors: &std::collections::HashMap<String, i64>,
+    withheld: &std::collections::HashMap<String, String>,
     started: Instant,
 ) {
     for (id, element) in elements {
         let rpc_error = rpc_errors.get(id).copied();
+        if let Some(reason) = withheld.get(id) {
+            let outcome =
+                Outcome { status: OutcomeStatus::Refused, http_status: Some(status.as_u16()), rpc_error, rows: None };
+            let mut event = outcome_event(element, outcome, started);
+            event.reason = Some(reason.clone());
+            if let Err(e) = gw.wal.defer(event).await {
+                tracing::error!(error = %e, "an outcome record could not be queued");
+            }
+            continue;
+        }
         let outcome_status =
             if !status.is_success() || rpc_error.is_some() { OutcomeStatus::Error } else { OutcomeStatus::Ok };
         let outcome = Outcome { status: outcome_status, http_status: Some(status.as_u16()), rpc_error, rows: None };

@@ -8,12 +8,15 @@
 //!   5. authorization from the policy ..................... JSON-RPC error; the server never sees it
 //!   6. audit: decision record durable in the WAL ......... 503 if it cannot be (failurePolicy Closed)
 //!   7. forward: token stripped, _meta rewritten, Host set for the upstream
-//!   8. response: lists filtered to the caller; everything else streamed
+//!   8. response: lists filtered to the caller; everything else streamed,
+//!      but a call with database access is read whole and, for a
+//!      de-identified tool, searched for identifier shapes (withheld on a hit)
 //!   9. audit: outcome record when the response completes (or is cut off)
 //! ```
 //!
 //! One file per stage: `admission` (1–2), `request` (3–4), `decision`
-//! (5–6), `db_access` and `upstream` (7), `response` (8), `outcome` (9);
+//! (5–6), `db_access` and `upstream` (7), `response` and `scan` (8),
+//! `outcome` (9);
 //! `batch` runs 5–9 per element of a 2025-03-26 batch. This file holds the
 //! shared state and reads as the pipeline.
 //!
@@ -27,6 +30,7 @@ mod decision;
 mod outcome;
 mod request;
 mod response;
+mod scan;
 pub mod upstream;
 
 use std::sync::{Arc, Mutex};
@@ -59,6 +63,7 @@ use db_access::refuse_data_access;
 use decision::{decision_event, record_caller};
 use request::{Refusal, read_body, session_for_upstream};
 use response::forward;
+pub use scan::AnswerScan;
 use upstream::{Upstream, UpstreamError};
 
 /// Largest response body buffered for list filtering or outcome reading.
@@ -93,6 +98,9 @@ pub struct Gateway {
     mirrored_params: std::sync::RwLock<std::collections::HashMap<String, messages::MirroredParams>>,
     /// The broker and database proxy, for tools with `dataAccess`.
     data_access: Option<DataAccess>,
+    /// The answer scanners of the policy's de-identified tools (replaced
+    /// with the policy).
+    scans: std::sync::RwLock<Arc<std::collections::HashMap<String, AnswerScan>>>,
 }
 
 impl Gateway {
@@ -107,7 +115,9 @@ impl Gateway {
     ) -> Result<Self, UpstreamError> {
         let sessions = SessionKey::derive(args_key.secret());
         let upstream = Upstream::new(&config.upstream)?;
+        let scans = std::sync::RwLock::new(Arc::new(scan::scans_for(&policy)));
         Ok(Gateway {
+            scans,
             policy: std::sync::RwLock::new(policy),
             authn,
             wal,
@@ -142,8 +152,14 @@ impl Gateway {
             return Err(format!("the new policy is for {}, not {}", next.server, current.server));
         }
         self.authn.set_settings(next.authentication.clone());
+        *self.scans.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(scan::scans_for(&next));
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         Ok(())
+    }
+
+    /// The answer scanner of a de-identified tool.
+    fn scan_for(&self, tool: &str) -> Option<AnswerScan> {
+        self.scans.read().unwrap_or_else(|p| p.into_inner()).get(tool).cloned()
     }
 
     /// Remembers which parameters each tool mirrors into headers.
@@ -395,7 +411,10 @@ async fn post(
             let token = crate::bearer::bearer(&headers).unwrap_or_default();
             let who = record_caller(&caller, &issuer);
             match DataAccess::open(gw.data_access.as_ref(), &gw.policy(), tool, token, &who, &correlation).await {
-                Ok(access) => access,
+                Ok(access) => access.map(|mut a| {
+                    a.scan = gw.scan_for(tool);
+                    a
+                }),
                 Err(e) => return refuse_data_access(&gw, &correlation, id.as_ref(), &e).await,
             }
         }

@@ -135,7 +135,11 @@ pub(super) async fn forward(
         // results, so this durable record, written after them, makes them
         // durable too: the answer is released only then.
         Some(access) => {
+            let finding = access.scan.as_ref().and_then(|scan| super::scan::search(scan, &body, streaming));
             drop(access);
+            if let Some(finding) = finding {
+                return super::scan::withhold(&gw, &correlation, id.as_ref(), &finding, status.as_u16(), started).await;
+            }
             if gw.fails_closed(&gw.record(outcome_event(&correlation, outcome, started)).await) {
                 let message = "the audit trail cannot record this call's statements, so its answer is withheld";
                 return refuse_unrecorded(&gw, id.as_ref(), message);
