@@ -119,6 +119,7 @@ fn main() {
         let callers = Callers {
             sidecar: SidecarAuth::Static(StaticCredential::new(CREDENTIAL).expect("credential")),
             revoker: None,
+            reidentifier: Default::default(),
         };
         let base = common::serve(router(Arc::clone(&broker), callers)).await;
         let client = BrokerClient::new(&base, CREDENTIAL).expect("client");

@@ -37,10 +37,38 @@ enum Command {
     /// Audit trail tools for auditors.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Who a pseudonym is, asked of the broker: out of band, with a reason,
+    /// on the record. Exit 0 with the answer; 1 when refused or not found;
+    /// 2 on invalid arguments.
+    Reidentify(ReidentifyArgs),
     /// Offline compliance check of manifests: a table (or JSON) of every
     /// control per MCPServer. Exit 0: no control fails; 1: a control fails
     /// (or is Unknown, with --strict); 2: invalid input.
     Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReidentifyArgs {
+    /// The pseudonym, e.g. pt_7f3a9c1e0b2d4f6a8c5e.
+    pseudonym: String,
+    /// The PHIStore, namespace/name.
+    #[arg(long)]
+    store: String,
+    /// Why (recorded verbatim; e.g. a ticket number). Required.
+    #[arg(long)]
+    reason: String,
+    /// The broker's base URL.
+    #[arg(long, env = "MCPW_BROKER_URL")]
+    broker: String,
+    /// A file holding the bearer to present: the reidentifier credential
+    /// (laptop), or in a cluster a Kubernetes token of yours (e.g. your
+    /// OIDC id token) — the broker checks it with TokenReview and your
+    /// `reidentify` permission on the PHIStore with SubjectAccessReview.
+    #[arg(long)]
+    credential_file: PathBuf,
+    /// PEM CA bundle the broker's TLS certificate chains to.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +205,7 @@ pub fn main() -> ExitCode {
         Command::Crd => print_crds(),
         Command::Render(args) => render_cmd(&args),
         Command::Check(args) => check_cmd(&args),
+        Command::Reidentify(args) => reidentify_cmd(&args),
         Command::Audit(AuditCommand::Verify(args)) => audit_verify_cmd(&args),
         Command::Audit(AuditCommand::Query(args)) => audit_query_cmd(&args),
         Command::Operator(args) => serve(crate::operator::run(args)),
@@ -242,6 +271,46 @@ fn check_cmd(args: &CheckArgs) -> ExitCode {
 }
 
 /// Runs a long-lived service with logging, on a multi-threaded runtime.
+fn reidentify_cmd(args: &ReidentifyArgs) -> ExitCode {
+    use crate::broker::client::{BrokerClient, ClientError};
+    use crate::broker::reidentify::ReidentifyRequest;
+    let http = match crate::bearer::api_client(args.ca_file.as_deref()) {
+        Ok(http) => http,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = std::fs::metadata(&args.credential_file) {
+        return fail(&format!("--credential-file {}: {e}", args.credential_file.display()));
+    }
+    let client = BrokerClient::from_parts(
+        &args.broker,
+        crate::bearer::ClientCredential::File(args.credential_file.clone()),
+        http,
+    );
+    let request =
+        ReidentifyRequest { store: args.store.clone(), pseudonym: args.pseudonym.clone(), reason: args.reason.clone() };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(client.reidentify(&request)) {
+        Ok(found) => emit(
+            &format!(
+                "{} is {} {} (scope {}, epoch {})\n",
+                args.pseudonym, found.entity, found.key, found.scope, found.epoch
+            ),
+            ExitCode::SUCCESS,
+        ),
+        Err(ClientError::Refused { status, class, message }) => {
+            eprintln!("mcp-warden: the broker refused ({status} {class}): {message}");
+            ExitCode::FAILURE
+        }
+        Err(ClientError::Transport(e)) => {
+            eprintln!("mcp-warden: the broker could not be asked: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn serve(service: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

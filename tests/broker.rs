@@ -100,6 +100,7 @@ async fn world_with(settings: Settings, hook: impl AsyncFnOnce(&Postgres)) -> Wo
     let callers = Callers {
         sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()),
         revoker: Some(StaticCredential::new(REVOKER_CREDENTIAL).unwrap()),
+        reidentifier: Default::default(),
     };
     let base = common::serve(router(Arc::clone(&broker), callers)).await;
     World {
@@ -904,7 +905,8 @@ async fn in_a_cluster_a_sidecar_gets_credentials_for_its_own_server_only() {
         fake_token_review_api().await,
         mcp_warden::broker::cluster::BROKER_AUDIENCE,
     ));
-    let callers = Callers { sidecar: SidecarAuth::TokenReview(reviewer), revoker: None };
+    let callers =
+        Callers { sidecar: SidecarAuth::TokenReview(reviewer), revoker: None, reidentifier: Default::default() };
     let base = common::serve(router(Arc::clone(&w.broker), callers)).await;
     let caller = token("nina", &["front-desk"]);
 
@@ -980,8 +982,11 @@ async fn the_api_is_served_over_tls_and_follows_a_renewed_certificate() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let tls = TlsListener::new(listener, certificate.server_config().unwrap()).unwrap();
-    let callers =
-        Callers { sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()), revoker: None };
+    let callers = Callers {
+        sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()),
+        revoker: None,
+        reidentifier: Default::default(),
+    };
     let app = router(Arc::clone(&w.broker), callers);
     tokio::spawn(async move { axum::serve(tls, app).await.unwrap() });
     // A silent client does not hold up the others.

@@ -456,3 +456,18 @@ fn audit_query_answers_who_touched_what_and_says_what_it_could_not_read() {
     assert!(stderr(&out).contains("line 4") && stderr(&out).contains("audit verify"), "{}", stderr(&out));
     assert!(stdout(&out).contains("alice"));
 }
+
+#[test]
+fn reidentify_needs_its_arguments_and_says_when_the_broker_cannot_be_asked() {
+    let base = ["reidentify", "pt_0a1b2c3d4e5f60718293", "--store", "clinic/ehr", "--broker", "http://127.0.0.1:1"];
+    let missing_reason = warden(&[&base[..], &["--credential-file", "Cargo.toml"]].concat());
+    assert_eq!(missing_reason.status.code(), Some(2), "{}", stderr(&missing_reason));
+    assert!(stderr(&missing_reason).contains("--reason"));
+    let no_file = warden(&[&base[..], &["--reason", "INC-1", "--credential-file", "/nonexistent/cred"]].concat());
+    assert_eq!(no_file.status.code(), Some(2));
+    assert!(stderr(&no_file).contains("/nonexistent/cred"), "{}", stderr(&no_file));
+    let unreachable = warden(&[&base[..], &["--reason", "INC-1", "--credential-file", "Cargo.toml"]].concat());
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(stderr(&unreachable).contains("could not be asked"), "{}", stderr(&unreachable));
+    assert!(!stderr(&unreachable).contains("[package]"), "the credential stays out of messages");
+}

@@ -96,6 +96,7 @@ impl World {
         let callers = Callers {
             sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()),
             revoker: Some(StaticCredential::new(REVOKER_CREDENTIAL).unwrap()),
+            reidentifier: Default::default(),
         };
         let broker_url = serve(router(broker, callers)).await;
 

@@ -437,3 +437,172 @@ async fn a_new_patient_has_a_pseudonym_at_once_and_a_steady_pass_changes_nothing
         report.admin_missing
     );
 }
+
+const REIDENTIFIER: &str = "reidentifier-credential-for-tests-0123456789";
+
+/// A stand-in API server for people: `priya-token` is oidc:priya (in
+/// privacy-office, allowed to `reidentify` clinic/ehr), `mallory-token` is
+/// oidc:mallory (allowed nothing); anything else is not authenticated.
+async fn fake_people_api() -> kube::Client {
+    use axum::routing::post;
+    use serde_json::json;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let app = axum::Router::new()
+        .route(
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            post(|axum::Json(review): axum::Json<serde_json::Value>| async move {
+                let status = match review["spec"]["token"].as_str() {
+                    _ if review["spec"].get("audiences").is_some() => json!({"authenticated": false}),
+                    Some("priya-token") => json!({"authenticated": true, "user": {"username": "oidc:priya", "groups": ["privacy-office"]}}),
+                    Some("mallory-token") => json!({"authenticated": true, "user": {"username": "oidc:mallory", "groups": ["front-desk"]}}),
+                    _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+                };
+                (axum::http::StatusCode::CREATED, axum::Json(json!({
+                    "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": review["spec"], "status": status})))
+            }),
+        )
+        .route(
+            "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+            post(|axum::Json(review): axum::Json<serde_json::Value>| async move {
+                let spec = &review["spec"];
+                let wanted = json!({"group": "mcpwarden.io", "resource": "phistores", "verb": "reidentify", "namespace": "clinic", "name": "ehr"});
+                let allowed = spec["user"] == "oidc:priya" && spec["resourceAttributes"] == wanted;
+                (axum::http::StatusCode::CREATED, axum::Json(json!({
+                    "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec, "status": {"allowed": allowed}})))
+            }),
+        );
+    let base = common::serve(app).await;
+    kube::Client::try_from(kube::Config::new(base.parse().unwrap())).unwrap()
+}
+
+fn reidentify_request(pseudonym: &str) -> mcp_warden::broker::reidentify::ReidentifyRequest {
+    mcp_warden::broker::reidentify::ReidentifyRequest {
+        store: "clinic/ehr".into(),
+        pseudonym: pseudonym.into(),
+        reason: "INC-4711: lab result to be sent to the right patient".into(),
+    }
+}
+
+/// The broker's own stream (re-identifications belong to no server).
+fn broker_decisions(dir: &std::path::Path) -> Vec<mcp_warden::audit::record::Record> {
+    use mcp_warden::audit::{record, segment};
+    segment::list_segments(&dir.join("audit/_broker"))
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|(_, p)| segment::read_lines(p).unwrap())
+        .map(|l| record::Record::parse_line(&l.bytes).unwrap())
+        .filter(|r| r.event.method.as_deref() == Some("reidentify"))
+        .collect()
+}
+
+#[tokio::test]
+async fn reidentification_is_out_of_band_authorized_and_on_the_record() {
+    use mcp_warden::broker::api::{Callers, ReidentifierAuth, SidecarAuth, StaticCredential, router};
+    use mcp_warden::broker::client::{BrokerClient, ClientError};
+    let w = World::new().await;
+    let lookup = w.session("patient-lookup", "find_patient").await;
+    let joe =
+        probe(&lookup, "SELECT id FROM deid_patient_lookup.patients WHERE diagnosis = 'influenza'").await.unwrap();
+    let joe = joe[0][0].clone().unwrap();
+    let sidecar = SidecarAuth::Static(StaticCredential::new("sidecar-credential-for-tests-0123456789").unwrap());
+
+    // On a laptop: the reidentifier credential.
+    let callers = Callers {
+        sidecar: sidecar.clone(),
+        revoker: None,
+        reidentifier: ReidentifierAuth::Static(StaticCredential::new(REIDENTIFIER).unwrap()),
+    };
+    let base = common::serve(router(Arc::clone(&w.broker), callers)).await;
+    let found = BrokerClient::new(&base, REIDENTIFIER).unwrap().reidentify(&reidentify_request(&joe)).await.unwrap();
+    assert_eq!(
+        (found.entity.as_str(), found.key.as_str(), found.scope.as_str(), found.epoch),
+        ("patient", "1", "patient_lookup", 1)
+    );
+    // The wrong credential, a malformed or unknown pseudonym, no reason.
+    let wrong = BrokerClient::new(&base, "not-the-reidentifier-credential-0123456789").unwrap();
+    let refused = wrong.reidentify(&reidentify_request(&joe)).await.unwrap_err();
+    assert!(matches!(refused, ClientError::Refused { status: 401, .. }), "{refused:?}");
+    let client = BrokerClient::new(&base, REIDENTIFIER).unwrap();
+    for (pseudonym, reason, status) in [
+        ("MRN-0001", "why", 400),
+        ("pt_ffffffffffffffffffff", "why", 404),
+        ("xx_ffffffffffffffffffff", "why", 404),
+        (joe.as_str(), "", 400),
+        (joe.as_str(), "line\nbreak", 400),
+    ] {
+        let mut request = reidentify_request(pseudonym);
+        request.reason = reason.into();
+        match client.reidentify(&request).await {
+            Err(ClientError::Refused { status: got, message, .. }) => {
+                assert_eq!(got, status, "{pseudonym} {reason:?}: {message}");
+                assert_no_real_value(pseudonym, &message);
+            }
+            other => panic!("{pseudonym} {reason:?}: {other:?}"),
+        }
+    }
+    // A pseudonym of one scope is found with its scope; the real key is
+    // never on the record, the act always is.
+    let research = w.session("research", "cohort").await;
+    let theirs = probe(&research, "SELECT id FROM deid_research.patients").await.unwrap()[0][0].clone().unwrap();
+    let found = client.reidentify(&reidentify_request(&theirs)).await.unwrap();
+    assert_eq!(found.scope, "research");
+
+    // In a cluster: a person's token, TokenReview, SubjectAccessReview.
+    let reviewer = Arc::new(mcp_warden::access_review::AccessReviewer::new(fake_people_api().await));
+    let callers = Callers { sidecar, revoker: None, reidentifier: ReidentifierAuth::Cluster(reviewer) };
+    let base = common::serve(router(Arc::clone(&w.broker), callers)).await;
+    let priya = BrokerClient::new(&base, "priya-token").unwrap();
+    assert_eq!(priya.reidentify(&reidentify_request(&joe)).await.unwrap().key, "1");
+    let mallory = BrokerClient::new(&base, "mallory-token").unwrap();
+    let refused = mallory.reidentify(&reidentify_request(&joe)).await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Refused { status: 403, class, .. } if class == "not_authorized"),
+        "{refused:?}"
+    );
+    let nobody = BrokerClient::new(&base, "forged-token").unwrap();
+    assert!(matches!(
+        nobody.reidentify(&reidentify_request(&joe)).await,
+        Err(ClientError::Refused { status: 401, .. })
+    ));
+    // Priya may re-identify clinic/ehr only.
+    let mut elsewhere = reidentify_request(&joe);
+    elsewhere.store = "billing/ehr".into();
+    assert!(matches!(priya.reidentify(&elsewhere).await, Err(ClientError::Refused { status: 403, .. })));
+
+    let decisions = broker_decisions(w._dir.path());
+    let summary: Vec<(String, String, String)> = decisions
+        .iter()
+        .map(|r| {
+            let e = &r.event;
+            (
+                e.caller.as_ref().unwrap().sub.clone(),
+                format!("{:?}", e.decision.unwrap()),
+                e.reason.clone().unwrap().split(':').next().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected =
+        |who: &str, decision: &str, verdict: &str| (who.to_string(), decision.to_string(), verdict.to_string());
+    assert_eq!(
+        summary,
+        [
+            expected("reidentifier-credential", "Allow", "allowed"),
+            expected("reidentifier-credential", "Allow", "allowed"),
+            expected("reidentifier-credential", "Deny", "refused, unknown prefix"),
+            expected("reidentifier-credential", "Allow", "allowed"),
+            expected("oidc:priya", "Allow", "allowed"),
+            expected("oidc:mallory", "Deny", "refused, not authorized"),
+            expected("oidc:priya", "Deny", "refused, not authorized"),
+        ]
+    );
+    for record in &decisions {
+        let reason = record.event.reason.as_deref().unwrap();
+        assert!(
+            reason.ends_with("INC-4711: lab result to be sent to the right patient") || reason.ends_with(": why"),
+            "{reason}"
+        );
+        assert_eq!(record.event.phi, Some(true));
+        assert_no_real_value("the trail", &format!("{:?}", record.event));
+    }
+    assert!(!format!("{decisions:?}").contains("key"), "the real key stays out of the record");
+}

@@ -5,6 +5,9 @@
 //!                          {server, tool, store, callerToken, correlation?} → Credential
 //!   POST /v1/revocations   revoker credential   {leaseId} | {server, subject?, reason?}         → {revoked: [role]}
 //!   GET  /v1/stores        revoker credential   → {namespace/name: PHIStore status}
+//!   POST /v1/reidentifications  reidentifier credential, or in a cluster a person's token
+//!                          (TokenReview + SubjectAccessReview: verb reidentify on phistores/<name>)
+//!                          {store, pseudonym, reason} → {entity, key, scope, epoch}
 //! ```
 //!
 //! Every answer carries `Cache-Control: no-store`. Refusals are
@@ -25,6 +28,7 @@ use serde_json::json;
 use super::cluster::TokenReviewer;
 use super::issuer::{Broker, BrokerError, CredentialRequest};
 use super::lifecycle::Revocation;
+use super::reidentify::{ReidentifyRequest, Requester, parse_store};
 pub use crate::bearer::StaticCredential;
 use crate::bearer::bearer;
 use crate::policy::ServerRef;
@@ -61,6 +65,19 @@ impl SidecarAuth {
     }
 }
 
+/// Who may re-identify a pseudonym.
+#[derive(Clone, Default)]
+pub enum ReidentifierAuth {
+    /// Nobody: the endpoint is closed.
+    #[default]
+    Closed,
+    /// The holder of a static credential (laptops, tests, demos).
+    Static(StaticCredential),
+    /// A person whose Kubernetes token the API server authenticates and
+    /// whose access to `reidentify` the PHIStore it authorizes.
+    Cluster(Arc<crate::access_review::AccessReviewer>),
+}
+
 /// Who may call which endpoint.
 #[derive(Clone)]
 pub struct Callers {
@@ -69,6 +86,8 @@ pub struct Callers {
     /// Operators revoking leases and reading store reports; without it those
     /// endpoints are closed.
     pub revoker: Option<StaticCredential>,
+    /// People re-identifying pseudonyms.
+    pub reidentifier: ReidentifierAuth,
 }
 
 #[derive(Clone)]
@@ -83,6 +102,7 @@ pub fn router(broker: Arc<Broker>, callers: Callers) -> Router {
         .route("/v1/credentials", post(credentials))
         .route("/v1/revocations", post(revocations))
         .route("/v1/stores", get(stores))
+        .route("/v1/reidentifications", post(reidentifications))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(AppState { broker, callers })
 }
@@ -173,6 +193,62 @@ async fn stores(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let reports: serde_json::Map<String, serde_json::Value> =
         state.broker.reports().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
     answer(StatusCode::OK, serde_json::Value::Object(reports))
+}
+
+async fn reidentifications(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let unauthenticated = |why: String| refuse(StatusCode::UNAUTHORIZED, "unauthenticated", why);
+    // Who asks, before anything of the request is read.
+    let (who, reviewer) = match &state.callers.reidentifier {
+        ReidentifierAuth::Closed => return unauthenticated("re-identification is not enabled on this broker".into()),
+        ReidentifierAuth::Static(credential) => {
+            if !credential.admits(&headers) {
+                return unauthenticated("a reidentifier credential is required".into());
+            }
+            let who = Requester {
+                name: "reidentifier-credential".into(),
+                issuer: "mcp-warden/static".into(),
+                groups: vec![],
+            };
+            (who, None)
+        }
+        ReidentifierAuth::Cluster(reviewer) => {
+            let Some(token) = bearer(&headers) else { return unauthenticated("a Kubernetes token is required".into()) };
+            match reviewer.person(token).await {
+                Ok(person) => {
+                    let who = Requester {
+                        name: person.username.clone(),
+                        issuer: "kubernetes".into(),
+                        groups: person.groups.clone(),
+                    };
+                    (who, Some((reviewer, person)))
+                }
+                Err(e) => return unauthenticated(e.to_string()),
+            }
+        }
+    };
+    let request: ReidentifyRequest = match parse(&headers, &body, "reidentification request") {
+        Ok(r) => r,
+        Err(response) => return *response,
+    };
+    let allowed = match (&reviewer, parse_store(&request.store)) {
+        (None, _) => true,
+        (Some(_), None) => {
+            return refuse(StatusCode::BAD_REQUEST, "invalid_request", "store must be namespace/name".into());
+        }
+        (Some((reviewer, person)), Some(store)) => {
+            match reviewer.may(person, "reidentify", &store.namespace, &store.name).await {
+                Ok(allowed) => allowed,
+                Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, "review_failed", e.to_string()),
+            }
+        }
+    };
+    match state.broker.reidentify(&request, &who, allowed).await {
+        Ok(found) => answer(StatusCode::OK, json!(found)),
+        Err(e) => {
+            tracing::info!(class = e.class(), "reidentification refused");
+            refusal(&e)
+        }
+    }
 }
 
 impl IntoResponse for BrokerError {

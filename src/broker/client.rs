@@ -74,6 +74,14 @@ impl BrokerClient {
         Ok(revoked.revoked)
     }
 
+    /// Asks who a pseudonym is (recorded by the broker).
+    pub async fn reidentify(
+        &self,
+        request: &super::reidentify::ReidentifyRequest,
+    ) -> Result<super::reidentify::Reidentified, ClientError> {
+        self.post("/v1/reidentifications", request).await
+    }
+
     async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
         &self,
         path: &str,

@@ -174,6 +174,12 @@ pub enum BrokerError {
     /// The random source failed.
     #[error(transparent)]
     Random(#[from] RandomError),
+    /// What was asked for does not exist (e.g. a pseudonym).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The person may not do this (an access review said no).
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
 }
 
 impl BrokerError {
@@ -181,8 +187,9 @@ impl BrokerError {
     pub fn http_status(&self) -> u16 {
         match self {
             BrokerError::InvalidRequest(_) => 400,
-            BrokerError::UnknownServer(_) | BrokerError::UnknownTool { .. } => 404,
+            BrokerError::UnknownServer(_) | BrokerError::UnknownTool { .. } | BrokerError::NotFound(_) => 404,
             BrokerError::NoStoreAccess { .. }
+            | BrokerError::NotAuthorized(_)
             | BrokerError::CallerNotVerified(_)
             | BrokerError::CallerNotAllowed(_) => 403,
             BrokerError::ServerUnusable { .. }
@@ -207,6 +214,8 @@ impl BrokerError {
             BrokerError::Store { source, .. } => source.class(),
             BrokerError::Audit(_) => "audit_unavailable",
             BrokerError::Random(_) => "random",
+            BrokerError::NotFound(_) => "not_found",
+            BrokerError::NotAuthorized(_) => "not_authorized",
         }
     }
 }

@@ -31,6 +31,7 @@ pub mod issuer;
 pub mod lifecycle;
 pub mod metrics;
 pub mod naming;
+pub mod reidentify;
 pub mod shipping;
 pub mod sql;
 pub mod status;
@@ -77,6 +78,11 @@ pub struct BrokerArgs {
     /// (>= 32 bytes); without it those endpoints are closed.
     #[arg(long)]
     pub revoker_credential_file: Option<PathBuf>,
+    /// A file holding the credential for re-identification (>= 32 bytes);
+    /// --manifests mode only. In a cluster, people present their own
+    /// Kubernetes token and need `reidentify` on the PHIStore (RBAC).
+    #[arg(long)]
+    pub reidentifier_credential_file: Option<PathBuf>,
     /// Directory of the broker's audit trail (one WAL per MCPServer).
     #[arg(long)]
     pub audit_dir: PathBuf,
@@ -160,7 +166,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let bound = args.api.bind("broker").await?;
     let revoker =
         args.revoker_credential_file.as_ref().map(|p| read_credential(p, "revoker-credential-file")).transpose()?;
-    let (source, sidecar) = match &args.manifests {
+    let (source, sidecar, reidentifier) = match &args.manifests {
         Some(dir) => {
             let sidecar = match (&args.sidecar_credential, &args.sidecar_credential_file) {
                 (Some(text), None) => {
@@ -171,19 +177,29 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
                     "with --manifests, one of --sidecar-credential or --sidecar-credential-file is required"
                 ),
             };
-            (Source::Manifests(dir.clone()), api::SidecarAuth::Static(sidecar))
+            let reidentifier = match &args.reidentifier_credential_file {
+                Some(path) => api::ReidentifierAuth::Static(read_credential(path, "reidentifier-credential-file")?),
+                None => api::ReidentifierAuth::Closed,
+            };
+            (Source::Manifests(dir.clone()), api::SidecarAuth::Static(sidecar), reidentifier)
         }
         None => {
             anyhow::ensure!(
                 args.sidecar_credential.is_none() && args.sidecar_credential_file.is_none(),
                 "in a cluster sidecars authenticate with their service-account tokens; a static sidecar credential is for --manifests only"
             );
+            anyhow::ensure!(
+                args.reidentifier_credential_file.is_none(),
+                "in a cluster re-identification is authorized per person (SubjectAccessReview); a static reidentifier credential is for --manifests only"
+            );
             let client = kube::Client::try_default().await.context("no cluster to run in (or pass --manifests DIR)")?;
             let reviewer = std::sync::Arc::new(cluster::TokenReviewer::new(client.clone(), cluster::BROKER_AUDIENCE));
             let status = Box::new(cluster::StatusWriter::new(client.clone()));
+            let people = std::sync::Arc::new(crate::access_review::AccessReviewer::new(client.clone()));
             (
                 Source::Cluster { client, namespace: args.watch_namespace.clone(), status },
                 api::SidecarAuth::TokenReview(reviewer),
+                api::ReidentifierAuth::Cluster(people),
             )
         }
     };
@@ -240,7 +256,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let reaper = tokio::spawn(reap_loop(Arc::downgrade(&broker), reap_interval));
     let reloader =
         tokio::spawn(reload_loop(Arc::downgrade(&broker), Arc::clone(&source), resync_interval, Arc::clone(&changed)));
-    let app = api::router(Arc::clone(&broker), api::Callers { sidecar, revoker });
+    let app = api::router(Arc::clone(&broker), api::Callers { sidecar, revoker, reidentifier });
     tracing::info!(listen = %args.api.listen, tls = bound.is_tls(), "broker serving");
     bound.serve(app).await?;
     reaper.abort();
