@@ -37,8 +37,8 @@ pub struct DeidPass {
     pub views_dropped: Vec<String>,
     /// Entities whose mapping table or trigger was (re)created.
     pub entities_written: Vec<String>,
-    /// Whether keys were backfilled.
-    pub backfilled: bool,
+    /// Entities whose mapping gained rows from the backfill.
+    pub backfilled: Vec<String>,
 }
 
 /// Brings the store's mapping, triggers and views in line with `wanted`.
@@ -84,13 +84,21 @@ pub async fn ensure(
                 pass.entities_written.push(entity.clone());
                 entity_fill = true;
             }
-            if entity_fill {
-                tx.execute(&mapping::backfill_sql(&map), &[]).await?;
-                pass.backfilled = true;
+            if entity_fill && tx.execute(&mapping::backfill_sql(&map), &[]).await? > 0 {
+                pass.backfilled.push(map.entity.clone());
             }
         }
+        let epochs: BTreeMap<String, i32> = tx
+            .query(&format!("SELECT scope, epoch FROM {}", mapping::qualified("scopes")), &[])
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         for (scope, tables) in wanted {
-            write_views(&tx, deid, scope, tables, &existing, &mut pass).await?;
+            let epoch = *epochs
+                .get(scope)
+                .ok_or_else(|| StoreError::Deidentification(format!("scope {scope} is not registered")))?;
+            write_views(&tx, deid, scope, epoch, tables, &existing, &mut pass).await?;
         }
     }
     let keep: BTreeSet<(String, String)> = wanted
@@ -104,6 +112,13 @@ pub async fn ensure(
         }
     }
     tx.commit().await?;
+    // Fresh statistics and visibility, or the planner takes a filled
+    // mapping for a few rows and scans it for every view, and each lookup
+    // visits the heap instead of the index alone (the key's index carries
+    // the token). VACUUM cannot run in the transaction.
+    for entity in &pass.backfilled {
+        client.batch_execute(&format!("VACUUM (ANALYZE) {}", mapping::map_table(entity))).await?;
+    }
     Ok(pass)
 }
 
@@ -111,6 +126,7 @@ async fn write_views(
     tx: &tokio_postgres::Transaction<'_>,
     deid: &Deidentification,
     scope: &str,
+    epoch: i32,
     tables: &BTreeSet<String>,
     existing: &BTreeMap<(String, String), String>,
     pass: &mut DeidPass,
@@ -119,7 +135,7 @@ async fn write_views(
         let table = classification::table(deid, name)
             .ok_or_else(|| StoreError::Deidentification(format!("table {name} is not classified")))?;
         let types = column_types(tx, name).await?;
-        let view = views::view(scope, deid, table, &types).map_err(StoreError::Deidentification)?;
+        let view = views::view(scope, epoch, deid, table, &types).map_err(StoreError::Deidentification)?;
         if existing.get(&(view.schema.clone(), view.name.clone())) == Some(&view.comment()) {
             continue;
         }

@@ -112,7 +112,7 @@ END",
     Ok(vec![
         format!(
             "CREATE TABLE IF NOT EXISTS {table} (scope text NOT NULL, epoch integer NOT NULL, key {key_type} NOT NULL, \
-             token text NOT NULL UNIQUE, PRIMARY KEY (scope, epoch, key))",
+             token text NOT NULL UNIQUE, PRIMARY KEY (scope, epoch, key) INCLUDE (token))",
             key_type = map.key_type
         ),
         format!(

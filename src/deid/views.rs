@@ -15,7 +15,7 @@ use crate::api::{ColumnClass, Deidentification, Generalization, TableClassificat
 use crate::broker::sql::{TableName, ident, literal};
 
 use super::classification::relname;
-use super::mapping::{map_table, qualified};
+use super::mapping::map_table;
 use super::view_schema;
 
 /// Three-digit ZIP areas of 20,000 people or fewer (HHS guidance on Safe
@@ -63,11 +63,14 @@ impl View {
     }
 }
 
-/// The view of `table` in `scope`. `types` holds the table's column types;
-/// an error names a classified column that is missing or whose type the
-/// generalization cannot serve.
+/// The view of `table` in `scope` at the scope's current `epoch` (a
+/// constant, so each identifier join is an index lookup on the mapping's
+/// key; rotation re-creates the views). `types` holds the table's column
+/// types; an error names a classified column that is missing or whose type
+/// the generalization cannot serve.
 pub fn view(
     scope: &str,
+    epoch: i32,
     deid: &Deidentification,
     table: &TableClassification,
     types: &BTreeMap<String, ColumnType>,
@@ -107,20 +110,13 @@ pub fn view(
         return Err(format!("table {} has no column a de-identified tool may read", table.name));
     }
     let mut from = format!("{} b", source.quoted());
-    if !joins.is_empty() {
-        from.push_str(&format!(
-            "\n CROSS JOIN (SELECT epoch FROM {} WHERE scope = {}) s",
-            qualified("scopes"),
-            literal(scope)
-        ));
-    }
     let declared: BTreeSet<&str> = deid.entities.iter().map(|e| e.name.as_str()).collect();
     for ((entity, key), alias) in &joins {
         if !declared.contains(entity.as_str()) {
             return Err(format!("entity {entity:?} is not declared"));
         }
         from.push_str(&format!(
-            "\n LEFT JOIN {map} {alias} ON {alias}.scope = {scope} AND {alias}.epoch = s.epoch AND {alias}.key = b.{key}",
+            "\n LEFT JOIN {map} {alias} ON {alias}.scope = {scope} AND {alias}.epoch = {epoch} AND {alias}.key = b.{key}",
             map = map_table(entity),
             scope = literal(scope),
             key = ident(key),
@@ -140,8 +136,10 @@ pub fn view(
 
 /// The expression generalizing `base` (a column of type `kind`).
 fn generalize(generalization: Generalization, base: &str, kind: &ColumnType) -> Result<String, String> {
+    // date_part (double precision) rather than extract (numeric, slower
+    // since PostgreSQL 14); a year always fits an integer.
     let year = || match kind.category {
-        'D' => Ok(format!("CASE WHEN isfinite({base}) THEN extract(year FROM {base})::integer END")),
+        'D' => Ok(format!("CASE WHEN isfinite({base}) THEN date_part('year', {base})::integer END")),
         'S' => Ok(format!("CASE WHEN {base} ~ '^[0-9]{{4}}-' THEN substr({base}, 1, 4)::integer END")),
         _ => Err("a year is taken from a date, a timestamp or ISO-8601 text".to_string()),
     };
@@ -151,10 +149,7 @@ fn generalize(generalization: Generalization, base: &str, kind: &ColumnType) -> 
             let y = year()?;
             // Anyone born in or before the year 90 years ago may be 90 or
             // older: year removed (at most a year too cautious).
-            format!(
-                "CASE WHEN ({y}) IS NULL THEN NULL \
-                 WHEN ({y}) <= extract(year FROM now())::integer - 90 THEN '90+' ELSE ({y})::text END"
-            )
+            format!("CASE WHEN ({y}) <= date_part('year', now())::integer - 90 THEN '90+' ELSE ({y})::text END")
         }
         Generalization::Zip3 => {
             if kind.category != 'S' {
@@ -256,7 +251,7 @@ mod tests {
     #[test]
     fn identifiers_of_one_entity_share_one_join_and_free_text_is_absent() {
         let d = deid();
-        let v = view("lookup", &d, &d.tables[0], &clinic_types()).unwrap();
+        let v = view("lookup", 1, &d, &d.tables[0], &clinic_types()).unwrap();
         assert_eq!((v.schema.as_str(), v.name.as_str()), ("deid_lookup", "patients"));
         assert!(v.create.starts_with("CREATE VIEW \"deid_lookup\".\"patients\" WITH (security_barrier = true)"));
         assert!(v.create.contains("k1.token AS \"id\""), "{}", v.create);
@@ -271,10 +266,13 @@ mod tests {
     }
 
     #[test]
-    fn views_differ_per_scope() {
+    fn views_differ_per_scope_and_epoch() {
         let d = deid();
-        let a = view("a", &d, &d.tables[0], &clinic_types()).unwrap();
-        let b = view("b", &d, &d.tables[0], &clinic_types()).unwrap();
+        let a = view("a", 1, &d, &d.tables[0], &clinic_types()).unwrap();
+        let b = view("b", 1, &d, &d.tables[0], &clinic_types()).unwrap();
+        let rotated = view("a", 2, &d, &d.tables[0], &clinic_types()).unwrap();
+        assert_ne!(a.fingerprint, rotated.fingerprint, "a rotation re-creates the views");
+        assert!(rotated.create.contains("k1.epoch = 2"));
         assert_ne!(a.fingerprint, b.fingerprint);
         assert!(b.create.contains("scope = 'b'"));
     }
@@ -300,9 +298,9 @@ mod tests {
         let d = deid();
         let mut t = clinic_types();
         t.remove("dob");
-        assert!(view("s", &d, &d.tables[0], &t).unwrap_err().contains("clinical.patients.dob does not exist"));
+        assert!(view("s", 1, &d, &d.tables[0], &t).unwrap_err().contains("clinical.patients.dob does not exist"));
         let mut t = clinic_types();
         t.insert("zip".into(), ColumnType { name: "integer".into(), category: 'N' });
-        assert!(view("s", &d, &d.tables[0], &t).unwrap_err().contains("clinical.patients.zip (integer)"));
+        assert!(view("s", 1, &d, &d.tables[0], &t).unwrap_err().contains("clinical.patients.zip (integer)"));
     }
 }

@@ -69,7 +69,7 @@ spec:
 
 /// The store and an MCPServer whose `tools` YAML (indented list items) is
 /// given, plus the non-PHI `clinic_hours`.
-fn server_manifests(port: u16, admin_password: &str, tools: &str) -> String {
+pub fn server_manifests(port: u16, admin_password: &str, tools: &str) -> String {
     format!(
         r#"{store}---
 apiVersion: mcpwarden.io/v1alpha1
