@@ -408,7 +408,10 @@ async fn alice_and_bob_query_as_their_own_roles_with_their_calls_correlation_ids
         let s = &statements[0].event;
         assert_eq!(
             s.statement.as_deref(),
-            Some("SELECT id, dob, diagnosis FROM deid_patient_lookup.patients WHERE id = $1")
+            Some(
+                "SELECT id, dob, diagnosis FROM deid_patient_lookup.patients WHERE id = coalesce((SELECT current FROM \
+                 deid_patient_lookup.pseudonym_aliases WHERE previous = $1), $1)"
+            )
         );
         assert_eq!(s.caller.as_ref().unwrap().sub, *sub);
         assert_eq!(s.tool.as_deref(), Some("lookup_patient"));

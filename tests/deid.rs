@@ -129,6 +129,7 @@ spec:
           - {{name: visit_date, class: Quasi, generalize: Year}}
           - {{name: admitted, class: Quasi, generalize: Year}}
           - {{name: note, class: FreeText}}
+    rotation: {{every: 1h, grace: 1h}}
 {lookup}{billing}{research}"#,
         lookup = server(
             "patient-lookup",
@@ -605,4 +606,63 @@ async fn reidentification_is_out_of_band_authorized_and_on_the_record() {
         assert_no_real_value("the trail", &format!("{:?}", record.event));
     }
     assert!(!format!("{decisions:?}").contains("key"), "the real key stays out of the record");
+}
+
+#[tokio::test]
+async fn rotation_gives_new_pseudonyms_and_the_previous_resolve_for_the_grace_period() {
+    let w = World::new().await;
+    let admin = w.pg.superuser("ehr").await;
+    let joe_in = async |session: &Client, views: &str| -> String {
+        let sql = format!("SELECT id FROM {views}.patients WHERE diagnosis = 'influenza'");
+        probe(session, &sql).await.unwrap()[0][0].clone().unwrap()
+    };
+    let before = joe_in(&w.session("patient-lookup", "find_patient").await, "deid_patient_lookup").await;
+    let research_before = w.session("research", "cohort").await;
+    let research_ids = probe(&research_before, "SELECT id FROM deid_research.patients ORDER BY id").await.unwrap();
+    // Nothing is due yet: a pass changes no pseudonym.
+    assert!(w.broker.sync().await.is_empty());
+    assert_eq!(joe_in(&w.session("patient-lookup", "find_patient").await, "deid_patient_lookup").await, before);
+
+    // One scope's epoch is older than `every`: the next pass rotates it.
+    admin
+        .batch_execute("UPDATE mcpw_deid.scopes SET since = now() - interval '2 hours' WHERE scope = 'patient_lookup'")
+        .await
+        .unwrap();
+    assert!(w.broker.sync().await.is_empty());
+    let s = w.session("patient-lookup", "find_patient").await;
+    let after = joe_in(&s, "deid_patient_lookup").await;
+    assert!(is_pseudonym(&after) && after != before, "{before} {after}");
+    // The old pseudonym finds nothing in the view, but resolves through the
+    // aliases while the grace period lasts.
+    assert!(
+        probe(&s, &format!("SELECT 1 FROM deid_patient_lookup.patients WHERE id = '{before}'"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let alias =
+        format!("SELECT entity, current FROM deid_patient_lookup.pseudonym_aliases WHERE previous = '{before}'");
+    assert_eq!(probe(&s, &alias).await.unwrap(), [[Some("patient".to_string()), Some(after.clone())]]);
+    // The other scope did not rotate.
+    let research = w.session("research", "cohort").await;
+    assert_eq!(probe(&research, "SELECT id FROM deid_research.patients ORDER BY id").await.unwrap(), research_ids);
+    // Re-identification still knows the old pseudonym (the mapping keeps
+    // every epoch for it), with its epoch.
+    let who =
+        mcp_warden::broker::reidentify::Requester { name: "privacy".into(), issuer: "test".into(), groups: vec![] };
+    let old = w.broker.reidentify(&reidentify_request(&before), &who, true).await.unwrap();
+    let new = w.broker.reidentify(&reidentify_request(&after), &who, true).await.unwrap();
+    assert_eq!((old.key.as_str(), old.epoch, new.key.as_str(), new.epoch), ("1", 1, "1", 2));
+    // A second pass does not rotate again.
+    assert!(w.broker.sync().await.is_empty());
+    assert_eq!(joe_in(&w.session("patient-lookup", "find_patient").await, "deid_patient_lookup").await, after);
+
+    // After the grace period the old pseudonym resolves no more.
+    admin
+        .batch_execute(
+            "UPDATE mcpw_deid.scopes SET previous_until = now() - interval '1 second' WHERE scope = 'patient_lookup'",
+        )
+        .await
+        .unwrap();
+    assert!(probe(&s, &alias).await.unwrap().is_empty());
 }

@@ -126,7 +126,11 @@ impl PhiTools {
         Parameters(Lookup { patient }): Parameters<Lookup>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        self.query(&ctx, "SELECT id, dob, diagnosis FROM {views}.patients WHERE id = $1", &patient).await
+        // A pseudonym of the previous epoch (after a rotation) still finds
+        // its patient during the grace period, through the aliases.
+        let sql = "SELECT id, dob, diagnosis FROM {views}.patients \
+                   WHERE id = coalesce((SELECT current FROM {views}.pseudonym_aliases WHERE previous = $1), $1)";
+        self.query(&ctx, sql, &patient).await
     }
 
     /// No PHI: needs no database.

@@ -47,6 +47,27 @@ pub struct Deidentification {
     #[schemars(length(max = 16))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["pattern".into()]))]
     pub scan_allow: Vec<ScanAllow>,
+    /// Pseudonym rotation: every scope on this store gets new pseudonyms
+    /// (a new epoch) this often; the previous ones keep resolving through
+    /// `deid_<scope>.pseudonym_aliases` for the grace period. Unset: no
+    /// rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<Rotation>,
+}
+
+/// When pseudonyms change.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.grace) <= duration(self.every)").message("grace must not exceed every").field_path(".grace"))]
+pub struct Rotation {
+    /// How long a scope's pseudonyms live (Go duration, 1h to 8760h).
+    #[schemars(length(min = 2, max = 16), regex(pattern = r"^([0-9]+(h|m|s))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1h') && duration(self) <= duration('8760h')").message("every must be between 1h and 8760h"))]
+    pub every: String,
+    /// How long the previous pseudonyms still resolve (Go duration, at most
+    /// `every`; `0s` for none).
+    #[schemars(length(min = 2, max = 16), regex(pattern = r"^([0-9]+(h|m|s))+$"))]
+    pub grace: String,
 }
 
 /// One identifier shape, as a regular expression (Rust `regex` syntax:

@@ -474,3 +474,22 @@ fn column_classifications_carry_what_their_class_needs() {
     assert_refused(store_refusals(set(store(), prefix, json!("PT"))), "prefix");
     assert_refused(store_refusals(set(store(), prefix, json!("pt_x"))), "prefix");
 }
+
+#[test]
+fn rotation_is_bounded_and_its_grace_within_it() {
+    let rotation = "/spec/deidentification/rotation";
+    assert!(store_refusals(set(store(), rotation, json!({"every": "2160h", "grace": "24h"}))).is_empty());
+    assert_refused(
+        store_refusals(set(store(), rotation, json!({"every": "30m", "grace": "0s"}))),
+        "between 1h and 8760h",
+    );
+    assert_refused(
+        store_refusals(set(store(), rotation, json!({"every": "9000h", "grace": "0s"}))),
+        "between 1h and 8760h",
+    );
+    assert_refused(
+        store_refusals(set(store(), rotation, json!({"every": "1h", "grace": "2h"}))),
+        "grace must not exceed every",
+    );
+    assert_refused(store_refusals(set(store(), rotation, json!({"every": "1 day", "grace": "0s"}))), "every");
+}

@@ -39,6 +39,8 @@ pub struct DeidPass {
     pub entities_written: Vec<String>,
     /// Entities whose mapping gained rows from the backfill.
     pub backfilled: Vec<String>,
+    /// Scopes that started a new epoch (rotation).
+    pub rotated: Vec<String>,
 }
 
 /// Brings the store's mapping, triggers and views in line with `wanted`.
@@ -66,6 +68,20 @@ pub async fn ensure(
         }
         for scope in wanted.keys() {
             fill |= tx.execute(&mapping::register_scope_sql(), &[scope]).await? > 0;
+        }
+        if let Some(rotation) = &deid.rotation {
+            let seconds = |text: &str, what: &str| {
+                crate::policy::parse_go_duration(text)
+                    .map(|d| d.as_secs_f64())
+                    .map_err(|e| StoreError::Deidentification(format!("rotation.{what} {text:?}: {e}")))
+            };
+            let (every, grace) = (seconds(&rotation.every, "every")?, seconds(&rotation.grace, "grace")?);
+            for scope in wanted.keys() {
+                if tx.query_opt(&mapping::rotate_sql(), &[scope, &grace, &every]).await?.is_some() {
+                    pass.rotated.push(scope.clone());
+                    fill = true;
+                }
+            }
         }
         for entity in entities_used(deid, wanted) {
             let map = entity_map(&tx, deid, &entity).await?;
@@ -99,11 +115,17 @@ pub async fn ensure(
                 .get(scope)
                 .ok_or_else(|| StoreError::Deidentification(format!("scope {scope} is not registered")))?;
             write_views(&tx, deid, scope, epoch, tables, &existing, &mut pass).await?;
+            let scope_tables = WantedViews::from([(scope.clone(), tables.clone())]);
+            let aliases = views::alias_view(scope, &entities_used(deid, &scope_tables).into_iter().collect::<Vec<_>>());
+            write_view(&tx, &aliases, &existing, &mut pass).await?;
         }
     }
     let keep: BTreeSet<(String, String)> = wanted
         .iter()
-        .flat_map(|(scope, tables)| tables.iter().map(|t| (view_schema(scope), classification::relname(t).to_string())))
+        .flat_map(|(scope, tables)| {
+            let aliases = (view_schema(scope), views::ALIASES.to_string());
+            tables.iter().map(|t| (view_schema(scope), classification::relname(t).to_string())).chain([aliases])
+        })
         .collect();
     for ((schema, name), comment) in &existing {
         if comment.starts_with(VIEW_COMMENT_PREFIX) && !keep.contains(&(schema.clone(), name.clone())) {
@@ -136,23 +158,34 @@ async fn write_views(
             .ok_or_else(|| StoreError::Deidentification(format!("table {name} is not classified")))?;
         let types = column_types(tx, name).await?;
         let view = views::view(scope, epoch, deid, table, &types).map_err(StoreError::Deidentification)?;
-        if existing.get(&(view.schema.clone(), view.name.clone())) == Some(&view.comment()) {
-            continue;
-        }
-        let schema = ident(&view.schema);
-        tx.batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema};
-             REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
-             DROP VIEW IF EXISTS {quoted};
-             {create};
-             COMMENT ON VIEW {quoted} IS {comment}",
-            quoted = view.quoted(),
-            create = view.create,
-            comment = literal(&view.comment()),
-        ))
-        .await?;
-        pass.views_written.push(format!("{}.{}", view.schema, view.name));
+        write_view(tx, &view, existing, pass).await?;
     }
+    Ok(())
+}
+
+/// Creates or re-creates one view unless its fingerprint is current.
+async fn write_view(
+    tx: &tokio_postgres::Transaction<'_>,
+    view: &views::View,
+    existing: &BTreeMap<(String, String), String>,
+    pass: &mut DeidPass,
+) -> Result<(), StoreError> {
+    if existing.get(&(view.schema.clone(), view.name.clone())) == Some(&view.comment()) {
+        return Ok(());
+    }
+    let schema = ident(&view.schema);
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
+         DROP VIEW IF EXISTS {quoted};
+         {create};
+         COMMENT ON VIEW {quoted} IS {comment}",
+        quoted = view.quoted(),
+        create = view.create,
+        comment = literal(&view.comment()),
+    ))
+    .await?;
+    pass.views_written.push(format!("{}.{}", view.schema, view.name));
     Ok(())
 }
 
@@ -164,7 +197,9 @@ async fn owned_views(client: &Client) -> Result<BTreeMap<(String, String), Strin
 async fn base_exists(tx: &impl GenericClient) -> Result<bool, StoreError> {
     let row = tx
         .query_one(
-            "SELECT to_regclass('mcpw_deid.scopes') IS NOT NULL AND to_regprocedure('mcpw_deid.new_token(text)') IS NOT NULL",
+            "SELECT to_regclass('mcpw_deid.scopes') IS NOT NULL AND to_regprocedure('mcpw_deid.new_token(text)') IS NOT NULL
+                    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('mcpw_deid.scopes')
+                                AND attname = 'previous_until' AND NOT attisdropped)",
             &[],
         )
         .await?;

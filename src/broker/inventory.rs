@@ -185,6 +185,9 @@ impl Inventory {
                     let tables = out.entry(key).or_default().entry(scope.clone()).or_default();
                     for grant in grants {
                         let view = crate::deid::classification::relname(&grant.table);
+                        if view == crate::deid::views::ALIASES {
+                            continue;
+                        }
                         if let Some(t) =
                             deid.tables.iter().find(|t| crate::deid::classification::relname(&t.name) == view)
                         {

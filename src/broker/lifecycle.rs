@@ -133,6 +133,9 @@ impl Broker {
         match deid::ensure(client, classification, views, first).await {
             Ok(pass) => {
                 handle.deid_backfilled.store(true, std::sync::atomic::Ordering::Relaxed);
+                if !pass.rotated.is_empty() {
+                    tracing::info!(scopes = ?pass.rotated, "pseudonyms rotated: a new epoch, the previous in its grace period");
+                }
                 if !pass.views_written.is_empty() || !pass.views_dropped.is_empty() {
                     // Re-created views lost their grants: groups are re-proven below.
                     tracing::info!(written = ?pass.views_written, dropped = ?pass.views_dropped, "de-identified views changed");

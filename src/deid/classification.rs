@@ -69,6 +69,13 @@ pub fn validate(deid: &Deidentification) -> Vec<String> {
     }
     let mut relnames: BTreeMap<&str, &str> = BTreeMap::new();
     for t in &deid.tables {
+        if relname(&t.name) == super::views::ALIASES {
+            problems.push(format!(
+                "table {}: the name {} is reserved for the alias view",
+                t.name,
+                super::views::ALIASES
+            ));
+        }
         if let Some(other) = relnames.insert(relname(&t.name), &t.name) {
             problems.push(format!("tables {other} and {} share a name: their views would share one schema", t.name));
         }
@@ -168,6 +175,14 @@ pub fn tool_view_grants(
     if !unclassified.is_empty() {
         return Err(DeidError::Unclassified { store: store.into(), columns: unclassified });
     }
+    // Previous pseudonyms resolve through the scope's alias view.
+    if !view.grants.is_empty() {
+        view.grants.push(CompiledTableGrant {
+            table: format!("{}.{}", view_schema(scope), super::views::ALIASES),
+            columns: ["entity", "previous", "current"].map(String::from).into(),
+            privileges: [crate::api::Privilege::Select].into(),
+        });
+    }
     Ok(view)
 }
 
@@ -200,6 +215,7 @@ mod tests {
         Deidentification {
             identifier_patterns: vec![],
             scan_allow: vec![],
+            rotation: None,
             entities: vec![Entity {
                 name: "patient".into(),
                 prefix: "pt".into(),
@@ -254,6 +270,10 @@ mod tests {
             vec![
                 ("deid_lookup.patients", vec!["dob".to_string(), "mrn".to_string()]),
                 ("deid_lookup.visits", vec!["reason".to_string()]),
+                (
+                    "deid_lookup.pseudonym_aliases",
+                    vec!["current".to_string(), "entity".to_string(), "previous".to_string()]
+                ),
             ]
         );
         assert_eq!(view.free_text, vec!["clinical.patients.history"]);

@@ -68,6 +68,13 @@ pub fn base_ddl() -> Vec<String> {
              since timestamptz NOT NULL DEFAULT now())",
             qualified("scopes")
         ),
+        // Rotation: the epoch before the current one, and until when its
+        // pseudonyms still resolve.
+        format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS previous_epoch integer, \
+             ADD COLUMN IF NOT EXISTS previous_until timestamptz",
+            qualified("scopes")
+        ),
         format!(
             "CREATE OR REPLACE FUNCTION {new_token}(prefix text) RETURNS text LANGUAGE sql VOLATILE \
              SET search_path = pg_catalog, pg_temp AS \
@@ -76,6 +83,19 @@ pub fn base_ddl() -> Vec<String> {
         ),
         format!("REVOKE ALL ON FUNCTION {new_token}(text) FROM PUBLIC"),
     ]
+}
+
+/// Starts a new epoch for a scope whose current one is older than its
+/// lifetime (bind `$1` = scope, `$2` = grace in seconds, `$3` = lifetime in
+/// seconds, both `float8`); returns the new epoch when it rotated. The
+/// previous epoch's pseudonyms resolve until `now() + grace`.
+pub fn rotate_sql() -> String {
+    format!(
+        "UPDATE {} SET previous_epoch = epoch, previous_until = now() + make_interval(secs => $2), \
+         epoch = epoch + 1, since = now() \
+         WHERE scope = $1 AND since <= now() - make_interval(secs => $3) RETURNING epoch",
+        qualified("scopes")
+    )
 }
 
 /// Registers a scope (bind `$1` = scope); a new scope starts at epoch 1.

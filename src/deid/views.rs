@@ -134,6 +134,41 @@ pub fn view(
     Ok(View { schema, name, create, fingerprint })
 }
 
+/// Name of each scope's alias view: previous pseudonyms → current ones,
+/// while the previous epoch is in its grace period.
+pub const ALIASES: &str = "pseudonym_aliases";
+
+/// `deid_<scope>.pseudonym_aliases (entity, previous, current)`: for each
+/// entity, the previous epoch's token of a key beside the current one,
+/// while the grace period lasts; empty otherwise. Exposes no real value.
+pub fn alias_view(scope: &str, entities: &[String]) -> View {
+    let scopes = super::mapping::qualified("scopes");
+    let parts: Vec<String> = entities
+        .iter()
+        .map(|entity| {
+            let map = map_table(entity);
+            format!(
+                "SELECT {entity_literal}::text AS entity, o.token AS previous, c.token AS current
+  FROM {scopes} s
+  JOIN {map} o ON o.scope = s.scope AND o.epoch = s.previous_epoch
+  JOIN {map} c ON c.scope = s.scope AND c.epoch = s.epoch AND c.key = o.key
+ WHERE s.scope = {scope_literal} AND s.previous_until > now()",
+                entity_literal = literal(entity),
+                scope_literal = literal(scope),
+            )
+        })
+        .collect();
+    let body = if parts.is_empty() {
+        "SELECT NULL::text AS entity, NULL::text AS previous, NULL::text AS current WHERE false".to_string()
+    } else {
+        parts.join("\nUNION ALL\n")
+    };
+    let schema = view_schema(scope);
+    let create = format!("CREATE VIEW {}.{} WITH (security_barrier = true) AS\n{body}", ident(&schema), ident(ALIASES));
+    let fingerprint = hex::encode(&Sha256::digest(create.as_bytes())[..8]);
+    View { schema, name: ALIASES.to_string(), create, fingerprint }
+}
+
 /// The expression generalizing `base` (a column of type `kind`).
 fn generalize(generalization: Generalization, base: &str, kind: &ColumnType) -> Result<String, String> {
     // date_part (double precision) rather than extract (numeric, slower
@@ -206,6 +241,7 @@ mod tests {
         Deidentification {
             identifier_patterns: vec![],
             scan_allow: vec![],
+            rotation: None,
             entities: vec![Entity {
                 name: "patient".into(),
                 prefix: "pt".into(),
@@ -275,6 +311,17 @@ mod tests {
         assert!(rotated.create.contains("k1.epoch = 2"));
         assert_ne!(a.fingerprint, b.fingerprint);
         assert!(b.create.contains("scope = 'b'"));
+    }
+
+    #[test]
+    fn aliases_join_the_previous_and_current_epoch_while_in_grace() {
+        let v = alias_view("lookup", &["patient".to_string()]);
+        assert_eq!((v.schema.as_str(), v.name.as_str()), ("deid_lookup", ALIASES));
+        assert!(v.create.contains("o.epoch = s.previous_epoch") && v.create.contains("c.epoch = s.epoch"));
+        assert!(v.create.contains("s.previous_until > now()"));
+        assert!(!v.create.contains("key AS"), "no real key is exposed");
+        let none = alias_view("lookup", &[]);
+        assert!(none.create.contains("WHERE false"));
     }
 
     #[test]

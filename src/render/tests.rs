@@ -102,7 +102,10 @@ fn policy_config_map_carries_the_compiled_policy_and_no_secret() {
     // De-identified: the grants name the scope's views, not the tables.
     assert_eq!(tool.output, crate::api::Output::Deidentified);
     let views: Vec<&str> = tool.data_access["ehr"].iter().map(|g| g.table.as_str()).collect();
-    assert_eq!(views, ["deid_patient_lookup.patients", "deid_patient_lookup.appointments"]);
+    assert_eq!(
+        views,
+        ["deid_patient_lookup.patients", "deid_patient_lookup.appointments", "deid_patient_lookup.pseudonym_aliases"]
+    );
     assert_eq!(parsed.pseudonym_scope, "patient_lookup");
     assert_eq!(parsed.stores["ehr"].host, "ehr-db.clinic.svc");
     assert_eq!(parsed.credential_ttl_seconds, 900);
