@@ -666,3 +666,161 @@ async fn rotation_gives_new_pseudonyms_and_the_previous_resolve_for_the_grace_pe
         .unwrap();
     assert!(probe(&s, &alias).await.unwrap().is_empty());
 }
+
+/// Two systems of one hospital: the EHR and the lab, each its own database,
+/// both knowing patients by the enterprise patient index (EMPI).
+fn linkage_manifests(port: u16) -> String {
+    let jwks = serde_json::to_string(&serde_json::from_str::<serde_json::Value>(JWKS).unwrap()).unwrap();
+    let store = |name: &str, database: &str, table: &str, clear: &str| {
+        format!(
+            r#"---
+apiVersion: mcpwarden.io/v1alpha1
+kind: PHIStore
+metadata: {{name: {name}, namespace: clinic}}
+spec:
+  postgres: {{host: 127.0.0.1, port: {port}, database: {database}, adminSecretRef: {{name: ehr-db-admin}}, sslMode: disable}}
+  endpoints: {{ipBlocks: [{{cidr: 127.0.0.1/32}}], ports: [{port}]}}
+  deidentification:
+    entities: [{{name: patient, prefix: pt, key: {{table: {table}, column: empi}}, linkage: empi}}]
+    tables:
+      - name: {table}
+        columns: [{{name: empi, class: Identifier, entity: patient}}, {{name: {clear}, class: Clear}}]
+"#
+        )
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: ehr-db-admin, namespace: clinic}}
+stringData: {{username: warden_admin, password: "{ADMIN_PASSWORD}"}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: idp-jwks, namespace: clinic}}
+data:
+  jwks.json: '{jwks}'
+{ehr}{lab}---
+apiVersion: mcpwarden.io/v1alpha1
+kind: MCPServer
+metadata: {{name: care, namespace: clinic}}
+spec:
+  image: registry.example/phi-tools:1.4
+  authentication:
+    oidc: {{issuer: "{ISSUER}", audience: "{AUDIENCE}", jwksConfigMapRef: {{name: idp-jwks}}}}
+  tools:
+    - name: diagnoses
+      phi: true
+      purpose: linkage test
+      allowedCallers: {{groups: [front-desk]}}
+      dataAccess: [{{store: ehr, tables: [{{name: clinical.patients, columns: [empi, diagnosis], privileges: [SELECT]}}]}}]
+    - name: results
+      phi: true
+      purpose: linkage test
+      allowedCallers: {{groups: [front-desk]}}
+      dataAccess: [{{store: lab, tables: [{{name: lab.results, columns: [empi, test], privileges: [SELECT]}}]}}]
+"#,
+        ehr = store("ehr", "ehr", "clinical.patients", "diagnosis"),
+        lab = store("lab", "lab", "lab.results", "test"),
+    )
+}
+
+#[tokio::test]
+async fn stores_sharing_a_linkage_id_agree_on_pseudonyms_in_one_scope() {
+    let pg = Postgres::start().await;
+    prepare_database(&pg).await;
+    let ehr = pg.superuser("ehr").await;
+    ehr.batch_execute(
+        "SET ROLE ehr_owner;
+         ALTER TABLE clinical.patients ADD COLUMN empi text;
+         UPDATE clinical.patients SET empi = 'E-100' WHERE id = 1;
+         INSERT INTO clinical.patients (id, mrn, name, diagnosis, empi) VALUES (2, 'MRN-0002', 'Ada Quill', 'asthma', 'E-200');
+         RESET ROLE;",
+    )
+    .await
+    .unwrap();
+    let root = pg.superuser("postgres").await;
+    root.batch_execute("CREATE DATABASE lab OWNER ehr_owner").await.unwrap();
+    let lab = pg.superuser("lab").await;
+    lab.batch_execute(
+        "GRANT CONNECT, CREATE ON DATABASE lab TO warden_admin WITH GRANT OPTION;
+         CREATE SCHEMA lab AUTHORIZATION ehr_owner;
+         SET ROLE ehr_owner;
+         CREATE TABLE lab.results (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, empi text, test text, value text);
+         INSERT INTO lab.results (empi, test, value) VALUES ('E-100', 'hba1c', '6.1'), ('E-100', 'ldl', '130'), ('E-300', 'tsh', '2.0');
+         RESET ROLE;
+         GRANT USAGE ON SCHEMA lab TO warden_admin WITH GRANT OPTION;
+         GRANT SELECT, TRIGGER ON lab.results TO warden_admin;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests_dir = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests_dir).unwrap();
+    std::fs::write(manifests_dir.join("care.yaml"), linkage_manifests(pg.port)).unwrap();
+    let inventory = Inventory::from_manifests(&manifests_dir).unwrap();
+    let trail = Trail::new(dir.path().join("audit"), None).unwrap();
+    let settings = Settings { max_ttl: None, connection_limit: 4 };
+    let broker = Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
+    let problems = broker.sync().await;
+    assert!(problems.is_empty(), "{problems:?}");
+    let session = async |tool: &str, store: &str, database: &str| {
+        let credential = broker
+            .issue(&CredentialRequest {
+                server: "clinic/care".into(),
+                tool: tool.into(),
+                store: store.into(),
+                caller_token: rs256(&claims("alice", &["front-desk"])),
+                correlation: None,
+            })
+            .await
+            .unwrap();
+        pg.connect(database, &credential.role, &credential.password).await.unwrap()
+    };
+    let ehr_session = session("diagnoses", "ehr", "ehr").await;
+    let lab_session = session("results", "lab", "lab").await;
+    let joe = probe(&ehr_session, "SELECT empi FROM deid_care.patients WHERE diagnosis = 'influenza'").await.unwrap()
+        [0][0]
+        .clone()
+        .unwrap();
+    // The lab's results of the same EMPI carry the same pseudonym: the
+    // model can join what two systems say about one patient.
+    let results = probe(&lab_session, "SELECT empi, test FROM deid_care.results ORDER BY test").await.unwrap();
+    let of_joe: Vec<&str> =
+        results.iter().filter(|r| r[0].as_deref() == Some(joe.as_str())).map(|r| r[1].as_deref().unwrap()).collect();
+    assert_eq!(of_joe, ["hba1c", "ldl"], "{results:?}");
+    for row in &results {
+        assert!(row[0].as_deref().is_some_and(is_pseudonym), "{row:?}");
+    }
+
+    // A result written for a patient the EHR knows: the lab draws a local
+    // token at once, and the next pass makes it the EHR's.
+    lab.batch_execute(
+        "SET ROLE ehr_owner; INSERT INTO lab.results (empi, test, value) VALUES ('E-200', 'fev1', '80%'); RESET ROLE",
+    )
+    .await
+    .unwrap();
+    assert!(broker.sync().await.is_empty());
+    let ada = probe(&ehr_session, "SELECT empi FROM deid_care.patients WHERE diagnosis = 'asthma'").await.unwrap()[0]
+        [0]
+    .clone()
+    .unwrap();
+    let fev1 = probe(&lab_session, "SELECT empi FROM deid_care.results WHERE test = 'fev1'").await.unwrap();
+    assert_eq!(fev1[0][0].as_deref(), Some(ada.as_str()));
+    // Both mappings hold the same pairs now, and a further pass writes
+    // nothing (the tokens stay).
+    let pairs = async |client: &Client| -> BTreeSet<(String, String)> {
+        client
+            .query("SELECT key, token FROM mcpw_deid.map_patient WHERE scope = 'care'", &[])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let (in_ehr, in_lab) = (pairs(&ehr).await, pairs(&lab).await);
+    assert_eq!(in_ehr, in_lab);
+    assert_eq!(in_ehr.len(), 3, "E-100, E-200 and E-300: {in_ehr:?}");
+    assert!(broker.sync().await.is_empty());
+    assert_eq!(pairs(&ehr).await, in_ehr);
+    broker.close().await;
+}

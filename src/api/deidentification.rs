@@ -109,6 +109,14 @@ pub struct Entity {
     /// The column holding the entity's real key (its surrogate id or an
     /// enterprise patient index): one pseudonym per distinct value.
     pub key: ColumnRef,
+    /// A linkage id shared across systems (e.g. `empi`, an enterprise
+    /// patient index): entities of stores in the same namespace with the
+    /// same linkage, seen by the same pseudonym scope, get the same
+    /// pseudonym for the same key value. Only for keys that *are* that
+    /// shared id; matching different local ids stays out of band.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 31), regex(pattern = r"^[a-z][a-z0-9_]{0,30}$"))]
+    pub linkage: Option<String>,
 }
 
 /// A column of a schema-qualified table.

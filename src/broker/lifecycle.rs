@@ -97,6 +97,9 @@ impl Broker {
             reports.insert(key.clone(), store_status(&observation, previous_status.as_ref(), generation, jiff_now()));
         }
         *self.reports.write().unwrap_or_else(|p| p.into_inner()) = reports;
+        // Stores whose mappings must agree (a shared linkage id), once each
+        // store's own mapping is in line.
+        problems.extend(self.reconcile_linkages().await);
         for problem in &problems {
             tracing::warn!(problem = %problem, "store not in line");
         }

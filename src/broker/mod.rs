@@ -29,6 +29,7 @@ pub mod grants;
 pub mod inventory;
 pub mod issuer;
 pub mod lifecycle;
+pub mod linkage;
 pub mod metrics;
 pub mod naming;
 pub mod reidentify;

@@ -220,6 +220,7 @@ mod tests {
                 name: "patient".into(),
                 prefix: "pt".into(),
                 key: ColumnRef { table: "clinical.patients".into(), column: "id".into() },
+                linkage: None,
             }],
             tables: vec![
                 TableClassification {
@@ -318,6 +319,7 @@ mod tests {
             name: "member".into(),
             prefix: "pt".into(),
             key: ColumnRef { table: "clinical.patients".into(), column: "mrn".into() },
+            linkage: None,
         });
         let problems = validate(&deid);
         let expect = [

@@ -246,6 +246,7 @@ mod tests {
                 name: "patient".into(),
                 prefix: "pt".into(),
                 key: ColumnRef { table: "clinical.patients".into(), column: "id".into() },
+                linkage: None,
             }],
             tables: vec![TableClassification {
                 name: "clinical.patients".into(),
