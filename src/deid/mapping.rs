@@ -131,8 +131,9 @@ END",
     let function = trigger_function(&map.entity);
     Ok(vec![
         format!(
-            "CREATE TABLE IF NOT EXISTS {table} (scope text NOT NULL, epoch integer NOT NULL, key {key_type} NOT NULL, \
-             token text NOT NULL UNIQUE, PRIMARY KEY (scope, epoch, key) INCLUDE (token))",
+            "CREATE TABLE IF NOT EXISTS {table} (scope text COLLATE \"C\" NOT NULL, epoch integer NOT NULL, \
+             key {key_type} NOT NULL, token text COLLATE \"C\" NOT NULL UNIQUE, \
+             PRIMARY KEY (scope, epoch, key) INCLUDE (token))",
             key_type = map.key_type
         ),
         format!(
