@@ -25,6 +25,7 @@ pub mod access_review;
 pub mod api;
 pub mod audit;
 pub mod bearer;
+pub mod breakglass;
 pub mod broker;
 pub mod check;
 pub mod cli;

@@ -4,11 +4,11 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use super::{MCPServer, PHIStore};
+use super::{EmergencyAccess, MCPServer, PHIStore};
 
 /// Every CRD of mcp-warden, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![MCPServer::crd(), PHIStore::crd()]
+    vec![MCPServer::crd(), PHIStore::crd(), EmergencyAccess::crd()]
 }
 
 /// All CRDs as one multi-document YAML stream.

@@ -13,7 +13,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Output, SIDECAR_METRICS_PORT, SIDECAR_PG_PROXY_PORT, SIDECAR_PUBLIC_PORT};
+use super::{EmergencyProcedure, Output, SIDECAR_METRICS_PORT, SIDECAR_PG_PROXY_PORT, SIDECAR_PUBLIC_PORT};
 
 /// Desired state of an MCP server that may reach protected health information.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -38,9 +38,14 @@ use super::{Output, SIDECAR_METRICS_PORT, SIDECAR_PG_PROXY_PORT, SIDECAR_PUBLIC_
     validation = Rule::new("size(self.metadata.name) <= 52").message("metadata.name must be at most 52 characters: owned objects append suffixes such as '-ingress'"),
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new(
-    "!has(self.audit) || !has(self.audit.failurePolicy) || self.audit.failurePolicy != 'Open' || (!(has(self.tools) && self.tools.exists(t, t.phi)) && !(has(self.resources) && self.resources.exists(r, r.phi)))"
-).message("audit.failurePolicy Open is refused while any tool or resource is PHI: a PHI call must not proceed unrecorded").field_path(".audit.failurePolicy"))]
+#[x_kube(
+    validation = Rule::new(
+        "!has(self.audit) || !has(self.audit.failurePolicy) || self.audit.failurePolicy != 'Open' || (!(has(self.tools) && self.tools.exists(t, t.phi)) && !(has(self.resources) && self.resources.exists(r, r.phi)))"
+    ).message("audit.failurePolicy Open is refused while any tool or resource is PHI: a PHI call must not proceed unrecorded").field_path(".audit.failurePolicy"),
+    validation = Rule::new(
+        "!has(self.emergencyAccess) || self.emergencyAccess.tools.all(n, has(self.tools) && self.tools.exists(t, t.name == n))"
+    ).message("emergencyAccess.tools may name only declared tools").field_path(".emergencyAccess.tools"),
+)]
 pub struct MCPServerSpec {
     /// Container image of the MCP server.
     #[schemars(length(min = 1, max = 512))]
@@ -117,6 +122,12 @@ pub struct MCPServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 52), regex(pattern = r"^[a-z][a-z0-9_]{0,51}$"))]
     pub pseudonym_scope: Option<String>,
+
+    /// The break-glass procedure: who approves, for how long at most, which
+    /// declared tools a grant (`EmergencyAccess`) may open. Unset: no
+    /// emergency access.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emergency_access: Option<EmergencyProcedure>,
 }
 
 impl MCPServerSpec {

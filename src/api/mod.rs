@@ -13,11 +13,13 @@
 
 mod crd;
 mod deidentification;
+mod emergency;
 mod mcp_server;
 mod phi_store;
 
 pub use crd::{all_crds, crds_yaml};
 pub use deidentification::*;
+pub use emergency::*;
 pub use mcp_server::*;
 pub use phi_store::*;
 

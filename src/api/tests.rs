@@ -493,3 +493,38 @@ fn rotation_is_bounded_and_its_grace_within_it() {
     );
     assert_refused(store_refusals(set(store(), rotation, json!({"every": "1 day", "grace": "0s"}))), "every");
 }
+
+#[test]
+fn an_emergency_procedure_is_bounded_and_names_declared_tools_and_approvers() {
+    let procedure = |tools: Value, max: &str, approvers: Value| {
+        set(
+            server(),
+            "/spec/emergencyAccess",
+            json!({"approvers": approvers, "maxDuration": max, "tools": tools, "approval": "Required"}),
+        )
+    };
+    let house = json!({"users": ["oidc:dr-house"]});
+    assert!(server_refusals(procedure(json!(["lookup_patient"]), "2h", house.clone())).is_empty());
+    assert_refused(
+        server_refusals(procedure(json!(["drop_tables"]), "2h", house.clone())),
+        "emergencyAccess.tools may name only declared tools",
+    );
+    assert_refused(server_refusals(procedure(json!(["lookup_patient"]), "5h", house.clone())), "between 1m and 4h");
+    assert_refused(server_refusals(procedure(json!(["lookup_patient"]), "2h", json!({}))), "approvers names nobody");
+}
+
+#[test]
+fn an_emergency_grant_is_bounded_and_says_why() {
+    let grant = json!({
+        "apiVersion": "mcpwarden.io/v1alpha1", "kind": "EmergencyAccess",
+        "metadata": {"name": "er-1", "namespace": "clinic"},
+        "spec": {"server": "patient-lookup", "requester": "oidc:nurse-joy", "beneficiary": "er-agent",
+                 "tools": ["lookup_patient"], "reason": "unconscious patient", "duration": "1h"}
+    });
+    let refusals = |v: Value| refusals(manifest::admit::<EmergencyAccess>(&v));
+    assert!(refusals(grant.clone()).is_empty(), "{:?}", refusals(grant.clone()));
+    assert_refused(refusals(set(grant.clone(), "/spec/duration", json!("5h"))), "duration must be between 1m and 4h");
+    assert_refused(refusals(set(grant.clone(), "/spec/reason", json!(""))), "reason");
+    assert_refused(refusals(set(grant.clone(), "/spec/tools", json!([]))), "tools");
+    assert_refused(refusals(set(grant, "/spec/server", json!("Not_A_Name"))), "server");
+}

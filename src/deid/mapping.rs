@@ -200,7 +200,7 @@ mod tests {
     #[test]
     fn entity_ddl_maps_keys_in_every_scope_and_never_fails_the_write() {
         let ddl = entity_ddl(&patient()).unwrap();
-        assert!(ddl[0].contains("key integer NOT NULL") && ddl[0].contains("token text NOT NULL UNIQUE"));
+        assert!(ddl[0].contains("key integer NOT NULL") && ddl[0].contains("token text COLLATE \"C\" NOT NULL UNIQUE"));
         assert!(ddl[1].contains("SECURITY DEFINER SET search_path = pg_catalog, pg_temp"));
         assert!(ddl[1].contains("EXCEPTION WHEN OTHERS"));
         assert!(!ddl[1].contains("SQLERRM"), "error text may hold a value");

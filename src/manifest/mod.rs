@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::api::{API_VERSION, GROUP, MCPServer, PHIStore};
+use crate::api::{API_VERSION, EmergencyAccess, GROUP, MCPServer, PHIStore};
 pub use schema::FieldError;
 
 /// Where an object came from.
@@ -93,6 +93,8 @@ pub struct ManifestSet {
     pub secrets: Vec<Loaded<Secret>>,
     /// ConfigMaps (a JWKS).
     pub config_maps: Vec<Loaded<ConfigMap>>,
+    /// Emergency-access grants, admitted (schema and CEL).
+    pub emergency_grants: Vec<Loaded<EmergencyAccess>>,
     /// Objects of other kinds, which `check` does not judge.
     pub other_objects: usize,
 }
@@ -189,9 +191,14 @@ fn classify(value: Value, origin: &Origin, set: &mut ManifestSet, errors: &mut V
                 set.stores.push(Loaded { origin: origin.clone(), object: store });
             }
         }
+        (API_VERSION, "EmergencyAccess") => {
+            if let Some(grant) = admit_custom::<EmergencyAccess>(&value, origin, errors) {
+                set.emergency_grants.push(Loaded { origin: origin.clone(), object: grant });
+            }
+        }
         (API_VERSION, other) => errors.push(error(
             Some("kind"),
-            format!("unknown kind {other:?} in {API_VERSION}: expected MCPServer or PHIStore"),
+            format!("unknown kind {other:?} in {API_VERSION}: expected MCPServer, PHIStore or EmergencyAccess"),
         )),
         (_, _) if group == GROUP => errors.push(error(
             Some("apiVersion"),
