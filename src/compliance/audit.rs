@@ -128,10 +128,31 @@ pub(super) fn integrity(input: &Input<'_>) -> Assessment {
     a
 }
 
-pub(super) fn emergency_access(_input: &Input<'_>) -> Assessment {
+pub(super) fn emergency_access(input: &Input<'_>) -> Assessment {
     let mut a = Assessment::default();
-    a.unseen(
-        "no break-glass procedure is configured: mcp-warden does not implement emergency access yet, so none is granted, bounded or recorded through it",
-    );
+    match &input.server.spec.emergency_access {
+        None => a.unseen(
+            "no break-glass procedure is configured (spec.emergencyAccess), so no emergency access is granted, bounded or recorded through mcp-warden",
+        ),
+        Some(p) => {
+            let approvers: Vec<String> = p
+                .approvers
+                .users
+                .iter()
+                .cloned()
+                .chain(p.approvers.groups.iter().map(|g| format!("group {g}")))
+                .collect();
+            a.unseen(
+                "grants (EmergencyAccess) are admitted by the chart's ValidatingAdmissionPolicy, but mcp-warden does not yet deliver them to the gateway and broker or judge them in a cluster, so none is observed in force",
+            );
+            a.held(format!(
+                "a procedure is declared: {:?} approval by {}, grants of at most {} to {}",
+                p.approval,
+                approvers.join(", "),
+                p.max_duration,
+                p.tools.join(", ")
+            ));
+        }
+    }
     a
 }

@@ -467,3 +467,20 @@ fn an_identifier_pattern_that_does_not_compile_fails_by_name() {
     let policy = crate::policy::compile(&clinic_server(), &stores);
     assert!(policy.is_err_and(|e| e.to_string().contains("does not compile")));
 }
+
+#[test]
+fn a_declared_procedure_is_named_but_stays_unknown_until_grants_are_enforced() {
+    let mut server = clinic_server();
+    server.spec.emergency_access = Some(crate::api::EmergencyProcedure {
+        approvers: crate::api::Approvers { users: vec!["oidc:dr-house".into()], groups: vec!["er-attendings".into()] },
+        max_duration: "2h".into(),
+        tools: vec!["lookup_patient".into()],
+        approval: crate::api::ApprovalMode::Required,
+        review_within: "24h".into(),
+        kubernetes_username_prefix: "oidc:".into(),
+    });
+    let report = offline(&server);
+    assert_verdict(&report, Control::EmergencyAccess, Verdict::Unknown, "does not yet deliver them");
+    assert_verdict(&report, Control::EmergencyAccess, Verdict::Unknown, "oidc:dr-house, group er-attendings");
+    assert_verdict(&offline(&clinic_server()), Control::EmergencyAccess, Verdict::Unknown, "no break-glass procedure");
+}
