@@ -471,3 +471,36 @@ fn reidentify_needs_its_arguments_and_says_when_the_broker_cannot_be_asked() {
     assert!(stderr(&unreachable).contains("could not be asked"), "{}", stderr(&unreachable));
     assert!(!stderr(&unreachable).contains("[package]"), "the credential stays out of messages");
 }
+
+#[test]
+fn check_refuses_an_emergency_grant_its_procedure_would_refuse() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clinic = std::fs::read_to_string(root().join("examples/compliant/clinic.yaml")).expect("example");
+    let procedure = "  emergencyAccess:\n    approvers: {users: [\"oidc:dr-house\"]}\n    maxDuration: 2h\n    tools: [lookup_patient]\n    kubernetesUsernamePrefix: \"oidc:\"\n";
+    let with_procedure =
+        clinic.replacen("  credentials: {ttl: 15m}\n", &format!("  credentials: {{ttl: 15m}}\n{procedure}"), 1);
+    assert_ne!(with_procedure, clinic, "the example changed shape");
+    let grant = |name: &str, extra: &str| {
+        format!(
+            "---\napiVersion: mcpwarden.io/v1alpha1\nkind: EmergencyAccess\nmetadata: {{name: {name}, namespace: clinic}}\nspec:\n  server: patient-lookup\n  requester: \"oidc:nurse-joy\"\n  beneficiary: er-agent\n  tools: [lookup_patient]\n  reason: unconscious patient\n{extra}"
+        )
+    };
+    let path = dir.path().join("clinic.yaml");
+    std::fs::write(&path, format!("{with_procedure}{}", grant("er-1", "  duration: 1h\n"))).expect("write");
+    let ok = warden(&["check", path.to_str().expect("utf-8")]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
+    let bad = format!(
+        "{with_procedure}{}{}",
+        grant("too-long", "  duration: 3h\n"),
+        grant("self-approved", "  duration: 1h\n  approval: {approver: \"oidc:nurse-joy\"}\n")
+    );
+    std::fs::write(&path, bad).expect("write");
+    let out = warden(&["check", path.to_str().expect("utf-8")]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("EmergencyAccess clinic/too-long") && text.contains("exceeds the procedure's maxDuration"),
+        "{text}"
+    );
+    assert!(text.contains("EmergencyAccess clinic/self-approved") && text.contains("self-approval"), "{text}");
+}

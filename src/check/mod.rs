@@ -2,8 +2,9 @@
 //! API server would, renders each MCPServer and reports every control.
 //!
 //! ```text
-//!   FILE|DIR… ─ manifest::load_paths ─▶ servers, stores, NetworkPolicies
-//!      └─ per MCPServer: render ─▶ compliance::evaluate ─▶ table | JSON
+//!   FILE|DIR… ─ manifest::load_paths ─▶ servers, stores, NetworkPolicies, EmergencyAccess grants
+//!      ├─ per MCPServer: render ─▶ compliance::evaluate ─▶ table | JSON
+//!      └─ per grant: breakglass::judge against its server's procedure (a refusal is invalid input)
 //!   exit 0 all pass (Unknown allowed) · 1 a control fails (or Unknown with --strict) · 2 invalid input
 //! ```
 
@@ -14,7 +15,10 @@ use std::path::PathBuf;
 use kube::ResourceExt;
 use serde::Serialize;
 
-use crate::api::{Counts, MCPServer, PHIStore, Verdict};
+use k8s_openapi::jiff;
+
+use crate::api::{Counts, EmergencyAccess, GrantState, MCPServer, PHIStore, Verdict};
+use crate::breakglass;
 use crate::compliance::{self, Observations, Report};
 use crate::manifest::{self, Loaded, ManifestError, Origin};
 use crate::policy::namespace_of;
@@ -81,6 +85,7 @@ pub fn check_paths(paths: &[PathBuf], settings: &Settings) -> CheckResult {
             report: evaluate(server, stores, settings, &observations),
         });
     }
+    errors.extend(set.emergency_grants.iter().filter_map(|g| judge_grant(g, &set.servers)));
     if servers.is_empty() && errors.is_empty() {
         let files = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
         errors.push(ManifestError {
@@ -101,6 +106,32 @@ fn evaluate(
 ) -> Report {
     let rendered = render::render(server, stores, settings, None);
     compliance::evaluate(&compliance::Input { server, stores, rendered: rendered.as_ref(), settings, observed })
+}
+
+/// A grant that its server's procedure would refuse, as an error. Judged
+/// as if created and (when it carries an approval) approved now: offline,
+/// only what the grant says can be wrong, not when it happens.
+fn judge_grant(grant: &Loaded<EmergencyAccess>, servers: &[Loaded<MCPServer>]) -> Option<ManifestError> {
+    let (namespace, spec) = (namespace_of(&grant.object), &grant.object.spec);
+    let object = Some(format!("EmergencyAccess {namespace}/{}", grant.object.name_any()));
+    let error =
+        |message: String| ManifestError { origin: grant.origin.clone(), object: object.clone(), field: None, message };
+    let Some(server) =
+        servers.iter().find(|s| namespace_of(&s.object) == namespace && s.object.name_any() == spec.server)
+    else {
+        return Some(error(format!("MCPServer {namespace}/{} is not among the manifests", spec.server)));
+    };
+    let declared: Vec<String> = server.object.spec.tools.iter().map(|t| t.name.clone()).collect();
+    let now = jiff::Timestamp::now();
+    let judgement = breakglass::judge(&breakglass::Facts {
+        grant: spec,
+        procedure: server.object.spec.emergency_access.as_ref(),
+        declared_tools: &declared,
+        created: now,
+        approved_at: spec.approval.as_ref().map(|_| now),
+        now,
+    });
+    (judgement.state == GrantState::Refused).then(|| error(format!("would be refused: {}", judgement.message)))
 }
 
 fn duplicate<K: ResourceExt>(origin: &Origin, kind: &str, obj: &K) -> ManifestError {
