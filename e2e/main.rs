@@ -20,7 +20,11 @@
 //! converge (time and writes per server printed); leadership moves to a
 //! standby within the lease duration when the leader gets SIGTERM; the
 //! chart and rendered objects pass `kubectl apply --dry-run`; the broker and
-//! the collector trust exactly the service-account tokens they should.
+//! the collector trust exactly the service-account tokens they should; the
+//! chart's emergency-access admission policy refuses self-approval, forged
+//! and outsider approvals and widening, as distinct (impersonated) users.
+//! That test also creates a cluster-scoped policy and binding, labelled and
+//! deleted like the namespaces.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -760,5 +764,171 @@ async fn leadership_moves_to_the_standby_when_the_leader_stops() {
         (!reaches_store(&egress)).then_some(())
     })
     .await;
+    drop(run);
+}
+
+/// A client acting as `user` in `groups` (impersonation: the suite's own
+/// identity may impersonate on a test cluster).
+async fn acting_as(user: &str, groups: &[&str]) -> Client {
+    let mut config = kube::Config::infer().await.expect("config");
+    config.auth_info.impersonate = Some(user.to_string());
+    config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+    Client::try_from(config).expect("impersonating client")
+}
+
+/// The chart's emergency-access policy and binding, named after `namespace`
+/// and bound to it only, labelled for `e2e/run.sh`'s cleanup.
+fn emergency_policy(namespace: &str) -> (Value, Value) {
+    let template = include_str!("../charts/mcp-warden/templates/emergency-access-policy.yaml");
+    let plain: String = template
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("{{"))
+        .map(|l| l.replace("{{ .Release.Name }}", namespace))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut docs: Vec<Value> = serde_yaml::Deserializer::from_str(&plain)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("policy YAML"))
+        .collect();
+    for doc in &mut docs {
+        doc["metadata"]["labels"] = json!({RUN_LABEL: MANAGER});
+    }
+    docs[1]["spec"]["matchResources"] =
+        json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}});
+    (docs[0].clone(), docs[1].clone())
+}
+
+/// Deletes the run's cluster-scoped admission objects when dropped.
+struct AdmissionObjects(String);
+
+impl Drop for AdmissionObjects {
+    fn drop(&mut self) {
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
+        let name = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let Ok(client) = Client::try_default().await else { return };
+                let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+                let _ = bindings.delete(&name, &DeleteParams::default()).await;
+                let policies: Api<ValidatingAdmissionPolicy> = Api::all(client);
+                let _ = policies.delete(&name, &DeleteParams::default()).await;
+            });
+            Ok::<(), std::io::Error>(())
+        })
+        .join();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
+async fn the_api_server_refuses_self_approval_and_widening_of_emergency_grants() {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use mcp_warden::api::EmergencyAccess;
+    let test = "the_api_server_refuses_self_approval_and_widening_of_emergency_grants";
+    let Some(client) = cluster(test).await else { return };
+    install_crds(&client).await;
+    let run = start(client.clone()).await;
+    let ns = run.namespace.clone();
+
+    // The chart's policy, bound to this namespace only.
+    let (policy, binding) = emergency_policy(&ns);
+    let name = policy["metadata"]["name"].as_str().expect("name").to_string();
+    let _cleanup = AdmissionObjects(name.clone());
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    policies.create(&PostParams::default(), &serde_json::from_value(policy).expect("policy")).await.expect("policy");
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    bindings.create(&PostParams::default(), &serde_json::from_value(binding).expect("binding")).await.expect("binding");
+
+    // The people may create and update grants here (RBAC); who may do what
+    // beyond that is the policy's to say.
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "emergency-access", "namespace": ns},
+        "rules": [{"apiGroups": ["mcpwarden.io"], "resources": ["emergencyaccesses"],
+                   "verbs": ["get", "list", "create", "update", "patch"]}]
+    }))
+    .expect("role");
+    Api::<Role>::namespaced(client.clone(), &ns).create(&PostParams::default(), &role).await.expect("role");
+    let people = ["oidc:nurse-joy", "oidc:dr-house", "oidc:janitor", "oidc:dr-who"];
+    let subjects: Vec<Value> =
+        people.iter().map(|u| json!({"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": u})).collect();
+    let role_binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "emergency-access", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "emergency-access"},
+        "subjects": subjects
+    }))
+    .expect("role binding");
+    Api::<RoleBinding>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &role_binding)
+        .await
+        .expect("role binding");
+
+    // The server and its procedure (no operator needed: it is the param).
+    let (_, mut server) = clinic(&ns);
+    server["spec"]["emergencyAccess"] = json!({
+        "approvers": {"users": ["oidc:dr-house"], "groups": ["er-attendings"]},
+        "maxDuration": "2h", "tools": ["lookup_patient"], "approval": "Required",
+        "kubernetesUsernamePrefix": "oidc:"
+    });
+    apply(&Api::<MCPServer>::namespaced(client.clone(), &ns), &server).await;
+
+    let grant = |name: &str, requester: &str| -> EmergencyAccess {
+        serde_json::from_value(json!({
+            "apiVersion": "mcpwarden.io/v1alpha1", "kind": "EmergencyAccess",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"server": "patient-lookup", "requester": requester, "beneficiary": "er-agent",
+                     "tools": ["lookup_patient"], "reason": "unconscious patient", "duration": "1h"}
+        }))
+        .expect("grant")
+    };
+    let grants_as = |client: &Client| Api::<EmergencyAccess>::namespaced(client.clone(), &ns);
+    let nurse = grants_as(&acting_as("oidc:nurse-joy", &[]).await);
+    let house = grants_as(&acting_as("oidc:dr-house", &[]).await);
+    let janitor = grants_as(&acting_as("oidc:janitor", &["staff"]).await);
+    let refusal = |result: Result<EmergencyAccess, kube::Error>| match result {
+        Ok(_) => "admitted".to_string(),
+        Err(e) => e.to_string(),
+    };
+
+    // Policies take a moment to be in force: until then a forged requester
+    // would pass; wait for its refusal.
+    let mut probe = 0;
+    eventually("the emergency-access policy in force", || {
+        probe += 1;
+        let (nurse, grant) = (nurse.clone(), grant(&format!("probe-{probe}"), "oidc:someone-else"));
+        async move {
+            match nurse.create(&PostParams::default(), &grant).await {
+                Err(e) if e.to_string().contains("spec.requester must be the user creating") => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    // The requester creates an unapproved grant.
+    nurse.create(&PostParams::default(), &grant("er-1", "oidc:nurse-joy")).await.expect("the requester's grant");
+    let approve = |by: &str| Patch::Merge(json!({"spec": {"approval": {"approver": by}}}));
+    let params = PatchParams::default();
+    let self_approved = refusal(nurse.patch("er-1", &params, &approve("oidc:nurse-joy")).await);
+    assert!(self_approved.contains("self-approval"), "{self_approved}");
+    let forged = refusal(nurse.patch("er-1", &params, &approve("oidc:dr-house")).await);
+    assert!(forged.contains("must be the user approving"), "{forged}");
+    let outsider = refusal(janitor.patch("er-1", &params, &approve("oidc:janitor")).await);
+    assert!(outsider.contains("only an approver"), "{outsider}");
+    // The approver approves; nothing widens afterwards.
+    house.patch("er-1", &params, &approve("oidc:dr-house")).await.expect("the approver's approval");
+    let widened = refusal(nurse.patch("er-1", &params, &Patch::Merge(json!({"spec": {"duration": "2h"}}))).await);
+    assert!(widened.contains("cannot be changed"), "{widened}");
+    let longer = refusal(
+        nurse
+            .create(&PostParams::default(), &{
+                let mut g = grant("er-2", "oidc:nurse-joy");
+                g.spec.duration = "3h".into();
+                g
+            })
+            .await,
+    );
+    assert!(longer.contains("maxDuration"), "{longer}");
     drop(run);
 }

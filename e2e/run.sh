@@ -9,6 +9,8 @@ cleanup() {
   if "$bin/kubectl" version --request-timeout=5s >/dev/null 2>&1; then
     "$bin/kubectl" delete namespace -l app.kubernetes.io/created-by=mcp-warden-e2e \
       --wait=false --ignore-not-found >/dev/null 2>&1 || true
+    "$bin/kubectl" delete validatingadmissionpolicybindings,validatingadmissionpolicies \
+      -l app.kubernetes.io/created-by=mcp-warden-e2e --ignore-not-found >/dev/null 2>&1 || true
   fi
 }
 trap cleanup EXIT
