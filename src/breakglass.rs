@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::{self, Timestamp};
 
-use crate::api::{ApprovalMode, EmergencyAccessSpec, EmergencyProcedure, GrantState};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{ApprovalMode, EmergencyAccessSpec, EmergencyAccessStatus, EmergencyProcedure, GrantState};
 use crate::policy::parse_go_duration;
 
 /// How long a grant may wait for its approval.
@@ -165,6 +167,46 @@ pub fn judge(f: &Facts<'_>) -> Judgement {
     }
 }
 
+/// The status a controller writes for a judgement. `previous` keeps the
+/// approval stamp: the first time an approval is seen it is stamped `now`,
+/// never again (an approver's later edit cannot move it).
+pub fn grant_status(
+    judgement: &Judgement,
+    previous: Option<&EmergencyAccessStatus>,
+    has_approval: bool,
+    now: Timestamp,
+) -> EmergencyAccessStatus {
+    let time = |t: Option<Timestamp>| t.map(Time);
+    let approved_at = previous.and_then(|p| p.approved_at.clone()).or_else(|| has_approval.then_some(Time(now)));
+    EmergencyAccessStatus {
+        state: Some(judgement.state),
+        message: Some(judgement.message.clone()),
+        approved_at,
+        activated_at: time(judgement.activated_at),
+        expires_at: time(judgement.expires_at),
+        review_due_at: time(judgement.review_due_at),
+        conditions: previous.map(|p| p.conditions.clone()).unwrap_or_default(),
+    }
+}
+
+/// When the controller must look at a grant again without a watch event:
+/// the next moment its judgement can change on its own (the approval window
+/// closing, expiry, the review falling due). `None`: it cannot change by
+/// time alone.
+pub fn next_check(judgement: &Judgement, created: Timestamp, now: Timestamp) -> Option<Duration> {
+    let candidates = [
+        (judgement.state == GrantState::Pending).then(|| plus(created, PENDING_TIMEOUT)),
+        (judgement.state == GrantState::Active).then_some(judgement.expires_at).flatten(),
+        judgement.review_due_at.filter(|_| !judgement.review_overdue),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .filter(|t| *t > now)
+        .min()
+        .map(|t| Duration::try_from(t.duration_since(now)).unwrap_or_default() + Duration::from_secs(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +324,35 @@ mod tests {
         // The beneficiary cannot start one for themselves.
         let own = EmergencyAccessSpec { requester: "oidc:er-agent".into(), ..grant() };
         assert_eq!(judge_at(&own, Some(&p), None, 1).state, GrantState::Refused);
+    }
+
+    #[test]
+    fn the_approval_is_stamped_once_and_the_next_look_is_the_next_change() {
+        let p = procedure(ApprovalMode::Required);
+        let pending = judge_at(&grant(), Some(&p), None, 5);
+        let status = grant_status(&pending, None, false, at(5));
+        assert_eq!((status.state, status.approved_at.clone()), (Some(GrantState::Pending), None));
+        // Pending: look again when the approval window closes.
+        assert_eq!(next_check(&pending, at(0), at(5)), Some(Duration::from_secs(10 * 60 + 1)));
+        // The approval is stamped when first seen, and kept after.
+        let g = approved("oidc:dr-house");
+        let active = judge_at(&g, Some(&p), Some(7), 7);
+        let first = grant_status(&active, Some(&status), true, at(7));
+        assert_eq!(first.approved_at, Some(Time(at(7))));
+        let later = grant_status(&active, Some(&first), true, at(30));
+        assert_eq!(later.approved_at, Some(Time(at(7))));
+        assert_eq!(later.expires_at, Some(Time(at(67))));
+        // Active: look again at expiry; expired: never by time alone.
+        assert_eq!(next_check(&active, at(0), at(30)), Some(Duration::from_secs(37 * 60 + 1)));
+        let expired = judge_at(&g, Some(&p), Some(7), 70);
+        assert_eq!(next_check(&expired, at(0), at(70)), None);
+        // ReviewAfter: the review falling due is a change too.
+        let review = procedure(ApprovalMode::ReviewAfter);
+        let after = judge_at(&grant(), Some(&review), None, 90);
+        assert_eq!(
+            (after.state, next_check(&after, at(0), at(90))),
+            (GrantState::Expired, Some(Duration::from_secs((24 * 60 - 90) * 60 + 1)))
+        );
     }
 
     #[test]
