@@ -822,5 +822,12 @@ async fn stores_sharing_a_linkage_id_agree_on_pseudonyms_in_one_scope() {
     assert_eq!(in_ehr.len(), 3, "E-100, E-200 and E-300: {in_ehr:?}");
     assert!(broker.sync().await.is_empty());
     assert_eq!(pairs(&ehr).await, in_ehr);
+    // A database error that quotes a value (a key that does not cast) is
+    // reported by its SQLSTATE only: store errors reach status and logs.
+    let error = ehr.query("SELECT CAST('E-100' AS integer)", &[]).await.unwrap_err();
+    let quoted = error.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(quoted.contains("E-100"), "PostgreSQL quotes the value: {quoted}");
+    let reported = mcp_warden::broker::store::StoreError::from(error).to_string();
+    assert!(!reported.contains("E-100") && reported.contains("22P02"), "{reported}");
     broker.close().await;
 }

@@ -99,6 +99,14 @@ impl Broker {
         for (store, entity) in members {
             read.push(self.read_member(store, entity, scope).await?);
         }
+        if read.iter().any(|m| m.key_type != read[0].key_type) {
+            let types: Vec<String> =
+                members.iter().zip(&read).map(|((s, _), m)| format!("{s}: {}", m.key_type)).collect();
+            return Err(StoreError::Deidentification(format!(
+                "the linked keys have different types ({}): a shared id has one type everywhere",
+                types.join(", ")
+            )));
+        }
         if read.iter().any(|m| m.epoch != read[0].epoch) {
             let epochs: Vec<String> =
                 members.iter().zip(&read).map(|((s, _), m)| format!("{s}: {}", m.epoch)).collect();

@@ -81,6 +81,10 @@ impl From<tokio_postgres::Error> for StoreError {
             Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => {
                 StoreError::AdminPrivilege(e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default())
             }
+            // A data exception's message quotes the value it choked on
+            // (`invalid input syntax for type integer: "E-100"`): a key or
+            // other PHI. Its SQLSTATE alone goes into status and logs.
+            Some(c) if c.code().starts_with("22") => StoreError::Sql(format!("data exception (SQLSTATE {})", c.code())),
             Some(_) => {
                 StoreError::Sql(e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()))
             }
