@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use kube::Client;
 use kube::api::{Api, PostParams};
@@ -46,17 +45,7 @@ impl AccessReviewer {
 
     /// Who holds `token` (audience: the API server's own).
     pub async fn person(&self, token: &str) -> Result<Person, ReviewError> {
-        let review = TokenReview {
-            spec: TokenReviewSpec { token: token.to_string(), audiences: None },
-            ..TokenReview::default()
-        };
-        let api: Api<TokenReview> = Api::all(self.client.clone());
-        let answer = api.create(&PostParams::default(), &review).await.map_err(|e| ReviewError::Api(e.to_string()))?;
-        let status = answer.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            let why = status.error.map(|e| format!(" ({e})")).unwrap_or_default();
-            return Err(ReviewError::NotAuthenticated(why));
-        }
+        let status = crate::token_review::review(&self.client, token, None).await?;
         let user = status.user.unwrap_or_default();
         let username = user.username.filter(|u| !u.is_empty());
         let username = username.ok_or(ReviewError::NotAuthenticated(" (no username)".into()))?;

@@ -53,6 +53,26 @@ pub enum ReviewError {
     Api(String),
 }
 
+/// Reviews `token` for `audiences` (`None`: the API server's own) and
+/// returns what the API server says of it, once it says authenticated.
+/// Errors never hold the token.
+pub async fn review(
+    client: &Client,
+    token: &str,
+    audiences: Option<Vec<String>>,
+) -> Result<k8s_openapi::api::authentication::v1::TokenReviewStatus, ReviewError> {
+    let review =
+        TokenReview { spec: TokenReviewSpec { token: token.to_string(), audiences }, ..TokenReview::default() };
+    let api: Api<TokenReview> = Api::all(client.clone());
+    let answer = api.create(&PostParams::default(), &review).await.map_err(|e| ReviewError::Api(e.to_string()))?;
+    let status = answer.status.unwrap_or_default();
+    if status.authenticated != Some(true) {
+        let why = status.error.map(|e| format!(" ({e})")).unwrap_or_default();
+        return Err(ReviewError::NotAuthenticated(why));
+    }
+    Ok(status)
+}
+
 /// Checks sidecar tokens with TokenReview.
 pub struct TokenReviewer {
     client: Client,
@@ -81,17 +101,7 @@ impl TokenReviewer {
         {
             return Ok(username.clone());
         }
-        let review = TokenReview {
-            spec: TokenReviewSpec { token: token.to_string(), audiences: Some(vec![self.audience.clone()]) },
-            ..TokenReview::default()
-        };
-        let api: Api<TokenReview> = Api::all(self.client.clone());
-        let answer = api.create(&PostParams::default(), &review).await.map_err(|e| ReviewError::Api(e.to_string()))?;
-        let status = answer.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            let why = status.error.map(|e| format!(" ({e})")).unwrap_or_default();
-            return Err(ReviewError::NotAuthenticated(why));
-        }
+        let status = review(&self.client, token, Some(vec![self.audience.clone()])).await?;
         if let Some(audiences) = &status.audiences
             && !audiences.contains(&self.audience)
         {
