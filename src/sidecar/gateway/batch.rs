@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::db_access::refuse_data_access;
 use super::decision::{decision_event, record_caller};
-use super::outcome::{outcome_event, record_outcome};
+use super::outcome::record_outcome;
 use super::request::{Refusal, session_for_upstream};
 use super::response::{content_type_of, mark_private, read_upstream};
 use super::scan;
@@ -134,20 +134,11 @@ pub(super) async fn post_batch(
     let started = Instant::now();
     let body = Bytes::from(Value::Array(forwarded).to_string());
     let request = gw.upstream.post(&headers, upstream_session.as_deref(), body);
-    let no_errors = std::collections::HashMap::new();
-    let no_errors_s = std::collections::HashMap::new();
     let upstream = match gw.upstream.send(request).await {
         Ok(response) => response,
         Err(_) => {
-            record_batch_outcomes(
-                &gw,
-                &element_correlations,
-                StatusCode::BAD_GATEWAY,
-                &no_errors,
-                &no_errors_s,
-                started,
-            )
-            .await;
+            let none = ElementAnswers::default();
+            record_batch_outcomes(&gw, &element_correlations, StatusCode::BAD_GATEWAY, &none, started).await;
             return json_response(
                 StatusCode::BAD_GATEWAY,
                 &messages::error_body(None, GATEWAY_REFUSED, "the MCP server is unreachable"),
@@ -159,23 +150,15 @@ pub(super) async fn post_batch(
     let body = match read_upstream(upstream.into_body()).await {
         Ok(body) => body,
         Err(e) => {
-            record_batch_outcomes(
-                &gw,
-                &element_correlations,
-                StatusCode::BAD_GATEWAY,
-                &no_errors,
-                &no_errors_s,
-                started,
-            )
-            .await;
+            let none = ElementAnswers::default();
+            record_batch_outcomes(&gw, &element_correlations, StatusCode::BAD_GATEWAY, &none, started).await;
             return json_response(StatusCode::BAD_GATEWAY, &messages::error_body(None, GATEWAY_REFUSED, e));
         }
     };
     if status == StatusCode::ACCEPTED && local.is_empty() {
         return StatusCode::ACCEPTED.into_response();
     }
-    let mut rpc_errors: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
-    let mut withheld: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut answered = ElementAnswers::default();
     let mut edit = |message: &mut Value| {
         let key = message.get("id").map(ToString::to_string).unwrap_or_default();
         // A de-identified tool's answer holding an identifier shape is
@@ -183,13 +166,12 @@ pub(super) async fn post_batch(
         if let Some(scan) = scans.get(&key)
             && let Some(finding) = scan::search_value(scan, message)
         {
-            gw.metrics.withheld(&finding.pattern);
-            tracing::warn!(pattern = %finding.pattern, "a de-identified tool's answer held an identifier shape; withheld");
+            scan::note(&gw, &finding);
             *message = scan::withheld_body(message.get("id"), &finding);
-            withheld.insert(key.clone(), scan::reason(&finding));
+            answered.withheld.insert(key.clone(), scan::reason(&finding));
         }
         if let Some(code) = message.pointer("/error/code").and_then(Value::as_i64) {
-            rpc_errors.insert(key.clone(), code);
+            answered.rpc_errors.insert(key.clone(), code);
         }
         if let (Some(kind), Some(result)) = (filters.get(&key), message.get_mut("result")) {
             if *kind == ListKind::Tools {
@@ -216,11 +198,20 @@ pub(super) async fn post_batch(
         (Bytes::from(Value::Array(answers).to_string()), "application/json")
     };
     drop(accesses);
-    record_batch_outcomes(&gw, &element_correlations, status, &rpc_errors, &withheld, started).await;
+    record_batch_outcomes(&gw, &element_correlations, status, &answered, started).await;
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = if status == StatusCode::ACCEPTED { StatusCode::OK } else { status };
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// What the answer said of each element, by its id.
+#[derive(Default)]
+pub(super) struct ElementAnswers {
+    /// JSON-RPC error codes.
+    rpc_errors: std::collections::HashMap<String, i64>,
+    /// Reasons of answers withheld by the identifier scan.
+    withheld: std::collections::HashMap<String, String>,
 }
 
 /// One outcome record per forwarded batch element that has an id.
@@ -228,17 +219,13 @@ pub(super) async fn record_batch_outcomes(
     gw: &Gateway,
     elements: &[(String, String)],
     status: StatusCode,
-    rpc_errors: &std::collections::HashMap<String, i64>,
-    withheld: &std::collections::HashMap<String, String>,
+    answered: &ElementAnswers,
     started: Instant,
 ) {
     for (id, element) in elements {
-        let rpc_error = rpc_errors.get(id).copied();
-        if let Some(reason) = withheld.get(id) {
-            let outcome =
-                Outcome { status: OutcomeStatus::Refused, http_status: Some(status.as_u16()), rpc_error, rows: None };
-            let mut event = outcome_event(element, outcome, started);
-            event.reason = Some(reason.clone());
+        let rpc_error = answered.rpc_errors.get(id).copied();
+        if let Some(reason) = answered.withheld.get(id) {
+            let event = scan::withheld_event(element, status.as_u16(), rpc_error, reason.clone(), started);
             if let Err(e) = gw.wal.defer(event).await {
                 tracing::error!(error = %e, "an outcome record could not be queued");
             }

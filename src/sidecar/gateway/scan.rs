@@ -77,6 +77,27 @@ pub(super) fn withheld_body(id: Option<&Value>, finding: &Finding) -> Value {
     )
 }
 
+/// Counts and logs a withheld answer (the pattern only, never the value).
+pub(super) fn note(gw: &Gateway, finding: &Finding) {
+    gw.metrics.withheld(&finding.pattern);
+    tracing::warn!(pattern = %finding.pattern, "a de-identified tool's answer held an identifier shape; withheld");
+}
+
+/// The outcome record of a withheld answer: refused, with the finding's
+/// reason.
+pub(super) fn withheld_event(
+    correlation: &str,
+    http_status: u16,
+    rpc_error: Option<i64>,
+    reason: String,
+    started: Instant,
+) -> crate::audit::record::Event {
+    let outcome = Outcome { status: OutcomeStatus::Refused, http_status: Some(http_status), rpc_error, rows: None };
+    let mut event = outcome_event(correlation, outcome, started);
+    event.reason = Some(reason);
+    event
+}
+
 /// Withholds a single call's answer: its outcome (refused, naming the
 /// finding) is made durable, then the caller gets the error.
 pub(super) async fn withhold(
@@ -87,12 +108,8 @@ pub(super) async fn withhold(
     http_status: u16,
     started: Instant,
 ) -> Response {
-    gw.metrics.withheld(&finding.pattern);
-    tracing::warn!(pattern = %finding.pattern, "a de-identified tool's answer held an identifier shape; withheld");
-    let outcome =
-        Outcome { status: OutcomeStatus::Refused, http_status: Some(http_status), rpc_error: None, rows: None };
-    let mut event = outcome_event(correlation, outcome, started);
-    event.reason = Some(reason(finding));
+    note(gw, finding);
+    let event = withheld_event(correlation, http_status, None, reason(finding), started);
     if gw.fails_closed(&gw.record(event).await) {
         return refuse_unrecorded(
             gw,
