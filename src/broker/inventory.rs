@@ -166,34 +166,40 @@ impl Inventory {
         out
     }
 
-    /// The de-identified views each store must serve: for every usable
-    /// server's de-identified tools that name someone, their scope and the
-    /// classified tables behind the views they are granted.
+    /// Every use of a classified store by a de-identified tool that names
+    /// someone: (its store, the store's classification, the server's
+    /// pseudonym scope, the tool's grants on the scope's views).
+    pub fn deidentified_uses(
+        &self,
+    ) -> impl Iterator<Item = (StoreRef, &Deidentification, &String, &[crate::policy::CompiledTableGrant])> {
+        self.servers.iter().filter_map(|(server, entry)| entry.as_ref().ok().map(|e| (server, e))).flat_map(
+            move |(server, entry)| {
+                let scope = &entry.policy.pseudonym_scope;
+                entry
+                    .policy
+                    .tools
+                    .values()
+                    .filter(|tool| tool.output == Output::Deidentified && !tool.callers.is_empty())
+                    .flat_map(|tool| tool.data_access.iter())
+                    .filter_map(move |(store, grants)| {
+                        let key = StoreRef { namespace: server.namespace.clone(), name: store.clone() };
+                        let deid = self.stores.get(&key)?.as_ref().ok()?.deidentification.as_ref()?;
+                        Some((key, deid, scope, grants.as_slice()))
+                    })
+            },
+        )
+    }
+
+    /// The de-identified views each store must serve: per scope, the
+    /// classified tables behind the views its tools are granted.
     pub fn views(&self) -> BTreeMap<StoreRef, WantedViews> {
+        use crate::deid::classification::relname;
         let mut out: BTreeMap<StoreRef, WantedViews> = BTreeMap::new();
-        for (server, entry) in &self.servers {
-            let Ok(entry) = entry else { continue };
-            let scope = &entry.policy.pseudonym_scope;
-            for tool in entry.policy.tools.values() {
-                if tool.output != Output::Deidentified || tool.callers.is_empty() {
-                    continue;
-                }
-                for (store, grants) in &tool.data_access {
-                    let key = StoreRef { namespace: server.namespace.clone(), name: store.clone() };
-                    let Some(Ok(store_entry)) = self.stores.get(&key) else { continue };
-                    let Some(deid) = &store_entry.deidentification else { continue };
-                    let tables = out.entry(key).or_default().entry(scope.clone()).or_default();
-                    for grant in grants {
-                        let view = crate::deid::classification::relname(&grant.table);
-                        if view == crate::deid::views::ALIASES {
-                            continue;
-                        }
-                        if let Some(t) =
-                            deid.tables.iter().find(|t| crate::deid::classification::relname(&t.name) == view)
-                        {
-                            tables.insert(t.name.clone());
-                        }
-                    }
+        for (key, deid, scope, grants) in self.deidentified_uses() {
+            let tables = out.entry(key).or_default().entry(scope.clone()).or_default();
+            for grant in grants.iter().filter(|g| relname(&g.table) != crate::deid::views::ALIASES) {
+                if let Some(t) = deid.tables.iter().find(|t| relname(&t.name) == relname(&grant.table)) {
+                    tables.insert(t.name.clone());
                 }
             }
         }

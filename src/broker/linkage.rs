@@ -21,7 +21,6 @@ use std::collections::BTreeMap;
 use super::inventory::{Inventory, StoreRef};
 use super::issuer::Broker;
 use super::store::StoreError;
-use crate::api::Output;
 use crate::deid::mapping::{self, MAP_KEY_TYPE_SQL, map_table};
 
 /// A linkage group: (namespace, scope, linkage) → members (store, entity).
@@ -51,22 +50,13 @@ pub fn plan(members: &[BTreeMap<String, String>]) -> Vec<BTreeMap<String, String
 /// The linkage groups of an inventory with more than one member.
 pub fn groups(inventory: &Inventory) -> Groups {
     let mut out: Groups = BTreeMap::new();
-    for (server, entry) in &inventory.servers {
-        let Ok(entry) = entry else { continue };
-        let scope = &entry.policy.pseudonym_scope;
-        for tool in entry.policy.tools.values().filter(|t| t.output == Output::Deidentified && !t.callers.is_empty()) {
-            for store in tool.data_access.keys() {
-                let key = StoreRef { namespace: server.namespace.clone(), name: store.clone() };
-                let Some(Ok(store_entry)) = inventory.stores.get(&key) else { continue };
-                let Some(deid) = &store_entry.deidentification else { continue };
-                for entity in &deid.entities {
-                    let Some(linkage) = &entity.linkage else { continue };
-                    let members = out.entry((key.namespace.clone(), scope.clone(), linkage.clone())).or_default();
-                    let member = (key.clone(), entity.name.clone());
-                    if !members.contains(&member) {
-                        members.push(member);
-                    }
-                }
+    for (key, deid, scope, _) in inventory.deidentified_uses() {
+        for entity in &deid.entities {
+            let Some(linkage) = &entity.linkage else { continue };
+            let members = out.entry((key.namespace.clone(), scope.clone(), linkage.clone())).or_default();
+            let member = (key.clone(), entity.name.clone());
+            if !members.contains(&member) {
+                members.push(member);
             }
         }
     }
