@@ -132,10 +132,7 @@ fn main() {
     runtime.block_on(async {
         let pg = pg::Postgres::start().await;
         let root = pg.superuser("postgres").await;
-        // The test clusters log every statement; a benchmark measures the
-        // database's work, not its log.
-        root.execute("ALTER SYSTEM SET log_statement = 'none'", &[]).await.expect("log");
-        root.execute("SELECT pg_reload_conf()", &[]).await.expect("reload");
+        pg.without_statement_log().await;
         root.batch_execute("CREATE DATABASE bench").await.expect("database");
         let init = std::process::Command::new(pg::bin_dir().join("pgbench"))
             .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "bench"])

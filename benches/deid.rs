@@ -75,9 +75,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let pg = pg::Postgres::start().await;
-        let root = pg.superuser("postgres").await;
-        root.execute("ALTER SYSTEM SET log_statement = 'none'", &[]).await.expect("log");
-        root.execute("SELECT pg_reload_conf()", &[]).await.expect("reload");
+        pg.without_statement_log().await;
         pg::clinic::prepare_database(&pg).await;
         let ehr = pg.superuser("ehr").await;
         ehr.batch_execute(&format!(

@@ -13,13 +13,13 @@ mod pg;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use common::{AUDIENCE, ISSUER, JWKS, claims, rs256};
+use common::{AUDIENCE, ISSUER, claims, rs256};
 use mcp_warden::broker::inventory::Inventory;
 use mcp_warden::broker::issuer::{Broker, Credential, CredentialRequest, Settings};
 use mcp_warden::broker::metrics::BrokerMetrics;
 use mcp_warden::broker::trail::Trail;
 use pg::Postgres;
-use pg::clinic::{ADMIN_PASSWORD, prepare_database};
+use pg::clinic::{ADMIN_PASSWORD, prepare_database, secret_and_keys};
 use prometheus_client::registry::Registry;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -65,7 +65,6 @@ ANALYZE clinical.visits;
 ";
 
 fn manifests(port: u16) -> String {
-    let jwks = serde_json::to_string(&serde_json::from_str::<serde_json::Value>(JWKS).unwrap()).unwrap();
     let server = |name: &str, scope: Option<&str>, tools: &str| {
         let scope = scope.map(|s| format!("\n  pseudonymScope: {s}")).unwrap_or_default();
         format!(
@@ -94,18 +93,7 @@ spec:
         )
     };
     format!(
-        r#"apiVersion: v1
-kind: Secret
-metadata: {{name: ehr-db-admin, namespace: clinic}}
-stringData: {{username: warden_admin, password: "{ADMIN_PASSWORD}"}}
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: idp-jwks, namespace: clinic}}
-data:
-  jwks.json: '{jwks}'
----
-apiVersion: mcpwarden.io/v1alpha1
+        r#"{keys}apiVersion: mcpwarden.io/v1alpha1
 kind: PHIStore
 metadata: {{name: ehr, namespace: clinic}}
 spec:
@@ -139,6 +127,7 @@ spec:
         ),
         billing = server("billing", Some("patient_lookup"), &tool("billing_lookup", "clinical.patients", "id")),
         research = server("research", None, &tool("cohort", "clinical.patients", "id, dob")),
+        keys = secret_and_keys(ADMIN_PASSWORD),
     )
 }
 
@@ -605,7 +594,17 @@ async fn reidentification_is_out_of_band_authorized_and_on_the_record() {
         assert_eq!(record.event.phi, Some(true));
         assert_no_real_value("the trail", &format!("{:?}", record.event));
     }
-    assert!(!format!("{decisions:?}").contains("key"), "the real key stays out of the record");
+    // The record says exactly who, what and why: the answer (the real key)
+    // has no place in it.
+    let first = &decisions[0].event;
+    assert_eq!(
+        first.reason.as_deref(),
+        Some(format!("allowed: pseudonym {joe}: INC-4711: lab result to be sent to the right patient").as_str())
+    );
+    assert_eq!(
+        (first.store.as_deref(), first.tool.as_deref(), first.statement.as_deref()),
+        (Some("clinic/ehr"), None, None)
+    );
 }
 
 #[tokio::test]
@@ -670,11 +669,9 @@ async fn rotation_gives_new_pseudonyms_and_the_previous_resolve_for_the_grace_pe
 /// Two systems of one hospital: the EHR and the lab, each its own database,
 /// both knowing patients by the enterprise patient index (EMPI).
 fn linkage_manifests(port: u16) -> String {
-    let jwks = serde_json::to_string(&serde_json::from_str::<serde_json::Value>(JWKS).unwrap()).unwrap();
     let store = |name: &str, database: &str, table: &str, clear: &str| {
         format!(
-            r#"---
-apiVersion: mcpwarden.io/v1alpha1
+            r#"apiVersion: mcpwarden.io/v1alpha1
 kind: PHIStore
 metadata: {{name: {name}, namespace: clinic}}
 spec:
@@ -685,22 +682,12 @@ spec:
     tables:
       - name: {table}
         columns: [{{name: empi, class: Identifier, entity: patient}}, {{name: {clear}, class: Clear}}]
+---
 "#
         )
     };
     format!(
-        r#"apiVersion: v1
-kind: Secret
-metadata: {{name: ehr-db-admin, namespace: clinic}}
-stringData: {{username: warden_admin, password: "{ADMIN_PASSWORD}"}}
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: idp-jwks, namespace: clinic}}
-data:
-  jwks.json: '{jwks}'
-{ehr}{lab}---
-apiVersion: mcpwarden.io/v1alpha1
+        r#"{keys}{ehr}{lab}apiVersion: mcpwarden.io/v1alpha1
 kind: MCPServer
 metadata: {{name: care, namespace: clinic}}
 spec:
@@ -721,6 +708,7 @@ spec:
 "#,
         ehr = store("ehr", "ehr", "clinical.patients", "diagnosis"),
         lab = store("lab", "lab", "lab.results", "test"),
+        keys = secret_and_keys(ADMIN_PASSWORD),
     )
 }
 

@@ -189,60 +189,8 @@ pub fn tool_view_grants(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ColumnRef, Entity, Generalization, Privilege};
-
-    fn column(name: &str, class: ColumnClass) -> ColumnClassification {
-        ColumnClassification {
-            name: name.into(),
-            class,
-            entity: None,
-            key_column: None,
-            generalize: None,
-            method: None,
-            reference: None,
-        }
-    }
-
-    fn identifier(name: &str, entity: &str, key: Option<&str>) -> ColumnClassification {
-        ColumnClassification {
-            entity: Some(entity.into()),
-            key_column: key.map(Into::into),
-            ..column(name, ColumnClass::Identifier)
-        }
-    }
-
-    fn clinic() -> Deidentification {
-        Deidentification {
-            identifier_patterns: vec![],
-            scan_allow: vec![],
-            rotation: None,
-            entities: vec![Entity {
-                name: "patient".into(),
-                prefix: "pt".into(),
-                key: ColumnRef { table: "clinical.patients".into(), column: "id".into() },
-                linkage: None,
-            }],
-            tables: vec![
-                TableClassification {
-                    name: "clinical.patients".into(),
-                    columns: vec![
-                        identifier("id", "patient", None),
-                        identifier("mrn", "patient", Some("id")),
-                        ColumnClassification {
-                            generalize: Some(Generalization::BirthYear),
-                            ..column("dob", ColumnClass::Quasi)
-                        },
-                        column("diagnosis", ColumnClass::Clear),
-                        column("history", ColumnClass::FreeText),
-                    ],
-                },
-                TableClassification {
-                    name: "clinical.visits".into(),
-                    columns: vec![identifier("patient_id", "patient", None), column("reason", ColumnClass::Clear)],
-                },
-            ],
-        }
-    }
+    use crate::api::{ColumnRef, Entity, Privilege};
+    use crate::deid::fixtures::{clinic, column, identifier};
 
     fn grant(table: &str, columns: &[&str]) -> TableGrant {
         TableGrant {

@@ -20,6 +20,8 @@
 //! threat model point by point.
 
 pub mod classification;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod mapping;
 pub mod scan;
 pub mod views;

@@ -223,50 +223,9 @@ SELECT n.nspname::text, c.relname::text, coalesce(obj_description(c.oid, 'pg_cla
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ColumnClassification, ColumnRef, Entity};
-
-    fn col(name: &str, class: ColumnClass) -> ColumnClassification {
-        ColumnClassification {
-            name: name.into(),
-            class,
-            entity: None,
-            key_column: None,
-            generalize: None,
-            method: None,
-            reference: None,
-        }
-    }
 
     fn deid() -> Deidentification {
-        Deidentification {
-            identifier_patterns: vec![],
-            scan_allow: vec![],
-            rotation: None,
-            entities: vec![Entity {
-                name: "patient".into(),
-                prefix: "pt".into(),
-                key: ColumnRef { table: "clinical.patients".into(), column: "id".into() },
-                linkage: None,
-            }],
-            tables: vec![TableClassification {
-                name: "clinical.patients".into(),
-                columns: vec![
-                    ColumnClassification { entity: Some("patient".into()), ..col("id", ColumnClass::Identifier) },
-                    ColumnClassification {
-                        entity: Some("patient".into()),
-                        key_column: Some("id".into()),
-                        ..col("mrn", ColumnClass::Identifier)
-                    },
-                    ColumnClassification {
-                        generalize: Some(Generalization::BirthYear),
-                        ..col("dob", ColumnClass::Quasi)
-                    },
-                    ColumnClassification { generalize: Some(Generalization::Zip3), ..col("zip", ColumnClass::Quasi) },
-                    col("diagnosis", ColumnClass::Clear),
-                    col("history", ColumnClass::FreeText),
-                ],
-            }],
-        }
+        crate::deid::fixtures::clinic()
     }
 
     fn types(pairs: &[(&str, &str, char)]) -> BTreeMap<String, ColumnType> {

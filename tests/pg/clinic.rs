@@ -42,8 +42,9 @@ pub const CLASSIFICATION: &str = "
 /// The scope schema of the clinic server's de-identified views.
 pub const VIEWS: &str = "deid_patient_lookup";
 
-/// The Secret, the JWKS ConfigMap and the PHIStore (with its classification).
-fn store_manifests(port: u16, admin_password: &str) -> String {
+/// The admin Secret and the JWKS ConfigMap of namespace `clinic`, each
+/// followed by a document separator.
+pub fn secret_and_keys(admin_password: &str) -> String {
     let jwks = serde_json::to_string(&serde_json::from_str::<serde_json::Value>(JWKS).unwrap()).unwrap();
     format!(
         r#"apiVersion: v1
@@ -57,13 +58,21 @@ metadata: {{name: idp-jwks, namespace: clinic}}
 data:
   jwks.json: '{jwks}'
 ---
-apiVersion: mcpwarden.io/v1alpha1
+"#
+    )
+}
+
+/// The Secret, the JWKS ConfigMap and the PHIStore (with its classification).
+fn store_manifests(port: u16, admin_password: &str) -> String {
+    format!(
+        r#"{keys}apiVersion: mcpwarden.io/v1alpha1
 kind: PHIStore
 metadata: {{name: ehr, namespace: clinic}}
 spec:
   postgres: {{host: 127.0.0.1, port: {port}, database: ehr, adminSecretRef: {{name: ehr-db-admin}}, sslMode: disable}}
   endpoints: {{ipBlocks: [{{cidr: 127.0.0.1/32}}], ports: [{port}]}}{CLASSIFICATION}
-"#
+"#,
+        keys = secret_and_keys(admin_password)
     )
 }
 

@@ -183,6 +183,14 @@ impl Postgres {
         self.connect(database, "postgres", SUPERUSER_PASSWORD).await.expect("superuser connection")
     }
 
+    /// Stops logging every statement: a benchmark measures the database's
+    /// work, not its log.
+    pub async fn without_statement_log(&self) {
+        let root = self.superuser("postgres").await;
+        root.execute("ALTER SYSTEM SET log_statement = 'none'", &[]).await.expect("log_statement");
+        root.execute("SELECT pg_reload_conf()", &[]).await.expect("reload");
+    }
+
     /// The server log so far (every statement, connection and disconnection).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
