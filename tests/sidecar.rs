@@ -1014,3 +1014,34 @@ async fn a_de_identified_answer_holding_an_identifier_is_withheld_and_recorded_w
         assert!(!text.contains(value), "{value} reached the trail");
     }
 }
+
+#[tokio::test]
+async fn a_batch_of_phi_calls_is_answered_only_once_its_outcomes_are_on_disk() {
+    // A WAL that fills after a few records: every answer released before
+    // that has its outcome record durable; after it, nothing is released.
+    let s = sidecar_with(4 * 1024).await;
+    let token = rs256(&claims("alice", &["front-desk"]));
+    let call = |id: u64| rpc(id, "tools/call", json!({"name": "lookup_patient", "arguments": {"patient": "pt_0"}}));
+    let mut released = 0;
+    let mut withheld = false;
+    for round in 0..40u64 {
+        let (status, _, body) = s.post(Some(&token), &json!([call(2 * round), call(2 * round + 1)]), &[]).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            withheld = true;
+            continue;
+        }
+        let answers = body.as_array().cloned().unwrap_or_default();
+        let results = answers.iter().filter(|a| a.get("result").is_some()).count();
+        assert!(!withheld || results == 0, "a result was released after the trail failed: {body}");
+        released += results;
+    }
+    assert!(released > 0 && s.gateway.readiness().is_err(), "the WAL filled after some answers");
+    let outcomes = s
+        .records()
+        .iter()
+        .filter(|r| {
+            r.event.kind == Kind::Outcome && r.event.outcome.as_ref().is_some_and(|o| o.status == OutcomeStatus::Ok)
+        })
+        .count();
+    assert!(outcomes >= released, "{released} results released, {outcomes} outcomes on disk");
+}

@@ -12,11 +12,11 @@ use serde_json::Value;
 
 use super::db_access::refuse_data_access;
 use super::decision::{decision_event, record_caller};
-use super::outcome::record_outcome;
+use super::outcome::outcome_event;
 use super::request::{Refusal, session_for_upstream};
 use super::response::{content_type_of, mark_private, read_upstream};
 use super::scan;
-use super::{Gateway, json_response};
+use super::{Gateway, json_response, refuse_unrecorded};
 use crate::audit::record::{Outcome, OutcomeStatus};
 use crate::policy::Caller;
 use crate::sidecar::authz::{self, Decision, ListKind};
@@ -138,7 +138,8 @@ pub(super) async fn post_batch(
         Ok(response) => response,
         Err(_) => {
             let none = ElementAnswers::default();
-            record_batch_outcomes(&gw, &element_correlations, StatusCode::BAD_GATEWAY, &none, started).await;
+            let _ =
+                record_batch_outcomes(&gw, &element_correlations, StatusCode::BAD_GATEWAY, &none, started, false).await;
             return json_response(
                 StatusCode::BAD_GATEWAY,
                 &messages::error_body(None, GATEWAY_REFUSED, "the MCP server is unreachable"),
@@ -151,7 +152,8 @@ pub(super) async fn post_batch(
         Ok(body) => body,
         Err(e) => {
             let none = ElementAnswers::default();
-            record_batch_outcomes(&gw, &element_correlations, StatusCode::BAD_GATEWAY, &none, started).await;
+            let _ =
+                record_batch_outcomes(&gw, &element_correlations, StatusCode::BAD_GATEWAY, &none, started, false).await;
             return json_response(StatusCode::BAD_GATEWAY, &messages::error_body(None, GATEWAY_REFUSED, e));
         }
     };
@@ -197,8 +199,15 @@ pub(super) async fn post_batch(
         answers.extend(local);
         (Bytes::from(Value::Array(answers).to_string()), "application/json")
     };
+    // Calls with database access end with the answer; like a single call's,
+    // their outcomes (and with them the statement records the proxy queued
+    // before) are made durable before the answer is released.
+    let durable = !accesses.is_empty();
     drop(accesses);
-    record_batch_outcomes(&gw, &element_correlations, status, &answered, started).await;
+    if !record_batch_outcomes(&gw, &element_correlations, status, &answered, started, durable).await {
+        let message = "the audit trail cannot record this batch's statements, so its answers are withheld";
+        return refuse_unrecorded(&gw, None, message);
+    }
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = if status == StatusCode::ACCEPTED { StatusCode::OK } else { status };
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -214,26 +223,36 @@ pub(super) struct ElementAnswers {
     withheld: std::collections::HashMap<String, String>,
 }
 
-/// One outcome record per forwarded batch element that has an id.
+/// One outcome record per forwarded batch element that has an id:
+/// deferred, or (`durable`, when calls had database access) made durable
+/// before the answer goes out. Returns false when a durable record failed
+/// and the policy fails closed.
 pub(super) async fn record_batch_outcomes(
     gw: &Gateway,
     elements: &[(String, String)],
     status: StatusCode,
     answered: &ElementAnswers,
     started: Instant,
-) {
+    durable: bool,
+) -> bool {
+    let mut recorded = true;
     for (id, element) in elements {
         let rpc_error = answered.rpc_errors.get(id).copied();
-        if let Some(reason) = answered.withheld.get(id) {
-            let event = scan::withheld_event(element, status.as_u16(), rpc_error, reason.clone(), started);
-            if let Err(e) = gw.wal.defer(event).await {
-                tracing::error!(error = %e, "an outcome record could not be queued");
+        let event = match answered.withheld.get(id) {
+            Some(reason) => scan::withheld_event(element, status.as_u16(), rpc_error, reason.clone(), started),
+            None => {
+                let outcome_status =
+                    if !status.is_success() || rpc_error.is_some() { OutcomeStatus::Error } else { OutcomeStatus::Ok };
+                let outcome =
+                    Outcome { status: outcome_status, http_status: Some(status.as_u16()), rpc_error, rows: None };
+                outcome_event(element, outcome, started)
             }
-            continue;
+        };
+        if durable {
+            recorded &= !gw.fails_closed(&gw.record(event).await);
+        } else if let Err(e) = gw.wal.defer(event).await {
+            tracing::error!(error = %e, "an outcome record could not be queued");
         }
-        let outcome_status =
-            if !status.is_success() || rpc_error.is_some() { OutcomeStatus::Error } else { OutcomeStatus::Ok };
-        let outcome = Outcome { status: outcome_status, http_status: Some(status.as_u16()), rpc_error, rows: None };
-        record_outcome(gw, element, outcome, started).await;
     }
+    recorded
 }
