@@ -10,15 +10,21 @@
 //!                    └──── no approval in 15 min ───▶ Refused
 //!   ReviewAfter:  Active at creation ──duration──▶ Expired; review due within reviewWithin
 //!   any:          revoked ▶ Revoked · outside the procedure ▶ Refused (why)
+//!                 admission policy absent, not denying, or newer than the grant (or its approval) ▶ Refused
 //! ```
 
 use std::time::Duration;
 
 use k8s_openapi::jiff::{self, Timestamp};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
 
-use crate::api::{ApprovalMode, EmergencyAccessSpec, EmergencyAccessStatus, EmergencyProcedure, GrantState};
+use crate::api::{
+    ApprovalMode, EmergencyAccess, EmergencyAccessSpec, EmergencyAccessStatus, EmergencyProcedure, GrantState,
+    MCPServer,
+};
 use crate::policy::parse_go_duration;
 
 /// How long a grant may wait for its approval.
@@ -26,6 +32,86 @@ pub const PENDING_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// The longest grant, whatever a procedure says (the CRDs say so too).
 pub const MAX_GRANT: Duration = Duration::from_secs(4 * 3600);
+
+/// Whether the API server enforces the chart's break-glass admission
+/// policy: without it nobody checked who created or approved a grant. A
+/// grant created before the policy (re)appeared is refused for good (its
+/// approval, later still, is covered by the same comparison).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// The policy and its binding deny, since `since` (the later of their
+    /// creations: a grant or approval older than that was not checked).
+    Enforced {
+        /// When both existed.
+        since: Timestamp,
+    },
+    /// Absent, or not denying: why.
+    Unenforced(String),
+    /// Not observable here (offline `check`).
+    NotObserved,
+}
+
+fn covers(list: Option<&Vec<String>>, value: &str) -> bool {
+    list.is_some_and(|l| l.iter().any(|x| x == value || x == "*"))
+}
+
+/// Whether the ValidatingAdmissionPolicy `name` and its binding of the same
+/// name (as the chart installs them) are in force: the policy fails closed,
+/// takes the MCPServer as its parameter and covers creating and updating
+/// grants; the binding denies, and a missing MCPServer denies too.
+pub fn admission(
+    name: &str,
+    policy: Option<&ValidatingAdmissionPolicy>,
+    binding: Option<&ValidatingAdmissionPolicyBinding>,
+) -> Admission {
+    let unenforced = |why: String| Admission::Unenforced(format!("admission policy {name}: {why}"));
+    let Some(policy) = policy else { return unenforced("absent".into()) };
+    let Some(binding) = binding else { return unenforced("its binding is absent".into()) };
+    let spec = policy.spec.clone().unwrap_or_default();
+    if spec.failure_policy.as_deref() == Some("Ignore") {
+        return unenforced("failurePolicy is Ignore".into());
+    }
+    let param = spec.param_kind.unwrap_or_default();
+    if param.kind.as_deref() != Some("MCPServer") || param.api_version.as_deref() != Some(crate::api::API_VERSION) {
+        return unenforced("its paramKind is not MCPServer".into());
+    }
+    let rules = spec.match_constraints.and_then(|m| m.resource_rules).unwrap_or_default();
+    let operation_covered = |op: &str| {
+        rules.iter().any(|r| {
+            covers(r.api_groups.as_ref(), crate::api::GROUP)
+                && covers(r.resources.as_ref(), "emergencyaccesses")
+                && r.resource_names.as_ref().is_none_or(Vec::is_empty)
+                && covers(r.operations.as_ref(), op)
+        })
+    };
+    if !operation_covered("CREATE") || !operation_covered("UPDATE") {
+        return unenforced("it does not cover creating and updating emergencyaccesses".into());
+    }
+    if spec.validations.unwrap_or_default().is_empty() {
+        return unenforced("it validates nothing".into());
+    }
+    let bspec = &binding.spec;
+    if bspec.policy_name != name {
+        return unenforced(format!("its binding names policy {:?}", bspec.policy_name));
+    }
+    if !bspec.validation_actions.iter().any(|a| a == "Deny") {
+        return unenforced("its binding does not Deny".into());
+    }
+    if bspec.param_ref.as_ref().and_then(|p| p.parameter_not_found_action.as_deref()) != Some("Deny") {
+        return unenforced("its binding does not deny when the MCPServer is missing".into());
+    }
+    let selective = |s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>| {
+        s.as_ref().is_some_and(|s| s != &Default::default())
+    };
+    if let Some(m) = &bspec.match_resources
+        && (selective(&m.namespace_selector) || selective(&m.object_selector) || m.exclude_resource_rules.is_some())
+    {
+        return unenforced("its binding selects only some grants".into());
+    }
+    let created = |t: Option<Time>| t.map(|t| t.0).unwrap_or(Timestamp::MAX);
+    let since = created(policy.creation_timestamp()).max(created(binding.creation_timestamp()));
+    Admission::Enforced { since }
+}
 
 /// What the controller knows of a grant.
 #[derive(Debug, Clone)]
@@ -41,6 +127,8 @@ pub struct Facts<'a> {
     pub created: Timestamp,
     /// When the controller first saw its approval (stamped in status).
     pub approved_at: Option<Timestamp>,
+    /// Whether the API server checked who created and approved it.
+    pub admission: &'a Admission,
     /// Now.
     pub now: Timestamp,
 }
@@ -58,6 +146,8 @@ pub struct Judgement {
     pub expires_at: Option<Timestamp>,
     /// For `ReviewAfter`: when the review is due.
     pub review_due_at: Option<Timestamp>,
+    /// For `ReviewAfter`: an approver reviewed it.
+    pub reviewed: bool,
     /// For `ReviewAfter`: the review is late (the control fails).
     pub review_overdue: bool,
 }
@@ -70,9 +160,18 @@ impl Judgement {
             activated_at: None,
             expires_at: None,
             review_due_at: None,
+            reviewed: false,
             review_overdue: false,
         }
     }
+}
+
+/// Now, at the API server's precision (whole seconds): a time stamped in
+/// status comes back truncated, and a judgement made from the full clock
+/// would differ from the one made from what was written (a write each
+/// pass).
+pub fn now() -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 fn plus(t: Timestamp, d: Duration) -> Timestamp {
@@ -82,6 +181,15 @@ fn plus(t: Timestamp, d: Duration) -> Timestamp {
 /// Judges a grant.
 pub fn judge(f: &Facts<'_>) -> Judgement {
     let g = f.grant;
+    match f.admission {
+        Admission::Unenforced(why) => return Judgement::refused(format!("not checked by the API server: {why}")),
+        Admission::Enforced { since } if *since > f.created => {
+            return Judgement::refused(format!(
+                "created before the admission policy was in force (since {since}): its requester was not checked"
+            ));
+        }
+        _ => {}
+    }
     let Some(procedure) = f.procedure else {
         return Judgement::refused(format!("MCPServer {} declares no emergencyAccess procedure", g.server));
     };
@@ -138,6 +246,7 @@ pub fn judge(f: &Facts<'_>) -> Judgement {
                     activated_at: None,
                     expires_at: None,
                     review_due_at: None,
+                    reviewed: false,
                     review_overdue: false,
                 };
             }
@@ -163,8 +272,68 @@ pub fn judge(f: &Facts<'_>) -> Judgement {
         activated_at: Some(activated),
         expires_at: Some(expires),
         review_due_at: review_due,
+        reviewed: review_due.is_some() && reviewed,
         review_overdue,
     }
+}
+
+/// Judges a grant object as the controller, the broker and the control
+/// see it: created at its `creationTimestamp`, approved when its status
+/// says (or now, when the approval is new), against its server's
+/// procedure.
+pub fn judge_grant(
+    grant: &EmergencyAccess,
+    server: Option<&MCPServer>,
+    admission: &Admission,
+    now: Timestamp,
+) -> Judgement {
+    let declared: Vec<String> =
+        server.map(|s| s.spec.tools.iter().map(|t| t.name.clone()).collect()).unwrap_or_default();
+    judge(&Facts {
+        grant: &grant.spec,
+        procedure: server.and_then(|s| s.spec.emergency_access.as_ref()),
+        declared_tools: &declared,
+        created: grant.creation_timestamp().map(|t| t.0).unwrap_or(now),
+        approved_at: approved_at(grant, now),
+        admission,
+        now,
+    })
+}
+
+/// When the grant's approval was first seen: the controller's stamp, or
+/// now for an approval it has not stamped yet.
+pub fn approved_at(grant: &EmergencyAccess, now: Timestamp) -> Option<Timestamp> {
+    grant.spec.approval.as_ref()?;
+    Some(grant.status.as_ref().and_then(|s| s.approved_at.as_ref()).map(|t| t.0).unwrap_or(now))
+}
+
+/// Condition of a `ReviewAfter` grant: an approver reviewed it.
+pub const REVIEWED: &str = "Reviewed";
+
+/// The `Reviewed` condition of a `ReviewAfter` grant (none otherwise); its
+/// transition time moves only when its status does.
+fn review_condition(judgement: &Judgement, previous: Option<&EmergencyAccessStatus>, now: Timestamp) -> Vec<Condition> {
+    let Some(due) = judgement.review_due_at else { return Vec::new() };
+    let (status, reason, message) = if judgement.reviewed {
+        ("True", "Reviewed", "an approver reviewed this grant".to_string())
+    } else if judgement.review_overdue {
+        ("False", "ReviewOverdue", format!("no approver reviewed this grant by {due}"))
+    } else {
+        ("False", "ReviewDue", format!("an approver's review is due by {due}"))
+    };
+    let since = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == REVIEWED))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    vec![Condition {
+        type_: REVIEWED.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: since,
+        observed_generation: None,
+    }]
 }
 
 /// The status a controller writes for a judgement. `previous` keeps the
@@ -185,7 +354,7 @@ pub fn grant_status(
         activated_at: time(judgement.activated_at),
         expires_at: time(judgement.expires_at),
         review_due_at: time(judgement.review_due_at),
-        conditions: previous.map(|p| p.conditions.clone()).unwrap_or_default(),
+        conditions: review_condition(judgement, previous, now),
     }
 }
 
@@ -249,6 +418,7 @@ mod tests {
             declared_tools: &declared,
             created: at(0),
             approved_at: approved.map(at),
+            admission: &Admission::Enforced { since: at(-60) },
             now: at(now),
         })
     }
@@ -320,7 +490,23 @@ mod tests {
         let late = judge_at(&grant(), Some(&p), None, 24 * 60 + 1);
         assert_eq!((late.state, late.review_overdue), (GrantState::Expired, true));
         let reviewed = judge_at(&approved("oidc:dr-house"), Some(&p), Some(120), 24 * 60 + 1);
-        assert!(!reviewed.review_overdue);
+        assert!(!reviewed.review_overdue && reviewed.reviewed);
+        // The grant says so in a condition that moves only when it changes.
+        let due = grant_status(&j, None, false, at(5));
+        assert_eq!((due.conditions[0].status.as_str(), due.conditions[0].reason.as_str()), ("False", "ReviewDue"));
+        let overdue = grant_status(&late, Some(&due), false, at(24 * 60 + 1));
+        assert_eq!(overdue.conditions[0].reason, "ReviewOverdue");
+        assert_eq!(overdue.conditions[0].last_transition_time, Time(at(5)), "still False");
+        let done = grant_status(&reviewed, Some(&overdue), true, at(24 * 60 + 2));
+        assert_eq!(
+            (done.conditions[0].status.as_str(), &done.conditions[0].last_transition_time),
+            ("True", &Time(at(24 * 60 + 2)))
+        );
+        assert!(
+            grant_status(&judge_at(&grant(), Some(&procedure(ApprovalMode::Required)), None, 1), None, false, at(1))
+                .conditions
+                .is_empty()
+        );
         // The beneficiary cannot start one for themselves.
         let own = EmergencyAccessSpec { requester: "oidc:er-agent".into(), ..grant() };
         assert_eq!(judge_at(&own, Some(&p), None, 1).state, GrantState::Refused);
@@ -362,5 +548,84 @@ mod tests {
         assert_eq!(judge_at(&revoked, Some(&p), Some(1), 2).state, GrantState::Revoked);
         let pending = EmergencyAccessSpec { revoked: true, ..grant() };
         assert_eq!(judge_at(&pending, Some(&p), None, 2).state, GrantState::Revoked);
+    }
+
+    fn policy_pair(created: &str) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
+        let policy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "mcpw-emergency-access", "creationTimestamp": created},
+            "spec": {
+                "failurePolicy": "Fail",
+                "paramKind": {"apiVersion": "mcpwarden.io/v1alpha1", "kind": "MCPServer"},
+                "matchConstraints": {"resourceRules": [{"apiGroups": ["mcpwarden.io"], "apiVersions": ["v1alpha1"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["emergencyaccesses"]}]},
+                "validations": [{"expression": "true"}]
+            }
+        }))
+        .expect("policy");
+        let binding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "mcpw-emergency-access", "creationTimestamp": created},
+            "spec": {"policyName": "mcpw-emergency-access", "validationActions": ["Deny"],
+                "paramRef": {"selector": {}, "parameterNotFoundAction": "Deny"}}
+        }))
+        .expect("binding");
+        (policy, binding)
+    }
+
+    #[test]
+    fn the_admission_policy_must_deny_and_predate_the_grant() {
+        let (policy, binding) = policy_pair("2027-01-15T08:00:00Z");
+        let name = "mcpw-emergency-access";
+        let since = "2027-01-15T08:00:00Z".parse::<Timestamp>().unwrap();
+        assert_eq!(admission(name, Some(&policy), Some(&binding)), Admission::Enforced { since });
+        let unenforced = |p: &ValidatingAdmissionPolicy, b: Option<&ValidatingAdmissionPolicyBinding>, needle: &str| {
+            match admission(name, Some(p), b) {
+                Admission::Unenforced(why) => assert!(why.contains(needle), "{why} lacks {needle}"),
+                other => panic!("{needle}: {other:?}"),
+            }
+        };
+        assert!(matches!(admission(name, None, Some(&binding)), Admission::Unenforced(w) if w.contains("absent")));
+        unenforced(&policy, None, "binding is absent");
+        let mut ignoring = policy.clone();
+        ignoring.spec.as_mut().unwrap().failure_policy = Some("Ignore".into());
+        unenforced(&ignoring, Some(&binding), "Ignore");
+        let mut creates_only = policy.clone();
+        creates_only.spec.as_mut().unwrap().match_constraints.as_mut().unwrap().resource_rules.as_mut().unwrap()[0]
+            .operations = Some(vec!["CREATE".into()]);
+        unenforced(&creates_only, Some(&binding), "creating and updating");
+        let mut empty = policy.clone();
+        empty.spec.as_mut().unwrap().validations = Some(vec![]);
+        unenforced(&empty, Some(&binding), "validates nothing");
+        let mut warns = binding.clone();
+        warns.spec.validation_actions = vec!["Warn".into(), "Audit".into()];
+        unenforced(&policy, Some(&warns), "does not Deny");
+        let mut allows = binding.clone();
+        allows.spec.param_ref.as_mut().unwrap().parameter_not_found_action = Some("Allow".into());
+        unenforced(&policy, Some(&allows), "MCPServer is missing");
+        let mut other = binding.clone();
+        other.spec.policy_name = "something-else".into();
+        unenforced(&policy, Some(&other), "names policy");
+
+        // In force since the policy's creation: a grant older than that was
+        // never checked by it.
+        let p = procedure(ApprovalMode::Required);
+        let declared = vec!["lookup_identity".to_string()];
+        let g = approved("oidc:dr-house");
+        let facts = |created: Timestamp, approved: Timestamp, admission: &Admission| {
+            judge(&Facts {
+                grant: &g,
+                procedure: Some(&p),
+                declared_tools: &declared,
+                created,
+                approved_at: Some(approved),
+                admission,
+                now: approved,
+            })
+        };
+        let enforced = Admission::Enforced { since: at(0) };
+        assert_eq!(facts(at(1), at(2), &enforced).state, GrantState::Active);
+        let before = facts(at(-5), at(2), &enforced);
+        assert!(before.state == GrantState::Refused && before.message.contains("requester was not checked"));
+        let absent = facts(at(1), at(2), &Admission::Unenforced("admission policy x: absent".into()));
+        assert_eq!((absent.state, absent.message.contains("absent")), (GrantState::Refused, true));
     }
 }

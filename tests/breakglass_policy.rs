@@ -4,28 +4,19 @@
 //! by the right person and by the wrong ones. The same policy runs in a
 //! cluster; e2e exercises it there.
 
+mod common;
+
 use kube::core::cel::{AdmissionRequest, VapEvaluator, VapExpression};
 use serde_json::{Value, json};
-
-const TEMPLATE: &str = include_str!("../charts/mcp-warden/templates/emergency-access-policy.yaml");
 
 /// The policy's validations, from the chart template with its Helm lines
 /// left out.
 fn validations() -> Vec<VapExpression> {
-    let plain: String = TEMPLATE
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("{{"))
-        .map(|l| l.replace("{{ .Release.Name }}", "rel"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let policy = serde_yaml::Deserializer::from_str(&plain)
-        .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("YAML"))
-        .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
-        .expect("the policy");
+    let objects = common::emergency_admission_policy("rel");
+    let policy = objects.iter().find(|d| d["kind"] == "ValidatingAdmissionPolicy").expect("the policy");
     assert_eq!(policy["spec"]["failurePolicy"], "Fail");
     assert_eq!(policy["spec"]["paramKind"]["kind"], "MCPServer");
-    let binding_text = plain.split("\n---\n").nth(1).expect("the binding");
-    let binding: Value = serde_yaml::from_str(binding_text).expect("binding YAML");
+    let binding = objects.iter().find(|d| d["kind"] == "ValidatingAdmissionPolicyBinding").expect("the binding");
     assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
     assert_eq!(binding["spec"]["paramRef"]["parameterNotFoundAction"], "Deny");
     policy["spec"]["validations"]

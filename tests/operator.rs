@@ -200,6 +200,74 @@ async fn readiness_waits_for_every_cache_then_turns() {
     eventually("convergence", WAIT, || converged(&fake, 2).then_some(())).await;
 }
 
+fn grant_state(fake: &FakeApi) -> Option<String> {
+    fake.get("emergencyaccesses", NS, "ea-1")?.pointer("/status/state").and_then(Value::as_str).map(str::to_string)
+}
+
+fn emergency_control(fake: &FakeApi) -> Option<(String, String)> {
+    let server = fake.get("mcpservers", NS, "s-000")?;
+    let control = server["status"]["controls"].as_array()?.iter().find(|c| c["id"] == "emergency-access")?.clone();
+    Some((control["verdict"].as_str()?.to_string(), control["message"].as_str()?.to_string()))
+}
+
+#[tokio::test]
+async fn a_grant_is_judged_approved_revoked_and_its_server_reports_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut fake = FakeApi::start(Duration::from_millis(20));
+    apply_all(&fake, &world(1));
+    apply_all(&fake, &common::emergency_admission_policy("mcp-warden"));
+    let api = fake.listen("solo").await;
+    let operator = Operator::start(dir.path(), api, "solo", &["--leader-election=false"]);
+    eventually("convergence", WAIT, || converged(&fake, 1).then_some(())).await;
+    let (verdict, message) = emergency_control(&fake).expect("the control");
+    assert_eq!(verdict, "Pass", "{message}");
+    assert!(message.contains("no emergency access is in force"), "{message}");
+
+    // The fake admits what the API server's policy would (tests/breakglass_policy.rs
+    // and e2e check the policy itself): a grant, then an approver's update.
+    let grant = json!({
+        "apiVersion": "mcpwarden.io/v1alpha1", "kind": "EmergencyAccess",
+        "metadata": {"name": "ea-1", "namespace": NS},
+        "spec": {"server": "s-000", "requester": "oidc:nurse-joy", "beneficiary": "er-agent",
+                 "tools": ["lookup_patient"], "reason": "unconscious patient", "duration": "1h"}
+    });
+    fake.apply("kubectl", &grant).expect("grant");
+    eventually("a pending grant", WAIT, || (grant_state(&fake)? == "Pending").then_some(())).await;
+    let approval = json!({"spec": {"approval": {"approver": "oidc:dr-house"}}});
+    fake.merge_patch("kubectl", "emergencyaccesses", NS, "ea-1", &approval).expect("approve");
+    eventually("an active grant", WAIT, || (grant_state(&fake)? == "Active").then_some(())).await;
+    let stored = fake.get("emergencyaccesses", NS, "ea-1").expect("grant");
+    assert!(stored.pointer("/status/approvedAt").is_some() && stored.pointer("/status/expiresAt").is_some());
+    let message = eventually("the server naming it", WAIT, || {
+        let (verdict, message) = emergency_control(&fake)?;
+        (verdict == "Pass" && message.contains("ea-1 (er-agent → lookup_patient")).then_some(message)
+    })
+    .await;
+    assert!(message.contains("approved by oidc:dr-house"), "{message}");
+    assert_eq!(operator.metric("mcpwarden_operator_emergency_grants_active", "").await, 1.0);
+
+    fake.merge_patch("kubectl", "emergencyaccesses", NS, "ea-1", &json!({"spec": {"revoked": true}})).expect("revoke");
+    eventually("a revoked grant", WAIT, || (grant_state(&fake)? == "Revoked").then_some(())).await;
+    eventually("the server no longer naming it", WAIT, || {
+        emergency_control(&fake)?.1.contains("no emergency access is in force").then_some(())
+    })
+    .await;
+    assert_eq!(operator.metric("mcpwarden_operator_emergency_grants_active", "").await, 0.0);
+    let events: Vec<String> = fake
+        .list("events", NS)
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_string))
+        .filter(|r| r.starts_with("EmergencyAccess"))
+        .collect();
+    for reason in ["EmergencyAccessPending", "EmergencyAccessActive", "EmergencyAccessRevoked"] {
+        assert_eq!(
+            events.iter().filter(|r| *r == reason).count(),
+            2,
+            "{reason} on the grant and its server: {events:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_converged_world_costs_no_request_and_a_hand_edit_is_restored_once() {
     let dir = tempfile::tempdir().expect("tempdir");

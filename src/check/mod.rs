@@ -129,6 +129,8 @@ fn judge_grant(grant: &Loaded<EmergencyAccess>, servers: &[Loaded<MCPServer>]) -
         declared_tools: &declared,
         created: now,
         approved_at: spec.approval.as_ref().map(|_| now),
+        // The chart's admission policy is not among the manifests.
+        admission: &breakglass::Admission::NotObserved,
         now,
     });
     (judgement.state == GrantState::Refused).then(|| error(format!("would be refused: {}", judgement.message)))

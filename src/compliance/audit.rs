@@ -7,6 +7,8 @@ use kube::ResourceExt;
 use super::identity::sidecar_of;
 use super::{Assessment, Input, Source};
 use crate::api::FailurePolicy;
+use crate::api::GrantState;
+use crate::breakglass::Admission;
 use crate::render::names::{MCP_CONTAINER, SIDECAR_CONTAINER};
 
 const AUDIT_DIR_FLAG: &str = "--audit-dir";
@@ -130,29 +132,60 @@ pub(super) fn integrity(input: &Input<'_>) -> Assessment {
 
 pub(super) fn emergency_access(input: &Input<'_>) -> Assessment {
     let mut a = Assessment::default();
-    match &input.server.spec.emergency_access {
-        None => a.unseen(
+    let Some(p) = &input.server.spec.emergency_access else {
+        a.unseen(
             "no break-glass procedure is configured (spec.emergencyAccess), so no emergency access is granted, bounded or recorded through mcp-warden",
-        ),
-        Some(p) => {
-            let approvers: Vec<String> = p
-                .approvers
-                .users
-                .iter()
-                .cloned()
-                .chain(p.approvers.groups.iter().map(|g| format!("group {g}")))
-                .collect();
-            a.unseen(
-                "grants (EmergencyAccess) are admitted by the chart's ValidatingAdmissionPolicy, but mcp-warden does not yet deliver them to the gateway and broker or judge them in a cluster, so none is observed in force",
-            );
-            a.held(format!(
-                "a procedure is declared: {:?} approval by {}, grants of at most {} to {}",
-                p.approval,
-                approvers.join(", "),
-                p.max_duration,
-                p.tools.join(", ")
-            ));
+        );
+        return a;
+    };
+    let approvers: Vec<String> =
+        p.approvers.users.iter().cloned().chain(p.approvers.groups.iter().map(|g| format!("group {g}"))).collect();
+    a.held(format!(
+        "a procedure is declared: {:?} approval by {}, grants of at most {} to {}",
+        p.approval,
+        approvers.join(", "),
+        p.max_duration,
+        p.tools.join(", ")
+    ));
+    let Some(view) = &input.observed.emergency else {
+        a.unseen("grants (EmergencyAccess) and the admission policy are observed in a cluster only");
+        return a;
+    };
+    match &view.admission {
+        Admission::Enforced { .. } => {
+            a.held("the API server enforces the break-glass admission policy (no self-approval, no widening)")
         }
+        Admission::Unenforced(why) => {
+            a.failed(format!("the procedure cannot be used: every grant is refused because {why}"))
+        }
+        Admission::NotObserved => a.unseen("the break-glass admission policy is not observed"),
+    }
+    let overdue: Vec<&str> =
+        view.grants.iter().filter(|g| g.judgement.review_overdue).map(|g| g.name.as_str()).collect();
+    if !overdue.is_empty() {
+        a.failed(format!("no approver reviewed emergency access {} in time", overdue.join(", ")));
+    }
+    let in_force: Vec<String> = view
+        .grants
+        .iter()
+        .filter(|g| g.judgement.state == GrantState::Active)
+        .map(|g| {
+            let until = g.judgement.expires_at.map(|t| t.to_string()).unwrap_or_default();
+            let by = match (&g.approver, g.judgement.review_due_at) {
+                (Some(who), _) => format!("approved by {who}"),
+                (None, Some(due)) => format!("review due by {due}"),
+                (None, None) => "unapproved".into(),
+            };
+            format!("{} ({} → {}, until {until}, {by})", g.name, g.beneficiary, g.tools.join(", "))
+        })
+        .collect();
+    if in_force.is_empty() {
+        a.held("no emergency access is in force");
+    } else {
+        a.held(format!(
+            "emergency access in force, each approved (or under review) and bounded: {}",
+            in_force.join("; ")
+        ));
     }
     a
 }

@@ -125,6 +125,30 @@ pub struct CollectorView {
     pub observed: String,
 }
 
+/// A break-glass grant of the server, as judged now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantView {
+    /// The EmergencyAccess's name.
+    pub name: String,
+    /// Its beneficiary (an MCP subject).
+    pub beneficiary: String,
+    /// Its tools.
+    pub tools: Vec<String>,
+    /// Who approved (or reviewed) it.
+    pub approver: Option<String>,
+    /// Where it stands.
+    pub judgement: crate::breakglass::Judgement,
+}
+
+/// What is observed of break-glass in a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmergencyView {
+    /// Whether the API server enforces the admission policy.
+    pub admission: crate::breakglass::Admission,
+    /// The server's grants.
+    pub grants: Vec<GrantView>,
+}
+
 /// Facts about the world beyond the MCPServer. `None` means not observed.
 #[derive(Debug, Clone)]
 pub struct Observations {
@@ -137,6 +161,8 @@ pub struct Observations {
     pub pods: Option<Vec<Pod>>,
     /// The audit collector's view of the server's streams.
     pub collector: Option<CollectorView>,
+    /// Break-glass: the admission policy and the server's grants.
+    pub emergency: Option<EmergencyView>,
 }
 
 impl Observations {
@@ -147,6 +173,7 @@ impl Observations {
             network_policies: Some(network_policies),
             pods: None,
             collector: None,
+            emergency: None,
         }
     }
 }

@@ -42,7 +42,13 @@ fn policy(yaml: &str) -> NetworkPolicy {
 }
 
 fn cluster(pods: Vec<Pod>, policies: Vec<NetworkPolicy>, collector: Option<CollectorView>) -> Observations {
-    Observations { source: Source::Cluster, network_policies: Some(policies), pods: Some(pods), collector }
+    Observations {
+        source: Source::Cluster,
+        network_policies: Some(policies),
+        pods: Some(pods),
+        collector,
+        emergency: None,
+    }
 }
 
 /// A running pod as the rendered Deployment would create it.
@@ -74,7 +80,7 @@ fn the_compliant_clinic_offline() {
     assert_verdict(&report, Control::AccessControl, Verdict::Pass, "ingress admits only the sidecar port 8443");
     assert_verdict(&report, Control::AccessControl, Verdict::Pass, "cannot observe");
     assert_verdict(&report, Control::UniqueUserIdentification, Verdict::Pass, "per caller and per tool");
-    assert_verdict(&report, Control::EmergencyAccess, Verdict::Unknown, "break-glass");
+    assert_verdict(&report, Control::EmergencyAccess, Verdict::Unknown, "observed in a cluster only");
     assert_verdict(&report, Control::AutomaticLogoff, Verdict::Pass, "15m");
     assert_verdict(&report, Control::AuditControls, Verdict::Unknown, "cannot be observed from manifests");
     assert_verdict(&report, Control::Integrity, Verdict::Unknown, "not verified");
@@ -216,7 +222,8 @@ fn harmless_other_policies_pass() {
 
 #[test]
 fn other_policies_not_observed_is_unknown() {
-    let observed = Observations { source: Source::Cluster, network_policies: None, pods: None, collector: None };
+    let observed =
+        Observations { source: Source::Cluster, network_policies: None, pods: None, collector: None, emergency: None };
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &observed);
     assert_verdict(&report, Control::AccessControl, Verdict::Unknown, "were not observed");
 }
@@ -468,8 +475,7 @@ fn an_identifier_pattern_that_does_not_compile_fails_by_name() {
     assert!(policy.is_err_and(|e| e.to_string().contains("does not compile")));
 }
 
-#[test]
-fn a_declared_procedure_is_named_but_stays_unknown_until_grants_are_enforced() {
+fn with_procedure() -> MCPServer {
     let mut server = clinic_server();
     server.spec.emergency_access = Some(crate::api::EmergencyProcedure {
         approvers: crate::api::Approvers { users: vec!["oidc:dr-house".into()], groups: vec!["er-attendings".into()] },
@@ -479,8 +485,65 @@ fn a_declared_procedure_is_named_but_stays_unknown_until_grants_are_enforced() {
         review_within: "24h".into(),
         kubernetes_username_prefix: "oidc:".into(),
     });
+    server
+}
+
+fn grant_view(name: &str, state: crate::api::GrantState, review_overdue: bool) -> crate::compliance::GrantView {
+    let at = |s: i64| k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + s).expect("time");
+    crate::compliance::GrantView {
+        name: name.into(),
+        beneficiary: "er-agent".into(),
+        tools: vec!["lookup_patient".into()],
+        approver: Some("oidc:dr-house".into()).filter(|_| !review_overdue),
+        judgement: crate::breakglass::Judgement {
+            state,
+            message: String::new(),
+            activated_at: Some(at(0)),
+            expires_at: Some(at(3600)),
+            review_due_at: review_overdue.then(|| at(60)),
+            reviewed: false,
+            review_overdue,
+        },
+    }
+}
+
+#[test]
+fn a_declared_procedure_is_named_offline_and_judged_with_its_grants_in_a_cluster() {
+    use crate::api::GrantState;
+    use crate::breakglass::Admission;
+    let server = with_procedure();
     let report = offline(&server);
-    assert_verdict(&report, Control::EmergencyAccess, Verdict::Unknown, "does not yet deliver them");
+    assert_verdict(&report, Control::EmergencyAccess, Verdict::Unknown, "observed in a cluster only");
     assert_verdict(&report, Control::EmergencyAccess, Verdict::Unknown, "oidc:dr-house, group er-attendings");
-    assert_verdict(&offline(&clinic_server()), Control::EmergencyAccess, Verdict::Unknown, "no break-glass procedure");
+    let mut without = clinic_server();
+    without.spec.emergency_access = None;
+    assert_verdict(&offline(&without), Control::EmergencyAccess, Verdict::Unknown, "no break-glass procedure");
+
+    let in_cluster = |admission: Admission, grants: Vec<crate::compliance::GrantView>| {
+        let observed = Observations {
+            emergency: Some(crate::compliance::EmergencyView { admission, grants }),
+            ..cluster(vec![], vec![], None)
+        };
+        evaluate_with(&server, &clinic_stores(), &observed)
+    };
+    let enforced = || Admission::Enforced { since: k8s_openapi::jiff::Timestamp::UNIX_EPOCH };
+    let quiet = in_cluster(enforced(), vec![grant_view("old", GrantState::Expired, false)]);
+    assert_verdict(&quiet, Control::EmergencyAccess, Verdict::Pass, "no emergency access is in force");
+    let active = in_cluster(enforced(), vec![grant_view("ea-1", GrantState::Active, false)]);
+    assert_verdict(&active, Control::EmergencyAccess, Verdict::Pass, "ea-1 (er-agent → lookup_patient, until");
+    assert_verdict(&active, Control::EmergencyAccess, Verdict::Pass, "approved by oidc:dr-house");
+    let late = in_cluster(enforced(), vec![grant_view("ea-2", GrantState::Expired, true)]);
+    assert_verdict(
+        &late,
+        Control::EmergencyAccess,
+        Verdict::Fail,
+        "no approver reviewed emergency access ea-2 in time",
+    );
+    let unguarded = in_cluster(Admission::Unenforced("admission policy p: absent".into()), vec![]);
+    assert_verdict(
+        &unguarded,
+        Control::EmergencyAccess,
+        Verdict::Fail,
+        "every grant is refused because admission policy p: absent",
+    );
 }

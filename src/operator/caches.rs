@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -32,7 +33,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::api::{MCPServer, PHIStore};
+use crate::api::{EmergencyAccess, MCPServer, PHIStore};
 use crate::compliance::selectors::selector_matches;
 use crate::render::JWKS_SOURCE_ANNOTATION;
 use crate::render::OwnedNames;
@@ -97,6 +98,13 @@ pub struct Caches {
     pub network_policies: Store<NetworkPolicy>,
     /// Pods carrying the server label (compact views).
     pub pods: Store<ServerPod>,
+    /// Break-glass grants.
+    pub grants: Store<EmergencyAccess>,
+    /// ValidatingAdmissionPolicies (cluster-wide): the break-glass one must
+    /// be in force for any grant to be.
+    pub admission_policies: Store<ValidatingAdmissionPolicy>,
+    /// Their bindings.
+    pub admission_bindings: Store<ValidatingAdmissionPolicyBinding>,
     /// Which caches have synced.
     pub sync: Arc<SyncState>,
 }
@@ -119,10 +127,27 @@ pub struct Triggers {
     pub network_policies: Trigger<NetworkPolicy>,
     /// Server pod changes.
     pub pods: Trigger<ServerPod>,
+    /// Grant changes.
+    pub grants: Trigger<EmergencyAccess>,
+    /// Admission policy changes.
+    pub admission_policies: Trigger<ValidatingAdmissionPolicy>,
+    /// Admission binding changes.
+    pub admission_bindings: Trigger<ValidatingAdmissionPolicyBinding>,
 }
 
-const KINDS: [&str; 8] =
-    ["MCPServer", "PHIStore", "Deployment", "Service", "ConfigMap", "ServiceAccount", "NetworkPolicy", "Pod"];
+const KINDS: [&str; 11] = [
+    "MCPServer",
+    "PHIStore",
+    "Deployment",
+    "Service",
+    "ConfigMap",
+    "ServiceAccount",
+    "NetworkPolicy",
+    "Pod",
+    "EmergencyAccess",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+];
 
 /// Label selecting the objects mcp-warden manages.
 pub fn managed_selector() -> String {
@@ -175,9 +200,9 @@ pub fn trim_config_map(config_map: &mut ConfigMap) {
     }
 }
 
-/// Drops what the operator never reads of an MCPServer or PHIStore: field
-/// ownership and annotations (`kubectl apply`'s last-applied copy of the
-/// whole spec among them).
+/// Drops what the operator never reads of an MCPServer, PHIStore, grant or
+/// admission policy: field ownership and annotations (`kubectl apply`'s
+/// last-applied copy of the whole spec among them).
 pub fn trim_custom<K: Resource>(object: &mut K) {
     object.managed_fields_mut().clear();
     object.meta_mut().annotations = None;
@@ -280,6 +305,12 @@ impl Caches {
         let (network_policies, network_policies_t) =
             cache(scope.api(), all(), &sync, "NetworkPolicy", keep_own_apply_entry);
         let (pods, pods_t) = cache(scope.api(), all().labels(SERVER_LABEL), &sync, "Pod", trim_pod);
+        let (grants, grants_t) = cache(scope.api(), all(), &sync, "EmergencyAccess", trim_custom);
+        // Cluster-scoped: whatever namespace is watched.
+        let (admission_policies, admission_policies_t) =
+            cache(Api::all(scope.client.clone()), all(), &sync, "ValidatingAdmissionPolicy", trim_custom);
+        let (admission_bindings, admission_bindings_t) =
+            cache(Api::all(scope.client.clone()), all(), &sync, "ValidatingAdmissionPolicyBinding", trim_custom);
         let caches = Caches {
             servers,
             stores,
@@ -289,6 +320,9 @@ impl Caches {
             service_accounts,
             network_policies,
             pods,
+            grants,
+            admission_policies,
+            admission_bindings,
             sync,
         };
         let triggers = Triggers {
@@ -300,8 +334,24 @@ impl Caches {
             service_accounts: service_accounts_t,
             network_policies: network_policies_t,
             pods: pods_t,
+            grants: grants_t,
+            admission_policies: admission_policies_t,
+            admission_bindings: admission_bindings_t,
         };
         (caches, triggers)
+    }
+
+    /// The grants of server `name` in `namespace`.
+    pub fn grants_of(&self, namespace: &str, name: &str) -> Vec<Arc<EmergencyAccess>> {
+        in_namespace(&self.grants, namespace).filter(|g| g.spec.server == name).collect()
+    }
+
+    /// Whether the break-glass admission policy `name` (and its binding of
+    /// the same name) is in force.
+    pub fn emergency_admission(&self, name: &str) -> crate::breakglass::Admission {
+        let policy = self.admission_policies.get(&ObjectRef::new(name));
+        let binding = self.admission_bindings.get(&ObjectRef::new(name));
+        crate::breakglass::admission(name, policy.as_deref(), binding.as_deref())
     }
 
     /// The PHIStores of `namespace`, by name.
@@ -430,6 +480,9 @@ pub mod fill {
             service_accounts: store(of(values, keep_own_apply_entry)),
             network_policies: store(of(values, keep_own_apply_entry)),
             pods: store(of(values, trim_pod)),
+            grants: store(of(values, trim_custom)),
+            admission_policies: store(of(values, trim_custom)),
+            admission_bindings: store(of(values, trim_custom)),
             sync,
         }
     }

@@ -21,6 +21,10 @@ use super::recent::RecentWrites;
 use crate::leader::Leadership;
 use crate::render::Settings;
 
+/// The break-glass admission policy's name when the chart is installed as
+/// `mcp-warden`.
+pub const DEFAULT_EMERGENCY_POLICY: &str = "mcp-warden-emergency-access";
+
 /// Shared state of the controllers.
 pub struct Context {
     /// The API client (its writes are fenced by leadership).
@@ -43,6 +47,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Re-evaluation (and JWKS refresh) period of a healthy server.
     pub resync: Duration,
+    /// Name of the break-glass ValidatingAdmissionPolicy and its binding.
+    pub emergency_policy: String,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -72,8 +78,15 @@ impl Context {
             collector: None,
             metrics: Metrics::register(registry),
             resync,
+            emergency_policy: DEFAULT_EMERGENCY_POLICY.into(),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context, requiring the break-glass admission policy `name`.
+    pub fn with_emergency_policy(mut self, name: &str) -> Self {
+        self.emergency_policy = name.to_string();
+        self
     }
 
     /// The same context, reading the audit collector's health from `source`.
@@ -122,6 +135,8 @@ pub struct Metrics {
     pub jwks_fetch_failures: Counter,
     /// 1 while this replica leads, else 0.
     pub leader: Gauge,
+    /// Break-glass grants in force.
+    pub emergency_grants_active: Gauge,
 }
 
 impl Metrics {
@@ -135,6 +150,7 @@ impl Metrics {
             orphans_deleted: Counter::default(),
             jwks_fetch_failures: Counter::default(),
             leader: Gauge::default(),
+            emergency_grants_active: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("mcpwarden_operator");
         r.register("reconciles", "Reconciliations started", metrics.reconciles.clone());
@@ -145,6 +161,11 @@ impl Metrics {
         r.register("orphans_deleted", "Owned objects deleted as no longer needed", metrics.orphans_deleted.clone());
         r.register("jwks_fetch_failures", "Failed JWKS fetches", metrics.jwks_fetch_failures.clone());
         r.register("leader", "1 while this replica leads", metrics.leader.clone());
+        r.register(
+            "emergency_grants_active",
+            "Break-glass grants (EmergencyAccess) in force",
+            metrics.emergency_grants_active.clone(),
+        );
         metrics
     }
 }

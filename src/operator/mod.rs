@@ -7,6 +7,9 @@
 //!   watch PHIStore → servers using it      ─▶ Controller ──┘        │ writes pass the fence
 //!   watch NetworkPolicy → servers whose pods it selects              ▼
 //!   watch Pod (label) → its server                         API server (only while leading)
+//!   watch EmergencyAccess → its server ─┐
+//!   watch MCPServer → its grants ───────┼─▶ grant Controller ─▶ grants::reconcile (judge, status, events)
+//!   watch admission policy → all grants ┘
 //!   Lease (leader election) ─ new term ─▶ reconcile every server
 //!   :8080  /healthz /readyz (every cache synced) /metrics
 //! ```
@@ -17,6 +20,7 @@
 pub mod caches;
 pub mod collector;
 pub mod context;
+pub mod grants;
 pub mod jwks;
 pub mod managed_fields;
 pub mod owned;
@@ -32,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgAction, Args};
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
@@ -81,6 +85,11 @@ pub struct OperatorArgs {
     /// handed to every sidecar (in its policy ConfigMap).
     #[arg(long, env = "MCPW_WARDEN_CA_FILE")]
     pub warden_ca_file: Option<std::path::PathBuf>,
+    /// Name of the chart's break-glass ValidatingAdmissionPolicy (and its
+    /// binding): without it in force, every emergency-access grant is
+    /// refused.
+    #[arg(long, env = "MCPW_EMERGENCY_ADMISSION_POLICY", default_value = context::DEFAULT_EMERGENCY_POLICY)]
+    pub emergency_admission_policy: String,
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = "MCPW_HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
     pub health_listen: SocketAddr,
@@ -217,7 +226,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         &mut registry,
         Duration::from_secs(args.resync_seconds),
         args.pod_name.clone(),
-    );
+    )
+    .with_emergency_policy(&args.emergency_admission_policy);
     if let (Some(url), Some(token)) = (&args.collector_url, &args.collector_token_file) {
         // The collector's certificate chains to the warden CA unless told otherwise.
         let ca = args.collector_ca_file.as_deref().or(args.warden_ca_file.as_deref());
@@ -243,7 +253,22 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let by_store = caches.servers.clone();
     let by_policy = caches.servers.clone();
     let targets = PolicyTargets::default();
-    let controller = Controller::for_stream(triggers.servers, caches.servers.clone())
+    // Each trigger stream has one consumer; what the other controller must
+    // hear of it goes through a channel.
+    let (grants_to_judge, grants_to_judge_rx) = futures::channel::mpsc::unbounded();
+    let (servers_to_evaluate, servers_to_evaluate_rx) = futures::channel::mpsc::unbounded();
+    let grants_of = caches.clone();
+    let server_triggers = triggers.servers.inspect_ok(move |server| {
+        for grant in grants::grants_of_server(&grants_of, server) {
+            let _ = grants_to_judge.unbounded_send(grant);
+        }
+    });
+    let grant_triggers = triggers.grants.inspect_ok(move |grant| {
+        if let Some(server) = grants::server_of_grant(grant) {
+            let _ = servers_to_evaluate.unbounded_send(server);
+        }
+    });
+    let controller = Controller::for_stream(server_triggers, caches.servers.clone())
         .with_config(ControllerConfig::default().concurrency(args.concurrency).debounce(args.debounce))
         .owns_stream(triggers.deployments)
         .owns_stream(triggers.services)
@@ -256,7 +281,18 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         // Pods, so status follows what really runs (label set by the renderer,
         // and by anyone imitating it: a pod without the sidecar is what we look for).
         .watches_stream(triggers.pods, |pod| triggers::server_of_pod(&pod))
+        // A grant changing changes its server's emergency-access control.
+        .reconcile_on(servers_to_evaluate_rx)
         // A new leader looks at everything once, from its warm caches.
+        .reconcile_all_on(leadership.terms())
+        .graceful_shutdown_on(signal.clone());
+    let all_on_policy = caches.clone();
+    let all_on_binding = caches.clone();
+    let grant_controller = Controller::for_stream(grant_triggers, caches.grants.clone())
+        .with_config(ControllerConfig::default().concurrency(args.concurrency).debounce(args.debounce))
+        .reconcile_on(grants_to_judge_rx)
+        .watches_stream(triggers.admission_policies, move |_| grants::every_grant(&all_on_policy))
+        .watches_stream(triggers.admission_bindings, move |_| grants::every_grant(&all_on_binding))
         .reconcile_all_on(leadership.terms())
         .graceful_shutdown_on(signal.clone());
 
@@ -265,6 +301,13 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         controller.run(reconcile::reconcile, reconcile::error_policy, reconciled).for_each(|result| async move {
             if let Err(e) = result {
                 warn!(error = %e, "controller event");
+            }
+        });
+    let judged = Arc::clone(&ctx);
+    let grants_done =
+        grant_controller.run(grants::reconcile, grants::error_policy, judged).for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "grant controller event");
             }
         });
     // Order of the stop: the controllers (no more writes), then the Lease
@@ -285,7 +328,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         election_stopped.notify_one();
     };
     let controllers = async move {
-        servers_done.await;
+        tokio::join!(servers_done, grants_done);
         controllers_stopped.notify_one();
     };
     info!(listen = %args.health_listen, "mcp-warden operator starting");

@@ -242,6 +242,7 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
         network_policies: Some(ctx.caches.network_policies_selecting(&namespace, &name)),
         pods: Some(pods),
         collector,
+        emergency: Some(emergency_view(ctx, server, &namespace, &name)),
     };
     let report = compliance::evaluate(&compliance::Input {
         server,
@@ -295,6 +296,25 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
         );
     }
     Ok(Action::requeue(ctx.resync))
+}
+
+/// The server's grants as the grant controller judges them, now.
+fn emergency_view(ctx: &Context, server: &MCPServer, namespace: &str, name: &str) -> compliance::EmergencyView {
+    let admission = ctx.caches.emergency_admission(&ctx.emergency_policy);
+    let now = crate::breakglass::now();
+    let grants = ctx
+        .caches
+        .grants_of(namespace, name)
+        .iter()
+        .map(|g| compliance::GrantView {
+            name: g.name_any(),
+            beneficiary: g.spec.beneficiary.clone(),
+            tools: g.spec.tools.clone(),
+            approver: g.spec.approval.as_ref().map(|a| a.approver.clone()),
+            judgement: crate::breakglass::judge_grant(g, Some(server), &admission, now),
+        })
+        .collect();
+    compliance::EmergencyView { admission, grants }
 }
 
 /// The JWKS document to serve, and whether it is current.

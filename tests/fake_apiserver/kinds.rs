@@ -53,6 +53,28 @@ pub const KINDS: &[Kind] = &[
         status_subresource: true,
         generation: true,
     },
+    Kind {
+        group: "mcpwarden.io",
+        version: "v1alpha1",
+        kind: "EmergencyAccess",
+        plural: "emergencyaccesses",
+        builtin: false,
+        status_subresource: true,
+        generation: true,
+    },
+    Kind {
+        generation: true,
+        ..builtin("admissionregistration.k8s.io", "v1", "ValidatingAdmissionPolicy", "validatingadmissionpolicies")
+    },
+    Kind {
+        generation: true,
+        ..builtin(
+            "admissionregistration.k8s.io",
+            "v1",
+            "ValidatingAdmissionPolicyBinding",
+            "validatingadmissionpolicybindings",
+        )
+    },
     Kind { status_subresource: true, generation: true, ..builtin("apps", "v1", "Deployment", "deployments") },
     Kind { generation: true, ..builtin("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies") },
     builtin("", "v1", "Service", "services"),
