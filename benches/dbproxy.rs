@@ -177,6 +177,7 @@ fn main() {
                 reused: false,
             },
             allow_copy: false,
+            emergency_access: None,
             expires: Instant::now() + Duration::from_secs(3600),
         };
         let token = grants.issue(grant, &mut ticket).expect("token");

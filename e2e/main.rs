@@ -496,7 +496,8 @@ async fn broker_reviews_sidecar_tokens_reads_its_inventory_and_writes_store_stat
                 "data": {"jwks.json": jwks}}),
     )
     .await;
-    let inventory = load_inventory(&client, Some(&ns)).await.expect("inventory");
+    let inventory =
+        load_inventory(&client, Some(&ns), mcp_warden::breakglass::DEFAULT_ADMISSION_POLICY).await.expect("inventory");
     let key = StoreRef { namespace: ns.clone(), name: "ehr".into() };
     let entry = inventory.stores[&key].as_ref().expect("store usable");
     assert_eq!(entry.access.admin_user, "warden_admin");
@@ -519,7 +520,8 @@ async fn broker_reviews_sidecar_tokens_reads_its_inventory_and_writes_store_stat
     let hold = json!({"metadata": {"finalizers": ["e2e.mcpwarden.io/hold"]}});
     servers.patch("patient-lookup", &PatchParams::default(), &Patch::Merge(&hold)).await.expect("finalizer");
     servers.delete("patient-lookup", &Default::default()).await.expect("delete");
-    let inventory = load_inventory(&client, Some(&ns)).await.expect("inventory");
+    let inventory =
+        load_inventory(&client, Some(&ns), mcp_warden::breakglass::DEFAULT_ADMISSION_POLICY).await.expect("inventory");
     let entry = inventory.servers.get(&server_key).expect("still listed while held");
     assert!(entry.as_ref().is_err_and(|e| e.contains("being deleted")), "a server being deleted is unusable");
     assert!(!inventory.groups().contains_key(&key), "it wants no group role, so its leases end");

@@ -113,6 +113,20 @@ pub fn admission(
     Admission::Enforced { since }
 }
 
+/// [`admission`] of the policy and binding named `name` among those found
+/// (the broker reads them as lists).
+pub fn admission_named(
+    name: &str,
+    policies: &[ValidatingAdmissionPolicy],
+    bindings: &[ValidatingAdmissionPolicyBinding],
+) -> Admission {
+    admission(name, policies.iter().find(|p| p.name_any() == name), bindings.iter().find(|b| b.name_any() == name))
+}
+
+/// The break-glass admission policy's (and binding's) name when the chart
+/// is installed as release `mcp-warden`.
+pub const DEFAULT_ADMISSION_POLICY: &str = "mcp-warden-emergency-access";
+
 /// What the controller knows of a grant.
 #[derive(Debug, Clone)]
 pub struct Facts<'a> {
@@ -275,6 +289,59 @@ pub fn judge(f: &Facts<'_>) -> Judgement {
         reviewed: review_due.is_some() && reviewed,
         review_overdue,
     }
+}
+
+/// A grant in force, as the broker hands it to a sidecar: what it opens,
+/// for whom, until when.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActiveGrant {
+    /// The EmergencyAccess's name (carried by every record made under it).
+    pub name: String,
+    /// The MCP subject it is for.
+    pub beneficiary: String,
+    /// The tools it opens.
+    pub tools: Vec<String>,
+    /// Whether `Identified` tools may answer with real values under it.
+    #[serde(default)]
+    pub identified_output: bool,
+    /// When it ends.
+    pub expires_at: Time,
+}
+
+impl ActiveGrant {
+    /// Whether it opens `tool` to `subject` at `now`.
+    pub fn opens(&self, subject: &str, tool: &str, now: Timestamp) -> bool {
+        self.beneficiary == subject && self.tools.iter().any(|t| t == tool) && now < self.expires_at.0
+    }
+}
+
+/// The grants of `server` in force at `now`: those the controller has
+/// judged Active (its status stamps the approval time the expiry counts
+/// from) and that this judgement, against `admission`, finds Active too.
+pub fn in_force<'a>(
+    server: &MCPServer,
+    grants: impl IntoIterator<Item = &'a EmergencyAccess>,
+    admission: &Admission,
+    now: Timestamp,
+) -> Vec<ActiveGrant> {
+    let (namespace, name) = (server.namespace(), server.name_any());
+    grants
+        .into_iter()
+        .filter(|g| g.namespace() == namespace && g.spec.server == name)
+        .filter(|g| g.status.as_ref().and_then(|s| s.state) == Some(GrantState::Active))
+        .filter(|g| g.spec.approval.is_none() || g.status.as_ref().is_some_and(|s| s.approved_at.is_some()))
+        .filter_map(|g| {
+            let judgement = judge_grant(g, Some(server), admission, now);
+            (judgement.state == GrantState::Active).then(|| ActiveGrant {
+                name: g.name_any(),
+                beneficiary: g.spec.beneficiary.clone(),
+                tools: g.spec.tools.clone(),
+                identified_output: g.spec.identified_output,
+                expires_at: Time(judgement.expires_at.unwrap_or(now)),
+            })
+        })
+        .collect()
 }
 
 /// Judges a grant object as the controller, the broker and the control

@@ -108,6 +108,10 @@ struct QueryArgs {
     /// Only calls of PHI tools.
     #[arg(long)]
     phi: bool,
+    /// Only what was done under break-glass: under any grant, or under the
+    /// EmergencyAccess named.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+    emergency: Option<String>,
     /// Record kinds (repeatable); default: decision and lease.
     #[arg(long = "kind", value_enum)]
     kinds: Vec<crate::audit::record::Kind>,
@@ -376,6 +380,7 @@ fn audit_query_cmd(args: &QueryArgs) -> ExitCode {
         until,
         decision: args.decision,
         phi_only: args.phi,
+        emergency: args.emergency.clone().map(|name| Some(name).filter(|n| !n.is_empty())),
         kinds: args.kinds.clone(),
     };
     let loaded = audit::query::read_records(&args.dir);

@@ -1083,3 +1083,136 @@ async fn the_broker_ships_its_lease_trail_to_the_collector_and_seals_it() {
     let remote: BTreeSet<String> = shipped.iter().map(|r| r.hash.clone()).collect();
     assert!(local.iter().all(|h| remote.contains(h)), "a local record is missing at the collector");
 }
+
+/// The broker's clinic with a break-glass procedure opening `lookup_patient`
+/// (identified output), the chart's admission policy in force for a day,
+/// and `grants` (EmergencyAccess YAML documents).
+fn with_break_glass(port: u16, admission: bool, grants: &[String]) -> String {
+    let mut text = manifests(port, &["id", "mrn", "name"], true, ADMIN_PASSWORD);
+    text.push_str(
+        "  emergencyAccess:\n    approvers: {users: [\"oidc:dr-house\"]}\n    maxDuration: 2h\n    tools: [lookup_patient]\n    kubernetesUsernamePrefix: \"oidc:\"\n",
+    );
+    if admission {
+        for mut object in common::emergency_admission_policy("mcp-warden") {
+            object["metadata"]["creationTimestamp"] = json!(ago(86_400));
+            text.push_str("---\n");
+            text.push_str(&serde_yaml::to_string(&object).unwrap());
+        }
+    }
+    for grant in grants {
+        text.push_str("---\n");
+        text.push_str(grant);
+    }
+    text
+}
+
+fn ago(seconds: i64) -> String {
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    k8s_openapi::jiff::Timestamp::from_second(now - seconds).unwrap().to_string()
+}
+
+/// An approved grant, as the operator's status says: created `created` s
+/// ago, approved `approved` s ago, for `duration`.
+fn grant(name: &str, beneficiary: &str, identified: bool, created: i64, approved: i64, duration: &str) -> String {
+    format!(
+        r#"apiVersion: mcpwarden.io/v1alpha1
+kind: EmergencyAccess
+metadata: {{name: {name}, namespace: clinic, creationTimestamp: "{created}"}}
+spec:
+  server: patient-lookup
+  requester: "oidc:nurse-joy"
+  beneficiary: {beneficiary}
+  tools: [lookup_patient]
+  reason: unconscious patient, identity needed for transfusion history
+  duration: {duration}
+  identifiedOutput: {identified}
+  approval: {{approver: "oidc:dr-house"}}
+status: {{state: Active, approvedAt: "{approved}"}}
+"#,
+        created = ago(created),
+        approved = ago(approved),
+    )
+}
+
+#[tokio::test]
+async fn a_grant_opens_exactly_its_tool_for_exactly_its_beneficiary_until_it_ends() {
+    let w = world().await;
+    let er_doc = token("er-doc", &[]);
+    // Without a grant, er-doc (no group) is refused.
+    let refused = w.client.credential(&request("lookup_patient", &er_doc)).await.unwrap_err();
+    assert!(matches!(refused, ClientError::Refused { status: 403, ref class, .. } if class == "caller_not_allowed"));
+
+    let ea = grant("ea-1", "er-doc", true, 300, 240, "1h");
+    w.reload(&with_break_glass(w.pg.port, true, std::slice::from_ref(&ea))).await;
+    assert_eq!(w.client.emergency_grants(SERVER, "er-doc").await.unwrap().len(), 1);
+    assert!(w.client.emergency_grants(SERVER, "intruder").await.unwrap().is_empty());
+    let credential = w.client.credential(&request("lookup_patient", &er_doc)).await.unwrap();
+    // The role ends no later than the grant (approved 4 min ago, for 1h):
+    // here its TTL (15m) comes first.
+    let until: k8s_openapi::jiff::Timestamp = credential.valid_until.parse().unwrap();
+    let grant_end = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(56 * 60 + 5);
+    assert!(until <= grant_end, "{until} after the grant's end {grant_end}");
+    let issued = w.lease_records().into_iter().last().unwrap();
+    assert_eq!(issued.event.emergency_access.as_deref(), Some("ea-1"), "the lease record names the grant");
+
+    // Not another tool, not another caller, not a forged subject's group.
+    for (tool, who) in [("record_note", er_doc.clone()), ("lookup_patient", token("intruder", &[]))] {
+        let refused = w.client.credential(&request(tool, &who)).await.unwrap_err();
+        assert!(matches!(refused, ClientError::Refused { status: 403, .. }), "{tool}: {refused}");
+    }
+
+    // Revoked (gone from the grants in force): its open session ends now.
+    let session = w.login(&credential).await.unwrap();
+    session.simple_query("SELECT mrn FROM clinical.patients").await.unwrap();
+    w.reload(&with_break_glass(w.pg.port, true, &[])).await;
+    assert_terminated(&session).await;
+    assert!(login_role_names(&w.admin_db().await).await.is_empty());
+    let revoked = w.lease_records().into_iter().last().unwrap();
+    assert_eq!(revoked.event.lease.as_ref().unwrap().action, LeaseAction::Revoked);
+    assert!(revoked.event.reason.as_deref().unwrap().contains("emergency access ea-1 ended"));
+    let refused = w.client.credential(&request("lookup_patient", &er_doc)).await.unwrap_err();
+    assert!(matches!(refused, ClientError::Refused { status: 403, .. }));
+}
+
+#[tokio::test]
+async fn a_grant_is_honoured_only_as_approved_bounded_and_checked_by_admission() {
+    let w = world().await;
+    let er_doc = token("er-doc", &[]);
+    let cases = [
+        // No admission policy in force: nobody checked who created it.
+        (with_break_glass(w.pg.port, false, &[grant("ea-1", "er-doc", true, 300, 240, "1h")]), false, "no policy"),
+        // An identified tool, under a grant (in force) that does not allow
+        // identified output.
+        (with_break_glass(w.pg.port, true, &[grant("ea-1", "er-doc", false, 300, 240, "1h")]), true, "identified"),
+        // Longer than the procedure's maxDuration.
+        (with_break_glass(w.pg.port, true, &[grant("ea-1", "er-doc", true, 300, 240, "3h")]), false, "too long"),
+        // Its time is over.
+        (with_break_glass(w.pg.port, true, &[grant("ea-1", "er-doc", true, 7300, 7200, "1h")]), false, "expired"),
+        // Approved after the 15-minute window.
+        (with_break_glass(w.pg.port, true, &[grant("ea-1", "er-doc", true, 1800, 60, "1h")]), false, "late"),
+    ];
+    for (manifests, in_force, case) in cases {
+        w.reload(&manifests).await;
+        let grants = w.client.emergency_grants(SERVER, "er-doc").await.unwrap();
+        assert_eq!(grants.len(), usize::from(in_force), "{case}");
+        let refused = w.client.credential(&request("lookup_patient", &er_doc)).await.unwrap_err();
+        assert!(matches!(refused, ClientError::Refused { status: 403, .. }), "{case}: {refused}");
+    }
+}
+
+#[tokio::test]
+async fn a_grant_ending_ends_its_role_and_the_reaper_its_session() {
+    let w = world().await;
+    // Approved 59m57s ago for 1h: three seconds left.
+    w.reload(&with_break_glass(w.pg.port, true, &[grant("ea-1", "er-doc", true, 3620, 3597, "1h")])).await;
+    let credential = w.client.credential(&request("lookup_patient", &token("er-doc", &[]))).await.unwrap();
+    let until: k8s_openapi::jiff::Timestamp = credential.valid_until.parse().unwrap();
+    let left = until.duration_since(k8s_openapi::jiff::Timestamp::now());
+    assert!(left <= k8s_openapi::jiff::SignedDuration::from_secs(4), "VALID UNTIL {until} outlives the grant");
+    let session = w.login(&credential).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(4200)).await;
+    assert!(w.login(&credential).await.is_err(), "no login past the grant's end");
+    // The reaper (every 15 s by default: the stated maximum lag) ends the session.
+    assert_eq!(w.broker.reap().await, 1);
+    assert_terminated(&session).await;
+}

@@ -192,6 +192,7 @@ impl World {
             store: "ehr".into(),
             credential,
             allow_copy: false,
+            emergency_access: None,
             expires,
         };
         (self.grants.issue(grant, ticket).unwrap(), lease)
@@ -815,6 +816,7 @@ async fn over_tls_the_proxy_verifies_the_store_and_logs_in_encrypted() {
         expires: local_expiry(&credential.valid_until),
         credential,
         allow_copy: false,
+        emergency_access: None,
     };
     let wrong = world.grants.issue(grant, &mut ticket).unwrap();
     let err = world.via_proxy(&wrong, "ehr").await.expect_err("refused");
@@ -924,6 +926,7 @@ async fn with_allow_copy_a_copy_is_relayed_and_audited_with_its_rows() {
         expires: local_expiry(&credential.valid_until),
         credential,
         allow_copy: true,
+        emergency_access: None,
     };
     let mut ticket = world.grants.ticket();
     let token = world.grants.issue(grant, &mut ticket).unwrap();

@@ -257,6 +257,32 @@ async fn the_server_gets_the_verified_caller_and_never_the_token() {
 }
 
 #[tokio::test]
+async fn a_grant_from_the_broker_opens_its_tool_to_its_beneficiary_on_the_record() {
+    let s = sidecar().await;
+    let er_doc = rs256(&claims("er-doc", &[]));
+    let stranger = rs256(&claims("stranger", &[]));
+    let list = rpc(1, "tools/list", json!({}));
+    let (_, _, listed) = s.post(Some(&er_doc), &list, &[]).await;
+    assert_eq!(tool_names(&listed), ["lookup_patient", "clinic_hours"], "the granted tool is listed");
+    let (_, _, listed) = s.post(Some(&stranger), &list, &[]).await;
+    assert_eq!(tool_names(&listed), ["clinic_hours"]);
+    let call = rpc(2, "tools/call", json!({"name": "lookup_patient", "arguments": {"mrn": "12345678"}}));
+    let (_, _, refused) = s.post(Some(&stranger), &call, &[]).await;
+    assert_eq!(refused["error"]["message"], "Unknown tool: lookup_patient");
+    let (_, _, answered) = s.post(Some(&er_doc), &call, &[]).await;
+    assert_eq!(answered["result"]["content"][0]["text"], "ok");
+    assert_eq!(s.upstream_calls("lookup_patient"), 1, "only the beneficiary's call reached the server");
+    // Its decision and its outcome name the grant; nothing else does.
+    let records = s.records();
+    let under: Vec<&Record> = records.iter().filter(|r| r.event.emergency_access.is_some()).collect();
+    let kinds: Vec<Kind> = under.iter().map(|r| r.event.kind).collect();
+    assert_eq!(kinds, [Kind::Decision, Kind::Outcome], "{under:?}");
+    assert!(under.iter().all(|r| r.event.emergency_access.as_deref() == Some(common::FAKE_GRANT)));
+    assert_eq!(under[0].event.correlation, under[1].event.correlation);
+    assert_eq!(under[0].event.caller.as_ref().map(|c| c.sub.as_str()), Some("er-doc"));
+}
+
+#[tokio::test]
 async fn every_call_has_one_decision_and_one_outcome_before_and_after() {
     let s = sidecar().await;
     let token = rs256(&claims("alice", &["front-desk"]));

@@ -1,5 +1,5 @@
 //! `audit query`: an auditor's questions over stored streams — by caller,
-//! server, tool, time window, decision, PHI.
+//! server, tool, time window, decision, PHI, break-glass grant.
 //!
 //! ```text
 //!   DIR/**/seg-*.jsonl ─ read_records ─▶ records ─ Query::select ─▶ rows (decision ⋈ outcome by correlation)
@@ -35,6 +35,9 @@ pub struct Query {
     pub decision: Option<Decision>,
     /// Only records of PHI tools (`phi: true`).
     pub phi_only: bool,
+    /// Only records made under break-glass: `Some(None)` any grant,
+    /// `Some(Some(name))` that EmergencyAccess.
+    pub emergency: Option<Option<String>>,
     /// The record kinds; empty: decisions and leases.
     pub kinds: Vec<Kind>,
 }
@@ -123,6 +126,12 @@ impl Query {
         if self.phi_only && event.phi != Some(true) {
             return false;
         }
+        match (&self.emergency, &event.emergency_access) {
+            (None, _) => {}
+            (Some(_), None) => return false,
+            (Some(Some(wanted)), Some(grant)) if wanted != grant => return false,
+            (Some(_), Some(_)) => {}
+        }
         let time = record.timestamp();
         if self.since.is_some_and(|since| time.is_none_or(|t| t < since)) {
             return false;
@@ -202,7 +211,11 @@ pub fn to_table(rows: &[Row<'_>]) -> String {
             e.tool.clone().unwrap_or_else(dash),
             e.phi.map_or_else(dash, |p| if p { "yes".into() } else { "no".into() }),
             e.decision.map_or_else(dash, |d| decision_name(d).to_string()),
-            e.reason.clone().unwrap_or_else(dash),
+            match (&e.emergency_access, &e.reason) {
+                (Some(grant), Some(reason)) => format!("emergency access {grant}; {reason}"),
+                (Some(grant), None) => format!("emergency access {grant}"),
+                (None, reason) => reason.clone().unwrap_or_else(dash),
+            },
             outcome.unwrap_or_else(dash),
             e.correlation.clone().unwrap_or_else(dash),
         ]);
@@ -313,6 +326,28 @@ mod tests {
         assert_eq!(rows[0].outcome.unwrap().event.correlation.as_deref(), Some("c1"));
         let table = to_table(&rows);
         assert!(table.contains("alice") && table.contains("ok 200") && table.contains("1 record(s)"), "{table}");
+    }
+
+    #[test]
+    fn what_was_done_under_break_glass() {
+        let mut chain = Chain::new("clinic/lookup/pod-1/s1".into(), "clinic/lookup".into(), Some("pod-1".into()));
+        let under = |mut e: Event, grant: &str| {
+            e.emergency_access = Some(grant.into());
+            e
+        };
+        let events = vec![
+            under(decision("er-doc", "lookup_patient", true, Decision::Allow, "c1"), "ea-1"),
+            under(outcome("c1"), "ea-1"),
+            decision("alice", "lookup_patient", true, Decision::Allow, "c2"),
+            under(decision("er-doc", "lookup_patient", true, Decision::Allow, "c3"), "ea-2"),
+        ];
+        let records: Vec<Record> =
+            events.into_iter().enumerate().map(|(i, e)| chain.seal(e, at(i as i64)).unwrap().record).collect();
+        let any = Query { emergency: Some(None), ..Query::default() }.select(&records);
+        assert_eq!(correlations(&any), vec!["c1", "c3"]);
+        let one = Query { emergency: Some(Some("ea-1".into())), ..Query::default() }.select(&records);
+        assert_eq!(correlations(&one), vec!["c1"]);
+        assert!(to_table(&one).contains("emergency access ea-1"), "{}", to_table(&one));
     }
 
     #[test]

@@ -102,6 +102,9 @@ pub struct Event {
     /// A writer restart (on `stream-start` after the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<Restart>,
+    /// The break-glass grant (`EmergencyAccess` name) this was done under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emergency_access: Option<String>,
 }
 
 /// Event kinds (also the values of `audit query --kind`).

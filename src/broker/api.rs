@@ -3,6 +3,7 @@
 //! ```text
 //!   POST /v1/credentials   sidecar (static credential, or its service-account token via TokenReview)
 //!                          {server, tool, store, callerToken, correlation?} → Credential
+//!   POST /v1/emergency-grants  sidecar (as for credentials) {server, subject} → {grants: [in force for that subject]}
 //!   POST /v1/revocations   revoker credential   {leaseId} | {server, subject?, reason?}         → {revoked: [role]}
 //!   GET  /v1/stores        revoker credential   → {namespace/name: PHIStore status}
 //!   POST /v1/reidentifications  reidentifier credential, or in a cluster a person's token
@@ -100,6 +101,7 @@ struct AppState {
 pub fn router(broker: Arc<Broker>, callers: Callers) -> Router {
     Router::new()
         .route("/v1/credentials", post(credentials))
+        .route("/v1/emergency-grants", post(emergency_grants))
         .route("/v1/revocations", post(revocations))
         .route("/v1/stores", get(stores))
         .route("/v1/reidentifications", post(reidentifications))
@@ -170,6 +172,44 @@ async fn credentials(State(state): State<AppState>, headers: HeaderMap, body: By
             refusal(&e)
         }
     }
+}
+
+/// What a sidecar asks of break-glass: the grants in force for one caller.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantsRequest {
+    /// The MCPServer, `namespace/name`.
+    pub server: String,
+    /// The caller's `sub` (verified by the sidecar; the broker verifies the
+    /// caller's token again when it issues a credential under a grant).
+    pub subject: String,
+}
+
+/// The answer: grants in force for that caller now.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct GrantsAnswer {
+    /// Each grant in force.
+    pub grants: Vec<crate::breakglass::ActiveGrant>,
+}
+
+async fn emergency_grants(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let bound = match state.callers.sidecar.check(&headers).await {
+        Ok(bound) => bound,
+        Err(why) => return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", why),
+    };
+    let request: GrantsRequest = match parse(&headers, &body, "grants request") {
+        Ok(r) => r,
+        Err(response) => return *response,
+    };
+    let Some(server) = super::issuer::parse_server(&request.server) else {
+        return refuse(StatusCode::BAD_REQUEST, "invalid_request", "server must be namespace/name".into());
+    };
+    if bound.as_ref().is_some_and(|b| *b != server) {
+        let message = format!("this sidecar may not ask about the grants of {server}");
+        return refuse(StatusCode::FORBIDDEN, "wrong_server", message);
+    }
+    let grants = state.broker.inventory().grants_of(&server, &request.subject);
+    answer(StatusCode::OK, json!(GrantsAnswer { grants }))
 }
 
 async fn revocations(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {

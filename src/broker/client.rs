@@ -68,6 +68,17 @@ impl BrokerClient {
         self.post("/v1/credentials", request).await
     }
 
+    /// The break-glass grants in force for one caller of `server`.
+    pub async fn emergency_grants(
+        &self,
+        server: &str,
+        subject: &str,
+    ) -> Result<Vec<crate::breakglass::ActiveGrant>, ClientError> {
+        let request = super::api::GrantsRequest { server: server.to_string(), subject: subject.to_string() };
+        let answer: super::api::GrantsAnswer = self.post("/v1/emergency-grants", &request).await?;
+        Ok(answer.grants)
+    }
+
     /// Revokes leases; returns the roles ended.
     pub async fn revoke(&self, revocation: &Revocation) -> Result<Vec<String>, ClientError> {
         let revoked: Revoked = self.post("/v1/revocations", revocation).await?;

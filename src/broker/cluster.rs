@@ -6,6 +6,7 @@
 //! ```text
 //!   sidecar token (audience mcp-warden-broker) ─ TokenReview ─▶ system:serviceaccount:<ns>:<server>-mcpw ─▶ <ns>/<server>
 //!   list MCPServers, PHIStores; get each Secret / ConfigMap they name ─▶ Inventory::build
+//!   list EmergencyAccesses; get the break-glass admission policy + binding ─▶ grants in force
 //!   store report ─ server-side apply, field manager mcp-warden-broker ─▶ PHIStore status (only when changed)
 //! ```
 //!
@@ -15,13 +16,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
+use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::inventory::{Inventory, StoreRef};
-use crate::api::{API_VERSION, MCPServer, PHIStore, PHIStoreStatus};
+use crate::api::{API_VERSION, EmergencyAccess, MCPServer, PHIStore, PHIStoreStatus};
 use crate::policy::namespace_of;
 pub use crate::token_review::{BROKER_AUDIENCE, ReviewError, TokenReviewer, server_of_service_account};
 
@@ -29,8 +31,14 @@ pub use crate::token_review::{BROKER_AUDIENCE, ReviewError, TokenReviewer, serve
 pub const STATUS_MANAGER: &str = "mcp-warden-broker";
 
 /// Reads the inventory from the API: every MCPServer and PHIStore (of one
-/// namespace, or all), and each Secret and ConfigMap they name.
-pub async fn load_inventory(client: &Client, namespace: Option<&str>) -> Result<Inventory, kube::Error> {
+/// namespace, or all), each Secret and ConfigMap they name, and the
+/// break-glass grants with the admission policy `admission_policy` (and
+/// its binding) they need in force.
+pub async fn load_inventory(
+    client: &Client,
+    namespace: Option<&str>,
+    admission_policy: &str,
+) -> Result<Inventory, kube::Error> {
     let servers: Vec<MCPServer> = scoped::<MCPServer>(client, namespace).list(&ListParams::default()).await?.items;
     let stores: Vec<PHIStore> = scoped::<PHIStore>(client, namespace).list(&ListParams::default()).await?.items;
     let mut secret_names: BTreeSet<(String, String)> = BTreeSet::new();
@@ -69,10 +77,18 @@ pub async fn load_inventory(client: &Client, namespace: Option<&str>) -> Result<
             maps.push(map);
         }
     }
-    Ok(Inventory::build(servers, stores, &secrets, &maps))
+    let grants: Vec<EmergencyAccess> =
+        scoped::<EmergencyAccess>(client, namespace).list(&ListParams::default()).await?.items;
+    let policy = Api::<ValidatingAdmissionPolicy>::all(client.clone()).get_opt(admission_policy).await?;
+    let binding = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()).get_opt(admission_policy).await?;
+    let admission = crate::breakglass::admission(admission_policy, policy.as_ref(), binding.as_ref());
+    let mut inventory = Inventory::build(servers.clone(), stores, &secrets, &maps);
+    inventory.admit_grants(&servers, &grants, &admission);
+    Ok(inventory)
 }
 
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+/// An Api for namespaced kind `K` in one namespace, or all.
+pub(super) fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -146,8 +162,11 @@ mod tests {
                 (StatusCode::OK, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "idp-jwks", "namespace": "clinic"},
                                         "data": {"jwks.json": crate::operator::fixtures::JWKS}}))
             })
+            .expect(Method::GET, "/apis/mcpwarden.io/v1alpha1/namespaces/clinic/emergencyaccesses", move |_| (StatusCode::OK, list(vec![])))
+            .expect(Method::GET, "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/mcp-warden-emergency-access", |_| (StatusCode::NOT_FOUND, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})))
+            .expect(Method::GET, "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings/mcp-warden-emergency-access", |_| (StatusCode::NOT_FOUND, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})))
             .run();
-        let inventory = load_inventory(&client, Some("clinic")).await.unwrap();
+        let inventory = load_inventory(&client, Some("clinic"), "mcp-warden-emergency-access").await.unwrap();
         server.await.unwrap();
         let key = StoreRef { namespace: "clinic".into(), name: "ehr".into() };
         let store = inventory.stores[&key].as_ref().expect("store usable");

@@ -23,7 +23,8 @@ use super::deid::WantedViews;
 use super::grants::{self, Grant};
 use super::naming::{self, NamingKey};
 use super::store::StoreAccess;
-use crate::api::{Deidentification, MCPServer, Output, PHIStore};
+use crate::api::{Deidentification, EmergencyAccess, MCPServer, Output, PHIStore};
+use crate::breakglass::{self, ActiveGrant, Admission};
 use crate::jwt::KeySource;
 use crate::manifest;
 use crate::policy::{self, CompiledPolicy, ServerRef, namespace_of};
@@ -87,6 +88,9 @@ pub struct Inventory {
     pub stores: BTreeMap<StoreRef, Result<StoreEntry, String>>,
     /// Each PHIStore's `metadata.generation` (for `status.observedGeneration`).
     pub generations: BTreeMap<StoreRef, Option<i64>>,
+    /// Break-glass grants in force when this inventory was built, by
+    /// server (each still checked against the clock when used).
+    pub grants: BTreeMap<ServerRef, Vec<ActiveGrant>>,
 }
 
 /// The Secret key holding the admin role's name.
@@ -96,18 +100,66 @@ pub const ADMIN_PASSWORD_KEY: &str = "password";
 
 impl Inventory {
     /// Reads a manifests directory (the laptop and test mode). Any invalid
-    /// manifest refuses the whole set, with every reason.
+    /// manifest refuses the whole set, with every reason. Grants are
+    /// honoured only if the chart's admission policy (release `mcp-warden`)
+    /// and its binding are among the manifests.
     pub fn from_manifests(dir: &Path) -> Result<Inventory, Vec<String>> {
+        Inventory::from_manifests_with(dir, breakglass::DEFAULT_ADMISSION_POLICY)
+    }
+
+    /// [`Inventory::from_manifests`], requiring the admission policy named
+    /// `admission_policy`, as it would be in force in a cluster.
+    pub fn from_manifests_with(dir: &Path, admission_policy: &str) -> Result<Inventory, Vec<String>> {
         let (set, errors) = manifest::load_paths(&[dir.to_path_buf()]);
         if !errors.is_empty() {
             return Err(errors.iter().map(ToString::to_string).collect());
         }
-        Ok(Inventory::build(
-            set.servers.into_iter().map(|l| l.object).collect(),
+        let servers: Vec<MCPServer> = set.servers.into_iter().map(|l| l.object).collect();
+        let grants: Vec<EmergencyAccess> = set.emergency_grants.into_iter().map(|l| l.object).collect();
+        let policies: Vec<_> = set.admission_policies.into_iter().map(|l| l.object).collect();
+        let bindings: Vec<_> = set.admission_bindings.into_iter().map(|l| l.object).collect();
+        let mut inventory = Inventory::build(
+            servers.clone(),
             set.stores.into_iter().map(|l| l.object).collect(),
             &set.secrets.into_iter().map(|l| l.object).collect::<Vec<_>>(),
             &set.config_maps.into_iter().map(|l| l.object).collect::<Vec<_>>(),
-        ))
+        );
+        inventory.admit_grants(&servers, &grants, &breakglass::admission_named(admission_policy, &policies, &bindings));
+        Ok(inventory)
+    }
+
+    /// Keeps the grants in force now of the usable servers (pure but for
+    /// the clock).
+    pub fn admit_grants(&mut self, servers: &[MCPServer], grants: &[EmergencyAccess], admission: &Admission) {
+        let now = breakglass::now();
+        self.grants.clear();
+        for server in servers {
+            let key = ServerRef { namespace: namespace_of(server), name: server.name_any() };
+            if !matches!(self.servers.get(&key), Some(Ok(_))) {
+                continue;
+            }
+            let in_force = breakglass::in_force(server, grants, admission, now);
+            if !in_force.is_empty() {
+                self.grants.insert(key, in_force);
+            }
+        }
+    }
+
+    /// The grants of `server` in force now for `subject`.
+    pub fn grants_of(&self, server: &ServerRef, subject: &str) -> Vec<ActiveGrant> {
+        let now = breakglass::now();
+        let grants = self.grants.get(server).map(Vec::as_slice).unwrap_or_default();
+        grants.iter().filter(|g| g.beneficiary == subject && now < g.expires_at.0).cloned().collect()
+    }
+
+    /// The grant that opens `tool` of `server` to `subject` now, if any (a
+    /// tool answering with identified PHI: only a grant allowing that).
+    pub fn grant_for(&self, server: &ServerRef, subject: &str, tool: &str) -> Option<&ActiveGrant> {
+        let now = breakglass::now();
+        let Some(Ok(entry)) = self.servers.get(server) else { return None };
+        let compiled = entry.policy.tools.get(tool).filter(|_| entry.policy.emergency_tools.contains(tool))?;
+        let identified = compiled.output == Output::Identified;
+        self.grants.get(server)?.iter().find(|g| g.opens(subject, tool, now) && (!identified || g.identified_output))
     }
 
     /// Builds the inventory from objects (pure).

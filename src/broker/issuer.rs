@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!   request ─ server known? ─ tool known? ─ tool reads this store? ─ caller token verified here?
-//!           ─ caller admitted to the tool? ─ pair slot (one per caller × tool × store, locked)
+//!           ─ caller admitted to the tool (or under a break-glass grant in force, the role ending with it)?
+//!           ─ pair slot (one per caller × tool × store [× grant], locked)
 //!               ├─ cached and far from expiry ─▶ record `reused` ─▶ credential
 //!               └─ else: group role in line ─▶ CREATE ROLE … IN ROLE group ─▶ record `issued` ─▶ credential
 //!                                                                  (record failed ─▶ role ended, error)
@@ -228,6 +229,8 @@ struct Seen {
     store_known: bool,
     unauthenticated: bool,
     caller: Option<AuditCaller>,
+    /// The break-glass grant the request is served under.
+    grant: Option<String>,
 }
 
 /// Identifies a pair slot.
@@ -238,6 +241,8 @@ struct PairKey {
     tool: String,
     issuer: String,
     subject: String,
+    /// Leases under a grant are never mixed with others (they end with it).
+    grant: Option<String>,
 }
 
 /// A lease handed out and still usable.
@@ -462,20 +467,39 @@ impl Broker {
             groups: caller.groups.iter().cloned().collect(),
         };
         seen.caller = Some(audit_caller.clone());
-        if !tool.callers.admits(&caller) {
-            return Err(BrokerError::CallerNotAllowed(request.tool.clone()));
-        }
+        // Break-glass: a caller the policy does not admit may use the tool
+        // under a grant in force for exactly this subject and tool.
+        let grant = if tool.callers.admits(&caller) {
+            None
+        } else {
+            let grant = inventory.grant_for(&server, &caller.subject, &request.tool);
+            Some(grant.ok_or_else(|| BrokerError::CallerNotAllowed(request.tool.clone()))?.clone())
+        };
+        seen.grant = grant.as_ref().map(|g| g.name.clone());
         let store_key = StoreRef { namespace: server.namespace.clone(), name: request.store.clone() };
         let handle = self.store(&store_key)?;
         let grants = super::grants::desired(tables)
             .map_err(|reason| BrokerError::ServerUnusable { server: request.server.clone(), reason })?;
         let ttl = self.ttl(policy.credential_ttl_seconds);
+        // Under a grant the role ends no later than the grant.
+        let ttl = match &grant {
+            Some(g) => {
+                let left = g.expires_at.0.duration_since(crate::breakglass::now());
+                let left = Duration::try_from(left).unwrap_or_default();
+                if left < Duration::from_secs(1) {
+                    return Err(BrokerError::CallerNotAllowed(request.tool.clone()));
+                }
+                ttl.min(left)
+            }
+            None => ttl,
+        };
         let key = PairKey {
             server: server.clone(),
             store: request.store.clone(),
             tool: request.tool.clone(),
             issuer: policy.authentication.issuer.clone(),
             subject: caller.subject.clone(),
+            grant: seen.grant.clone(),
         };
         let slot = self.slot(&key);
         let mut cached = slot.lock().await;
@@ -485,7 +509,7 @@ impl Broker {
         {
             let mut credential = hit.credential.clone();
             credential.reused = true;
-            let event = lease_event(LeaseFacts {
+            let mut event = lease_event(LeaseFacts {
                 action: LeaseAction::Reused,
                 lease: &credential.lease_id,
                 role: &credential.role,
@@ -496,6 +520,7 @@ impl Broker {
                 correlation: request.correlation.as_deref(),
                 reason: None,
             });
+            event.emergency_access = seen.grant.clone();
             self.trail.record(Some(&server), event).await?;
             return Ok(credential);
         }
@@ -546,7 +571,7 @@ impl Broker {
             created.map_err(store_error)?
         };
         let valid_until = format_time(created.valid_until);
-        let event = lease_event(LeaseFacts {
+        let mut event = lease_event(LeaseFacts {
             action: LeaseAction::Issued,
             lease: &lease_id,
             role: &role,
@@ -557,6 +582,7 @@ impl Broker {
             correlation: request.correlation.as_deref(),
             reason: None,
         });
+        event.emergency_access = seen.grant.clone();
         if let Err(e) = self.trail.record(Some(&server), event).await {
             // Unrecorded, so never handed out.
             if let Ok(guard) = handle.client().await

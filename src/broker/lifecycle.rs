@@ -6,6 +6,7 @@
 //!           ─ group roles no policy wants: members ended, then dropped ─ status report
 //!   reap    per store: login roles past VALID UNTIL ─ NOLOGIN ─ sessions terminated ─ DROP
 //!   revoke  by lease id, by server, or by server and subject ─ the same three steps, now
+//!   reload  grants in force before and not now (revoked, deleted, expired) ─ their beneficiaries' roles for their tools revoked
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -22,6 +23,7 @@ use super::status::{StoreObservation, store_status};
 use super::store::{self, LoginRole};
 use super::trail::{LeaseFacts, lease_event};
 use crate::audit::record::{LeaseAction, format_time};
+use crate::breakglass::ActiveGrant;
 use crate::policy::ServerRef;
 
 /// What to revoke.
@@ -55,6 +57,10 @@ impl Broker {
     /// roles of removed tools and servers end now.
     pub async fn reload(&self, inventory: Inventory) -> Vec<String> {
         let previous = self.install(inventory);
+        let ended = self.end_grants(&previous).await;
+        if !ended.is_empty() {
+            tracing::info!(roles = ended.len(), "roles of ended emergency access revoked");
+        }
         self.sync_with(Some(&previous)).await
     }
 
@@ -296,14 +302,66 @@ impl Broker {
     /// dropped. Returns the roles ended.
     pub async fn revoke(&self, revocation: &Revocation) -> Result<Vec<String>, BrokerError> {
         let inventory = self.inventory();
-        let origins = origins_of(&inventory);
         let selector = Selector::from(revocation, &inventory, self)?;
-        let handles: Vec<Arc<StoreHandle>> =
-            self.stores.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         let reason = match &revocation.reason {
             Some(r) => format!("revoked on demand: {}", r.chars().take(200).collect::<String>()),
             None => "revoked on demand".into(),
         };
+        self.end_selected(&inventory, &selector, &reason).await
+    }
+
+    /// Ends the leases of break-glass grants in `previous` that are no
+    /// longer in force (revoked, deleted, refused, expired): the roles of
+    /// their beneficiaries for their tools, whatever they were issued under
+    /// (one pair's roles share a name prefix).
+    pub(super) async fn end_grants(&self, previous: &Inventory) -> Vec<String> {
+        let inventory = self.inventory();
+        let mut ended = Vec::new();
+        for (server, grant) in grants_ended(previous, &inventory, crate::breakglass::now()) {
+            let prefixes = self.grant_prefixes(previous, &server, &grant);
+            let reason = format!("emergency access {} ended", grant.name);
+            match self.end_selected(previous, &Selector::Prefixes(prefixes), &reason).await {
+                Ok(roles) => ended.extend(roles),
+                Err(e) => {
+                    tracing::error!(error = %e, grant = %grant.name, "ending an emergency grant's roles failed; they end at their VALID UNTIL (the grant's end at the latest)")
+                }
+            }
+        }
+        ended
+    }
+
+    fn grant_prefixes(&self, inventory: &Inventory, server: &ServerRef, grant: &ActiveGrant) -> BTreeSet<String> {
+        let Some(Ok(entry)) = inventory.servers.get(server) else { return BTreeSet::new() };
+        let issuer = &entry.policy.authentication.issuer;
+        let mut prefixes = BTreeSet::new();
+        for tool in &grant.tools {
+            let Some(compiled) = entry.policy.tools.get(tool) else { continue };
+            for store in compiled.data_access.keys() {
+                let key = super::inventory::StoreRef { namespace: server.namespace.clone(), name: store.clone() };
+                if let Ok(handle) = self.store(&key) {
+                    prefixes.insert(naming::pair_prefix(
+                        &handle.entry.naming,
+                        server,
+                        store,
+                        tool,
+                        issuer,
+                        &grant.beneficiary,
+                    ));
+                }
+            }
+        }
+        prefixes
+    }
+
+    async fn end_selected(
+        &self,
+        inventory: &Inventory,
+        selector: &Selector,
+        reason: &str,
+    ) -> Result<Vec<String>, BrokerError> {
+        let origins = origins_of(inventory);
+        let handles: Vec<Arc<StoreHandle>> =
+            self.stores.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         let mut ended = Vec::new();
         for handle in handles {
             let store_error = |source| BrokerError::Store { store: handle.entry.access.store.database.clone(), source };
@@ -312,13 +370,32 @@ impl Broker {
             let roles = store::login_roles(client).await.map_err(store_error)?;
             for role in roles.iter().filter(|r| selector.matches(r)) {
                 let origin = role.groups.iter().find_map(|g| origins.get(g));
-                if self.end_and_record(client, role, origin, LeaseAction::Revoked, &reason).await? {
+                if self.end_and_record(client, role, origin, LeaseAction::Revoked, reason).await? {
                     ended.push(role.name.clone());
                 }
             }
         }
         Ok(ended)
     }
+}
+
+/// The grants in force in `previous` that are not in `current` (by server
+/// and name), or whose time is over at `now`.
+pub fn grants_ended(
+    previous: &Inventory,
+    current: &Inventory,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Vec<(ServerRef, ActiveGrant)> {
+    previous
+        .grants
+        .iter()
+        .flat_map(|(server, grants)| grants.iter().map(move |g| (server, g)))
+        .filter(|(server, grant)| {
+            let still = current.grants.get(*server).is_some_and(|gs| gs.iter().any(|g| g == *grant));
+            !still || now >= grant.expires_at.0
+        })
+        .map(|(server, grant)| (server.clone(), grant.clone()))
+        .collect()
 }
 
 /// Which login roles a revocation selects.

@@ -121,6 +121,11 @@ pub struct BrokerArgs {
     /// certificate.
     #[arg(long)]
     pub warden_ca_file: Option<PathBuf>,
+    /// Name of the chart's break-glass ValidatingAdmissionPolicy (and its
+    /// binding): grants are honoured only while it is in force (in
+    /// --manifests mode: among the manifests).
+    #[arg(long, env = "MCPW_EMERGENCY_ADMISSION_POLICY", default_value = crate::breakglass::DEFAULT_ADMISSION_POLICY)]
+    pub emergency_admission_policy: String,
 }
 
 fn duration_flag(flag: &str, text: &str) -> anyhow::Result<Duration> {
@@ -136,17 +141,27 @@ fn read_credential(path: &PathBuf, flag: &str) -> anyhow::Result<api::StaticCred
 
 /// Where the inventory comes from.
 enum Source {
-    Manifests(PathBuf),
-    Cluster { client: kube::Client, namespace: Option<String>, status: Box<cluster::StatusWriter> },
+    Manifests {
+        dir: PathBuf,
+        admission_policy: String,
+    },
+    Cluster {
+        client: kube::Client,
+        namespace: Option<String>,
+        status: Box<cluster::StatusWriter>,
+        admission_policy: String,
+    },
 }
 
 impl Source {
     async fn load(&self) -> anyhow::Result<inventory::Inventory> {
         match self {
-            Source::Manifests(dir) => inventory::Inventory::from_manifests(dir)
-                .map_err(|errors| anyhow::anyhow!("invalid manifests:\n{}", errors.join("\n"))),
-            Source::Cluster { client, namespace, .. } => {
-                Ok(cluster::load_inventory(client, namespace.as_deref()).await?)
+            Source::Manifests { dir, admission_policy } => {
+                inventory::Inventory::from_manifests_with(dir, admission_policy)
+                    .map_err(|errors| anyhow::anyhow!("invalid manifests:\n{}", errors.join("\n")))
+            }
+            Source::Cluster { client, namespace, admission_policy, .. } => {
+                Ok(cluster::load_inventory(client, namespace.as_deref(), admission_policy).await?)
             }
         }
     }
@@ -182,7 +197,9 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
                 Some(path) => api::ReidentifierAuth::Static(read_credential(path, "reidentifier-credential-file")?),
                 None => api::ReidentifierAuth::Closed,
             };
-            (Source::Manifests(dir.clone()), api::SidecarAuth::Static(sidecar), reidentifier)
+            let source =
+                Source::Manifests { dir: dir.clone(), admission_policy: args.emergency_admission_policy.clone() };
+            (source, api::SidecarAuth::Static(sidecar), reidentifier)
         }
         None => {
             anyhow::ensure!(
@@ -198,7 +215,12 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
             let status = Box::new(cluster::StatusWriter::new(client.clone()));
             let people = std::sync::Arc::new(crate::access_review::AccessReviewer::new(client.clone()));
             (
-                Source::Cluster { client, namespace: args.watch_namespace.clone(), status },
+                Source::Cluster {
+                    client,
+                    namespace: args.watch_namespace.clone(),
+                    status,
+                    admission_policy: args.emergency_admission_policy.clone(),
+                },
                 api::SidecarAuth::TokenReview(reviewer),
                 api::ReidentifierAuth::Cluster(people),
             )
@@ -252,7 +274,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         Source::Cluster { client, namespace, .. } => {
             Some(tokio::spawn(watch_changes(client.clone(), namespace.clone(), Arc::clone(&changed))))
         }
-        Source::Manifests(_) => None,
+        Source::Manifests { .. } => None,
     };
     let reaper = tokio::spawn(reap_loop(Arc::downgrade(&broker), reap_interval));
     let reloader =
@@ -314,23 +336,28 @@ async fn reload_loop(
     }
 }
 
-/// Wakes the reload loop when an MCPServer or PHIStore changes.
+/// Wakes the reload loop when an MCPServer, PHIStore or break-glass grant
+/// (or the admission policy grants need) changes: a revoked grant's
+/// sessions end within seconds, not at the next resync.
 async fn watch_changes(client: kube::Client, namespace: Option<String>, changed: Arc<tokio::sync::Notify>) {
     use futures::StreamExt;
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
     use kube::runtime::{WatchStreamExt, watcher};
-    let servers: kube::Api<crate::api::MCPServer> = match &namespace {
-        Some(ns) => kube::Api::namespaced(client.clone(), ns),
-        None => kube::Api::all(client.clone()),
-    };
-    let stores: kube::Api<crate::api::PHIStore> = match &namespace {
-        Some(ns) => kube::Api::namespaced(client, ns),
-        None => kube::Api::all(client),
-    };
-    let servers =
-        watcher(servers, watcher::Config::default()).default_backoff().touched_objects().map(|r| r.is_ok()).boxed();
-    let stores =
-        watcher(stores, watcher::Config::default()).default_backoff().touched_objects().map(|r| r.is_ok()).boxed();
-    let mut events = futures::stream::select(servers, stores);
+    fn touched<K>(api: kube::Api<K>) -> futures::stream::BoxStream<'static, bool>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+        K::DynamicType: Default,
+    {
+        watcher(api, watcher::Config::default()).default_backoff().touched_objects().map(|r| r.is_ok()).boxed()
+    }
+    let namespace = namespace.as_deref();
+    let mut events = futures::stream::select_all([
+        touched(cluster::scoped::<crate::api::MCPServer>(&client, namespace)),
+        touched(cluster::scoped::<crate::api::PHIStore>(&client, namespace)),
+        touched(cluster::scoped::<crate::api::EmergencyAccess>(&client, namespace)),
+        touched(kube::Api::<ValidatingAdmissionPolicy>::all(client.clone())),
+        touched(kube::Api::<ValidatingAdmissionPolicyBinding>::all(client)),
+    ]);
     while let Some(ok) = events.next().await {
         if ok {
             changed.notify_one();

@@ -37,6 +37,8 @@ pub struct CallGrant {
     pub allow_copy: bool,
     /// When the credential expires, on this machine's clock.
     pub expires: Instant,
+    /// The break-glass grant the call is allowed under.
+    pub emergency_access: Option<String>,
 }
 
 /// Why a token does not open a connection.
@@ -247,6 +249,7 @@ mod tests {
                 reused: false,
             },
             allow_copy: false,
+            emergency_access: None,
             expires,
         }
     }

@@ -417,6 +417,7 @@ fn call_event(grant: &CallGrant, kind: Kind) -> Event {
         tool: Some(grant.tool.clone()),
         phi: Some(true),
         store: Some(grant.store.clone()),
+        emergency_access: grant.emergency_access.clone(),
         ..Event::new(kind)
     }
 }

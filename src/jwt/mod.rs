@@ -307,7 +307,7 @@ impl Authenticator {
         }
         let groups = strings(claims.get(&settings.groups_claim)).into_iter().collect();
         let expires = claims.get("exp").and_then(Value::as_u64).ok_or(AuthnError::Invalid("missing claim"))?;
-        Ok((Caller { subject, groups }, expires))
+        Ok((Caller { subject, groups, emergency: Vec::new() }, expires))
     }
 }
 

@@ -13,6 +13,7 @@ pub mod schema;
 
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::CustomResourceExt;
@@ -95,6 +96,11 @@ pub struct ManifestSet {
     pub config_maps: Vec<Loaded<ConfigMap>>,
     /// Emergency-access grants, admitted (schema and CEL).
     pub emergency_grants: Vec<Loaded<EmergencyAccess>>,
+    /// ValidatingAdmissionPolicies (the break-glass one must be in force
+    /// for the broker to honour a grant).
+    pub admission_policies: Vec<Loaded<ValidatingAdmissionPolicy>>,
+    /// Their bindings.
+    pub admission_bindings: Vec<Loaded<ValidatingAdmissionPolicyBinding>>,
     /// Objects of other kinds, which `check` does not judge.
     pub other_objects: usize,
 }
@@ -192,7 +198,11 @@ fn classify(value: Value, origin: &Origin, set: &mut ManifestSet, errors: &mut V
             }
         }
         (API_VERSION, "EmergencyAccess") => {
-            if let Some(grant) = admit_custom::<EmergencyAccess>(&value, origin, errors) {
+            if let Some(mut grant) = admit_custom::<EmergencyAccess>(&value, origin, errors) {
+                // Admission is of what people write; the status is the
+                // operator's (a snapshot of a cluster carries it), kept as
+                // written when it parses.
+                grant.status = value.get("status").cloned().and_then(|s| serde_json::from_value(s).ok());
                 set.emergency_grants.push(Loaded { origin: origin.clone(), object: grant });
             }
         }
@@ -217,6 +227,16 @@ fn classify(value: Value, origin: &Origin, set: &mut ManifestSet, errors: &mut V
             Ok(map) => set.config_maps.push(Loaded { origin: origin.clone(), object: map }),
             Err(e) => errors.push(error(None, format!("invalid ConfigMap: {e}"))),
         },
+        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => match serde_json::from_value(value) {
+            Ok(policy) => set.admission_policies.push(Loaded { origin: origin.clone(), object: policy }),
+            Err(e) => errors.push(error(None, format!("invalid ValidatingAdmissionPolicy: {e}"))),
+        },
+        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+            match serde_json::from_value(value) {
+                Ok(binding) => set.admission_bindings.push(Loaded { origin: origin.clone(), object: binding }),
+                Err(e) => errors.push(error(None, format!("invalid ValidatingAdmissionPolicyBinding: {e}"))),
+            }
+        }
         ("v1", "List") => {
             for item in value.get("items").and_then(Value::as_array).cloned().unwrap_or_default() {
                 classify(item, origin, set, errors);

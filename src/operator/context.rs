@@ -21,9 +21,7 @@ use super::recent::RecentWrites;
 use crate::leader::Leadership;
 use crate::render::Settings;
 
-/// The break-glass admission policy's name when the chart is installed as
-/// `mcp-warden`.
-pub const DEFAULT_EMERGENCY_POLICY: &str = "mcp-warden-emergency-access";
+pub use crate::breakglass::DEFAULT_ADMISSION_POLICY as DEFAULT_EMERGENCY_POLICY;
 
 /// Shared state of the controllers.
 pub struct Context {

@@ -51,6 +51,9 @@ pub struct CompiledPolicy {
     /// Whose pseudonyms the de-identified tools see (views of
     /// `deid_<scope>`).
     pub pseudonym_scope: String,
+    /// The tools a break-glass grant may open (`emergencyAccess.tools`).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub emergency_tools: BTreeSet<String>,
 }
 
 /// Namespace and name of an MCPServer.
@@ -169,6 +172,9 @@ pub struct Caller {
     pub subject: String,
     /// Groups from the groups claim.
     pub groups: BTreeSet<String>,
+    /// Break-glass grants in force for this caller now (the sidecar learns
+    /// them from the broker when a decision needs them; empty otherwise).
+    pub emergency: Vec<crate::breakglass::ActiveGrant>,
 }
 
 impl CallerSet {
@@ -346,6 +352,7 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
         audit_failure_policy: spec.audit.failure_policy,
         stores: compiled_stores,
         pseudonym_scope: scope,
+        emergency_tools: spec.emergency_access.iter().flat_map(|p| p.tools.iter().cloned()).collect(),
     })
 }
 
@@ -424,7 +431,7 @@ mod tests {
     use super::*;
 
     fn caller(sub: &str, groups: &[&str]) -> Caller {
-        Caller { subject: sub.into(), groups: groups.iter().map(|g| g.to_string()).collect() }
+        Caller { subject: sub.into(), groups: groups.iter().map(|g| g.to_string()).collect(), emergency: vec![] }
     }
 
     #[test]

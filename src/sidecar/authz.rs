@@ -8,7 +8,8 @@
 //!   tools/list, resources/list,
 //!   resources/templates/list,
 //!   prompts/list                      allow; the response is filtered to the caller
-//!   tools/call                        allow iff the policy lists the tool and admits the caller
+//!   tools/call                        allow iff the policy lists the tool and admits the caller,
+//!                                     or a break-glass grant in force opens it to the caller
 //!   resources/read|subscribe|unsubscribe  by the longest matching uriPrefix
 //!   prompts/get                       by the prompt entry
 //!   completion/complete               by the prompt or resource it refers to
@@ -56,6 +57,8 @@ pub struct Allowed {
     pub rule: &'static str,
     /// Whether the response must be filtered to the caller.
     pub filter: Option<ListKind>,
+    /// The break-glass grant it is allowed under.
+    pub grant: Option<String>,
 }
 
 /// A refused message.
@@ -88,7 +91,23 @@ pub enum ListKind {
 }
 
 fn allow(rule: &'static str) -> Decision {
-    Decision::Allow(Allowed { target: None, phi: false, rule, filter: None })
+    Decision::Allow(Allowed { target: None, phi: false, rule, filter: None, grant: None })
+}
+
+/// The grant in force that opens `tool` to `caller`, if the policy lets
+/// grants open it; a tool answering with identified PHI only under a grant
+/// that allows identified output. (The sidecar keeps only grants in force
+/// now in `caller.emergency`.)
+pub fn grant_opening<'a>(policy: &CompiledPolicy, caller: &'a Caller, tool: &str) -> Option<&'a str> {
+    let compiled = policy.tools.get(tool).filter(|_| policy.emergency_tools.contains(tool))?;
+    let identified = compiled.output == crate::api::Output::Identified;
+    caller
+        .emergency
+        .iter()
+        .find(|g| {
+            g.beneficiary == caller.subject && g.tools.iter().any(|t| t == tool) && (!identified || g.identified_output)
+        })
+        .map(|g| g.name.as_str())
 }
 
 fn param<'a>(params: Option<&'a Value>, key: &str) -> Option<&'a str> {
@@ -114,6 +133,14 @@ pub fn decide(policy: &CompiledPolicy, caller: &Caller, method: Option<&str>, pa
                     phi: tool.phi,
                     rule: "tool allowed for caller",
                     filter: None,
+                    grant: None,
+                }),
+                Some(tool) if let Some(grant) = grant_opening(policy, caller, name) => Decision::Allow(Allowed {
+                    target: Some(name.to_string()),
+                    phi: tool.phi,
+                    rule: "tool opened by emergency access",
+                    filter: None,
+                    grant: Some(grant.to_string()),
                 }),
                 found => Decision::Deny(Denied {
                     target: Some(name.to_string()),
@@ -141,7 +168,13 @@ pub fn decide(policy: &CompiledPolicy, caller: &Caller, method: Option<&str>, pa
 }
 
 fn list(kind: ListKind) -> Decision {
-    Decision::Allow(Allowed { target: None, phi: false, rule: "list, filtered to the caller", filter: Some(kind) })
+    Decision::Allow(Allowed {
+        target: None,
+        phi: false,
+        rule: "list, filtered to the caller",
+        filter: Some(kind),
+        grant: None,
+    })
 }
 
 fn deny_method(method: &str) -> Decision {
@@ -162,6 +195,7 @@ fn resource(policy: &CompiledPolicy, caller: &Caller, uri: &str) -> Decision {
             phi: entry.phi,
             rule: "resource allowed for caller",
             filter: None,
+            grant: None,
         }),
         found => Decision::Deny(Denied {
             target: found.map(|r| r.uri_prefix.clone()),
@@ -180,6 +214,7 @@ fn prompt(policy: &CompiledPolicy, caller: &Caller, name: &str) -> Decision {
             phi: false,
             rule: "prompt allowed for caller",
             filter: None,
+            grant: None,
         }),
         found => Decision::Deny(Denied {
             target: Some(name.to_string()),
@@ -214,7 +249,10 @@ pub fn filter_list(policy: &CompiledPolicy, caller: &Caller, kind: ListKind, res
 fn admits_entry(policy: &CompiledPolicy, caller: &Caller, kind: ListKind, item: &Value) -> bool {
     let text = |key: &str| item.get(key).and_then(Value::as_str).unwrap_or_default();
     match kind {
-        ListKind::Tools => policy.tools.get(text("name")).is_some_and(|tool| tool.callers.admits(caller)),
+        ListKind::Tools => policy
+            .tools
+            .get(text("name"))
+            .is_some_and(|tool| tool.callers.admits(caller) || grant_opening(policy, caller, text("name")).is_some()),
         ListKind::Resources => resource_admitted(policy, caller, text("uri")),
         ListKind::ResourceTemplates => resource_admitted(policy, caller, text("uriTemplate")),
         ListKind::Prompts => policy.prompts.get(text("name")).is_some_and(|c: &CallerSet| c.admits(caller)),
@@ -264,7 +302,7 @@ mod tests {
     }
 
     fn caller(groups: &[&str]) -> Caller {
-        Caller { subject: "alice".into(), groups: groups.iter().map(|g| g.to_string()).collect() }
+        Caller { subject: "alice".into(), groups: groups.iter().map(|g| g.to_string()).collect(), emergency: vec![] }
     }
 
     fn call(tool: &str) -> Value {
@@ -384,5 +422,67 @@ mod tests {
         let mut plain = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "x"}});
         assert!(!rewrite_meta(plain.as_object_mut().expect("object"), &caller(&[]), "https://i"));
         assert_eq!(plain["params"]["_meta"]["io.mcpwarden/caller"]["sub"], "alice");
+    }
+
+    fn grant(beneficiary: &str, tools: &[&str], identified_output: bool) -> crate::breakglass::ActiveGrant {
+        crate::breakglass::ActiveGrant {
+            name: "ea-1".into(),
+            beneficiary: beneficiary.into(),
+            tools: tools.iter().map(|t| t.to_string()).collect(),
+            identified_output,
+            expires_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::MAX),
+        }
+    }
+
+    #[test]
+    fn a_grant_opens_exactly_its_tools_for_exactly_its_beneficiary() {
+        let policy = policy();
+        let listed = |caller: &Caller| {
+            let mut result = json!({"tools": [{"name": "lookup_patient"}, {"name": "clinic_hours"}]});
+            filter_list(&policy, caller, ListKind::Tools, &mut result);
+            result["tools"].as_array().map(|t| t.len()).unwrap_or_default()
+        };
+        // alice, in no group: lookup_patient is refused as nonexistent and hidden.
+        let mut alice = caller(&[]);
+        let refused = decide(&policy, &alice, Some("tools/call"), Some(&call("lookup_patient")));
+        assert!(matches!(refused, Decision::Deny(ref d) if d.message == "Unknown tool: lookup_patient"));
+        assert_eq!(listed(&alice), 1);
+        // Under a grant for her: allowed, named, listed.
+        alice.emergency = vec![grant("alice", &["lookup_patient"], false)];
+        match decide(&policy, &alice, Some("tools/call"), Some(&call("lookup_patient"))) {
+            Decision::Allow(a) => {
+                assert_eq!((a.grant.as_deref(), a.rule, a.phi), (Some("ea-1"), "tool opened by emergency access", true))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(listed(&alice), 2);
+        // A grant for someone else, or naming a tool outside the server's
+        // procedure, opens nothing.
+        alice.emergency = vec![grant("bob", &["lookup_patient"], false)];
+        assert!(matches!(
+            decide(&policy, &alice, Some("tools/call"), Some(&call("lookup_patient"))),
+            Decision::Deny(_)
+        ));
+        assert_eq!(listed(&alice), 1);
+        let mut outside = policy.clone();
+        outside.emergency_tools.clear();
+        alice.emergency = vec![grant("alice", &["lookup_patient"], false)];
+        assert!(matches!(
+            decide(&outside, &alice, Some("tools/call"), Some(&call("lookup_patient"))),
+            Decision::Deny(_)
+        ));
+        // A tool answering with identified PHI opens only under a grant
+        // allowing identified output.
+        let mut identified = policy.clone();
+        identified.tools.get_mut("lookup_patient").expect("tool").output = crate::api::Output::Identified;
+        assert!(matches!(
+            decide(&identified, &alice, Some("tools/call"), Some(&call("lookup_patient"))),
+            Decision::Deny(_)
+        ));
+        alice.emergency = vec![grant("alice", &["lookup_patient"], true)];
+        assert!(matches!(
+            decide(&identified, &alice, Some("tools/call"), Some(&call("lookup_patient"))),
+            Decision::Allow(_)
+        ));
     }
 }

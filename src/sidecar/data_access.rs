@@ -70,6 +70,11 @@ pub struct CallAccess {
 }
 
 impl DataAccess {
+    /// The broker this sidecar asks.
+    pub fn broker(&self) -> &BrokerClient {
+        &self.broker
+    }
+
     /// Database access through `broker`, with tokens in `grants` served by
     /// the proxy listening on `proxy`.
     pub fn new(broker: BrokerClient, grants: Arc<Grants>, proxy: SocketAddr) -> DataAccess {
@@ -77,7 +82,8 @@ impl DataAccess {
     }
 
     /// Sets up the stores of `tool` for one call; `None` for a tool without
-    /// data access.
+    /// data access. `emergency_access` names the break-glass grant the call
+    /// is allowed under (its statement records carry it).
     pub async fn open(
         this: Option<&DataAccess>,
         policy: &CompiledPolicy,
@@ -85,6 +91,7 @@ impl DataAccess {
         caller_token: &str,
         caller: &Caller,
         correlation: &str,
+        emergency_access: Option<&str>,
     ) -> Result<Option<CallAccess>, DataAccessError> {
         let Some(compiled) = policy.tools.get(tool).filter(|t| !t.data_access.is_empty()) else {
             return Ok(None);
@@ -118,6 +125,7 @@ impl DataAccess {
                 store: store.clone(),
                 expires: local_expiry(&credential.valid_until),
                 allow_copy: compiled.copy_stores.contains(&store),
+                emergency_access: emergency_access.map(str::to_string),
                 credential,
             };
             let token = this.grants.issue(grant, &mut ticket).map_err(DataAccessError::Token)?;

@@ -10,6 +10,7 @@
 pub mod authn;
 pub mod authz;
 pub mod data_access;
+pub mod emergency;
 pub mod gateway;
 pub mod messages;
 pub mod metrics;

@@ -112,10 +112,29 @@ pub async fn start_gateway(upstream: &str, wal_bytes: u64) -> Harness {
 /// What the gateway tests' stand-in broker expects.
 pub const FAKE_BROKER_CREDENTIAL: &str = "fake-broker-credential-0123456789abcdef";
 
+/// The break-glass grant the stand-in broker reports in force: for `er-doc`
+/// only, opening `lookup_patient` for ten minutes.
+pub const FAKE_GRANT: &str = "ea-er-doc";
+
 /// A stand-in for the credential broker, for tests of the gateway alone:
 /// answers every well-formed request from the right sidecar with a
-/// credential for a store that is never contacted.
+/// credential for a store that is never contacted, and reports
+/// [`FAKE_GRANT`] in force for `er-doc`.
 pub async fn fake_broker() -> String {
+    async fn grants(headers: axum::http::HeaderMap, body: axum::Json<Value>) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        if mcp_warden::bearer::bearer(&headers) != Some(FAKE_BROKER_CREDENTIAL) {
+            let refusal = json!({"error": "unauthenticated", "message": "stand-in broker refused"});
+            return (axum::http::StatusCode::UNAUTHORIZED, axum::Json(refusal)).into_response();
+        }
+        let grants = if body["subject"] == "er-doc" {
+            let expires = (chrono::Utc::now() + chrono::Duration::minutes(10)).format("%Y-%m-%dT%H:%M:%SZ").to_string();
+            json!([{"name": FAKE_GRANT, "beneficiary": "er-doc", "tools": ["lookup_patient"], "expiresAt": expires}])
+        } else {
+            json!([])
+        };
+        axum::Json(json!({"grants": grants})).into_response()
+    }
     async fn issue(headers: axum::http::HeaderMap, body: axum::Json<Value>) -> axum::response::Response {
         use axum::response::IntoResponse;
         let authorized = mcp_warden::bearer::bearer(&headers) == Some(FAKE_BROKER_CREDENTIAL);
@@ -133,7 +152,12 @@ pub async fn fake_broker() -> String {
         }))
         .into_response()
     }
-    serve(Router::new().route("/v1/credentials", axum::routing::post(issue))).await
+    serve(
+        Router::new()
+            .route("/v1/credentials", axum::routing::post(issue))
+            .route("/v1/emergency-grants", axum::routing::post(grants)),
+    )
+    .await
 }
 
 /// Kills and reaps a child process when dropped, so no test leaves one

@@ -42,6 +42,9 @@ pub(super) async fn post_batch(
     };
     let policy = gw.policy();
     let issuer = policy.authentication.issuer.clone();
+    // A batch's elements (and its list answers) are decided with the
+    // caller's grants, asked once (as a tools/list would ask).
+    let caller = gw.with_grants(caller, Some("tools/list"), None).await;
     let mut forwarded = Vec::new();
     let mut local: Vec<Value> = Vec::new();
     let mut filters: std::collections::HashMap<String, ListKind> = std::collections::HashMap::new();
@@ -85,7 +88,10 @@ pub(super) async fn post_batch(
                     (Some("tools/call"), Some(tool)) => {
                         let token = crate::bearer::bearer(&headers).unwrap_or_default();
                         let who = record_caller(&caller, &issuer);
-                        match DataAccess::open(gw.data_access.as_ref(), &policy, tool, token, &who, &element).await {
+                        let grant = allowed.grant.as_deref();
+                        let opened =
+                            DataAccess::open(gw.data_access.as_ref(), &policy, tool, token, &who, &element, grant);
+                        match opened.await {
                             Ok(access) => access.map(|mut a| {
                                 a.scan = gw.scan_for(tool);
                                 a
@@ -238,7 +244,7 @@ pub(super) async fn record_batch_outcomes(
     let mut recorded = true;
     for (id, element) in elements {
         let rpc_error = answered.rpc_errors.get(id).copied();
-        let event = match answered.withheld.get(id) {
+        let mut event = match answered.withheld.get(id) {
             Some(reason) => scan::withheld_event(element, status.as_u16(), rpc_error, reason.clone(), started),
             None => {
                 let outcome_status =
@@ -248,6 +254,7 @@ pub(super) async fn record_batch_outcomes(
                 outcome_event(element, outcome, started)
             }
         };
+        gw.tag_outcome(&mut event);
         if durable {
             recorded &= !gw.fails_closed(&gw.record(event).await);
         } else if let Err(e) = gw.wal.defer(event).await {

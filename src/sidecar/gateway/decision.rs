@@ -38,6 +38,13 @@ pub(super) fn decision_event(
         Some(m) if unknown_method => keyed(m),
         Some(m) => m.to_string(),
     };
+    let grant = match decision {
+        Decision::Allow(a) => a.grant.clone(),
+        Decision::Deny(_) => None,
+    };
+    if let Some(grant) = &grant {
+        gw.note_grant(correlation, grant);
+    }
     let (record_decision, tool, phi, reason) = match decision {
         Decision::Allow(a) => (RecordDecision::Allow, a.target.clone(), a.phi, None),
         Decision::Deny(d) => {
@@ -59,6 +66,7 @@ pub(super) fn decision_event(
         decision: Some(record_decision),
         reason,
         args_hmac: params.and_then(|p| p.get("arguments")).map(|a| gw.args_key.hmac_json(a)),
+        emergency_access: grant,
         ..Event::new(Kind::Decision)
     }
 }

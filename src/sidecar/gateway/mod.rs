@@ -5,7 +5,8 @@
 //!   2. authentication: bearer JWT ........................ 401 / 403 insufficient_scope / 400
 //!   3. body: size bound, JSON-RPC parse .................. 413 / 400
 //!   4. transport checks: batches, Mcp-* headers, session . 400 / 404
-//!   5. authorization from the policy ..................... JSON-RPC error; the server never sees it
+//!   5. authorization from the policy (and, for a server with a break-glass
+//!      procedure, the caller's grants in force, from the broker) .. JSON-RPC error; the server never sees it
 //!   6. audit: decision record durable in the WAL ......... 503 if it cannot be (failurePolicy Closed)
 //!   7. forward: token stripped, _meta rewritten, Host set for the upstream
 //!   8. response: lists filtered to the caller; everything else streamed,
@@ -101,6 +102,11 @@ pub struct Gateway {
     /// The answer scanners of the policy's de-identified tools (replaced
     /// with the policy).
     scans: std::sync::RwLock<Arc<std::collections::HashMap<String, AnswerScan>>>,
+    /// Break-glass grants, asked of the broker.
+    emergency: Option<crate::sidecar::emergency::EmergencyGrants>,
+    /// Calls allowed under a grant and not yet ended: correlation → grant
+    /// (their outcome records carry it).
+    under_grant: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Gateway {
@@ -129,14 +135,51 @@ impl Gateway {
             authn_records: Mutex::new(RefusalBudget::default()),
             mirrored_params: std::sync::RwLock::new(std::collections::HashMap::new()),
             data_access: None,
+            emergency: None,
+            under_grant: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
     /// Serves tools with `dataAccess` through this broker and proxy; without
     /// it, calls to them are refused.
+    /// Break-glass grants come from the same broker.
     pub fn with_data_access(mut self, data_access: DataAccess) -> Self {
+        self.emergency = Some(crate::sidecar::emergency::EmergencyGrants::new(data_access.broker().clone()));
         self.data_access = Some(data_access);
         self
+    }
+
+    /// The caller with the grants in force for it, when deciding this
+    /// message may depend on one.
+    async fn with_grants(&self, mut caller: Caller, method: Option<&str>, params: Option<&Value>) -> Caller {
+        let policy = self.policy();
+        if let Some(source) = &self.emergency
+            && crate::sidecar::emergency::needs_grants(&policy, &caller, method, params)
+        {
+            caller.emergency = source.of(&policy.server.to_string(), &caller.subject).await;
+        }
+        caller
+    }
+
+    /// Notes a call allowed under a grant, for its outcome record.
+    fn note_grant(&self, correlation: &str, grant: &str) {
+        let mut calls = self.under_grant.lock().unwrap_or_else(|p| p.into_inner());
+        if calls.len() >= 65_536 {
+            // Calls that never got an outcome; their decisions name the grant.
+            calls.clear();
+        }
+        calls.insert(correlation.to_string(), grant.to_string());
+    }
+
+    /// An outcome record of a call made under a grant carries its name.
+    fn tag_outcome(&self, event: &mut Event) {
+        if event.kind != Kind::Outcome {
+            return;
+        }
+        let Some(correlation) = &event.correlation else { return };
+        if let Some(grant) = self.under_grant.lock().unwrap_or_else(|p| p.into_inner()).remove(correlation) {
+            event.emergency_access = Some(grant);
+        }
     }
 
     /// The policy in force.
@@ -234,7 +277,8 @@ impl Gateway {
         recorded.is_err() && self.policy().audit_failure_policy == FailurePolicy::Closed
     }
 
-    async fn record(&self, event: Event) -> Result<Receipt, WalError> {
+    async fn record(&self, mut event: Event) -> Result<Receipt, WalError> {
+        self.tag_outcome(&mut event);
         let started = Instant::now();
         let result = self.wal.append(event).await;
         self.metrics.wal_append(started.elapsed(), result.is_ok());
@@ -382,6 +426,7 @@ async fn post(
         }
     };
     // 5. Authorization.
+    let caller = gw.with_grants(caller, method.as_deref(), params.as_ref()).await;
     let decision = authz::decide(&gw.policy(), &caller, method.as_deref(), params.as_ref());
     let stripped = authz::rewrite_meta(&mut message, &caller, &gw.policy().authentication.issuer);
     // 6. Audit first.
@@ -410,7 +455,9 @@ async fn post(
         (Some("tools/call"), Some(tool)) => {
             let token = crate::bearer::bearer(&headers).unwrap_or_default();
             let who = record_caller(&caller, &issuer);
-            match DataAccess::open(gw.data_access.as_ref(), &gw.policy(), tool, token, &who, &correlation).await {
+            let grant = allowed.grant.as_deref();
+            match DataAccess::open(gw.data_access.as_ref(), &gw.policy(), tool, token, &who, &correlation, grant).await
+            {
                 Ok(access) => access.map(|mut a| {
                     a.scan = gw.scan_for(tool);
                     a

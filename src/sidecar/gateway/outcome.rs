@@ -15,7 +15,8 @@ use crate::audit::record::{Event, Kind, Outcome, OutcomeStatus};
 /// for it, and it is made durable with the next call's decision record (or
 /// within the WAL's defer window), so a call costs one fsync, not two.
 pub(super) async fn record_outcome(gw: &Gateway, correlation: &str, outcome: Outcome, started: Instant) {
-    let event = outcome_event(correlation, outcome, started);
+    let mut event = outcome_event(correlation, outcome, started);
+    gw.tag_outcome(&mut event);
     if let Err(e) = gw.wal.defer(event).await {
         tracing::error!(error = %e, "an outcome record could not be queued");
     }
@@ -53,7 +54,9 @@ impl OutcomeStream {
         if let Some((gw, correlation, http_status, started)) = self.pending.take() {
             let outcome = Outcome { status, http_status: Some(http_status), rpc_error: None, rows: None };
             // A full queue is waited for off the response's path.
-            if let Err(event) = gw.wal.try_defer(outcome_event(&correlation, outcome, started)) {
+            let mut event = outcome_event(&correlation, outcome, started);
+            gw.tag_outcome(&mut event);
+            if let Err(event) = gw.wal.try_defer(event) {
                 tokio::spawn(async move {
                     if let Err(e) = gw.wal.defer(*event).await {
                         tracing::error!(error = %e, "an outcome record could not be queued");
