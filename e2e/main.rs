@@ -26,6 +26,9 @@
 //! That test also creates a cluster-scoped policy and binding, labelled and
 //! deleted like the namespaces.
 
+#[path = "../tests/common/chart.rs"]
+mod chart;
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -781,16 +784,7 @@ async fn acting_as(user: &str, groups: &[&str]) -> Client {
 /// The chart's emergency-access policy and binding, named after `namespace`
 /// and bound to it only, labelled for `e2e/run.sh`'s cleanup.
 fn emergency_policy(namespace: &str) -> (Value, Value) {
-    let template = include_str!("../charts/mcp-warden/templates/emergency-access-policy.yaml");
-    let plain: String = template
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("{{"))
-        .map(|l| l.replace("{{ .Release.Name }}", namespace))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let mut docs: Vec<Value> = serde_yaml::Deserializer::from_str(&plain)
-        .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("policy YAML"))
-        .collect();
+    let mut docs = chart::emergency_admission_policy(namespace);
     for doc in &mut docs {
         doc["metadata"]["labels"] = json!({RUN_LABEL: MANAGER});
     }
@@ -825,14 +819,14 @@ impl Drop for AdmissionObjects {
 
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
-async fn the_api_server_refuses_self_approval_and_widening_of_emergency_grants() {
+async fn the_api_server_refuses_self_approval_and_widening_and_the_operator_judges_the_rest() {
     use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
     use mcp_warden::api::EmergencyAccess;
-    let test = "the_api_server_refuses_self_approval_and_widening_of_emergency_grants";
+    let test = "the_api_server_refuses_self_approval_and_widening_and_the_operator_judges_the_rest";
     let Some(client) = cluster(test).await else { return };
     install_crds(&client).await;
-    let run = start(client.clone()).await;
+    let mut run = start(client.clone()).await;
     let ns = run.namespace.clone();
 
     // The chart's policy, bound to this namespace only.
@@ -932,5 +926,63 @@ async fn the_api_server_refuses_self_approval_and_widening_of_emergency_grants()
             .await,
     );
     assert!(longer.contains("maxDuration"), "{longer}");
+
+    // The operator judges what admission let through. Bound to this
+    // namespace only, the policy does not cover every grant, so the
+    // operator refuses them all (defence in depth)…
+    keys_and_store(&client, &ns).await;
+    let policy_flag = ["--leader-election=false", "--emergency-admission-policy", name.as_str()];
+    run_operator(&mut run, "e2e-grants", &policy_flag).await;
+    let grants = Api::<EmergencyAccess>::namespaced(client.clone(), &ns);
+    let judged = |wanted: &'static str| {
+        let grants = grants.clone();
+        move || {
+            let grants = grants.clone();
+            async move {
+                let grant = grants.get("er-1").await.ok()?;
+                let status = grant.status?;
+                (status.state.map(|s| format!("{s:?}")).as_deref() == Some(wanted)).then_some(status)
+            }
+        }
+    };
+    let refused = eventually("er-1 refused while the binding selects only this namespace", judged("Refused")).await;
+    assert!(refused.message.as_deref().unwrap_or_default().contains("selects only some grants"), "{refused:?}");
+    // …and once it covers every grant (as the chart binds it), the grant,
+    // created after the policy and approved by dr-house, is in force.
+    bindings
+        .patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"matchResources": null}})))
+        .await
+        .expect("bind the policy cluster-wide, as the chart does");
+    let active = eventually("er-1 active", judged("Active")).await;
+    let (approved, expires) = (active.approved_at.expect("stamped"), active.expires_at.expect("bounded"));
+    assert_eq!(expires.0.duration_since(approved.0), k8s_openapi::jiff::SignedDuration::from_hours(1));
+    let servers = Api::<MCPServer>::namespaced(client.clone(), &ns);
+    eventually("the server naming er-1 in its emergency-access control", || {
+        let servers = servers.clone();
+        async move {
+            let server = servers.get("patient-lookup").await.ok()?;
+            let control = server.status?.controls.into_iter().find(|c| c.id == "emergency-access")?;
+            (control.verdict == mcp_warden::api::Verdict::Pass && control.message.contains("er-1 (er-agent"))
+                .then_some(())
+        }
+    })
+    .await;
+    // Revoked by the requester: it ends, with events on both objects.
+    nurse.patch("er-1", &params, &Patch::Merge(json!({"spec": {"revoked": true}}))).await.expect("revoke");
+    eventually("er-1 revoked", judged("Revoked")).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: Vec<(String, String)> = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| Some((e.reason?, e.regarding?.kind?)))
+        .filter(|(reason, _)| reason.starts_with("EmergencyAccess"))
+        .collect();
+    for kind in ["EmergencyAccess", "MCPServer"] {
+        assert!(reasons.contains(&("EmergencyAccessActive".into(), kind.into())), "{reasons:?}");
+        assert!(reasons.contains(&("EmergencyAccessRevoked".into(), kind.into())), "{reasons:?}");
+    }
     drop(run);
 }

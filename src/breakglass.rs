@@ -75,6 +75,17 @@ pub fn admission(
     if param.kind.as_deref() != Some("MCPServer") || param.api_version.as_deref() != Some(crate::api::API_VERSION) {
         return unenforced("its paramKind is not MCPServer".into());
     }
+    let selective = |s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>| {
+        s.as_ref().is_some_and(|s| s != &Default::default())
+    };
+    let partial = |m: &k8s_openapi::api::admissionregistration::v1::MatchResources| {
+        selective(&m.namespace_selector)
+            || selective(&m.object_selector)
+            || m.exclude_resource_rules.as_ref().is_some_and(|r| !r.is_empty())
+    };
+    if spec.match_constraints.as_ref().is_some_and(partial) {
+        return unenforced("it matches only some grants".into());
+    }
     let rules = spec.match_constraints.and_then(|m| m.resource_rules).unwrap_or_default();
     let operation_covered = |op: &str| {
         rules.iter().any(|r| {
@@ -100,12 +111,7 @@ pub fn admission(
     if bspec.param_ref.as_ref().and_then(|p| p.parameter_not_found_action.as_deref()) != Some("Deny") {
         return unenforced("its binding does not deny when the MCPServer is missing".into());
     }
-    let selective = |s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>| {
-        s.as_ref().is_some_and(|s| s != &Default::default())
-    };
-    if let Some(m) = &bspec.match_resources
-        && (selective(&m.namespace_selector) || selective(&m.object_selector) || m.exclude_resource_rules.is_some())
-    {
+    if bspec.match_resources.as_ref().is_some_and(partial) {
         return unenforced("its binding selects only some grants".into());
     }
     let created = |t: Option<Time>| t.map(|t| t.0).unwrap_or(Timestamp::MAX);
@@ -671,6 +677,23 @@ mod tests {
         let mut other = binding.clone();
         other.spec.policy_name = "something-else".into();
         unenforced(&policy, Some(&other), "names policy");
+        let mut one_namespace = binding.clone();
+        one_namespace.spec.match_resources = serde_json::from_value(serde_json::json!(
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "clinic"}}}
+        ))
+        .ok();
+        unenforced(&policy, Some(&one_namespace), "selects only some grants");
+        let mut narrowed = policy.clone();
+        narrowed.spec.as_mut().unwrap().match_constraints.as_mut().unwrap().object_selector =
+            serde_json::from_value(serde_json::json!({"matchLabels": {"team": "er"}})).ok();
+        unenforced(&narrowed, Some(&binding), "matches only some grants");
+        // What the API server defaults (empty selectors) selects everything.
+        let mut defaulted = binding.clone();
+        defaulted.spec.match_resources = serde_json::from_value(serde_json::json!(
+            {"namespaceSelector": {}, "objectSelector": {}, "matchPolicy": "Equivalent"}
+        ))
+        .ok();
+        assert!(matches!(admission(name, Some(&policy), Some(&defaulted)), Admission::Enforced { .. }));
 
         // In force since the policy's creation: a grant older than that was
         // never checked by it.

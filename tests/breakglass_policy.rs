@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 /// The policy's validations, from the chart template with its Helm lines
 /// left out.
 fn validations() -> Vec<VapExpression> {
-    let objects = common::emergency_admission_policy("rel");
+    let objects = common::chart::emergency_admission_policy("rel");
     let policy = objects.iter().find(|d| d["kind"] == "ValidatingAdmissionPolicy").expect("the policy");
     assert_eq!(policy["spec"]["failurePolicy"], "Fail");
     assert_eq!(policy["spec"]["paramKind"]["kind"], "MCPServer");

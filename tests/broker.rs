@@ -1093,7 +1093,7 @@ fn with_break_glass(port: u16, admission: bool, grants: &[String]) -> String {
         "  emergencyAccess:\n    approvers: {users: [\"oidc:dr-house\"]}\n    maxDuration: 2h\n    tools: [lookup_patient]\n    kubernetesUsernamePrefix: \"oidc:\"\n",
     );
     if admission {
-        for mut object in common::emergency_admission_policy("mcp-warden") {
+        for mut object in common::chart::emergency_admission_policy("mcp-warden") {
             object["metadata"]["creationTimestamp"] = json!(ago(86_400));
             text.push_str("---\n");
             text.push_str(&serde_yaml::to_string(&object).unwrap());
@@ -1144,6 +1144,10 @@ async fn a_grant_opens_exactly_its_tool_for_exactly_its_beneficiary_until_it_end
 
     let ea = grant("ea-1", "er-doc", true, 300, 240, "1h");
     w.reload(&with_break_glass(w.pg.port, true, std::slice::from_ref(&ea))).await;
+    // Identified and in the procedure: break-glass only, even for the front
+    // desk its allowedCallers name.
+    let front_desk = w.client.credential(&request("lookup_patient", &token("erin", &["front-desk"]))).await;
+    assert!(matches!(front_desk, Err(ClientError::Refused { status: 403, .. })), "{front_desk:?}");
     assert_eq!(w.client.emergency_grants(SERVER, "er-doc").await.unwrap().len(), 1);
     assert!(w.client.emergency_grants(SERVER, "intruder").await.unwrap().is_empty());
     let credential = w.client.credential(&request("lookup_patient", &er_doc)).await.unwrap();

@@ -215,7 +215,7 @@ async fn a_grant_is_judged_approved_revoked_and_its_server_reports_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut fake = FakeApi::start(Duration::from_millis(20));
     apply_all(&fake, &world(1));
-    apply_all(&fake, &common::emergency_admission_policy("mcp-warden"));
+    apply_all(&fake, &common::chart::emergency_admission_policy("mcp-warden"));
     let api = fake.listen("solo").await;
     let operator = Operator::start(dir.path(), api, "solo", &["--leader-election=false"]);
     eventually("convergence", WAIT, || converged(&fake, 1).then_some(())).await;

@@ -149,21 +149,38 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes, what: &str) -> 
     })
 }
 
-async fn credentials(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let bound = match state.callers.sidecar.check(&headers).await {
-        Ok(bound) => bound,
-        Err(why) => return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", why),
-    };
-    let request: CredentialRequest = match parse(&headers, &body, "credential request") {
-        Ok(r) => r,
-        Err(response) => return *response,
-    };
+/// A sidecar's request: the sidecar authenticated, the body parsed, and
+/// (in a cluster) the server it names its own.
+async fn sidecar_request<T: DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+    what: &str,
+    server_of: impl FnOnce(&T) -> &str,
+) -> Result<T, Response> {
+    let bound = state
+        .callers
+        .sidecar
+        .check(headers)
+        .await
+        .map_err(|why| refuse(StatusCode::UNAUTHORIZED, "unauthenticated", why))?;
+    let request: T = parse(headers, body, what).map_err(|response| *response)?;
+    let asked = server_of(&request);
     if let Some(server) = bound
-        && server.to_string() != request.server
+        && server.to_string() != asked
     {
-        let message = format!("the sidecar of {server} may not ask for credentials of {}", request.server);
-        return refuse(StatusCode::FORBIDDEN, "wrong_server", message);
+        let message = format!("the sidecar of {server} may not make a {what} for {asked}");
+        return Err(refuse(StatusCode::FORBIDDEN, "wrong_server", message));
     }
+    Ok(request)
+}
+
+async fn credentials(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let request: CredentialRequest =
+        match sidecar_request(&state, &headers, &body, "credential request", |r: &CredentialRequest| &r.server).await {
+            Ok(r) => r,
+            Err(response) => return response,
+        };
     match state.broker.issue(&request).await {
         Ok(credential) => answer(StatusCode::OK, json!(credential)),
         Err(e) => {
@@ -193,21 +210,14 @@ pub struct GrantsAnswer {
 }
 
 async fn emergency_grants(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let bound = match state.callers.sidecar.check(&headers).await {
-        Ok(bound) => bound,
-        Err(why) => return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", why),
-    };
-    let request: GrantsRequest = match parse(&headers, &body, "grants request") {
-        Ok(r) => r,
-        Err(response) => return *response,
-    };
+    let request: GrantsRequest =
+        match sidecar_request(&state, &headers, &body, "grants request", |r: &GrantsRequest| &r.server).await {
+            Ok(r) => r,
+            Err(response) => return response,
+        };
     let Some(server) = super::issuer::parse_server(&request.server) else {
         return refuse(StatusCode::BAD_REQUEST, "invalid_request", "server must be namespace/name".into());
     };
-    if bound.as_ref().is_some_and(|b| *b != server) {
-        let message = format!("this sidecar may not ask about the grants of {server}");
-        return refuse(StatusCode::FORBIDDEN, "wrong_server", message);
-    }
     let grants = state.broker.inventory().grants_of(&server, &request.subject);
     answer(StatusCode::OK, json!(GrantsAnswer { grants }))
 }

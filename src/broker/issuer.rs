@@ -469,7 +469,8 @@ impl Broker {
         seen.caller = Some(audit_caller.clone());
         // Break-glass: a caller the policy does not admit may use the tool
         // under a grant in force for exactly this subject and tool.
-        let grant = if tool.callers.admits(&caller) {
+        // An Identified tool in the procedure is served under a grant only.
+        let grant = if tool.callers.admits(&caller) && !policy.break_glass_only(&request.tool) {
             None
         } else {
             let grant = inventory.grant_for(&server, &caller.subject, &request.tool);

@@ -15,13 +15,22 @@ pub(super) fn deidentification(input: &Input<'_>) -> Assessment {
     let scope =
         spec.pseudonym_scope.clone().unwrap_or_else(|| default_scope(&kube::ResourceExt::name_any(input.server)));
     let mut deidentified = Vec::new();
+    let mut break_glass_only = 0;
     let mut methods = BTreeSet::new();
     for (i, tool) in spec.tools.iter().enumerate().filter(|(_, t)| t.phi && !t.data_access.is_empty()) {
         let at = format!("tools[{i}] {}", tool.name);
         match tool.output {
+            Output::Identified if spec.emergency_access.as_ref().is_some_and(|p| p.tools.contains(&tool.name)) => {
+                break_glass_only += 1;
+                a.held(format!(
+                    "{at} returns identified PHI ({}) only under break-glass: an approved EmergencyAccess allowing \
+                     identified output, for its beneficiary, until its end",
+                    tool.identified_reason.as_deref().unwrap_or("no reason given")
+                ));
+            }
             Output::Identified => a.failed(format!(
-                "{at} returns identified PHI ({}) outside emergency access: mcp-warden does not gate Identified \
-                 tools behind break-glass yet; classify its columns and make it Deidentified",
+                "{at} returns identified PHI ({}) outside emergency access: list it in emergencyAccess.tools to \
+                 serve it only under break-glass, or classify its columns and make it Deidentified",
                 tool.identified_reason.as_deref().unwrap_or("no reason given")
             )),
             Output::Deidentified => {
@@ -31,9 +40,9 @@ pub(super) fn deidentification(input: &Input<'_>) -> Assessment {
             }
         }
     }
-    if deidentified.is_empty() {
+    if deidentified.is_empty() && break_glass_only == 0 {
         a.held("no tool reads a PHIStore");
-    } else {
+    } else if !deidentified.is_empty() {
         a.held(format!(
             "{} de-identified PHI tool(s) read only the views of schema {} (pseudonyms from a random mapping only the \
              broker reads; no grant on any table): {}",

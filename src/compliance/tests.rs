@@ -429,10 +429,15 @@ fn de_identified_tools_pass_naming_every_column_and_method() {
 }
 
 #[test]
-fn an_identified_tool_fails_until_break_glass_gates_it() {
+fn an_identified_tool_fails_unless_break_glass_gates_it() {
     let mut server = clinic_server();
     server.spec.tools[0].output = crate::api::Output::Identified;
     server.spec.tools[0].identified_reason = Some("check-in compares the real identity".into());
+    // In the procedure (as the example has it): served only under a grant.
+    let report = offline(&server);
+    assert_verdict(&report, Control::Deidentification, Verdict::Pass, "only under break-glass");
+    // Outside it: identified PHI for its callers, every day.
+    server.spec.emergency_access = None;
     let report = offline(&server);
     assert_verdict(&report, Control::Deidentification, Verdict::Fail, "check-in compares the real identity");
     assert_verdict(&report, Control::Deidentification, Verdict::Fail, "outside emergency access");

@@ -395,6 +395,14 @@ impl CompiledPolicy {
     pub fn hash(&self) -> String {
         hex::encode(Sha256::digest(self.to_json().as_bytes()))
     }
+
+    /// Whether `tool` answers with identified PHI and is in the break-glass
+    /// procedure: then it is served only under a grant allowing identified
+    /// output, whoever its `allowedCallers` name.
+    pub fn break_glass_only(&self, tool: &str) -> bool {
+        self.emergency_tools.contains(tool)
+            && self.tools.get(tool).is_some_and(|t| t.output == crate::api::Output::Identified)
+    }
 }
 
 /// Parses the subset of Go durations the schema admits (`1h30m`, `15m`,

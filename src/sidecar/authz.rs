@@ -10,6 +10,7 @@
 //!   prompts/list                      allow; the response is filtered to the caller
 //!   tools/call                        allow iff the policy lists the tool and admits the caller,
 //!                                     or a break-glass grant in force opens it to the caller
+//!                                     (an Identified tool in the procedure: only the grant)
 //!   resources/read|subscribe|unsubscribe  by the longest matching uriPrefix
 //!   prompts/get                       by the prompt entry
 //!   completion/complete               by the prompt or resource it refers to
@@ -128,13 +129,15 @@ pub fn decide(policy: &CompiledPolicy, caller: &Caller, method: Option<&str>, pa
         "tools/call" => {
             let name = param(params, "name").unwrap_or_default();
             match policy.tools.get(name) {
-                Some(tool) if tool.callers.admits(caller) => Decision::Allow(Allowed {
-                    target: Some(name.to_string()),
-                    phi: tool.phi,
-                    rule: "tool allowed for caller",
-                    filter: None,
-                    grant: None,
-                }),
+                Some(tool) if tool.callers.admits(caller) && !policy.break_glass_only(name) => {
+                    Decision::Allow(Allowed {
+                        target: Some(name.to_string()),
+                        phi: tool.phi,
+                        rule: "tool allowed for caller",
+                        filter: None,
+                        grant: None,
+                    })
+                }
                 Some(tool) if let Some(grant) = grant_opening(policy, caller, name) => Decision::Allow(Allowed {
                     target: Some(name.to_string()),
                     phi: tool.phi,
@@ -249,10 +252,11 @@ pub fn filter_list(policy: &CompiledPolicy, caller: &Caller, kind: ListKind, res
 fn admits_entry(policy: &CompiledPolicy, caller: &Caller, kind: ListKind, item: &Value) -> bool {
     let text = |key: &str| item.get(key).and_then(Value::as_str).unwrap_or_default();
     match kind {
-        ListKind::Tools => policy
-            .tools
-            .get(text("name"))
-            .is_some_and(|tool| tool.callers.admits(caller) || grant_opening(policy, caller, text("name")).is_some()),
+        ListKind::Tools => policy.tools.get(text("name")).is_some_and(|tool| {
+            let name = text("name");
+            (tool.callers.admits(caller) && !policy.break_glass_only(name))
+                || grant_opening(policy, caller, name).is_some()
+        }),
         ListKind::Resources => resource_admitted(policy, caller, text("uri")),
         ListKind::ResourceTemplates => resource_admitted(policy, caller, text("uriTemplate")),
         ListKind::Prompts => policy.prompts.get(text("name")).is_some_and(|c: &CallerSet| c.admits(caller)),

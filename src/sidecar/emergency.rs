@@ -46,7 +46,7 @@ pub fn needs_grants(policy: &CompiledPolicy, caller: &Caller, method: Option<&st
         Some("tools/call") => {
             let name = params.and_then(|p| p.get("name")).and_then(Value::as_str).unwrap_or_default();
             policy.emergency_tools.contains(name)
-                && policy.tools.get(name).is_some_and(|tool| !tool.callers.admits(caller))
+                && (policy.break_glass_only(name) || policy.tools.get(name).is_some_and(|t| !t.callers.admits(caller)))
         }
         _ => false,
     }
