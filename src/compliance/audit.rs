@@ -187,5 +187,58 @@ pub(super) fn emergency_access(input: &Input<'_>) -> Assessment {
             in_force.join("; ")
         ));
     }
+    match &input.observed.collector {
+        Some(collector) => trail_within_bounds(&view.grants, &collector.emergency_use, &mut a),
+        None => a.held("use under grants is not checked against the audit trail: no audit collector report"),
+    }
     a
+}
+
+/// Clocks of the sidecars, the broker and the controller may differ by this
+/// much before a use counts as outside a grant's bounds.
+const CLOCK_SKEW: k8s_openapi::jiff::SignedDuration = k8s_openapi::jiff::SignedDuration::from_secs(30);
+
+/// Checks the collector's record of use under each grant against the
+/// grant's bounds: used before it came into force, after its end, or under
+/// a grant that is not in force by any judgement fails the control.
+fn trail_within_bounds(
+    grants: &[super::GrantView],
+    used: &std::collections::BTreeMap<String, crate::audit::collector::store::GrantUse>,
+    a: &mut Assessment,
+) {
+    use k8s_openapi::jiff::Timestamp;
+    if used.is_empty() {
+        a.held("the audit trail holds no use under emergency access");
+        return;
+    }
+    let mut within = Vec::new();
+    for (name, use_) in used {
+        // Status is written only when it changes: the evidence of use in
+        // bounds names grants, not counts or times that move with each call.
+        let span = format!("{} use(s), {} to {}", use_.uses, use_.first, use_.last);
+        let Some(grant) = grants.iter().find(|g| &g.name == name) else {
+            within.push(format!("{name} (deleted since)"));
+            continue;
+        };
+        let (Some(start), Some(end)) = (grant.judgement.activated_at, grant.judgement.expires_at) else {
+            a.failed(format!(
+                "emergency access {name} was used ({span}) but was never in force: {:?}, {}",
+                grant.judgement.state, grant.judgement.message
+            ));
+            continue;
+        };
+        let (first, last) = (use_.first.parse::<Timestamp>().ok(), use_.last.parse::<Timestamp>().ok());
+        match (first, last) {
+            (Some(first), Some(last)) if first + CLOCK_SKEW >= start && last <= end + CLOCK_SKEW => {
+                within.push(name.clone())
+            }
+            (Some(_), Some(_)) => a.failed(format!(
+                "emergency access {name} was used outside its bounds ({span}; in force {start} to {end})"
+            )),
+            _ => a.failed(format!("emergency access {name}: the trail's times of its use do not parse ({span})")),
+        }
+    }
+    if !within.is_empty() {
+        a.held(format!("the audit trail shows use only within each grant's bounds: {}", within.join("; ")));
+    }
 }

@@ -123,6 +123,8 @@ pub struct CollectorView {
     /// What was observed, for the messages (e.g. "open streams from 2/2
     /// running pod(s); a record within the last 5 min").
     pub observed: String,
+    /// Use made under break-glass grants, by grant name.
+    pub emergency_use: BTreeMap<String, crate::audit::collector::store::GrantUse>,
 }
 
 /// A break-glass grant of the server, as judged now.

@@ -62,7 +62,13 @@ fn rendered_pod(name: &str) -> Pod {
 }
 
 fn healthy_collector() -> Option<CollectorView> {
-    Some(CollectorView { receiving: true, chain_verified: true, open_incidents: 0, observed: "observed".into() })
+    Some(CollectorView {
+        receiving: true,
+        chain_verified: true,
+        open_incidents: 0,
+        observed: "observed".into(),
+        emergency_use: Default::default(),
+    })
 }
 
 #[test]
@@ -149,16 +155,31 @@ fn a_pod_without_the_sidecar_fails_audit_controls() {
 
 #[test]
 fn collector_states() {
-    let not_receiving =
-        Some(CollectorView { receiving: false, chain_verified: true, open_incidents: 0, observed: "observed".into() });
+    let not_receiving = Some(CollectorView {
+        receiving: false,
+        chain_verified: true,
+        open_incidents: 0,
+        observed: "observed".into(),
+        emergency_use: Default::default(),
+    });
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], not_receiving));
     assert_verdict(&report, Control::AuditControls, Verdict::Fail, "not receiving");
-    let incidents =
-        Some(CollectorView { receiving: true, chain_verified: true, open_incidents: 2, observed: "observed".into() });
+    let incidents = Some(CollectorView {
+        receiving: true,
+        chain_verified: true,
+        open_incidents: 2,
+        observed: "observed".into(),
+        emergency_use: Default::default(),
+    });
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], incidents));
     assert_verdict(&report, Control::Integrity, Verdict::Fail, "2 open integrity incident(s)");
-    let broken =
-        Some(CollectorView { receiving: true, chain_verified: false, open_incidents: 0, observed: "observed".into() });
+    let broken = Some(CollectorView {
+        receiving: true,
+        chain_verified: false,
+        open_incidents: 0,
+        observed: "observed".into(),
+        emergency_use: Default::default(),
+    });
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], broken));
     assert_verdict(&report, Control::Integrity, Verdict::Fail, "could not verify");
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], None));
@@ -544,6 +565,40 @@ fn a_declared_procedure_is_named_offline_and_judged_with_its_grants_in_a_cluster
         Verdict::Fail,
         "no approver reviewed emergency access ea-2 in time",
     );
+    // With the collector's trail: use inside each grant's bounds passes,
+    // use past its end or under a grant never in force fails.
+    let with_trail = |grants: Vec<crate::compliance::GrantView>, used: &[(&str, i64, i64)]| {
+        let at = |s: i64| k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + s).expect("time").to_string();
+        let emergency_use = used
+            .iter()
+            .map(|(name, first, last)| {
+                let use_ = crate::audit::collector::store::GrantUse { first: at(*first), last: at(*last), uses: 3 };
+                (name.to_string(), use_)
+            })
+            .collect();
+        let observed = Observations {
+            emergency: Some(crate::compliance::EmergencyView { admission: enforced(), grants }),
+            collector: Some(CollectorView {
+                receiving: true,
+                chain_verified: true,
+                open_incidents: 0,
+                observed: "observed".into(),
+                emergency_use,
+            }),
+            ..cluster(vec![], vec![], None)
+        };
+        evaluate_with(&server, &clinic_stores(), &observed)
+    };
+    let used = with_trail(vec![grant_view("ea-1", GrantState::Expired, false)], &[("ea-1", 60, 3000)]);
+    assert_verdict(&used, Control::EmergencyAccess, Verdict::Pass, "use only within each grant's bounds: ea-1");
+    let gone = with_trail(vec![], &[("ea-9", 60, 3000)]);
+    assert_verdict(&gone, Control::EmergencyAccess, Verdict::Pass, "ea-9 (deleted since)");
+    let late = with_trail(vec![grant_view("ea-1", GrantState::Expired, false)], &[("ea-1", 60, 3700)]);
+    assert_verdict(&late, Control::EmergencyAccess, Verdict::Fail, "ea-1 was used outside its bounds");
+    let mut never = grant_view("ea-3", GrantState::Refused, false);
+    (never.judgement.activated_at, never.judgement.expires_at) = (None, None);
+    let unapproved = with_trail(vec![never], &[("ea-3", 60, 70)]);
+    assert_verdict(&unapproved, Control::EmergencyAccess, Verdict::Fail, "ea-3 was used (3 use(s)");
     let unguarded = in_cluster(Admission::Unenforced("admission policy p: absent".into()), vec![]);
     assert_verdict(
         &unguarded,

@@ -134,6 +134,7 @@ pub fn collector_view(
                 "no stream from this server's {} running pod(s) has reached the collector",
                 running_pods.len()
             ),
+            emergency_use: Default::default(),
         });
     };
     let reporting = running_pods.iter().filter(|p| health.open_streams.contains_key(*p)).count();
@@ -159,6 +160,7 @@ pub fn collector_view(
         chain_verified: health.streams > 0 && health.open_incidents == 0,
         open_incidents: health.open_incidents,
         observed,
+        emergency_use: health.emergency_use.clone(),
     })
 }
 
@@ -177,6 +179,7 @@ mod tests {
                 })
                 .collect(),
             open_incidents: incidents,
+            emergency_use: Default::default(),
         }
     }
 

@@ -113,6 +113,8 @@ struct StreamState {
     /// Found ended without its stream-end (its pod gone): an incident was
     /// raised, and a marker file keeps that across restarts.
     abandoned: bool,
+    /// Use made under break-glass grants, by grant name.
+    grants: BTreeMap<String, GrantUse>,
 }
 
 /// Marker file of an abandoned stream, in its directory.
@@ -135,6 +137,59 @@ impl StreamState {
         self.pod.clone_from(&record.pod);
         self.last_time = Some(record.time.clone());
         self.sealed = record.event.kind == crate::audit::record::Kind::StreamEnd;
+        if let Some(grant) = &record.event.emergency_access
+            && is_use(&record.event)
+        {
+            self.grants.entry(grant.clone()).or_default().note(&record.time);
+        }
+    }
+}
+
+/// A record that is a use of access: an allowed decision, or a credential
+/// issued or reused (outcomes and statements follow a decision).
+fn is_use(event: &crate::audit::record::Event) -> bool {
+    use crate::audit::record::{Decision, Kind, LeaseAction};
+    match event.kind {
+        Kind::Decision => event.decision == Some(Decision::Allow),
+        Kind::Lease => {
+            event.lease.as_ref().is_some_and(|l| matches!(l.action, LeaseAction::Issued | LeaseAction::Reused))
+        }
+        _ => false,
+    }
+}
+
+/// What was done under one break-glass grant: when first and last, how
+/// often (allowed decisions and credentials issued or reused).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantUse {
+    /// Time of the first use (RFC 3339, as recorded).
+    pub first: String,
+    /// Time of the last use.
+    pub last: String,
+    /// Uses.
+    pub uses: u64,
+}
+
+impl GrantUse {
+    fn note(&mut self, time: &str) {
+        if self.uses == 0 || time < self.first.as_str() {
+            self.first = time.to_string();
+        }
+        if time > self.last.as_str() {
+            self.last = time.to_string();
+        }
+        self.uses += 1;
+    }
+
+    fn merge(&mut self, other: &GrantUse) {
+        if self.uses == 0 || (other.uses > 0 && other.first < self.first) {
+            self.first.clone_from(&other.first);
+        }
+        if other.last > self.last {
+            self.last.clone_from(&other.last);
+        }
+        self.uses += other.uses;
     }
 }
 
@@ -148,6 +203,10 @@ pub struct ServerHealth {
     pub open_streams: BTreeMap<String, StreamHealth>,
     /// Integrity incidents raised on its streams.
     pub open_incidents: u32,
+    /// Use made under break-glass grants, by grant name (every stream of
+    /// the server: sidecars' and the broker's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub emergency_use: BTreeMap<String, GrantUse>,
 }
 
 /// One open stream.
@@ -194,6 +253,7 @@ impl Storage {
                 last_time: None,
                 sealed: false,
                 abandoned: path.join(ABANDONED_MARKER).exists(),
+                grants: BTreeMap::new(),
             };
             if let Some(anchor) = segment::read_anchor(&path).map_err(io)? {
                 state.last_seq = anchor.seq;
@@ -245,6 +305,9 @@ impl Storage {
             let entry = out.entry(state.server.clone()).or_default();
             entry.streams += 1;
             entry.open_incidents += self.incidents.get(&state.meta.stream).copied().unwrap_or(0);
+            for (grant, used) in &state.grants {
+                entry.emergency_use.entry(grant.clone()).or_default().merge(used);
+            }
             if !state.sealed && !state.abandoned {
                 let pod = state.pod.clone().unwrap_or_else(|| state.meta.stream.clone());
                 let health = StreamHealth { last_seq: state.last_seq, last_record_time: state.last_time.clone() };
@@ -417,6 +480,7 @@ impl Storage {
                 last_time: None,
                 sealed: false,
                 abandoned: false,
+                grants: BTreeMap::new(),
             },
         );
         Ok(())
@@ -519,6 +583,56 @@ mod tests {
         assert_eq!(server.open_streams.len(), 1);
         assert_eq!(server.open_streams.values().next().unwrap().last_seq, 10);
         assert_eq!(server.open_incidents, 0);
+    }
+
+    #[test]
+    fn use_under_each_grant_is_summed_per_server_and_survives_a_reopen() {
+        use crate::audit::record::Decision;
+        let dir = tempfile::tempdir().unwrap();
+        let at = |s: i64| chrono::DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let mut chain = Chain::new("clinic/lookup/pod/s1".into(), "clinic/lookup".into(), None);
+        let mut lines = vec![chain.seal(Event::new(Kind::StreamStart), at(0)).unwrap().record.to_line()];
+        let mut seal = |decision: Option<Decision>, kind: Kind, grant: Option<&str>, second: i64| {
+            let mut e = Event::new(kind);
+            e.decision = decision;
+            e.method = Some("tools/call".into());
+            e.caller =
+                Some(crate::audit::record::Caller { sub: "er-doc".into(), iss: "https://idp".into(), groups: vec![] });
+            e.reason = (decision == Some(Decision::Deny)).then(|| "tool not allowed for caller".into());
+            e.correlation = Some(format!("c{second}"));
+            if kind == Kind::Outcome {
+                e.method = None;
+                e.outcome = Some(crate::audit::record::Outcome {
+                    status: crate::audit::record::OutcomeStatus::Ok,
+                    http_status: Some(200),
+                    rpc_error: None,
+                    rows: None,
+                });
+            }
+            e.emergency_access = grant.map(str::to_string);
+            lines.push(chain.seal(e, at(second)).unwrap().record.to_line());
+        };
+        seal(Some(Decision::Allow), Kind::Decision, Some("ea-1"), 10);
+        seal(None, Kind::Outcome, Some("ea-1"), 11); // follows a use; not one
+        seal(Some(Decision::Deny), Kind::Decision, Some("ea-1"), 12); // refused; not a use
+        seal(Some(Decision::Allow), Kind::Decision, None, 13);
+        seal(Some(Decision::Allow), Kind::Decision, Some("ea-1"), 20);
+        seal(Some(Decision::Allow), Kind::Decision, Some("ea-2"), 30);
+        let mut storage = Storage::open(dir.path()).unwrap();
+        storage.store("a", None, &refs(&lines)).unwrap();
+        let expected = |storage: &Storage| {
+            let use_ = &storage.health()["clinic/lookup"].emergency_use;
+            assert_eq!(use_.len(), 2);
+            assert_eq!(use_["ea-1"].uses, 2);
+            assert_eq!(
+                (use_["ea-1"].first.as_str(), use_["ea-1"].last.as_str()),
+                ("2027-01-15T08:00:10.000000Z", "2027-01-15T08:00:20.000000Z")
+            );
+            assert_eq!(use_["ea-2"].uses, 1);
+        };
+        expected(&storage);
+        drop(storage);
+        expected(&Storage::open(dir.path()).unwrap());
     }
 
     #[test]
