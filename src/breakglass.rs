@@ -718,4 +718,38 @@ mod tests {
         let absent = facts(at(1), at(2), &Admission::Unenforced("admission policy x: absent".into()));
         assert_eq!((absent.state, absent.message.contains("absent")), (GrantState::Refused, true));
     }
+
+    #[test]
+    fn only_grants_of_the_servers_namespace_judged_active_by_the_controller_are_in_force() {
+        // The clinic example: namespace clinic, lookup_patient in its procedure.
+        let mut server = crate::fixtures::clinic_server();
+        server.spec.emergency_access =
+            Some(EmergencyProcedure { tools: vec!["lookup_patient".into()], ..procedure(ApprovalMode::Required) });
+        let object = |namespace: &str, state: GrantState| -> EmergencyAccess {
+            let spec = EmergencyAccessSpec { tools: vec!["lookup_patient".into()], ..approved("oidc:dr-house") };
+            let mut g = EmergencyAccess::new("ea-1", spec);
+            g.metadata.namespace = Some(namespace.into());
+            g.metadata.creation_timestamp = Some(Time(at(0)));
+            g.status = Some(EmergencyAccessStatus {
+                state: Some(state),
+                approved_at: Some(Time(at(1))),
+                ..Default::default()
+            });
+            g
+        };
+        let admission = Admission::Enforced { since: at(-60) };
+        let in_force_of = |grants: &[EmergencyAccess]| in_force(&server, grants, &admission, at(5));
+        let here = in_force_of(&[object("clinic", GrantState::Active)]);
+        assert_eq!(here.len(), 1);
+        assert_eq!((here[0].beneficiary.as_str(), here[0].expires_at.0), ("er-agent", at(61)));
+        assert!(here[0].opens("er-agent", "lookup_patient", at(60)));
+        assert!(!here[0].opens("er-agent", "lookup_patient", at(61)), "not at its end");
+        assert!(!here[0].opens("someone-else", "lookup_patient", at(30)));
+        assert!(!here[0].opens("er-agent", "clinic_hours", at(30)));
+        // A grant naming the same server from another namespace opens nothing here.
+        assert!(in_force_of(&[object("elsewhere", GrantState::Active)]).is_empty());
+        // Nor one the controller has not judged Active (its stamp is what
+        // the end counts from).
+        assert!(in_force_of(&[object("clinic", GrantState::Pending)]).is_empty());
+    }
 }

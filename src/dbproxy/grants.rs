@@ -227,7 +227,7 @@ impl CancelKeys {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn grant(store: &str, expires: Instant) -> CallGrant {

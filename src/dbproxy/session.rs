@@ -453,3 +453,20 @@ async fn record_statements(proxy: &DbProxy, grant: &CallGrant, done: &mut Vec<Fi
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_statement_under_break_glass_names_its_grant() {
+        let mut grant = crate::dbproxy::grants::tests::grant("ehr", std::time::Instant::now());
+        assert_eq!(call_event(&grant, Kind::Statement).emergency_access, None);
+        grant.emergency_access = Some("ea-1".into());
+        let event = call_event(&grant, Kind::Statement);
+        assert_eq!(
+            (event.emergency_access.as_deref(), event.correlation.as_deref(), event.store.as_deref()),
+            (Some("ea-1"), Some("c1"), Some("ehr"))
+        );
+    }
+}
