@@ -781,16 +781,26 @@ async fn acting_as(user: &str, groups: &[&str]) -> Client {
     Client::try_from(config).expect("impersonating client")
 }
 
-/// The chart's emergency-access policy and binding, named after `namespace`
-/// and bound to it only, labelled for `e2e/run.sh`'s cleanup.
-fn emergency_policy(namespace: &str) -> (Value, Value) {
-    let mut docs = chart::emergency_admission_policy(namespace);
+/// A chart policy and binding (`docs`), named after `namespace` and bound to
+/// it only (a shared cluster's other namespaces are left alone), labelled
+/// for `e2e/run.sh`'s cleanup.
+fn bound_to_namespace(mut docs: Vec<Value>, namespace: &str) -> (Value, Value) {
     for doc in &mut docs {
         doc["metadata"]["labels"] = json!({RUN_LABEL: MANAGER});
     }
     docs[1]["spec"]["matchResources"] =
         json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}});
     (docs[0].clone(), docs[1].clone())
+}
+
+/// The chart's emergency-access policy and binding, for `namespace` only.
+fn emergency_policy(namespace: &str) -> (Value, Value) {
+    bound_to_namespace(chart::emergency_admission_policy(namespace), namespace)
+}
+
+/// The chart's server-pod policy and binding, for `namespace` only.
+fn server_pod_policy(namespace: &str) -> (Value, Value) {
+    bound_to_namespace(chart::server_pod_policy(namespace), namespace)
 }
 
 /// Deletes the run's cluster-scoped admission objects when dropped.
@@ -984,5 +994,72 @@ async fn the_api_server_refuses_self_approval_and_widening_and_the_operator_judg
         assert!(reasons.contains(&("EmergencyAccessActive".into(), kind.into())), "{reasons:?}");
         assert!(reasons.contains(&("EmergencyAccessRevoked".into(), kind.into())), "{reasons:?}");
     }
+    drop(run);
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
+async fn the_api_server_refuses_server_pods_without_their_sidecar_where_namespaces_opt_in() {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    use k8s_openapi::api::core::v1::Pod;
+    let test = "the_api_server_refuses_server_pods_without_their_sidecar_where_namespaces_opt_in";
+    let Some(client) = cluster(test).await else { return };
+    let run = start(client.clone()).await;
+    let other = start(client.clone()).await;
+    let ns = run.namespace.clone();
+    // This namespace opts in; the other does not.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let opt_in = json!({"metadata": {"labels": {"mcpwarden.io/enforce-sidecar": "true"}}});
+    namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(opt_in)).await.expect("opt in");
+    let (policy, binding) = server_pod_policy(&ns);
+    let name = policy["metadata"]["name"].as_str().expect("name").to_string();
+    let _cleanup = AdmissionObjects(name.clone());
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    policies.create(&PostParams::default(), &serde_json::from_value(policy).expect("policy")).await.expect("policy");
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    bindings.create(&PostParams::default(), &serde_json::from_value(binding).expect("binding")).await.expect("binding");
+    for namespace in [&ns, &other.namespace] {
+        let account = json!({"metadata": {"name": "patient-lookup-mcpw", "namespace": namespace}});
+        Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+            .create(&PostParams::default(), &serde_json::from_value(account).expect("account"))
+            .await
+            .expect("the server's service account");
+    }
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let create = |pods: Api<Pod>, pod: Value| async move {
+        pods.create(&PostParams::default(), &serde_json::from_value(pod).expect("pod")).await.map_err(|e| e.to_string())
+    };
+    let stripped = |namespace: &str, name: &str| {
+        let mut pod = chart::rendered_server_pod(namespace);
+        pod["metadata"]["name"] = json!(name);
+        pod["spec"].as_object_mut().map(|s| s.remove("initContainers"));
+        pod
+    };
+    // Policies take a moment to be in force: wait for the first refusal.
+    let mut probe = 0;
+    let first = eventually("the server-pod policy in force", || {
+        probe += 1;
+        let (pods, pod) = (pods.clone(), stripped(&ns, &format!("probe-{probe}")));
+        async move {
+            match create(pods, pod).await {
+                Err(e) if e.contains("runs the mcp-warden-sidecar") => Some(e),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert!(first.contains("mcp-warden-sidecar"), "{first}");
+    // The rendered pod is admitted (nothing schedules it; it stays Pending).
+    create(pods.clone(), chart::rendered_server_pod(&ns)).await.expect("the rendered pod");
+    // One more container: refused.
+    let mut extra = chart::rendered_server_pod(&ns);
+    extra["metadata"]["name"] = json!("with-extra");
+    extra["spec"]["containers"].as_array_mut().expect("containers").push(json!({"name": "debug", "image": "busybox"}));
+    let refused = create(pods.clone(), extra).await.expect_err("an extra container");
+    assert!(refused.contains("exactly one container"), "{refused}");
+    // Where the namespace did not opt in, the stripped pod is admitted.
+    let elsewhere = Api::<Pod>::namespaced(client.clone(), &other.namespace);
+    create(elsewhere, stripped(&other.namespace, "not-opted-in")).await.expect("a namespace that did not opt in");
+    drop(other);
     drop(run);
 }

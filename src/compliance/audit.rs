@@ -50,6 +50,25 @@ pub(super) fn audit_controls(input: &Input<'_>) -> Assessment {
             a.failed(format!("pod(s) running without the auditing sidecar: {}", bare.join(", ")));
         }
     }
+    if let Some(view) = &input.observed.pod_admission {
+        let label = super::pod_admission::OPT_IN_LABEL;
+        match (&view.in_force, view.namespace_opted_in) {
+            (Ok(()), true) => a.held(format!(
+                "the API server refuses this server's pods unless they run the sidecar in the rendered shape \
+                 (ValidatingAdmissionPolicy {}; the namespace is labelled {label}=true)",
+                view.policy
+            )),
+            (Ok(()), false) => a.held(format!(
+                "pods without the sidecar are found after the fact only: the namespace is not labelled {label}=true, \
+                 so ValidatingAdmissionPolicy {} does not refuse them",
+                view.policy
+            )),
+            (Err(why), _) => a.held(format!(
+                "pods without the sidecar are found after the fact only: ValidatingAdmissionPolicy {}: {why}",
+                view.policy
+            )),
+        }
+    }
     match (&input.observed.collector, input.observed.source) {
         (Some(c), _) if c.receiving => {
             a.held(format!("the audit collector, outside the pod, is receiving this server's records: {}", c.observed))

@@ -19,6 +19,7 @@ mod data;
 mod deidentification;
 pub(crate) mod identity;
 mod network;
+pub mod pod_admission;
 pub mod selectors;
 
 use std::collections::BTreeMap;
@@ -165,6 +166,9 @@ pub struct Observations {
     pub collector: Option<CollectorView>,
     /// Break-glass: the admission policy and the server's grants.
     pub emergency: Option<EmergencyView>,
+    /// Whether the API server refuses this server's pods without their
+    /// sidecar.
+    pub pod_admission: Option<pod_admission::PodAdmissionView>,
 }
 
 impl Observations {
@@ -176,6 +180,7 @@ impl Observations {
             pods: None,
             collector: None,
             emergency: None,
+            pod_admission: None,
         }
     }
 }

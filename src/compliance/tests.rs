@@ -48,6 +48,7 @@ fn cluster(pods: Vec<Pod>, policies: Vec<NetworkPolicy>, collector: Option<Colle
         pods: Some(pods),
         collector,
         emergency: None,
+        pod_admission: None,
     }
 }
 
@@ -187,6 +188,32 @@ fn collector_states() {
 }
 
 #[test]
+fn audit_controls_say_whether_pods_without_the_sidecar_are_refused_at_admission() {
+    use crate::compliance::pod_admission::PodAdmissionView;
+    let with = |in_force: Result<(), String>, namespace_opted_in: bool| {
+        let observed = Observations {
+            pod_admission: Some(PodAdmissionView { policy: "mcpw-server-pods".into(), in_force, namespace_opted_in }),
+            ..cluster(vec![], vec![], None)
+        };
+        evaluate_with(&clinic_server(), &clinic_stores(), &observed)
+    };
+    let enforced = with(Ok(()), true);
+    assert_verdict(&enforced, Control::AuditControls, Verdict::Unknown, "the API server refuses this server's pods");
+    assert_verdict(
+        &with(Ok(()), false),
+        Control::AuditControls,
+        Verdict::Unknown,
+        "not labelled mcpwarden.io/enforce-sidecar=true",
+    );
+    assert_verdict(
+        &with(Err("it is not installed".into()), true),
+        Control::AuditControls,
+        Verdict::Unknown,
+        "mcpw-server-pods: it is not installed",
+    );
+}
+
+#[test]
 fn fail_open_fails_audit_controls() {
     let mut server = clinic_server();
     server.spec.audit.failure_policy = FailurePolicy::Open;
@@ -243,8 +270,14 @@ fn harmless_other_policies_pass() {
 
 #[test]
 fn other_policies_not_observed_is_unknown() {
-    let observed =
-        Observations { source: Source::Cluster, network_policies: None, pods: None, collector: None, emergency: None };
+    let observed = Observations {
+        source: Source::Cluster,
+        network_policies: None,
+        pods: None,
+        collector: None,
+        emergency: None,
+        pod_admission: None,
+    };
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &observed);
     assert_verdict(&report, Control::AccessControl, Verdict::Unknown, "were not observed");
 }

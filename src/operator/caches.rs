@@ -24,7 +24,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -105,6 +105,9 @@ pub struct Caches {
     pub admission_policies: Store<ValidatingAdmissionPolicy>,
     /// Their bindings.
     pub admission_bindings: Store<ValidatingAdmissionPolicyBinding>,
+    /// The namespaces in scope (their labels say which opt in to refusing
+    /// server pods without the sidecar).
+    pub namespaces: Store<Namespace>,
     /// Which caches have synced.
     pub sync: Arc<SyncState>,
 }
@@ -133,9 +136,11 @@ pub struct Triggers {
     pub admission_policies: Trigger<ValidatingAdmissionPolicy>,
     /// Admission binding changes.
     pub admission_bindings: Trigger<ValidatingAdmissionPolicyBinding>,
+    /// Namespace changes.
+    pub namespaces: Trigger<Namespace>,
 }
 
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 12] = [
     "MCPServer",
     "PHIStore",
     "Deployment",
@@ -147,6 +152,7 @@ const KINDS: [&str; 11] = [
     "EmergencyAccess",
     "ValidatingAdmissionPolicy",
     "ValidatingAdmissionPolicyBinding",
+    "Namespace",
 ];
 
 /// Label selecting the objects mcp-warden manages.
@@ -206,6 +212,13 @@ pub fn trim_config_map(config_map: &mut ConfigMap) {
 pub fn trim_custom<K: Resource>(object: &mut K) {
     object.managed_fields_mut().clear();
     object.meta_mut().annotations = None;
+}
+
+/// A namespace: its name and labels.
+pub fn trim_namespace(namespace: &mut Namespace) {
+    trim_custom(namespace);
+    namespace.spec = None;
+    namespace.status = None;
 }
 
 /// A pod as the evaluation reads it (see `pod_view`).
@@ -311,6 +324,14 @@ impl Caches {
             cache(Api::all(scope.client.clone()), all(), &sync, "ValidatingAdmissionPolicy", trim_custom);
         let (admission_bindings, admission_bindings_t) =
             cache(Api::all(scope.client.clone()), all(), &sync, "ValidatingAdmissionPolicyBinding", trim_custom);
+        // Only the watched namespace when there is one (its labels are all
+        // the operator reads of it).
+        let namespace_config = match &scope.namespace {
+            Some(ns) => all().fields(&format!("metadata.name={ns}")),
+            None => all(),
+        };
+        let (namespaces, namespaces_t) =
+            cache(Api::all(scope.client.clone()), namespace_config, &sync, "Namespace", trim_namespace);
         let caches = Caches {
             servers,
             stores,
@@ -323,6 +344,7 @@ impl Caches {
             grants,
             admission_policies,
             admission_bindings,
+            namespaces,
             sync,
         };
         let triggers = Triggers {
@@ -337,6 +359,7 @@ impl Caches {
             grants: grants_t,
             admission_policies: admission_policies_t,
             admission_bindings: admission_bindings_t,
+            namespaces: namespaces_t,
         };
         (caches, triggers)
     }
@@ -344,6 +367,23 @@ impl Caches {
     /// The grants of server `name` in `namespace`.
     pub fn grants_of(&self, namespace: &str, name: &str) -> Vec<Arc<EmergencyAccess>> {
         in_namespace(&self.grants, namespace).filter(|g| g.spec.server == name).collect()
+    }
+
+    /// Whether the API server refuses pods of servers in `namespace` that
+    /// lack their sidecar: the policy `name` in force, the namespace opted in.
+    pub fn pod_admission(&self, name: &str, namespace: &str) -> crate::compliance::pod_admission::PodAdmissionView {
+        use crate::compliance::pod_admission::{OPT_IN_LABEL, in_force};
+        let policy = self.admission_policies.get(&ObjectRef::new(name));
+        let binding = self.admission_bindings.get(&ObjectRef::new(name));
+        let opted_in = self
+            .namespaces
+            .get(&ObjectRef::new(namespace))
+            .is_some_and(|ns| ns.labels().get(OPT_IN_LABEL).map(String::as_str) == Some("true"));
+        crate::compliance::pod_admission::PodAdmissionView {
+            policy: name.to_string(),
+            in_force: in_force(name, policy.as_deref(), binding.as_deref()),
+            namespace_opted_in: opted_in,
+        }
     }
 
     /// Whether the break-glass admission policy `name` (and its binding of
@@ -483,6 +523,7 @@ pub mod fill {
             grants: store(of(values, trim_custom)),
             admission_policies: store(of(values, trim_custom)),
             admission_bindings: store(of(values, trim_custom)),
+            namespaces: store(of(values, trim_namespace)),
             sync,
         }
     }

@@ -47,6 +47,9 @@ pub struct Context {
     pub resync: Duration,
     /// Name of the break-glass ValidatingAdmissionPolicy and its binding.
     pub emergency_policy: String,
+    /// Name of the ValidatingAdmissionPolicy (and binding) refusing server
+    /// pods without their sidecar.
+    pub server_pod_policy: String,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -77,13 +80,16 @@ impl Context {
             metrics: Metrics::register(registry),
             resync,
             emergency_policy: DEFAULT_EMERGENCY_POLICY.into(),
+            server_pod_policy: crate::compliance::pod_admission::DEFAULT_SERVER_POD_POLICY.into(),
             failures: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The same context, requiring the break-glass admission policy `name`.
-    pub fn with_emergency_policy(mut self, name: &str) -> Self {
-        self.emergency_policy = name.to_string();
+    /// The same context, requiring the break-glass admission policy
+    /// `emergency` and observing the server-pod policy `server_pods`.
+    pub fn with_admission_policies(mut self, emergency: &str, server_pods: &str) -> Self {
+        self.emergency_policy = emergency.to_string();
+        self.server_pod_policy = server_pods.to_string();
         self
     }
 

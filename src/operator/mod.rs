@@ -90,6 +90,15 @@ pub struct OperatorArgs {
     /// refused.
     #[arg(long, env = "MCPW_EMERGENCY_ADMISSION_POLICY", default_value = context::DEFAULT_EMERGENCY_POLICY)]
     pub emergency_admission_policy: String,
+    /// Name of the chart's ValidatingAdmissionPolicy (and binding) refusing
+    /// MCP-server pods without their sidecar in opted-in namespaces
+    /// (reported by the audit-controls control).
+    #[arg(
+        long,
+        env = "MCPW_SERVER_POD_ADMISSION_POLICY",
+        default_value = crate::compliance::pod_admission::DEFAULT_SERVER_POD_POLICY
+    )]
+    pub server_pod_admission_policy: String,
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = "MCPW_HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
     pub health_listen: SocketAddr,
@@ -227,7 +236,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.resync_seconds),
         args.pod_name.clone(),
     )
-    .with_emergency_policy(&args.emergency_admission_policy);
+    .with_admission_policies(&args.emergency_admission_policy, &args.server_pod_admission_policy);
     if let (Some(url), Some(token)) = (&args.collector_url, &args.collector_token_file) {
         // The collector's certificate chains to the warden CA unless told otherwise.
         let ca = args.collector_ca_file.as_deref().or(args.warden_ca_file.as_deref());
@@ -252,6 +261,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let signal = health::shutdown_signal().boxed().shared();
     let by_store = caches.servers.clone();
     let by_policy = caches.servers.clone();
+    let by_namespace = caches.servers.clone();
     let targets = PolicyTargets::default();
     // Each trigger stream has one consumer; what the other controller must
     // hear of it goes through a channel.
@@ -283,6 +293,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .watches_stream(triggers.pods, |pod| triggers::server_of_pod(&pod))
         // A grant changing changes its server's emergency-access control.
         .reconcile_on(servers_to_evaluate_rx)
+        // A namespace opting in (or out) changes its servers' audit-controls.
+        .watches_stream(triggers.namespaces, move |ns| triggers::servers_in_namespace(&by_namespace.state(), &ns))
         // A new leader looks at everything once, from its warm caches.
         .reconcile_all_on(leadership.terms())
         .graceful_shutdown_on(signal.clone());

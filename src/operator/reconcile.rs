@@ -243,6 +243,7 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
         pods: Some(pods),
         collector,
         emergency: Some(emergency_view(ctx, server, &namespace, &name)),
+        pod_admission: Some(ctx.caches.pod_admission(&ctx.server_pod_policy, &namespace)),
     };
     let report = compliance::evaluate(&compliance::Input {
         server,

@@ -93,6 +93,20 @@ impl PolicyTargets {
     }
 }
 
+/// The servers of a namespace (its labels decide whether their pods are
+/// refused without the sidecar).
+pub fn servers_in_namespace(
+    servers: &[std::sync::Arc<MCPServer>],
+    namespace: &k8s_openapi::api::core::v1::Namespace,
+) -> Vec<ObjectRef<MCPServer>> {
+    let name = kube::ResourceExt::name_any(namespace);
+    servers
+        .iter()
+        .filter(|s| s.metadata.namespace.as_deref() == Some(name.as_str()))
+        .map(|s| ObjectRef::from_obj(&**s))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
