@@ -803,6 +803,22 @@ fn server_pod_policy(namespace: &str) -> (Value, Value) {
     bound_to_namespace(chart::server_pod_policy(namespace), namespace)
 }
 
+/// Creates a policy and its binding; they are deleted when the first value
+/// returned is dropped. The second is the bindings' API.
+async fn install_policy(
+    client: &Client,
+    (policy, binding): (Value, Value),
+) -> (AdmissionObjects, Api<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>) {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    let name = policy["metadata"]["name"].as_str().expect("name").to_string();
+    let cleanup = AdmissionObjects(name);
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    policies.create(&PostParams::default(), &serde_json::from_value(policy).expect("policy")).await.expect("policy");
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    bindings.create(&PostParams::default(), &serde_json::from_value(binding).expect("binding")).await.expect("binding");
+    (cleanup, bindings)
+}
+
 /// Deletes the run's cluster-scoped admission objects when dropped.
 struct AdmissionObjects(String);
 
@@ -830,7 +846,6 @@ impl Drop for AdmissionObjects {
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
 async fn the_api_server_refuses_self_approval_and_widening_and_the_operator_judges_the_rest() {
-    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
     use mcp_warden::api::EmergencyAccess;
     let test = "the_api_server_refuses_self_approval_and_widening_and_the_operator_judges_the_rest";
@@ -840,13 +855,8 @@ async fn the_api_server_refuses_self_approval_and_widening_and_the_operator_judg
     let ns = run.namespace.clone();
 
     // The chart's policy, bound to this namespace only.
-    let (policy, binding) = emergency_policy(&ns);
-    let name = policy["metadata"]["name"].as_str().expect("name").to_string();
-    let _cleanup = AdmissionObjects(name.clone());
-    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
-    policies.create(&PostParams::default(), &serde_json::from_value(policy).expect("policy")).await.expect("policy");
-    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
-    bindings.create(&PostParams::default(), &serde_json::from_value(binding).expect("binding")).await.expect("binding");
+    let (cleanup, bindings) = install_policy(&client, emergency_policy(&ns)).await;
+    let name = cleanup.0.clone();
 
     // The people may create and update grants here (RBAC); who may do what
     // beyond that is the policy's to say.
@@ -1000,7 +1010,6 @@ async fn the_api_server_refuses_self_approval_and_widening_and_the_operator_judg
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
 async fn the_api_server_refuses_server_pods_without_their_sidecar_where_namespaces_opt_in() {
-    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
     use k8s_openapi::api::core::v1::Pod;
     let test = "the_api_server_refuses_server_pods_without_their_sidecar_where_namespaces_opt_in";
     let Some(client) = cluster(test).await else { return };
@@ -1011,13 +1020,7 @@ async fn the_api_server_refuses_server_pods_without_their_sidecar_where_namespac
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let opt_in = json!({"metadata": {"labels": {"mcpwarden.io/enforce-sidecar": "true"}}});
     namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(opt_in)).await.expect("opt in");
-    let (policy, binding) = server_pod_policy(&ns);
-    let name = policy["metadata"]["name"].as_str().expect("name").to_string();
-    let _cleanup = AdmissionObjects(name.clone());
-    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
-    policies.create(&PostParams::default(), &serde_json::from_value(policy).expect("policy")).await.expect("policy");
-    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
-    bindings.create(&PostParams::default(), &serde_json::from_value(binding).expect("binding")).await.expect("binding");
+    let _cleanup = install_policy(&client, server_pod_policy(&ns)).await;
     for namespace in [&ns, &other.namespace] {
         let account = json!({"metadata": {"name": "patient-lookup-mcpw", "namespace": namespace}});
         Api::<ServiceAccount>::namespaced(client.clone(), namespace)
