@@ -32,6 +32,7 @@ pub mod cli;
 pub mod compliance;
 pub mod dbproxy;
 pub mod deid;
+pub mod fuzzing;
 pub mod health;
 pub mod jwks;
 pub mod jwt;

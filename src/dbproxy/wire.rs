@@ -84,6 +84,10 @@ pub async fn read_first_packet<R: AsyncRead + Unpin>(reader: &mut R) -> Result<F
 /// Parses a first packet's body (after its length).
 pub fn parse_first_packet(body: &[u8]) -> Result<FirstPacket, WireError> {
     let mut buf = body;
+    // (read_first_packet never hands over fewer; anyone else may.)
+    if buf.len() < 4 {
+        return Err(WireError::Malformed("startup length"));
+    }
     let code = buf.get_i32();
     match code {
         SSL_REQUEST if buf.is_empty() => Ok(FirstPacket::Ssl),
