@@ -27,6 +27,7 @@
 //! deleted like the namespaces.
 
 #[path = "../tests/common/chart.rs"]
+#[allow(dead_code)] // shared with the offline policy tests
 mod chart;
 
 use std::net::TcpListener;

@@ -315,13 +315,6 @@ pub struct ActiveGrant {
     pub expires_at: Time,
 }
 
-impl ActiveGrant {
-    /// Whether it opens `tool` to `subject` at `now`.
-    pub fn opens(&self, subject: &str, tool: &str, now: Timestamp) -> bool {
-        self.beneficiary == subject && self.tools.iter().any(|t| t == tool) && now < self.expires_at.0
-    }
-}
-
 /// The grants of `server` in force at `now`: those the controller has
 /// judged Active (its status stamps the approval time the expiry counts
 /// from) and that this judgement, against `admission`, finds Active too.
@@ -742,10 +735,10 @@ mod tests {
         let here = in_force_of(&[object("clinic", GrantState::Active)]);
         assert_eq!(here.len(), 1);
         assert_eq!((here[0].beneficiary.as_str(), here[0].expires_at.0), ("er-agent", at(61)));
-        assert!(here[0].opens("er-agent", "lookup_patient", at(60)));
-        assert!(!here[0].opens("er-agent", "lookup_patient", at(61)), "not at its end");
-        assert!(!here[0].opens("someone-else", "lookup_patient", at(30)));
-        assert!(!here[0].opens("er-agent", "clinic_hours", at(30)));
+        let policy = crate::policy::compile(&server, &crate::fixtures::clinic_stores()).expect("policy");
+        assert!(policy.grant_opens(&here[0], "er-agent", "lookup_patient"));
+        assert!(!policy.grant_opens(&here[0], "someone-else", "lookup_patient"));
+        assert!(!policy.grant_opens(&here[0], "er-agent", "clinic_hours"));
         // A grant naming the same server from another namespace opens nothing here.
         assert!(in_force_of(&[object("elsewhere", GrantState::Active)]).is_empty());
         // Nor one the controller has not judged Active (its stamp is what

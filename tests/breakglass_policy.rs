@@ -69,19 +69,7 @@ fn verdict(operation: &str, user: &str, groups: &[&str], object: &Value, old: Op
         if let Some(old) = old {
             builder = builder.old_object(old.clone());
         }
-        for result in builder.build().evaluate(&expressions) {
-            if !result.passed {
-                let message = result.message.unwrap_or_default();
-                // Every expression must evaluate cleanly: an error would be
-                // a refusal for the wrong reason.
-                assert!(
-                    expressions.iter().any(|e| e.message.as_deref() == Some(message.as_str())),
-                    "{} did not evaluate: {message}",
-                    result.expression
-                );
-                failed.push(message);
-            }
-        }
+        failed.extend(common::chart::refusals(&builder.build(), &expressions));
     }
     failed
 }

@@ -54,21 +54,7 @@ fn applies(pod: &Value) -> bool {
 /// The failing messages (empty: admitted).
 fn verdict(operation: &str, pod: &Value, old: Option<&Value>) -> Vec<String> {
     let validations = expressions(&policy()["spec"]["validations"], "message");
-    let mut failed = Vec::new();
-    for result in evaluator(operation, pod, old).evaluate(&validations) {
-        if !result.passed {
-            let message = result.message.unwrap_or_default();
-            // Every expression must evaluate cleanly: an error would be a
-            // refusal for the wrong reason.
-            assert!(
-                validations.iter().any(|e| e.message.as_deref() == Some(message.as_str())),
-                "{} did not evaluate: {message}",
-                result.expression
-            );
-            failed.push(message);
-        }
-    }
-    failed
+    common::chart::refusals(&evaluator(operation, pod, old), &validations)
 }
 
 #[track_caller]

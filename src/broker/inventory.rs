@@ -157,9 +157,7 @@ impl Inventory {
     pub fn grant_for(&self, server: &ServerRef, subject: &str, tool: &str) -> Option<&ActiveGrant> {
         let now = breakglass::now();
         let Some(Ok(entry)) = self.servers.get(server) else { return None };
-        let compiled = entry.policy.tools.get(tool).filter(|_| entry.policy.emergency_tools.contains(tool))?;
-        let identified = compiled.output == Output::Identified;
-        self.grants.get(server)?.iter().find(|g| g.opens(subject, tool, now) && (!identified || g.identified_output))
+        self.grants.get(server)?.iter().find(|g| entry.policy.grant_opens(g, subject, tool) && now < g.expires_at.0)
     }
 
     /// Builds the inventory from objects (pure).

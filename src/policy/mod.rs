@@ -396,6 +396,20 @@ impl CompiledPolicy {
         hex::encode(Sha256::digest(self.to_json().as_bytes()))
     }
 
+    /// Whether `grant` opens `tool` to `subject` (its end is the caller's
+    /// to check against a clock): the tool is in the procedure, the grant is
+    /// the subject's and names the tool, and a tool answering with identified
+    /// PHI only under a grant allowing identified output. The gateway and
+    /// the broker decide with this one rule.
+    pub fn grant_opens(&self, grant: &crate::breakglass::ActiveGrant, subject: &str, tool: &str) -> bool {
+        let Some(compiled) = self.tools.get(tool).filter(|_| self.emergency_tools.contains(tool)) else {
+            return false;
+        };
+        grant.beneficiary == subject
+            && grant.tools.iter().any(|t| t == tool)
+            && (compiled.output != crate::api::Output::Identified || grant.identified_output)
+    }
+
     /// Whether `tool` answers with identified PHI and is in the break-glass
     /// procedure: then it is served only under a grant allowing identified
     /// output, whoever its `allowedCallers` name.

@@ -100,15 +100,7 @@ fn allow(rule: &'static str) -> Decision {
 /// that allows identified output. (The sidecar keeps only grants in force
 /// now in `caller.emergency`.)
 pub fn grant_opening<'a>(policy: &CompiledPolicy, caller: &'a Caller, tool: &str) -> Option<&'a str> {
-    let compiled = policy.tools.get(tool).filter(|_| policy.emergency_tools.contains(tool))?;
-    let identified = compiled.output == crate::api::Output::Identified;
-    caller
-        .emergency
-        .iter()
-        .find(|g| {
-            g.beneficiary == caller.subject && g.tools.iter().any(|t| t == tool) && (!identified || g.identified_output)
-        })
-        .map(|g| g.name.as_str())
+    caller.emergency.iter().find(|g| policy.grant_opens(g, &caller.subject, tool)).map(|g| g.name.as_str())
 }
 
 fn param<'a>(params: Option<&'a Value>, key: &str) -> Option<&'a str> {

@@ -50,3 +50,23 @@ pub fn rendered_server_pod(namespace: &str) -> Value {
     metadata["namespace"] = serde_json::json!(namespace);
     serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"].clone()})
 }
+
+/// The messages of the validations `evaluator` refuses with (empty:
+/// admitted). Every expression must evaluate cleanly: an evaluation error
+/// would be a refusal for the wrong reason, so it fails the test.
+pub fn refusals(
+    evaluator: &kube::core::cel::VapEvaluator,
+    validations: &[kube::core::cel::VapExpression],
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    for result in evaluator.evaluate(validations).into_iter().filter(|r| !r.passed) {
+        let message = result.message.unwrap_or_default();
+        assert!(
+            validations.iter().any(|e| e.message.as_deref() == Some(message.as_str())),
+            "{} did not evaluate: {message}",
+            result.expression
+        );
+        failed.push(message);
+    }
+    failed
+}

@@ -107,6 +107,9 @@ pub struct Gateway {
     /// Calls allowed under a grant and not yet ended: correlation → grant
     /// (their outcome records carry it).
     under_grant: Mutex<std::collections::HashMap<String, String>>,
+    /// Whether `under_grant` may hold anything: every other call's outcome
+    /// skips its lock.
+    any_under_grant: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -137,6 +140,7 @@ impl Gateway {
             data_access: None,
             emergency: None,
             under_grant: Mutex::new(std::collections::HashMap::new()),
+            any_under_grant: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -152,10 +156,9 @@ impl Gateway {
     /// The caller with the grants in force for it, when deciding this
     /// message may depend on one.
     async fn with_grants(&self, mut caller: Caller, method: Option<&str>, params: Option<&Value>) -> Caller {
+        let Some(source) = &self.emergency else { return caller };
         let policy = self.policy();
-        if let Some(source) = &self.emergency
-            && crate::sidecar::emergency::needs_grants(&policy, &caller, method, params)
-        {
+        if crate::sidecar::emergency::needs_grants(&policy, &caller, method, params) {
             caller.emergency = source.of(&policy.server.to_string(), &caller.subject).await;
         }
         caller
@@ -169,16 +172,22 @@ impl Gateway {
             calls.clear();
         }
         calls.insert(correlation.to_string(), grant.to_string());
+        self.any_under_grant.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// An outcome record of a call made under a grant carries its name.
     fn tag_outcome(&self, event: &mut Event) {
-        if event.kind != Kind::Outcome {
+        if event.kind != Kind::Outcome || !self.any_under_grant.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         let Some(correlation) = &event.correlation else { return };
-        if let Some(grant) = self.under_grant.lock().unwrap_or_else(|p| p.into_inner()).remove(correlation) {
+        let mut calls = self.under_grant.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(grant) = calls.remove(correlation) {
             event.emergency_access = Some(grant);
+        }
+        if calls.is_empty() {
+            // Under the same lock as note_grant sets it.
+            self.any_under_grant.store(false, std::sync::atomic::Ordering::Release);
         }
     }
 
