@@ -45,6 +45,12 @@ enum Command {
     /// control per MCPServer. Exit 0: no control fails; 1: a control fails
     /// (or is Unknown, with --strict); 2: invalid input.
     Check(CheckArgs),
+    /// The whole data path on this machine, played as scenes: a private
+    /// PostgreSQL with a synthetic clinic, an OIDC issuer, the broker, the
+    /// audit collector, the sidecar and an MCP server. Exit 0: every
+    /// assertion held; 1: one did not; 2: it could not start.
+    #[cfg(feature = "demo")]
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +222,8 @@ pub fn main() -> ExitCode {
         Command::Sidecar(args) => serve(crate::sidecar::run(args)),
         Command::Broker(args) => serve(crate::broker::run(args)),
         Command::AuditCollector(args) => serve(crate::audit::collector::run(args)),
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => demo_cmd(args),
     }
 }
 
@@ -411,4 +419,19 @@ fn emit(text: &str, code: ExitCode) -> ExitCode {
 fn fail(message: &str) -> ExitCode {
     eprintln!("mcp-warden: {message}");
     ExitCode::from(EXIT_INVALID)
+}
+
+/// `demo`: quiet logs (warnings only, unless RUST_LOG says otherwise) so
+/// the scenes read as a transcript.
+#[cfg(feature = "demo")]
+fn demo_cmd(args: crate::demo::DemoArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // The MCP client's HTTP stack asks for the process-wide TLS provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(crate::demo::run(args)),
+        Err(e) => fail(&format!("cannot start the async runtime: {e}")),
+    }
 }

@@ -32,11 +32,14 @@ pub mod cli;
 pub mod compliance;
 pub mod dbproxy;
 pub mod deid;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod fuzzing;
 pub mod health;
 pub mod jwks;
 pub mod jwt;
 pub mod leader;
+pub mod local_postgres;
 pub mod manifest;
 pub mod net;
 pub mod operator;
