@@ -51,6 +51,36 @@ enum Command {
     /// assertion held; 1: one did not; 2: it could not start.
     #[cfg(feature = "demo")]
     Demo(crate::demo::DemoArgs),
+    /// An auditor's report from the collector's storage: every control
+    /// (from manifests), the trail's integrity, who reached PHI, refusals,
+    /// emergency grants, and what it cannot show. One HTML file (or JSON);
+    /// its SHA-256 is printed. Exit 0: written, trail verified; 1: written,
+    /// trail did not verify; 2: invalid arguments.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    /// The collector's storage (or any directory of streams).
+    storage: PathBuf,
+    /// Manifest file(s) or directories holding the MCPServers, for the
+    /// controls.
+    #[arg(long = "manifests")]
+    manifests: Vec<PathBuf>,
+    /// Start of the period: RFC 3339 or a duration back from now (`30d`).
+    #[arg(long)]
+    since: Option<String>,
+    /// End of the period (exclusive), same forms.
+    #[arg(long)]
+    until: Option<String>,
+    /// The collector's checkpoint public key (64 hex digits, or a file
+    /// holding them), as the auditor was given it: never read from the
+    /// storage.
+    #[arg(long)]
+    checkpoint_key: Option<String>,
+    /// Where to write: a file (`report.html`), or `json` for JSON on stdout.
+    #[arg(long, short = 'o', default_value = "report.html")]
+    output: String,
 }
 
 #[derive(Debug, Args)]
@@ -224,6 +254,7 @@ pub fn main() -> ExitCode {
         Command::AuditCollector(args) => serve(crate::audit::collector::run(args)),
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo_cmd(args),
+        Command::Report(args) => report_cmd(&args),
     }
 }
 
@@ -369,6 +400,45 @@ fn audit_verify_cmd(args: &VerifyArgs) -> ExitCode {
         }
     };
     emit(&text, if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn report_cmd(args: &ReportArgs) -> ExitCode {
+    use sha2::Digest;
+    let now = chrono::Utc::now();
+    let time = |flag: &str, text: &Option<String>| {
+        text.as_deref().map(|t| audit::query::parse_time(t, now).map_err(|e| format!("--{flag}: {e}"))).transpose()
+    };
+    let (since, until) = match (time("since", &args.since), time("until", &args.until)) {
+        (Ok(since), Ok(until)) => (since, until),
+        (Err(e), _) | (_, Err(e)) => return fail(&e),
+    };
+    let checkpoint_key = match args.checkpoint_key.as_deref().map(audit::checkpoint::parse_public_key).transpose() {
+        Ok(key) => key.map(|k| k.to_bytes()),
+        Err(e) => return fail(&format!("--checkpoint-key: {e}")),
+    };
+    if !args.storage.is_dir() {
+        return fail(&format!("{}: not a directory", args.storage.display()));
+    }
+    let inputs = crate::report::Inputs {
+        storage: args.storage.clone(),
+        manifests: args.manifests.clone(),
+        since,
+        until,
+        checkpoint_key,
+    };
+    let report = crate::report::build(&inputs);
+    let code = if report.trail.passed { ExitCode::SUCCESS } else { ExitCode::from(1) };
+    if args.output == "json" {
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default() + "\n";
+        eprintln!("sha256 {}", hex::encode(sha2::Sha256::digest(text.as_bytes())));
+        return emit(&text, code);
+    }
+    let html = crate::report::html::render(&report);
+    if let Err(e) = std::fs::write(&args.output, &html) {
+        return fail(&format!("cannot write {}: {e}", args.output));
+    }
+    let digest = hex::encode(sha2::Sha256::digest(html.as_bytes()));
+    emit(&format!("wrote {} ({} bytes), sha256 {digest}\n", args.output, html.len()), code)
 }
 
 fn audit_query_cmd(args: &QueryArgs) -> ExitCode {

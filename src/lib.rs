@@ -45,6 +45,7 @@ pub mod net;
 pub mod operator;
 pub mod policy;
 pub mod render;
+pub mod report;
 pub mod sidecar;
 pub mod tls_listener;
 pub mod token_review;

@@ -35,6 +35,7 @@ fn the_demo_plays_every_scene_and_leaves_nothing_behind() {
         "7. The auditor's four questions",
         "8. Break-glass",
         "9. The shift ends",
+        "10. The auditor's report",
     ] {
         assert!(stdout.contains(heading), "no scene {heading:?}:\n{stdout}");
     }

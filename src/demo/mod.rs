@@ -118,6 +118,7 @@ fn explore(stack: &Stack) {
     println!("  {exe} audit query {} --phi", stack.storage().display());
     println!("  {exe} audit verify {} --checkpoint-key {}", stack.storage().display(), stack.checkpoint_key);
     println!("  {exe} check {}", stack.server_manifest().display());
+    println!("  the auditor's report: {}", stack.report_file().display());
     println!(
         "  logs: {}, {}, {}",
         stack.sidecar.log_path().display(),

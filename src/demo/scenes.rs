@@ -79,6 +79,68 @@ impl<'a> Demo<'a> {
         if finish {
             scene!("The shift ends: the sidecar and the broker seal their streams at the collector", self.seal());
         }
+        scene!("The auditor's report: one page from the collector's storage", self.report());
+    }
+
+    async fn report(&mut self) -> anyhow::Result<()> {
+        let store = self.stack.storage().display().to_string();
+        let manifest = self.stack.server_manifest().display().to_string();
+        let file = self.stack.report_file().display().to_string();
+        let key = self.stack.checkpoint_key.clone();
+        self.show
+            .command(&format!("mcp-warden report {store} --manifests {manifest} --checkpoint-key {key} -o {file}"));
+        let (code, said) =
+            self.stack.run_cli(&["report", &store, "--manifests", &manifest, "--checkpoint-key", &key, "-o", &file])?;
+        self.show.evidence(&said);
+        self.show.check(code == 0, "written, and the trail it reports on verified");
+        let (_, json) = self.stack.run_cli(&[
+            "report",
+            &store,
+            "--manifests",
+            &manifest,
+            "--checkpoint-key",
+            &key,
+            "-o",
+            "json",
+        ])?;
+        let report: Value = serde_json::from_str(&json).context("report -o json")?;
+        let allowed_for = |sub: &str| -> u64 {
+            report["phi_access"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["caller"] == sub)
+                .map(|a| a["allowed"].as_u64().unwrap_or(0))
+                .sum()
+        };
+        self.show.evidence(&format!(
+            "PHI calls allowed: dana {}, bob {}; refusals by class: {}",
+            allowed_for("dana"),
+            allowed_for("bob"),
+            report["refusals"].as_array().map(|r| r.len()).unwrap_or(0)
+        ));
+        let (_, lines) = self.stack.run_cli(&[
+            "audit",
+            "query",
+            &store,
+            "--caller",
+            "dana",
+            "--phi",
+            "--decision",
+            "allow",
+            "-o",
+            "json",
+        ])?;
+        let queried = lines
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Record>(l).ok())
+            .filter(|r| r.event.kind == Kind::Decision)
+            .count() as u64;
+        self.show.check(
+            allowed_for("dana") == queried && queried > 0 && allowed_for("bob") == 0,
+            "it counts what `audit query` answers: dana's PHI calls, none of bob's",
+        );
+        Ok(())
     }
 
     async fn connect(&self, sub: &str) -> anyhow::Result<Client> {

@@ -188,6 +188,11 @@ impl Stack {
         self.dir.path().join("collector")
     }
 
+    /// Where the demo writes the auditor's report.
+    pub fn report_file(&self) -> PathBuf {
+        self.dir.path().join("report.html")
+    }
+
     /// The broker's own trail (before shipping).
     pub fn broker_audit(&self) -> PathBuf {
         self.dir.path().join("broker-audit")
