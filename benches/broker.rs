@@ -111,7 +111,8 @@ fn main() {
         )
         .expect("manifests");
         let inventory = Inventory::from_manifests(&dir.path().join("manifests")).expect("inventory");
-        let trail = Trail::new(dir.path().join("audit"), None).expect("trail");
+        let trail =
+            Trail::new(dir.path().join("audit"), None, mcp_warden::broker::trail::BROKER_STREAM).expect("trail");
         let settings = Settings { max_ttl: None, connection_limit: 4 };
         let broker =
             Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));

@@ -562,7 +562,10 @@ async fn collector_knows_senders_and_its_reader_by_real_service_account_tokens()
     std::fs::create_dir_all(data.path().join("incidents")).expect("dir");
     let incidents =
         Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).expect("wal"));
-    let senders = Senders::TokenReview(Arc::clone(&reviewer), Some(format!("system:serviceaccount:{ns}:mcpw-broker")));
+    let senders = Senders::TokenReview(
+        Arc::clone(&reviewer),
+        vec![(format!("system:serviceaccount:{ns}:mcpw-broker"), mcp_warden::audit::collector::BROKER_SENDER)],
+    );
     let readers = Readers::ServiceAccount(Arc::clone(&reviewer), format!("system:serviceaccount:{ns}:mcpw-operator"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));

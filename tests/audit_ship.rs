@@ -359,7 +359,10 @@ async fn in_a_cluster_a_sidecar_may_write_only_its_own_servers_streams() {
         Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).unwrap());
     let senders = collector::Senders::TokenReview(
         Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)),
-        Some("system:serviceaccount:mcp-warden:mcpw-broker".into()),
+        vec![
+            ("system:serviceaccount:mcp-warden:mcpw-broker".into(), collector::BROKER_SENDER),
+            ("system:serviceaccount:mcp-warden:mcpw-operator".into(), collector::OPERATOR_SENDER),
+        ],
     );
     let base = common::serve(collector::router(storage, incidents, senders, collector::Readers::None)).await;
 
@@ -394,6 +397,20 @@ async fn in_a_cluster_a_sidecar_may_write_only_its_own_servers_streams() {
         .await
         .unwrap();
     assert_eq!(shipped.status(), 200, "the broker's stream of another server");
+    // So does the operator's account, with its verdict streams.
+    let mut verdicts =
+        Chain::new("clinic/billing/operator-0/s".into(), "clinic/billing".into(), Some("operator-0".into()));
+    let mut operator_line = verdicts.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
+    operator_line.push(b'\n');
+    let shipped = http
+        .post(format!("{base}/v1/records"))
+        .bearer_auth("sa:mcp-warden:mcpw-operator")
+        .header("content-type", "application/x-ndjson")
+        .body(operator_line)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shipped.status(), 200, "the operator's stream of another server");
 }
 
 #[tokio::test]

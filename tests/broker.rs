@@ -93,7 +93,8 @@ async fn world_with(settings: Settings, hook: impl AsyncFnOnce(&Postgres)) -> Wo
     )
     .unwrap();
     let inventory = Inventory::from_manifests(&dir.path().join("manifests")).unwrap();
-    let trail = Trail::new(dir.path().join("audit"), Some("broker-0".into())).unwrap();
+    let trail = Trail::new(dir.path().join("audit"), Some("broker-0".into()), mcp_warden::broker::trail::BROKER_STREAM)
+        .unwrap();
     let broker = Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
     let problems = broker.sync().await;
     assert!(problems.is_empty(), "{problems:?}");
@@ -827,7 +828,7 @@ async fn tls_to_the_store_verifies_the_server_and_never_downgrades() {
         std::fs::write(manifests_dir.join("clinic.yaml"), text).unwrap();
         Inventory::from_manifests(&manifests_dir).unwrap()
     };
-    let trail = Trail::new(dir.path().join("audit"), None).unwrap();
+    let trail = Trail::new(dir.path().join("audit"), None, mcp_warden::broker::trail::BROKER_STREAM).unwrap();
     let settings = Settings { max_ttl: None, connection_limit: 4 };
     let broker = Broker::new(
         load(tls_manifests(pg.port, "127.0.0.1", &ca, "verify-full")),
@@ -1029,8 +1030,8 @@ async fn the_api_is_served_over_tls_and_follows_a_renewed_certificate() {
 #[tokio::test]
 async fn the_broker_ships_its_lease_trail_to_the_collector_and_seals_it() {
     use mcp_warden::audit::collector::{self, store::Storage};
+    use mcp_warden::audit::trail_shipping::{Destination, TrailShipping, drain};
     use mcp_warden::audit::verify::{VerifyOptions, verify_dir};
-    use mcp_warden::broker::shipping::{Destination, TrailShipping, drain};
     const SENDER: &str = "broker-sender-credential-0123456789abcdef";
     let w = world().await;
     let data = tempfile::tempdir().unwrap();
@@ -1055,7 +1056,7 @@ async fn the_broker_ships_its_lease_trail_to_the_collector_and_seals_it() {
         credential: mcp_warden::bearer::ClientCredential::Fixed(SENDER.into()),
         http: reqwest::Client::new(),
     };
-    let shipping = TrailShipping::start(&w.broker, to);
+    let shipping = TrailShipping::start(&w.broker, mcp_warden::broker::issuer::Broker::trail, to);
     let issued = w.client.credential(&request("lookup_patient", &token("alice", &["clinicians"]))).await.unwrap();
     // The lease record reaches the collector while the broker runs.
     let streams = data.path().join("streams");

@@ -88,7 +88,12 @@ impl World {
 
         // The broker, as the sidecar's credential source.
         let inventory = Inventory::from_manifests(&manifest_dir).unwrap();
-        let trail = Trail::new(dir.path().join("broker-audit"), Some("broker-0".into())).unwrap();
+        let trail = Trail::new(
+            dir.path().join("broker-audit"),
+            Some("broker-0".into()),
+            mcp_warden::broker::trail::BROKER_STREAM,
+        )
+        .unwrap();
         let settings = Settings { max_ttl: None, connection_limit: 8 };
         let broker =
             Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));

@@ -150,7 +150,9 @@ impl World {
         for (server, entry) in &inventory.servers {
             assert!(entry.is_ok(), "{server}: {:?}", entry.as_ref().err());
         }
-        let trail = Trail::new(dir.path().join("audit"), Some("broker-0".into())).unwrap();
+        let trail =
+            Trail::new(dir.path().join("audit"), Some("broker-0".into()), mcp_warden::broker::trail::BROKER_STREAM)
+                .unwrap();
         let settings = Settings { max_ttl: None, connection_limit: 4 };
         let broker =
             Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
@@ -746,7 +748,7 @@ async fn stores_sharing_a_linkage_id_agree_on_pseudonyms_in_one_scope() {
     std::fs::create_dir_all(&manifests_dir).unwrap();
     std::fs::write(manifests_dir.join("care.yaml"), linkage_manifests(pg.port)).unwrap();
     let inventory = Inventory::from_manifests(&manifests_dir).unwrap();
-    let trail = Trail::new(dir.path().join("audit"), None).unwrap();
+    let trail = Trail::new(dir.path().join("audit"), None, mcp_warden::broker::trail::BROKER_STREAM).unwrap();
     let settings = Settings { max_ttl: None, connection_limit: 4 };
     let broker = Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
     let problems = broker.sync().await;

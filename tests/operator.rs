@@ -217,7 +217,10 @@ async fn a_grant_is_judged_approved_revoked_and_its_server_reports_it() {
     apply_all(&fake, &world(1));
     apply_all(&fake, &common::chart::emergency_admission_policy("mcp-warden"));
     let api = fake.listen("solo").await;
-    let operator = Operator::start(dir.path(), api, "solo", &["--leader-election=false"]);
+    let audit = dir.path().join("verdicts");
+    let audit_flag = audit.display().to_string();
+    let mut operator =
+        Operator::start(dir.path(), api, "solo", &["--leader-election=false", "--audit-dir", &audit_flag]);
     eventually("convergence", WAIT, || converged(&fake, 1).then_some(())).await;
     let (verdict, message) = emergency_control(&fake).expect("the control");
     assert_eq!(verdict, "Pass", "{message}");
@@ -265,6 +268,40 @@ async fn a_grant_is_judged_approved_revoked_and_its_server_reports_it() {
             2,
             "{reason} on the grant and its server: {events:?}"
         );
+    }
+
+    // The operator's trail of verdicts: every control once at the first
+    // status, then only changes of verdict; its last word on each control is
+    // what status says; sealed at SIGTERM.
+    let controls: Vec<(String, String)> = fake.get("mcpservers", NS, "s-000").expect("server")["status"]["controls"]
+        .as_array()
+        .expect("controls")
+        .iter()
+        .map(|c| (c["id"].as_str().unwrap().to_string(), c["verdict"].as_str().unwrap().to_string()))
+        .collect();
+    operator.signal(libc::SIGTERM);
+    assert!(operator.wait_exit().success());
+    let stream = audit.join(NS).join("s-000");
+    let report = mcp_warden::audit::verify::verify_dir(
+        &stream,
+        mcp_warden::audit::verify::VerifyOptions { require_sealed: true, ..Default::default() },
+    );
+    assert!(report.passed(), "{report:?}");
+    let records = mcp_warden::audit::query::read_records(&stream).records;
+    let verdicts: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| r.event.kind == mcp_warden::audit::Kind::Verdict)
+        .map(|r| {
+            assert_eq!(r.server, format!("{NS}/s-000"));
+            let c = r.event.control.as_ref().expect("control");
+            (c.id.clone(), c.verdict.clone())
+        })
+        .collect();
+    for (id, verdict) in &controls {
+        let history: Vec<&String> = verdicts.iter().filter(|(c, _)| c == id).map(|(_, v)| v).collect();
+        assert!(!history.is_empty(), "{id} never recorded: {verdicts:?}");
+        assert_eq!(history.last(), Some(&verdict), "{id}: the trail's last verdict is status's");
+        assert!(history.windows(2).all(|w| w[0] != w[1]), "{id}: a verdict recorded twice in a row: {history:?}");
     }
 }
 

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use mcp_warden::audit::record::{Caller, Decision, Event, Kind, Outcome, OutcomeStatus};
+use mcp_warden::audit::record::{Caller, ControlVerdict, Decision, Event, Kind, Outcome, OutcomeStatus};
 use mcp_warden::audit::wal::{Wal, WalConfig};
 use mcp_warden::report::{Inputs, build};
 use sha2::Digest;
@@ -130,6 +130,70 @@ fn the_numbers_are_those_of_audit_query_over_the_same_records() {
     // No key, no manifests: said, not glossed over.
     assert!(report.limits.iter().any(|l| l.contains("No checkpoint key")));
     assert!(report.limits.iter().any(|l| l.contains("No manifests")));
+}
+
+fn verdict(id: &str, verdict: &str) -> Event {
+    Event {
+        control: Some(ControlVerdict {
+            id: id.into(),
+            citation: "45 CFR 164.312(c)(1)".into(),
+            verdict: verdict.into(),
+            message: format!("{id} is {verdict}"),
+        }),
+        ..Event::new(Kind::Verdict)
+    }
+}
+
+#[test]
+fn control_history_comes_from_the_operators_verdict_records() {
+    let dir = tempfile::tempdir().unwrap();
+    write_trail(dir.path());
+    // The operator's stream of the same server: integrity Unknown, then
+    // (inside the period) Fail, then Pass; audit-controls Pass throughout.
+    let mut config = WalConfig::new(dir.path().join("clinic/patient-lookup/operator-0"), "clinic/patient-lookup");
+    config.pod = Some("operator-0".into());
+    let wal = Wal::open(config).unwrap();
+    wal.append_blocking(verdict("integrity", "Unknown")).unwrap();
+    wal.append_blocking(verdict("audit-controls", "Pass")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let since = chrono::Utc::now();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    wal.append_blocking(verdict("integrity", "Fail")).unwrap();
+    wal.append_blocking(verdict("integrity", "Pass")).unwrap();
+    wal.close_blocking().unwrap();
+
+    // No manifests: the server and its controls come from the trail.
+    let report = build(&Inputs { storage: dir.path().to_path_buf(), since: Some(since), ..Default::default() });
+    assert_eq!(report.servers.len(), 1);
+    let server = &report.servers[0];
+    assert_eq!(server.server, "clinic/patient-lookup");
+    assert!(server.assessed.contains("recorded in the trail"), "{}", server.assessed);
+    let integrity = server.controls.iter().find(|c| c.id == "integrity").unwrap();
+    assert_eq!(integrity.verdict, mcp_warden::api::Verdict::Pass, "the latest recorded verdict");
+    let history = server.history.iter().find(|h| h.id == "integrity").unwrap();
+    assert_eq!(history.at_start.as_deref(), Some("Unknown"));
+    let changes: Vec<&str> = history.changes.iter().map(|(_, v)| v.as_str()).collect();
+    assert_eq!(changes, ["Fail", "Pass"]);
+    let steady = server.history.iter().find(|h| h.id == "audit-controls").unwrap();
+    assert_eq!((steady.at_start.as_deref(), steady.changes.len()), (Some("Pass"), 0));
+    // The same records `audit query --kind verdict` answers.
+    let recorded: usize = server.history.iter().map(|h| h.changes.len()).sum();
+    let rfc = since.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    assert_eq!(recorded, query_count(dir.path(), &["--kind", "verdict", "--since", &rfc]));
+
+    // With the manifests, the controls are assessed from them and the
+    // history from the trail sits beside them in the page.
+    let html = dir.path().join("r.html");
+    let out = Command::new(BIN)
+        .arg("report")
+        .arg(dir.path())
+        .args(["--manifests", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/compliant"), "--since", &rfc, "-o"])
+        .arg(&html)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("Unknown at the start; Fail from "), "{page}");
 }
 
 fn report_html(dir: &Path, out: &Path) -> (String, String) {

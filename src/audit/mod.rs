@@ -12,6 +12,8 @@
 //! - [`wal`]: the durable, bounded, crash-safe writer.
 //! - [`verify`]: checking stored streams.
 //! - [`segment`]: the files on disk.
+//! - [`trail`], [`trail_shipping`]: a control-plane component's streams
+//!   (one per MCPServer) and their shipping to the collector.
 
 pub mod args_hmac;
 pub mod budget;
@@ -21,6 +23,8 @@ pub mod query;
 pub mod record;
 pub mod segment;
 pub mod ship;
+pub mod trail;
+pub mod trail_shipping;
 pub mod verify;
 pub mod wal;
 

@@ -105,6 +105,24 @@ pub struct Event {
     /// The break-glass grant (`EmergencyAccess` name) this was done under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emergency_access: Option<String>,
+    /// A control's new verdict on the server (kind `verdict`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlVerdict>,
+}
+
+/// A control's verdict on an MCPServer, as the operator put it in status
+/// when it changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlVerdict {
+    /// The control's id, e.g. `audit-controls`.
+    pub id: String,
+    /// Its citation, e.g. `45 CFR 164.312(b)`.
+    pub citation: String,
+    /// `Pass`, `Fail` or `Unknown`.
+    pub verdict: String,
+    /// The evidence, as in status.
+    pub message: String,
 }
 
 /// Event kinds (also the values of `audit query --kind`).
@@ -126,6 +144,8 @@ pub enum Kind {
     Statement,
     /// Tampering or loss was detected.
     Incident,
+    /// A control's verdict on a server changed (written by the operator).
+    Verdict,
     /// The writer closed the stream cleanly.
     StreamEnd,
 }
@@ -140,6 +160,7 @@ impl Kind {
             Kind::Lease => "lease",
             Kind::Statement => "statement",
             Kind::Incident => "incident",
+            Kind::Verdict => "verdict",
             Kind::StreamEnd => "stream-end",
         }
     }
@@ -346,6 +367,7 @@ impl Event {
                 need(self.outcome.is_some(), "outcome")
             }
             Kind::Incident => need(self.incident.is_some(), "incident"),
+            Kind::Verdict => need(self.control.is_some(), "control"),
         }?;
         if let Some(h) = &self.args_hmac {
             check_hex(h, "event.args_hmac")?;

@@ -33,7 +33,6 @@ pub mod linkage;
 pub mod metrics;
 pub mod naming;
 pub mod reidentify;
-pub mod shipping;
 pub mod sql;
 pub mod status;
 pub mod store;
@@ -233,7 +232,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let reap_interval = duration_flag("reap-interval", &args.reap_interval)?;
     let resync_interval = duration_flag("resync-interval", &args.resync_interval)?;
     let inventory = source.load().await?;
-    let trail = trail::Trail::new(args.audit_dir.clone(), args.pod.clone())?;
+    let trail = trail::Trail::new(args.audit_dir.clone(), args.pod.clone(), trail::BROKER_STREAM)?;
     let mut registry = Registry::default();
     let metrics = metrics::BrokerMetrics::register(&mut registry);
     let broker = Arc::new(issuer::Broker::new(inventory, trail, settings, metrics));
@@ -243,8 +242,8 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--collector-credential-file: cannot read {}", file.display()))?;
             let http = crate::bearer::api_client(args.warden_ca_file.as_deref()).map_err(anyhow::Error::msg)?;
             let credential = crate::bearer::ClientCredential::File(file.clone());
-            let to = shipping::Destination { url: url.clone(), credential, http };
-            Some(shipping::TrailShipping::start(&broker, to))
+            let to = crate::audit::trail_shipping::Destination { url: url.clone(), credential, http };
+            Some(crate::audit::trail_shipping::TrailShipping::start(&broker, issuer::Broker::trail, to))
         }
         _ => None,
     };
@@ -292,7 +291,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     broker.close().await;
-    shipping::drain(shippers).await;
+    crate::audit::trail_shipping::drain(shippers).await;
     stop.notify_one();
     if let Some(task) = health_task {
         let _ = task.await;

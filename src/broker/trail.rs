@@ -1,85 +1,18 @@
-//! The broker's audit trail: one WAL per MCPServer it issues for, so a
-//! server's leases sit beside its decisions; events of no known server
-//! (roles of a deleted server reaped after a restart) go to the broker's
-//! own stream.
-//!
-//! ```text
-//!   --audit-dir DIR/<namespace>/<server>/   lease records of that server (server = namespace/name)
-//!   --audit-dir DIR/_broker/                the rest (server = "mcp-warden/broker")
-//! ```
-//!
-//! A record is durable before the credential it describes is returned.
-
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+//! The broker's audit trail (`audit::trail`): one WAL per MCPServer it
+//! issues for, so a server's leases sit beside its decisions; events of no
+//! known server (roles of a deleted server reaped after a restart) go to the
+//! broker's own stream, `--audit-dir DIR/_broker/`. A record is durable
+//! before the credential it describes is returned.
 
 use crate::audit::record::{Caller as AuditCaller, Event, Kind, Lease, LeaseAction};
-use crate::audit::wal::{Wal, WalConfig, WalError};
-use crate::policy::ServerRef;
+use crate::audit::trail::OwnStream;
+pub use crate::audit::trail::Trail;
 
 /// `server` of records no MCPServer owns.
 pub const BROKER_SERVER: &str = "mcp-warden/broker";
-/// Directory of those records.
-const BROKER_DIR: &str = "_broker";
 
-/// The WALs, opened on first use.
-pub struct Trail {
-    root: PathBuf,
-    pod: Option<String>,
-    wals: Mutex<HashMap<String, (PathBuf, Arc<Wal>)>>,
-}
-
-impl Trail {
-    /// A trail under `root`, written by `pod`.
-    pub fn new(root: PathBuf, pod: Option<String>) -> Result<Trail, WalError> {
-        std::fs::create_dir_all(&root).map_err(|e| WalError::Open { dir: root.clone(), message: e.to_string() })?;
-        let trail = Trail { root, pod, wals: Mutex::new(HashMap::new()) };
-        // Opening the broker's own stream at start proves the directory works.
-        trail.wal(None)?;
-        Ok(trail)
-    }
-
-    fn wal(&self, server: Option<&ServerRef>) -> Result<Arc<Wal>, WalError> {
-        let (key, dir) = match server {
-            Some(s) => (s.to_string(), self.root.join(&s.namespace).join(&s.name)),
-            None => (BROKER_SERVER.to_string(), self.root.join(BROKER_DIR)),
-        };
-        let mut wals = self.wals.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, wal)) = wals.get(&key) {
-            return Ok(Arc::clone(wal));
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| WalError::Open { dir: dir.clone(), message: e.to_string() })?;
-        let mut config = WalConfig::new(dir.clone(), key.clone());
-        config.pod = self.pod.clone();
-        let wal = Arc::new(Wal::open(config)?);
-        wals.insert(key, (dir, Arc::clone(&wal)));
-        Ok(wal)
-    }
-
-    /// The open WALs and their directories (for shipping).
-    pub fn wals(&self) -> Vec<(PathBuf, Arc<Wal>)> {
-        let wals = self.wals.lock().unwrap_or_else(|p| p.into_inner());
-        wals.values().map(|(dir, wal)| (dir.clone(), Arc::clone(wal))).collect()
-    }
-
-    /// Makes one event durable in the server's stream (or the broker's).
-    pub async fn record(&self, server: Option<&ServerRef>, event: Event) -> Result<(), WalError> {
-        let wal = self.wal(server)?;
-        wal.append(event).await.map(|_| ())
-    }
-
-    /// Closes every stream with its stream-end record.
-    pub async fn close(&self) {
-        let wals: Vec<Arc<Wal>> =
-            self.wals.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, (_, w))| w).collect();
-        for wal in wals {
-            if let Err(e) = Wal::close_shared(wal).await {
-                tracing::warn!(error = %e, "closing an audit stream failed");
-            }
-        }
-    }
-}
+/// The broker's own stream.
+pub const BROKER_STREAM: OwnStream = OwnStream { server: BROKER_SERVER, dir: "_broker" };
 
 /// What a lease record says.
 pub struct LeaseFacts<'a> {

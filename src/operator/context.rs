@@ -41,6 +41,8 @@ pub struct Context {
     pub jwks: Arc<dyn JwksSource>,
     /// The audit collector's per-server health, when one is configured.
     pub collector: Option<Arc<dyn super::collector::CollectorHealthSource>>,
+    /// Where verdict changes are recorded, when configured.
+    pub verdicts: Option<Arc<crate::audit::trail::Trail>>,
     /// Operator metrics.
     pub metrics: Metrics,
     /// Re-evaluation (and JWKS refresh) period of a healthy server.
@@ -77,6 +79,7 @@ impl Context {
             settings,
             jwks,
             collector: None,
+            verdicts: None,
             metrics: Metrics::register(registry),
             resync,
             emergency_policy: DEFAULT_EMERGENCY_POLICY.into(),
@@ -96,6 +99,12 @@ impl Context {
     /// The same context, reading the audit collector's health from `source`.
     pub fn with_collector(mut self, source: Arc<dyn super::collector::CollectorHealthSource>) -> Self {
         self.collector = Some(source);
+        self
+    }
+
+    /// The same context, recording verdict changes in `trail`.
+    pub fn with_verdict_trail(mut self, trail: Arc<crate::audit::trail::Trail>) -> Self {
+        self.verdicts = Some(trail);
         self
     }
 
@@ -141,6 +150,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Break-glass grants in force.
     pub emergency_grants_active: Gauge,
+    /// Verdict changes that could not be recorded in the trail.
+    pub verdict_records_failed: Counter,
 }
 
 impl Metrics {
@@ -155,6 +166,7 @@ impl Metrics {
             jwks_fetch_failures: Counter::default(),
             leader: Gauge::default(),
             emergency_grants_active: Gauge::default(),
+            verdict_records_failed: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("mcpwarden_operator");
         r.register("reconciles", "Reconciliations started", metrics.reconciles.clone());
@@ -169,6 +181,11 @@ impl Metrics {
             "emergency_grants_active",
             "Break-glass grants (EmergencyAccess) in force",
             metrics.emergency_grants_active.clone(),
+        );
+        r.register(
+            "verdict_records_failed",
+            "Verdict changes that could not be recorded in the operator's trail",
+            metrics.verdict_records_failed.clone(),
         );
         metrics
     }

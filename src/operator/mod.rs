@@ -29,6 +29,7 @@ pub mod recent;
 pub mod reconcile;
 pub mod status;
 pub mod triggers;
+pub mod verdicts;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -76,6 +77,11 @@ pub struct OperatorArgs {
     /// system roots); default: `--warden-ca-file`.
     #[arg(long, env = "MCPW_COLLECTOR_CA_FILE")]
     pub collector_ca_file: Option<std::path::PathBuf>,
+    /// Directory of the operator's trail of verdict changes (one stream per
+    /// MCPServer, shipped to `--collector-url` when given; the report's
+    /// control history). Without it no verdict change is recorded.
+    #[arg(long, env = "MCPW_AUDIT_DIR")]
+    pub audit_dir: Option<std::path::PathBuf>,
     /// The credential broker (e.g. `https://mcpw-broker.mcp-warden.svc:8443`),
     /// given to the sidecars of servers with `dataAccess` tools. Without
     /// it, their calls to such tools are refused.
@@ -244,6 +250,27 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--collector-url: {e}"))?;
         ctx = ctx.with_collector(Arc::new(source));
     }
+    let verdict_trail = match &args.audit_dir {
+        Some(dir) => {
+            let trail = crate::audit::trail::Trail::new(dir.clone(), args.pod_name.clone(), verdicts::OPERATOR_STREAM)
+                .map_err(|e| anyhow::anyhow!("--audit-dir: {e}"))?;
+            Some(Arc::new(trail))
+        }
+        None => None,
+    };
+    let verdict_shipping = match (&verdict_trail, &args.collector_url, &args.collector_token_file) {
+        (Some(trail), Some(url), Some(token)) => {
+            let ca = args.collector_ca_file.as_deref().or(args.warden_ca_file.as_deref());
+            let http = crate::bearer::api_client(ca).map_err(anyhow::Error::msg)?;
+            let credential = crate::bearer::ClientCredential::File(token.clone());
+            let to = crate::audit::trail_shipping::Destination { url: url.clone(), credential, http };
+            Some(crate::audit::trail_shipping::TrailShipping::start(trail, |t| t, to))
+        }
+        _ => None,
+    };
+    if let Some(trail) = &verdict_trail {
+        ctx = ctx.with_verdict_trail(Arc::clone(trail));
+    }
     let leader_gauge = ctx.metrics.leader.clone();
     if lease.is_none() {
         leader_gauge.set(1);
@@ -345,6 +372,15 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     };
     info!(listen = %args.health_listen, "mcp-warden operator starting");
     let (_, _, served) = tokio::join!(controllers, election, health_server);
+    // The verdict trail is sealed and what is left of it shipped.
+    let shippers = match verdict_shipping {
+        Some(shipping) => shipping.stop().await,
+        None => Vec::new(),
+    };
+    if let Some(trail) = verdict_trail {
+        trail.close().await;
+    }
+    crate::audit::trail_shipping::drain(shippers).await;
     served?;
     info!("mcp-warden operator stopped");
     Ok(())

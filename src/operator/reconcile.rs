@@ -288,6 +288,7 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
             publish(ctx, server, type_event, &format!("{type_}{new}"), format!("{type_} {old} -> {new}: {message}"))
                 .await;
         }
+        record_verdicts(ctx, &namespace, &name, server.status.as_ref(), &next).await;
         let api: Api<MCPServer> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = json!({"apiVersion": API_VERSION, "kind": "MCPServer", "status": next});
         let written = api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
@@ -297,6 +298,27 @@ async fn apply(server: &MCPServer, ctx: &Context) -> Result<Action, Error> {
         );
     }
     Ok(Action::requeue(ctx.resync))
+}
+
+/// Writes the controls whose verdict changed to the server's stream of the
+/// operator's trail, before the status that carries them. A record that
+/// cannot be written is counted and logged; the status is written anyway
+/// (the cluster's view must not stall on the trail).
+async fn record_verdicts(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    previous: Option<&crate::api::MCPServerStatus>,
+    next: &crate::api::MCPServerStatus,
+) {
+    let Some(trail) = &ctx.verdicts else { return };
+    let server = crate::policy::ServerRef { namespace: namespace.to_string(), name: name.to_string() };
+    for event in super::verdicts::changes(previous.map(|s| s.controls.as_slice()), &next.controls) {
+        if let Err(e) = trail.record(Some(&server), event).await {
+            ctx.metrics.verdict_records_failed.inc();
+            tracing::warn!(error = %e, "a verdict change could not be recorded in the operator's trail");
+        }
+    }
 }
 
 /// The server's grants as the grant controller judges them, now.

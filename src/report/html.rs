@@ -64,6 +64,18 @@ fn verdict(v: Verdict) -> String {
     format!(r#"<td class="{v} nw">{v}</td>"#)
 }
 
+/// A control's history as one line: "Fail before; Pass from 2026-11-20T10:00:00Z".
+fn history_text(history: &super::ControlHistory) -> String {
+    let mut parts = Vec::new();
+    if let Some(start) = &history.at_start {
+        parts.push(format!("{start} at the start"));
+    }
+    for (time, verdict) in &history.changes {
+        parts.push(format!("{verdict} from {time}"));
+    }
+    if parts.is_empty() { "no change recorded".into() } else { parts.join("; ") }
+}
+
 /// The whole document.
 pub fn render(report: &AuditReport) -> String {
     let mut body = String::new();
@@ -104,9 +116,22 @@ pub fn render(report: &AuditReport) -> String {
         let rows: Vec<String> = server
             .controls
             .iter()
-            .map(|c| format!("{}{}{}{}", nowrap(&c.id), cell(&c.citation), verdict(c.verdict), cell(&c.message)))
+            .map(|c| {
+                let history = server.history.iter().find(|h| h.id == c.id).map(history_text);
+                format!(
+                    "{}{}{}{}{}",
+                    nowrap(&c.id),
+                    cell(&c.citation),
+                    verdict(c.verdict),
+                    cell(&c.message),
+                    cell(history.as_deref().unwrap_or("no verdict record"))
+                )
+            })
             .collect();
-        body.push_str(&table(&["control", "citation", "verdict", "evidence"], &rows));
+        body.push_str(&table(
+            &["control", "citation", "verdict", "evidence", "in the period (operator's records)"],
+            &rows,
+        ));
     }
 
     body.push_str("<h2>2. The trail</h2>");

@@ -24,9 +24,9 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::api::ControlStatus;
+use crate::api::{ControlStatus, Verdict};
 use crate::audit::query::{Query, read_records};
-use crate::audit::record::{Decision, Kind, Record};
+use crate::audit::record::{ControlVerdict, Decision, Kind, Record};
 use crate::audit::verify::{VerifyOptions, VerifyReport, verify_dir};
 
 /// What the report is made from.
@@ -87,6 +87,20 @@ pub struct ServerControls {
     pub assessed: String,
     /// Every control, with citation, verdict and evidence.
     pub controls: Vec<ControlStatus>,
+    /// Per control, its verdicts in the period as the operator recorded
+    /// them (empty when the trail holds none).
+    pub history: Vec<ControlHistory>,
+}
+
+/// One control's verdicts over the period, from the operator's records.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ControlHistory {
+    /// The control's id.
+    pub id: String,
+    /// Its verdict when the period began (the last change before it).
+    pub at_start: Option<String>,
+    /// Changes within the period: time and new verdict.
+    pub changes: Vec<(String, String)>,
 }
 
 /// The trail's integrity.
@@ -206,8 +220,9 @@ pub fn build(inputs: &Inputs) -> AuditReport {
             .into_iter()
             .map(|s| ServerControls {
                 server: format!("{}/{}", s.namespace, s.name),
-                assessed: format!("offline check of {}", s.origin.file.display()),
+                assessed: format!("offline check of {} when this report was made", s.origin.file.display()),
                 controls: s.report.controls,
+                history: Vec::new(),
             })
             .collect()
     };
@@ -224,6 +239,7 @@ pub fn summarize(
     servers: Vec<ServerControls>,
 ) -> AuditReport {
     let period = period_query(inputs);
+    let servers = with_history(servers, inputs, records);
     let decisions = period.select(records);
     let phi = Query { phi_only: true, ..period.clone() }.select(records);
 
@@ -313,9 +329,9 @@ pub fn summarize(
         incidents,
     };
     let mut limits = vec![
-        "Control verdicts are those of the manifests given, checked offline when the report was made; \
-         their history in the period is not on the trail yet (the operator does not write verdict changes \
-         to the collector)."
+        "Control history comes from the verdict changes the operator records (with --audit-dir, shipped to \
+         the collector); a server whose operator ran without it, or before this version, has none, and its \
+         verdicts are those of the manifests given."
             .to_string(),
         "A decision is recorded before the call is forwarded; an outcome can be missing when a node failed \
          in the ≤10 ms before it was made durable (a decision without an outcome reads as a call cut off)."
@@ -334,7 +350,10 @@ pub fn summarize(
         );
     }
     if servers.is_empty() {
-        limits.insert(0, "No manifests were given: no control is assessed here.".to_string());
+        limits.insert(
+            0,
+            "No manifests were given and the trail holds no verdict record: no control is assessed here.".to_string(),
+        );
     }
     let rfc = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     AuditReport {
@@ -353,6 +372,75 @@ pub fn summarize(
             .collect(),
         emergency: grants.into_values().collect(),
         limits,
+    }
+}
+
+/// One control's verdict records: time and verdict, oldest first.
+type Recorded<'a> = Vec<(&'a str, &'a ControlVerdict)>;
+
+/// Adds each server's control history from the operator's `verdict`
+/// records (as `audit query --kind verdict` selects them); servers only the
+/// trail knows are added with the operator's latest verdicts.
+fn with_history(mut servers: Vec<ServerControls>, inputs: &Inputs, records: &[Record]) -> Vec<ServerControls> {
+    let up_to_end = Query { until: inputs.until, kinds: vec![Kind::Verdict], ..Default::default() }.select(records);
+    // server → control id → its records, oldest first.
+    let mut by_server: BTreeMap<&str, BTreeMap<&str, Recorded<'_>>> = BTreeMap::new();
+    for row in &up_to_end {
+        if let Some(c) = &row.record.event.control {
+            let history = by_server.entry(row.record.server.as_str()).or_default().entry(c.id.as_str()).or_default();
+            history.push((row.record.time.as_str(), c));
+        }
+    }
+    let in_period = |time: &str| {
+        DateTime::parse_from_rfc3339(time)
+            .is_ok_and(|t| inputs.since.is_none_or(|since| t.with_timezone(&Utc) >= since))
+    };
+    for (server, controls) in &by_server {
+        if !servers.iter().any(|s| s.server == *server) {
+            let latest = controls.values().filter_map(|h| h.last()).map(|(t, _)| *t).max().unwrap_or_default();
+            servers.push(ServerControls {
+                server: server.to_string(),
+                assessed: format!("by the operator in the cluster, as recorded in the trail (latest change {latest})"),
+                controls: controls
+                    .iter()
+                    .filter_map(|(id, h)| {
+                        let (_, last) = h.last()?;
+                        Some(ControlStatus {
+                            id: id.to_string(),
+                            citation: last.citation.clone(),
+                            verdict: parse_verdict(&last.verdict),
+                            message: last.message.clone(),
+                        })
+                    })
+                    .collect(),
+                history: Vec::new(),
+            });
+        }
+    }
+    for server in &mut servers {
+        let Some(controls) = by_server.get(server.server.as_str()) else { continue };
+        server.history = controls
+            .iter()
+            .map(|(id, h)| ControlHistory {
+                id: id.to_string(),
+                at_start: h.iter().rev().find(|(t, _)| !in_period(t)).map(|(_, c)| c.verdict.clone()),
+                changes: h
+                    .iter()
+                    .filter(|(t, _)| in_period(t))
+                    .map(|(t, c)| (t.to_string(), c.verdict.clone()))
+                    .collect(),
+            })
+            .collect();
+    }
+    servers.sort_by(|a, b| a.server.cmp(&b.server));
+    servers
+}
+
+fn parse_verdict(text: &str) -> Verdict {
+    match text {
+        "Pass" => Verdict::Pass,
+        "Fail" => Verdict::Fail,
+        _ => Verdict::Unknown,
     }
 }
 

@@ -69,6 +69,10 @@ pub struct CollectorArgs {
     /// `namespace:name`; it ships its lease trail for every MCPServer.
     #[arg(long)]
     pub broker_service_account: Option<String>,
+    /// In a cluster: the operator's service account, as `namespace:name`;
+    /// it ships its trail of verdict changes for every MCPServer.
+    #[arg(long)]
+    pub operator_service_account: Option<String>,
     /// File holding the Ed25519 seed (64 hex digits) that signs checkpoints
     /// (a Secret in a cluster). Without it no checkpoint is written.
     #[arg(long)]
@@ -84,10 +88,18 @@ pub enum Senders {
     /// One shared credential: sender "static", any stream.
     Static(StaticCredential),
     /// Sidecars' service-account tokens: the sender is their MCPServer, and
-    /// only streams of that server are accepted from it. The broker's
-    /// account (the username, if given) ships streams of any server.
-    TokenReview(Arc<TokenReviewer>, Option<String>),
+    /// only streams of that server are accepted from it. The control
+    /// plane's accounts ship streams of any server.
+    TokenReview(Arc<TokenReviewer>, ControlPlane),
 }
+
+/// Control-plane service accounts that ship streams of every MCPServer:
+/// `(username, sender name)`, e.g. the broker's leases, the operator's
+/// verdicts.
+pub type ControlPlane = Vec<(String, &'static str)>;
+
+/// The sender name of the operator.
+pub const OPERATOR_SENDER: &str = "operator";
 
 /// The sender name of the credential broker.
 pub const BROKER_SENDER: &str = "broker";
@@ -103,11 +115,11 @@ impl Senders {
                     Err("a sender credential is required".into())
                 }
             }
-            Senders::TokenReview(reviewer, broker) => {
+            Senders::TokenReview(reviewer, control_plane) => {
                 let token = crate::bearer::bearer(headers).ok_or("a sidecar service-account token is required")?;
                 let username = reviewer.username_of(token).await.map_err(|e| e.to_string())?;
-                if broker.as_deref() == Some(username.as_str()) {
-                    return Ok((BROKER_SENDER.to_string(), None));
+                if let Some((_, sender)) = control_plane.iter().find(|(account, _)| *account == username) {
+                    return Ok((sender.to_string(), None));
                 }
                 let server = crate::token_review::server_of_service_account(&username)
                     .ok_or_else(|| crate::token_review::ReviewError::NotASidecar.to_string())?;
@@ -318,17 +330,18 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         None => {
             let client =
                 kube::Client::try_default().await.context("no cluster to run in (or pass --sender-credential-file)")?;
-            let broker = args
-                .broker_service_account
-                .as_deref()
-                .map(|account| {
-                    account
-                        .split_once(':')
-                        .map(|(ns, name)| format!("system:serviceaccount:{ns}:{name}"))
-                        .ok_or_else(|| anyhow::anyhow!("--broker-service-account must be namespace:name"))
-                })
-                .transpose()?;
-            Senders::TokenReview(Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)), broker)
+            let mut control_plane = ControlPlane::new();
+            for (flag, account, sender) in [
+                ("broker-service-account", &args.broker_service_account, BROKER_SENDER),
+                ("operator-service-account", &args.operator_service_account, OPERATOR_SENDER),
+            ] {
+                if let Some(account) = account {
+                    let (ns, name) =
+                        account.split_once(':').ok_or_else(|| anyhow::anyhow!("--{flag} must be namespace:name"))?;
+                    control_plane.push((format!("system:serviceaccount:{ns}:{name}"), sender));
+                }
+            }
+            Senders::TokenReview(Arc::new(TokenReviewer::new(client, COLLECTOR_AUDIENCE)), control_plane)
         }
     };
     let readers = match (&args.reader_credential_file, &args.reader_service_account, &senders) {

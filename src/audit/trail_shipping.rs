@@ -1,8 +1,9 @@
-//! The broker's own trail leaves its pod too: every WAL the trail opens
-//! (one per MCPServer, plus the broker's) is shipped to the audit collector
-//! by its own shipper, with the sidecar's loop (`audit::ship`): in order,
-//! segments released after the collector's fsync'd acknowledgement, backoff
-//! on failure; at shutdown the streams are sealed and the rest drained.
+//! A control-plane trail (`audit::trail`: the broker's, the operator's)
+//! leaves its pod too: every WAL the trail opens (one per MCPServer, plus
+//! the writer's own) is shipped to the audit collector by its own shipper,
+//! with the sidecar's loop (`audit::ship`): in order, segments released
+//! after the collector's fsync'd acknowledgement, backoff on failure; at
+//! shutdown the streams are sealed and the rest drained.
 //!
 //! ```text
 //!   every second: trail.wals() ─ new dir? ─▶ spawn ship_loop(Shipper(dir), wal)
@@ -17,19 +18,19 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::issuer::Broker;
 use crate::audit::ship::{self, Shipper};
+use crate::audit::trail::Trail;
 use crate::bearer::ClientCredential;
 
 /// How often the trail is checked for newly opened WALs.
 const DISCOVER_EVERY: Duration = Duration::from_secs(1);
 
-/// Where the broker ships to.
+/// Where the trail is shipped to.
 #[derive(Clone)]
 pub struct Destination {
     /// The collector's base URL.
     pub url: String,
-    /// What the broker presents (its projected token for the collector's
+    /// What the writer presents (its projected token for the collector's
     /// audience, re-read per batch).
     pub credential: ClientCredential,
     /// The HTTP client (trusting the warden CA).
@@ -38,17 +39,18 @@ pub struct Destination {
 
 type Loop = (JoinHandle<Shipper>, Arc<Notify>);
 
-/// The running shippers of a broker's trail.
+/// The running shippers of a trail.
 pub struct TrailShipping {
     supervisor: JoinHandle<HashMap<PathBuf, Loop>>,
     stop: Arc<Notify>,
 }
 
 impl TrailShipping {
-    /// Starts shipping every WAL of `broker`'s trail to `to`.
-    pub fn start(broker: &Arc<Broker>, to: Destination) -> TrailShipping {
+    /// Starts shipping every WAL of the trail `owner` holds (`trail` finds
+    /// it there) to `to`; ends when the owner is gone or on `stop`.
+    pub fn start<T: Send + Sync + 'static>(owner: &Arc<T>, trail: fn(&T) -> &Trail, to: Destination) -> TrailShipping {
         let stop = Arc::new(Notify::new());
-        let supervisor = tokio::spawn(supervise(Arc::downgrade(broker), to, Arc::clone(&stop)));
+        let supervisor = tokio::spawn(supervise(Arc::downgrade(owner), trail, to, Arc::clone(&stop)));
         TrailShipping { supervisor, stop }
     }
 
@@ -68,11 +70,16 @@ impl TrailShipping {
     }
 }
 
-async fn supervise(broker: Weak<Broker>, to: Destination, stop: Arc<Notify>) -> HashMap<PathBuf, Loop> {
+async fn supervise<T>(
+    owner: Weak<T>,
+    trail: fn(&T) -> &Trail,
+    to: Destination,
+    stop: Arc<Notify>,
+) -> HashMap<PathBuf, Loop> {
     let mut loops: HashMap<PathBuf, Loop> = HashMap::new();
     loop {
-        let Some(broker) = broker.upgrade() else { return loops };
-        for (dir, wal) in broker.trail().wals() {
+        let Some(owner) = owner.upgrade() else { return loops };
+        for (dir, wal) in trail(&owner).wals() {
             if loops.contains_key(&dir) {
                 continue;
             }
@@ -82,7 +89,7 @@ async fn supervise(broker: Weak<Broker>, to: Destination, stop: Arc<Notify>) -> 
             tracing::info!(dir = %dir.display(), "shipping a trail stream to the collector");
             loops.insert(dir, (task, stop_loop));
         }
-        drop(broker);
+        drop(owner);
         tokio::select! {
             _ = stop.notified() => return loops,
             _ = tokio::time::sleep(DISCOVER_EVERY) => {}
