@@ -96,6 +96,21 @@ pub fn roles_sql(admin_password: &str) -> String {
     )
 }
 
+/// A CA made for this run and the database's certificate for 127.0.0.1
+/// signed by it: the CA's PEM and the server's TLS material.
+pub fn tls_material() -> anyhow::Result<(String, crate::local_postgres::ServerTls)> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "mcp-warden demo CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, "ehr-db");
+    let cert = params.signed_by(&key, &ca)?;
+    Ok((ca.pem(), crate::local_postgres::ServerTls { cert_pem: cert.pem(), key_pem: key.serialize_pem() }))
+}
+
 /// The clinic's database (a statement of its own: not in a transaction).
 pub fn database_sql() -> String {
     format!("CREATE DATABASE {DATABASE} OWNER ehr_owner")
@@ -138,11 +153,12 @@ pub fn schema_sql() -> String {
     )
 }
 
-/// What the broker reads besides [`manifests`]: the admin Secret and the
-/// issuer's JWKS ConfigMap.
-pub fn broker_secrets(admin_password: &str, jwks: &Value) -> String {
+/// What the broker reads besides [`manifests`]: the admin Secret, the
+/// issuer's JWKS and the database's CA.
+pub fn broker_secrets(admin_password: &str, jwks: &Value, ca_pem: &str) -> String {
     let password = serde_json::to_string(admin_password).unwrap_or_default();
     let jwks = serde_json::to_string(&jwks.to_string()).unwrap_or_default();
+    let ca = serde_json::to_string(ca_pem).unwrap_or_default();
     format!(
         r#"apiVersion: v1
 kind: Secret
@@ -153,6 +169,11 @@ apiVersion: v1
 kind: ConfigMap
 metadata: {{name: idp-jwks, namespace: {NAMESPACE}}}
 data: {{jwks.json: {jwks}}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: ehr-db-ca, namespace: {NAMESPACE}}}
+data: {{ca.crt: {ca}}}
 "#
     )
 }
@@ -164,8 +185,8 @@ pub fn manifests(pg_port: u16) -> String {
 kind: PHIStore
 metadata: {{name: {STORE}, namespace: {NAMESPACE}}}
 spec:
-  # On loopback in the demo; in a cluster, sslMode verify-full.
-  postgres: {{host: 127.0.0.1, port: {pg_port}, database: {DATABASE}, adminSecretRef: {{name: ehr-db-admin}}, sslMode: disable}}
+  # TLS under the demo's CA, certificate and host name verified.
+  postgres: {{host: 127.0.0.1, port: {pg_port}, database: {DATABASE}, adminSecretRef: {{name: ehr-db-admin}}, sslMode: verify-full, caConfigMapRef: {{name: ehr-db-ca}}}}
   endpoints: {{ipBlocks: [{{cidr: 127.0.0.1/32}}], ports: [{pg_port}]}}
   deidentification:
     entities:
@@ -232,7 +253,8 @@ mod tests {
     fn the_manifests_are_admitted_and_compile_to_the_demo_policy() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("clinic.yaml");
-        let all = format!("{}---\n{}", broker_secrets("pw'\"x", &serde_json::json!({"keys": []})), manifests(5432));
+        let secrets = broker_secrets("pw'\"x", &serde_json::json!({"keys": []}), "-----BEGIN CERTIFICATE-----\nx\n");
+        let all = format!("{secrets}---\n{}", manifests(5432));
         std::fs::write(&file, all).unwrap();
         let (set, errors) = crate::manifest::load_paths(&[file]);
         assert!(errors.is_empty(), "{errors:?}");

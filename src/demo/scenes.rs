@@ -245,22 +245,26 @@ impl<'a> Demo<'a> {
         let connected = tokio::time::timeout(Duration::from_secs(20), held.connected);
         self.show.waiting("the call to reach the database", connected).await.context("the call never connected")??;
         let root = self.stack.pg.superuser(clinic::DATABASE).await?;
-        let sql = "SELECT a.usename::text, r.rolvaliduntil::text FROM pg_stat_activity a \
-                   JOIN pg_roles r ON r.rolname = a.usename WHERE a.datname = 'ehr' AND a.usename LIKE 'mcpw\\_u\\_%'";
+        let sql = "SELECT a.usename::text, r.rolvaliduntil::text, s.ssl FROM pg_stat_activity a \
+                   JOIN pg_roles r ON r.rolname = a.usename JOIN pg_stat_ssl s ON s.pid = a.pid \
+                   WHERE a.datname = 'ehr' AND a.usename LIKE 'mcpw\\_u\\_%'";
         self.show.command(
-            "psql ehr -c \"SELECT usename, rolvaliduntil FROM pg_stat_activity JOIN pg_roles … LIKE 'mcpw_u_%'\"",
+            "psql ehr -c \"SELECT usename, rolvaliduntil, ssl FROM pg_stat_activity JOIN pg_roles … JOIN pg_stat_ssl … LIKE 'mcpw_u_%'\"",
         );
         let rows = root.query(sql, &[]).await?;
-        let sessions: Vec<(String, String)> =
-            rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, Option<String>>(1).unwrap_or_default())).collect();
-        for (role, until) in &sessions {
-            self.show.evidence(&format!("{role}  valid until {until}"));
+        let sessions: Vec<(String, String, bool)> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, Option<String>>(1).unwrap_or_default(), r.get::<_, bool>(2)))
+            .collect();
+        for (role, until, ssl) in &sessions {
+            self.show.evidence(&format!("{role}  valid until {until}  ssl={ssl}"));
         }
         let _ = held.release.send(());
         let answer = call.await.map_err(|e| anyhow!("the call's task: {e}"))?.context("lookup_patient")?;
         self.show.evidence(&format!("answer: {}", text_of(&answer)));
         self.show.check(sessions.len() == 1, "exactly one session of an issued login role is open: the call's");
-        let Some((role, _)) = sessions.first() else { return Ok(()) };
+        self.show.check(sessions.iter().all(|s| s.2), "it reached the database over TLS (the proxy verified it)");
+        let Some((role, ..)) = sessions.first() else { return Ok(()) };
         let lease = self
             .record("the broker's lease record", |r| {
                 r.event.kind == Kind::Lease
@@ -373,18 +377,16 @@ impl<'a> Demo<'a> {
         self.show.say("What could each caller reach? The declared minimum, checked offline:");
         let manifest = self.stack.server_manifest().display().to_string();
         self.show.command(&format!("mcp-warden check {manifest}"));
-        let (_, check) = self.stack.run_cli(&["check", &manifest])?;
-        let rows: String = check
-            .lines()
-            .filter(|l| l.contains("minimum-necessary") || l.contains("de-identification") || l.contains("CONTROL"))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let (code, check) = self.stack.run_cli(&["check", &manifest])?;
+        let shown = ["CONTROL", "minimum-necessary", "de-identification", "transmission-security"];
+        let rows: String = check.lines().filter(|l| shown.iter().any(|c| l.contains(c))).collect::<Vec<_>>().join("\n");
         self.show.evidence(&rows);
         let passes = |control: &str| check.lines().any(|l| l.contains(control) && l.contains("Pass"));
         self.show.check(
-            passes("minimum-necessary") && passes("de-identification"),
-            "minimum-necessary and de-identification pass",
+            passes("minimum-necessary") && passes("de-identification") && passes("transmission-security"),
+            "minimum-necessary, de-identification and transmission security (verify-full TLS to the store) pass",
         );
+        self.show.check(code == 0, "no control fails offline (those only a cluster can show are Unknown)");
 
         self.show.say("Where is the trail, and could the audited pod distort it?");
         let streams: Vec<String> = std::fs::read_dir(self.stack.storage())

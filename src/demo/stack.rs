@@ -203,8 +203,9 @@ impl Stack {
         let dir = tempfile::Builder::new().prefix("mcpw-demo-").tempdir().context("a temp dir for the demo")?;
         let path = dir.path().to_path_buf();
 
-        progress("PostgreSQL: initdb and the clinic's tables");
-        let pg = LocalPostgres::start(None).await?;
+        progress("PostgreSQL: initdb, TLS under the demo's CA, the clinic's tables");
+        let (ca_pem, server_tls) = clinic::tls_material()?;
+        let pg = LocalPostgres::start(Some(&server_tls)).await?;
         let admin_password = random_hex(16)?;
         let root = pg.superuser("postgres").await?;
         root.batch_execute(&clinic::roles_sql(&admin_password)).await?;
@@ -219,7 +220,7 @@ impl Stack {
 
         std::fs::create_dir_all(path.join("manifests"))?;
         let manifests = clinic::manifests(pg.port);
-        let secrets = clinic::broker_secrets(&admin_password, &issuer.jwks());
+        let secrets = clinic::broker_secrets(&admin_password, &issuer.jwks(), &ca_pem);
         secret_file(&path.join("manifests/clinic.yaml"), &format!("{secrets}---\n{manifests}"))?;
         std::fs::write(path.join("server.yaml"), &manifests)?;
         let sidecar_credential = path.join("broker.credential");
