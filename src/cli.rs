@@ -383,9 +383,9 @@ fn init_logging() {
 }
 
 fn audit_verify_cmd(args: &VerifyArgs) -> ExitCode {
-    let checkpoint_key = match args.checkpoint_key.as_deref().map(audit::checkpoint::parse_public_key).transpose() {
-        Ok(key) => key.map(|k| k.to_bytes()),
-        Err(e) => return fail(&format!("--checkpoint-key: {e}")),
+    let checkpoint_key = match checkpoint_key(args.checkpoint_key.as_deref()) {
+        Ok(key) => key,
+        Err(e) => return fail(&e),
     };
     let options = audit::verify::VerifyOptions { require_sealed: args.sealed, checkpoint_key };
     let report = audit::verify::verify_dir(&args.dir, options);
@@ -402,19 +402,34 @@ fn audit_verify_cmd(args: &VerifyArgs) -> ExitCode {
     emit(&text, if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn report_cmd(args: &ReportArgs) -> ExitCode {
-    use sha2::Digest;
+/// `--since` / `--until`: RFC 3339, or a duration back from now.
+type Period = (Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>);
+
+fn period(since: &Option<String>, until: &Option<String>) -> Result<Period, String> {
     let now = chrono::Utc::now();
     let time = |flag: &str, text: &Option<String>| {
         text.as_deref().map(|t| audit::query::parse_time(t, now).map_err(|e| format!("--{flag}: {e}"))).transpose()
     };
-    let (since, until) = match (time("since", &args.since), time("until", &args.until)) {
-        (Ok(since), Ok(until)) => (since, until),
-        (Err(e), _) | (_, Err(e)) => return fail(&e),
+    Ok((time("since", since)?, time("until", until)?))
+}
+
+/// `--checkpoint-key`: the collector's Ed25519 public key (hex, or a file).
+fn checkpoint_key(text: Option<&str>) -> Result<Option<[u8; 32]>, String> {
+    text.map(audit::checkpoint::parse_public_key)
+        .transpose()
+        .map(|key| key.map(|k| k.to_bytes()))
+        .map_err(|e| format!("--checkpoint-key: {e}"))
+}
+
+fn report_cmd(args: &ReportArgs) -> ExitCode {
+    use sha2::Digest;
+    let (since, until) = match period(&args.since, &args.until) {
+        Ok(period) => period,
+        Err(e) => return fail(&e),
     };
-    let checkpoint_key = match args.checkpoint_key.as_deref().map(audit::checkpoint::parse_public_key).transpose() {
-        Ok(key) => key.map(|k| k.to_bytes()),
-        Err(e) => return fail(&format!("--checkpoint-key: {e}")),
+    let checkpoint_key = match checkpoint_key(args.checkpoint_key.as_deref()) {
+        Ok(key) => key,
+        Err(e) => return fail(&e),
     };
     if !args.storage.is_dir() {
         return fail(&format!("{}: not a directory", args.storage.display()));
@@ -442,13 +457,9 @@ fn report_cmd(args: &ReportArgs) -> ExitCode {
 }
 
 fn audit_query_cmd(args: &QueryArgs) -> ExitCode {
-    let now = chrono::Utc::now();
-    let time = |flag: &str, text: &Option<String>| {
-        text.as_deref().map(|t| audit::query::parse_time(t, now).map_err(|e| format!("--{flag}: {e}"))).transpose()
-    };
-    let (since, until) = match (time("since", &args.since), time("until", &args.until)) {
-        (Ok(since), Ok(until)) => (since, until),
-        (Err(e), _) | (_, Err(e)) => return fail(&e),
+    let (since, until) = match period(&args.since, &args.until) {
+        Ok(period) => period,
+        Err(e) => return fail(&e),
     };
     let query = audit::query::Query {
         caller: args.caller.clone(),

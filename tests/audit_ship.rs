@@ -385,32 +385,22 @@ async fn in_a_cluster_a_sidecar_may_write_only_its_own_servers_streams() {
     // The broker's account ships its lease streams of any server, but a
     // stream stays bound to the sender that started it.
     assert_eq!(send("sa:mcp-warden:mcpw-broker").await.unwrap().status(), 403, "a sidecar's stream");
-    let mut leases = Chain::new("clinic/billing/broker-0/s".into(), "clinic/billing".into(), Some("broker-0".into()));
-    let mut broker_line = leases.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
-    broker_line.push(b'\n');
-    let shipped = http
-        .post(format!("{base}/v1/records"))
-        .bearer_auth("sa:mcp-warden:mcpw-broker")
-        .header("content-type", "application/x-ndjson")
-        .body(broker_line)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(shipped.status(), 200, "the broker's stream of another server");
-    // So does the operator's account, with its verdict streams.
-    let mut verdicts =
-        Chain::new("clinic/billing/operator-0/s".into(), "clinic/billing".into(), Some("operator-0".into()));
-    let mut operator_line = verdicts.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
-    operator_line.push(b'\n');
-    let shipped = http
-        .post(format!("{base}/v1/records"))
-        .bearer_auth("sa:mcp-warden:mcpw-operator")
-        .header("content-type", "application/x-ndjson")
-        .body(operator_line)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(shipped.status(), 200, "the operator's stream of another server");
+    // The control plane's accounts (the broker's leases, the operator's
+    // verdicts) ship streams of another server, each its own.
+    for (pod, token) in [("broker-0", "sa:mcp-warden:mcpw-broker"), ("operator-0", "sa:mcp-warden:mcpw-operator")] {
+        let mut chain = Chain::new(format!("clinic/billing/{pod}/s"), "clinic/billing".into(), Some(pod.into()));
+        let mut first = chain.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
+        first.push(b'\n');
+        let shipped = http
+            .post(format!("{base}/v1/records"))
+            .bearer_auth(token)
+            .header("content-type", "application/x-ndjson")
+            .body(first)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(shipped.status(), 200, "{pod}: a control-plane stream of another server");
+    }
 }
 
 #[tokio::test]
