@@ -1071,3 +1071,82 @@ async fn a_batch_of_phi_calls_is_answered_only_once_its_outcomes_are_on_disk() {
         .count();
     assert!(outcomes >= released, "{released} results released, {outcomes} outcomes on disk");
 }
+
+/// `lookup_patient` declares one argument, `mrn` (a string of at most 8),
+/// and a rule that it is eight digits.
+fn with_argument_rules(s: &Sidecar) {
+    let mut policy = (*s.gateway.policy()).clone();
+    let tool = policy.tools.get_mut("lookup_patient").expect("tool");
+    tool.arguments = Some(vec![mcp_warden::policy::arguments::CompiledArgument {
+        name: "mrn".into(),
+        kind: mcp_warden::api::ArgumentType::String,
+        required: true,
+        max_length: Some(8),
+        minimum: None,
+        maximum: None,
+    }]);
+    tool.argument_rules = vec![mcp_warden::api::ArgumentRule {
+        rule: "args.mrn.matches('^[0-9]{8}$')".into(),
+        message: "an MRN is eight digits".into(),
+    }];
+    s.gateway.replace_policy(policy).expect("a policy with argument rules");
+}
+
+#[tokio::test]
+async fn argument_rules_refuse_calls_before_the_server_sees_them_on_every_transport() {
+    let s = sidecar().await;
+    with_argument_rules(&s);
+    let alice = rs256(&claims("alice", &["front-desk"]));
+    let call = |id: u64, args: Value| rpc(id, "tools/call", json!({"name": "lookup_patient", "arguments": args}));
+    let (status, _, ok) = s.post(Some(&alice), &call(1, json!({"mrn": "12345678"})), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{ok}");
+    assert!(ok.get("error").is_none(), "{ok}");
+    assert_eq!(s.upstream_calls("lookup_patient"), 1);
+
+    // 2025-11-25 (the harness's default), one message at a time.
+    for (args, said) in [
+        (json!({"mrn": "MRN-0047"}), "argument rule failed: an MRN is eight digits"),
+        (json!({"mrn": "123456789"}), "argument mrn is longer than 8 characters"),
+        (json!({"mrn": 12345678}), "argument mrn must be a string"),
+        (json!({}), "argument mrn is required"),
+        (json!({"mrn": "12345678", "sql": "SELECT ssn FROM patients"}), "an argument that is not declared"),
+    ] {
+        let (status, _, refused) = s.post(Some(&alice), &call(2, args.clone()), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(refused["error"]["code"], -32602, "{refused}");
+        let message = refused["error"]["message"].as_str().unwrap_or_default();
+        assert_eq!(message, format!("Invalid arguments for tool lookup_patient: {said}"));
+        assert!(!message.contains("MRN-0047") && !message.contains("sql"), "a value or made-up name echoed: {message}");
+    }
+    assert_eq!(s.upstream_calls("lookup_patient"), 1, "no refused call reached the server");
+
+    // 2026-07-28, stateless, with its headers.
+    let headers =
+        [("mcp-protocol-version", "2026-07-28"), ("mcp-method", "tools/call"), ("mcp-name", "lookup_patient")];
+    let (_, _, refused) = s.post(Some(&alice), &call(3, json!({"mrn": "MRN-0047"})), &headers).await;
+    assert_eq!(refused["error"]["code"], -32602, "{refused}");
+    // 2025-03-26 batches: element by element.
+    let batch = json!([call(4, json!({"mrn": "87654321"})), call(5, json!({"mrn": "x"}))]);
+    let (_, _, answers) = s.post(Some(&alice), &batch, &[("mcp-protocol-version", "2025-03-26")]).await;
+    let by_id = |id: u64| answers.as_array().unwrap().iter().find(|a| a["id"] == id).cloned().unwrap_or_default();
+    assert!(by_id(4).get("error").is_none(), "{answers}");
+    assert_eq!(by_id(5)["error"]["code"], -32602, "{answers}");
+    assert_eq!(s.upstream_calls("lookup_patient"), 2, "only the batch's good element reached the server");
+
+    // Each refusal is a decision record naming the rule or argument, never a value.
+    let denials: Vec<String> = s
+        .records()
+        .into_iter()
+        .filter(|r| r.event.kind == Kind::Decision && r.event.decision == Some(Decision::Deny))
+        .filter_map(|r| r.event.reason)
+        .collect();
+    assert!(denials.iter().any(|r| r == "argument rule 0 false: an MRN is eight digits"), "{denials:?}");
+    assert!(denials.iter().any(|r| r == "arguments: not declared"), "{denials:?}");
+    assert!(denials.iter().all(|r| !r.contains("MRN-0047") && !r.contains("SELECT")), "{denials:?}");
+
+    // A policy whose rule the sidecar would not run is refused; the one in force stays.
+    let mut looping = (*s.gateway.policy()).clone();
+    looping.tools.get_mut("lookup_patient").unwrap().argument_rules[0].rule = "args.all(k, k == 'mrn')".into();
+    assert!(s.gateway.replace_policy(looping).unwrap_err().contains("comprehension"));
+    assert_eq!(s.gateway.policy().tools["lookup_patient"].argument_rules[0].rule, "args.mrn.matches('^[0-9]{8}$')");
+}

@@ -300,6 +300,77 @@ pub struct ToolPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub identified_reason: Option<String>,
+    /// The arguments the tool takes. When listed, the sidecar refuses a call
+    /// with an argument not listed, a required one missing, one of another
+    /// type or out of its bounds — before the MCP server sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub arguments: Option<Vec<ArgumentSpec>>,
+    /// Rules every call must satisfy, in CEL over `args` (the call's
+    /// arguments), `caller` (`subject`, `groups`) and `now` (a timestamp),
+    /// e.g. `args.limit <= 50`. A rule that is false or cannot be evaluated
+    /// (a missing argument, unless the rule uses `has()`) refuses the call
+    /// with its message. No comprehensions (`all`, `exists`, `map`, `filter`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub argument_rules: Vec<ArgumentRule>,
+}
+
+/// One declared argument of a tool.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.maxLength) || self.type == 'string'").message("maxLength is for string arguments").field_path(".maxLength"),
+    validation = Rule::new("(!has(self.minimum) && !has(self.maximum)) || self.type == 'integer' || self.type == 'number'").message("minimum and maximum are for integer and number arguments"),
+    validation = Rule::new("!has(self.minimum) || !has(self.maximum) || self.minimum <= self.maximum").message("minimum is above maximum").field_path(".minimum"),
+)]
+pub struct ArgumentSpec {
+    /// The argument's name (a key of the call's `arguments`).
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"), length(min = 1, max = 64))]
+    pub name: String,
+    /// Its JSON type.
+    #[serde(rename = "type")]
+    pub kind: ArgumentType,
+    /// Whether every call must give it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub required: bool,
+    /// Longest string, in characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_length: Option<u32>,
+    /// Smallest number allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum: Option<f64>,
+    /// Largest number allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum: Option<f64>,
+}
+
+/// JSON types of declared arguments.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ArgumentType {
+    /// A JSON string.
+    String,
+    /// A JSON number without a fractional part (`50.0` is 50).
+    Integer,
+    /// Any JSON number.
+    Number,
+    /// `true` or `false`.
+    Boolean,
+}
+
+/// A rule over a call's arguments.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArgumentRule {
+    /// A CEL expression that must be true, e.g. `args.limit <= 50`.
+    #[schemars(length(min = 1, max = 512))]
+    pub rule: String,
+    /// What the caller is told when it is not (never a value).
+    #[schemars(length(min = 1, max = 200))]
+    pub message: String,
 }
 
 /// The grants a tool needs on one PHIStore.

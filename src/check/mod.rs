@@ -75,6 +75,19 @@ pub fn check_paths(paths: &[PathBuf], settings: &Settings) -> CheckResult {
             errors.push(duplicate(origin, "MCPServer", server));
             continue;
         }
+        // Argument rules are compiled as the sidecar will compile them: a
+        // rule it would refuse makes the manifest invalid, not a server
+        // whose controls are merely Unknown.
+        let invalid = crate::policy::arguments::invalid_rules(server);
+        if !invalid.is_empty() {
+            errors.extend(invalid.into_iter().map(|(field, why)| ManifestError {
+                origin: origin.clone(),
+                object: Some(format!("MCPServer {}/{}", namespace_of(server), server.name_any())),
+                field: Some(field),
+                message: why,
+            }));
+            continue;
+        }
         let empty = BTreeMap::new();
         let stores = stores.get(&namespace_of(server)).unwrap_or(&empty);
         servers.push(ServerResult {

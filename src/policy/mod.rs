@@ -12,6 +12,8 @@
 //! TLS mode only. It is deterministic (sorted maps and sets), so its hash
 //! changes exactly when the policy does.
 
+pub mod arguments;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -110,6 +112,12 @@ pub struct CompiledTool {
     /// its answers for (the Safe Harbor shapes, and its stores' own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scan: Option<ScanRules>,
+    /// Its declared arguments (a closed set), when declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<Vec<arguments::CompiledArgument>>,
+    /// Rules over its arguments (CEL sources, validated when compiled).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argument_rules: Vec<crate::api::ArgumentRule>,
 }
 
 /// Column grants on one table.
@@ -205,6 +213,16 @@ impl From<&AllowedCallers> for CallerSet {
 /// Why a policy cannot be compiled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
+    /// An argument rule is not accepted.
+    #[error("tool {tool:?}: argumentRules[{index}] {why}")]
+    ArgumentRule {
+        /// The tool.
+        tool: String,
+        /// The rule's position.
+        index: usize,
+        /// Why.
+        why: String,
+    },
     /// A tool names a PHIStore that does not exist in the namespace.
     #[error("tool {tool:?} uses PHIStore {store:?}, which does not exist in namespace {namespace:?}")]
     MissingStore {
@@ -320,8 +338,17 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
                 scan: (tool.output == Output::Deidentified && !data_access.is_empty()).then_some(scan),
                 data_access,
                 copy_stores,
+                arguments: tool.arguments.as_ref().map(|a| a.iter().map(arguments::CompiledArgument::from).collect()),
+                argument_rules: tool.argument_rules.clone(),
             },
         );
+        for (index, rule) in tool.argument_rules.iter().enumerate() {
+            arguments::validate_rule(&rule.rule).map_err(|why| PolicyError::ArgumentRule {
+                tool: tool.name.clone(),
+                index,
+                why,
+            })?;
+        }
     }
     let mut resources: Vec<CompiledResource> = spec
         .resources
@@ -385,6 +412,18 @@ pub(crate) fn add_scan_rules(
 }
 
 impl CompiledPolicy {
+    /// Compiles every tool's argument rules as the sidecar will run them;
+    /// the first that is not accepted, named.
+    pub fn check_argument_rules(&self) -> Result<(), String> {
+        for (name, tool) in &self.tools {
+            for (index, rule) in tool.argument_rules.iter().enumerate() {
+                arguments::validate_rule(&rule.rule)
+                    .map_err(|why| format!("tool {name:?}: argumentRules[{index}] {why}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Canonical JSON of the policy (what the ConfigMap holds).
     pub fn to_json(&self) -> String {
         // Serializing plain data with string keys cannot fail.

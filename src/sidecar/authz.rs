@@ -71,7 +71,7 @@ pub struct Denied {
     /// attacker-chosen text, recorded only as its keyed HMAC.
     pub client_named: bool,
     /// Why (for the record; never shown to the caller).
-    pub reason: &'static str,
+    pub reason: std::borrow::Cow<'static, str>,
     /// JSON-RPC error code returned.
     pub code: i64,
     /// JSON-RPC error message returned (the same for hidden and absent).
@@ -120,30 +120,28 @@ pub fn decide(policy: &CompiledPolicy, caller: &Caller, method: Option<&str>, pa
         "prompts/list" => list(ListKind::Prompts),
         "tools/call" => {
             let name = param(params, "name").unwrap_or_default();
-            match policy.tools.get(name) {
-                Some(tool) if tool.callers.admits(caller) && !policy.break_glass_only(name) => {
-                    Decision::Allow(Allowed {
-                        target: Some(name.to_string()),
-                        phi: tool.phi,
-                        rule: "tool allowed for caller",
-                        filter: None,
-                        grant: None,
-                    })
+            let decision = call(policy, caller, name);
+            // Minimum necessary inside the call: declared arguments and rules.
+            match (&decision, policy.tools.get(name)) {
+                (Decision::Allow(_), Some(tool)) => {
+                    let arguments = params.and_then(|p| p.get("arguments"));
+                    match crate::policy::arguments::check(
+                        tool.arguments.as_deref(),
+                        &tool.argument_rules,
+                        caller,
+                        arguments,
+                    ) {
+                        Ok(()) => decision,
+                        Err(refused) => Decision::Deny(Denied {
+                            target: Some(name.to_string()),
+                            client_named: false,
+                            reason: refused.reason.into(),
+                            code: INVALID_PARAMS,
+                            message: format!("Invalid arguments for tool {name}: {}", refused.message),
+                        }),
+                    }
                 }
-                Some(tool) if let Some(grant) = grant_opening(policy, caller, name) => Decision::Allow(Allowed {
-                    target: Some(name.to_string()),
-                    phi: tool.phi,
-                    rule: "tool opened by emergency access",
-                    filter: None,
-                    grant: Some(grant.to_string()),
-                }),
-                found => Decision::Deny(Denied {
-                    target: Some(name.to_string()),
-                    client_named: found.is_none(),
-                    reason: if found.is_some() { "tool not allowed for caller" } else { "tool not in policy" },
-                    code: INVALID_PARAMS,
-                    message: format!("Unknown tool: {name}"),
-                }),
+                _ => decision,
             }
         }
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
@@ -162,6 +160,33 @@ pub fn decide(policy: &CompiledPolicy, caller: &Caller, method: Option<&str>, pa
     }
 }
 
+/// The policy's decision on calling tool `name`, before its arguments.
+fn call(policy: &CompiledPolicy, caller: &Caller, name: &str) -> Decision {
+    match policy.tools.get(name) {
+        Some(tool) if tool.callers.admits(caller) && !policy.break_glass_only(name) => Decision::Allow(Allowed {
+            target: Some(name.to_string()),
+            phi: tool.phi,
+            rule: "tool allowed for caller",
+            filter: None,
+            grant: None,
+        }),
+        Some(tool) if let Some(grant) = grant_opening(policy, caller, name) => Decision::Allow(Allowed {
+            target: Some(name.to_string()),
+            phi: tool.phi,
+            rule: "tool opened by emergency access",
+            filter: None,
+            grant: Some(grant.to_string()),
+        }),
+        found => Decision::Deny(Denied {
+            target: Some(name.to_string()),
+            client_named: found.is_none(),
+            reason: if found.is_some() { "tool not allowed for caller" } else { "tool not in policy" }.into(),
+            code: INVALID_PARAMS,
+            message: format!("Unknown tool: {name}"),
+        }),
+    }
+}
+
 fn list(kind: ListKind) -> Decision {
     Decision::Allow(Allowed {
         target: None,
@@ -176,7 +201,7 @@ fn deny_method(method: &str) -> Decision {
     Decision::Deny(Denied {
         target: None,
         client_named: false,
-        reason: "method not in policy",
+        reason: "method not in policy".into(),
         code: METHOD_NOT_FOUND,
         message: format!("Method not found: {method}"),
     })
@@ -195,7 +220,7 @@ fn resource(policy: &CompiledPolicy, caller: &Caller, uri: &str) -> Decision {
         found => Decision::Deny(Denied {
             target: found.map(|r| r.uri_prefix.clone()),
             client_named: false,
-            reason: if found.is_some() { "resource not allowed for caller" } else { "resource not in policy" },
+            reason: if found.is_some() { "resource not allowed for caller" } else { "resource not in policy" }.into(),
             code: RESOURCE_NOT_FOUND,
             message: "Resource not found".into(),
         }),
@@ -214,7 +239,7 @@ fn prompt(policy: &CompiledPolicy, caller: &Caller, name: &str) -> Decision {
         found => Decision::Deny(Denied {
             target: Some(name.to_string()),
             client_named: found.is_none(),
-            reason: if found.is_some() { "prompt not allowed for caller" } else { "prompt not in policy" },
+            reason: if found.is_some() { "prompt not allowed for caller" } else { "prompt not in policy" }.into(),
             code: INVALID_PARAMS,
             message: format!("Unknown prompt: {name}"),
         }),

@@ -133,6 +133,7 @@ pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<CompiledPolicy
         path.display(),
         policy.format_version
     );
+    policy.check_argument_rules().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(policy)
 }
 

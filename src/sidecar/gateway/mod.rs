@@ -203,6 +203,7 @@ impl Gateway {
         if next.server != current.server {
             return Err(format!("the new policy is for {}, not {}", next.server, current.server));
         }
+        next.check_argument_rules()?;
         self.authn.set_settings(next.authentication.clone());
         *self.scans.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(scan::scans_for(&next));
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);

@@ -1,0 +1,449 @@
+//! Minimum necessary inside a call: a tool's declared arguments and its
+//! argument rules, checked by the sidecar after authorization and before
+//! anything is forwarded (`authz::decide`, so every transport generation
+//! and every batch element passes here).
+//!
+//! ```text
+//!   arguments (JSON object) ─ declared? type? bounds? ─ rules (CEL over args, caller, now) ─ Ok / Refusal
+//! ```
+//!
+//! Semantics: a JSON number without a fractional part is a CEL `int`
+//! (`50.0` is 50), any other a `double`, and the two compare with each
+//! other (`args.limit <= 50`). A rule reading an argument the call did not
+//! give fails with an evaluation error — the call is refused — unless the
+//! rule guards it with `has(args.x)`. A rule must evaluate to `true`;
+//! `false`, another type or an error refuses (fail closed). Refusals name
+//! the declared argument or the rule's message, never a value, and never a
+//! name the caller made up.
+//!
+//! The interpreter has no cost limit, so rules are bounded statically: at
+//! most 512 characters (CRD), no comprehension macros (`all`, `exists`,
+//! `exists_one`, `map`, `filter`), only the variables `args`, `caller` and
+//! `now`; arguments deeper than [`MAX_DEPTH`] are refused before any rule
+//! runs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use cel::objects::{Key, Map, Value as CelValue};
+use cel::{Context, ExecutionError, Program};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::Caller;
+use crate::api::{ArgumentRule, ArgumentSpec, ArgumentType};
+
+/// Deepest nesting of a call's arguments.
+pub const MAX_DEPTH: usize = 16;
+
+/// A number bound (finite, from the CRD), comparable for equality.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Bound(pub f64);
+
+impl PartialEq for Bound {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.total_cmp(&other.0).is_eq()
+    }
+}
+
+impl Eq for Bound {}
+
+/// One declared argument, as the sidecar checks it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledArgument {
+    /// Its name.
+    pub name: String,
+    /// Its JSON type.
+    #[serde(rename = "type")]
+    pub kind: ArgumentType,
+    /// Whether every call must give it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub required: bool,
+    /// Longest string, in characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<u32>,
+    /// Smallest number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum: Option<Bound>,
+    /// Largest number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum: Option<Bound>,
+}
+
+impl From<&ArgumentSpec> for CompiledArgument {
+    fn from(spec: &ArgumentSpec) -> Self {
+        CompiledArgument {
+            name: spec.name.clone(),
+            kind: spec.kind,
+            required: spec.required,
+            max_length: spec.max_length,
+            minimum: spec.minimum.map(Bound),
+            maximum: spec.maximum.map(Bound),
+        }
+    }
+}
+
+/// Why a rule is not accepted (at `check`, the operator and the sidecar).
+pub fn validate_rule(rule: &str) -> Result<(), String> {
+    let program = Program::compile(rule).map_err(|e| format!("does not parse: {e}"))?;
+    // The parser expands the comprehension macros into Comprehension
+    // expressions; their cost grows with the input, which nothing bounds.
+    if format!("{:?}", program.expression()).contains("Comprehension") {
+        return Err("uses a comprehension (all, exists, exists_one, map, filter); the sidecar runs no loops over a call's arguments".into());
+    }
+    // A probe run finds names the rule uses that do not exist; a missing
+    // key of `args` is what a real call may supply, so it is no error here.
+    let probe = Caller { subject: String::new(), groups: Default::default(), emergency: Vec::new() };
+    match program.execute(&context(&CelValue::Map(Map { map: Arc::new(HashMap::new()) }), &probe)) {
+        Err(ExecutionError::UndeclaredReference(name)) => {
+            Err(format!("uses {name:?}: only args, caller (subject, groups) and now are defined"))
+        }
+        Err(ExecutionError::FunctionError { function, .. }) if function.is_empty() => {
+            Err("calls an unknown function".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Every argument rule of `server` that is not accepted: `(field path,
+/// why)`, e.g. `("spec.tools[0].argumentRules[1].rule", "uses a comprehension …")`.
+pub fn invalid_rules(server: &crate::api::MCPServer) -> Vec<(String, String)> {
+    let mut invalid = Vec::new();
+    for (t, tool) in server.spec.tools.iter().enumerate() {
+        for (r, rule) in tool.argument_rules.iter().enumerate() {
+            if let Err(why) = validate_rule(&rule.rule) {
+                invalid.push((format!("spec.tools[{t}].argumentRules[{r}].rule"), why));
+            }
+        }
+    }
+    invalid
+}
+
+/// Why a call's arguments are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// For the decision record: a class and the rule or argument concerned.
+    pub reason: String,
+    /// For the caller: what is wrong, never a value.
+    pub message: String,
+}
+
+fn refusal(reason: impl Into<String>, message: impl Into<String>) -> Refusal {
+    Refusal { reason: reason.into(), message: message.into() }
+}
+
+/// Checks a call's `arguments` against the declaration and the rules.
+pub fn check(
+    declared: Option<&[CompiledArgument]>,
+    rules: &[ArgumentRule],
+    caller: &Caller,
+    arguments: Option<&Value>,
+) -> Result<(), Refusal> {
+    if declared.is_none() && rules.is_empty() {
+        return Ok(());
+    }
+    let empty = serde_json::Map::new();
+    let given = match arguments {
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(refusal("arguments: not an object", "arguments must be an object")),
+    };
+    if depth(arguments.unwrap_or(&Value::Null)) > MAX_DEPTH {
+        return Err(refusal("arguments: too deep", format!("arguments nested deeper than {MAX_DEPTH} levels")));
+    }
+    if let Some(declared) = declared {
+        if given.keys().any(|k| !declared.iter().any(|d| d.name == *k)) {
+            return Err(refusal("arguments: not declared", "an argument that is not declared"));
+        }
+        for arg in declared {
+            match given.get(&arg.name) {
+                None if arg.required => {
+                    return Err(refusal(
+                        format!("argument {}: missing", arg.name),
+                        format!("argument {} is required", arg.name),
+                    ));
+                }
+                None => {}
+                Some(value) => check_one(arg, value)?,
+            }
+        }
+    }
+    let args = to_cel(&Value::Object(given.clone()));
+    let ctx = context(&args, caller);
+    for (index, rule) in rules.iter().enumerate() {
+        let program = program(&rule.rule).map_err(|why| {
+            refusal(
+                format!("argument rule {index}: invalid ({why})"),
+                format!("argument rule failed: {}", rule.message),
+            )
+        })?;
+        match program.execute(&ctx) {
+            Ok(CelValue::Bool(true)) => {}
+            Ok(CelValue::Bool(false)) => {
+                return Err(refusal(
+                    format!("argument rule {index} false: {}", rule.message),
+                    format!("argument rule failed: {}", rule.message),
+                ));
+            }
+            Ok(_) => {
+                return Err(refusal(
+                    format!("argument rule {index}: not a boolean"),
+                    format!("argument rule failed: {}", rule.message),
+                ));
+            }
+            Err(e) => {
+                return Err(refusal(
+                    format!("argument rule {index}: evaluation error ({})", error_class(&e)),
+                    format!("argument rule failed: {}", rule.message),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An evaluation error's class, without the values it may carry.
+fn error_class(e: &ExecutionError) -> &'static str {
+    match e {
+        ExecutionError::NoSuchKey(_) => "an argument it reads is missing",
+        ExecutionError::UndeclaredReference(_) => "an undeclared name",
+        ExecutionError::UnsupportedBinaryOperator(..) => "operands of different types",
+        _ => "other",
+    }
+}
+
+fn check_one(arg: &CompiledArgument, value: &Value) -> Result<(), Refusal> {
+    let wrong = || {
+        refusal(
+            format!("argument {}: not {}", arg.name, type_name(arg.kind)),
+            format!("argument {} must be {}", arg.name, type_name(arg.kind)),
+        )
+    };
+    match arg.kind {
+        ArgumentType::String => {
+            let text = value.as_str().ok_or_else(wrong)?;
+            if let Some(max) = arg.max_length
+                && text.chars().count() > max as usize
+            {
+                return Err(refusal(
+                    format!("argument {}: too long", arg.name),
+                    format!("argument {} is longer than {max} characters", arg.name),
+                ));
+            }
+        }
+        ArgumentType::Boolean => {
+            value.as_bool().ok_or_else(wrong)?;
+        }
+        ArgumentType::Integer | ArgumentType::Number => {
+            let number = value.as_f64().ok_or_else(wrong)?;
+            if arg.kind == ArgumentType::Integer && number.fract() != 0.0 {
+                return Err(wrong());
+            }
+            let below = arg.minimum.is_some_and(|m| number < m.0);
+            let above = arg.maximum.is_some_and(|m| number > m.0);
+            if below || above {
+                return Err(refusal(
+                    format!("argument {}: out of bounds", arg.name),
+                    format!("argument {} is out of its bounds", arg.name),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn type_name(kind: ArgumentType) -> &'static str {
+    match kind {
+        ArgumentType::String => "a string",
+        ArgumentType::Integer => "an integer",
+        ArgumentType::Number => "a number",
+        ArgumentType::Boolean => "a boolean",
+    }
+}
+
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// JSON as CEL: integral numbers are ints (`50.0` too), others doubles.
+fn to_cel(value: &Value) -> CelValue {
+    match value {
+        Value::Null => CelValue::Null,
+        Value::Bool(b) => CelValue::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => CelValue::Int(i),
+            None => {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                if f.fract() == 0.0 && f.abs() < 9.0e15 { CelValue::Int(f as i64) } else { CelValue::Float(f) }
+            }
+        },
+        Value::String(s) => CelValue::String(Arc::new(s.clone())),
+        Value::Array(items) => CelValue::List(Arc::new(items.iter().map(to_cel).collect())),
+        Value::Object(map) => {
+            let entries: HashMap<Key, CelValue> =
+                map.iter().map(|(k, v)| (Key::String(Arc::new(k.clone())), to_cel(v))).collect();
+            CelValue::Map(Map { map: Arc::new(entries) })
+        }
+    }
+}
+
+fn context<'a>(args: &CelValue, caller: &Caller) -> Context<'a> {
+    let mut ctx = Context::default();
+    ctx.add_variable_from_value("args", args.clone());
+    let groups: Vec<CelValue> = caller.groups.iter().map(|g| CelValue::String(Arc::new(g.clone()))).collect();
+    let caller = HashMap::from([
+        (Key::String(Arc::new("subject".into())), CelValue::String(Arc::new(caller.subject.clone()))),
+        (Key::String(Arc::new("groups".into())), CelValue::List(Arc::new(groups))),
+    ]);
+    ctx.add_variable_from_value("caller", CelValue::Map(Map { map: Arc::new(caller) }));
+    ctx.add_variable_from_value("now", CelValue::Timestamp(chrono::Utc::now().fixed_offset()));
+    ctx
+}
+
+/// Compiled rules, by source (a policy holds a few; the cache is bounded by
+/// what the policies in force declare).
+static PROGRAMS: LazyLock<Mutex<HashMap<String, Arc<Program>>>> = LazyLock::new(Default::default);
+
+fn program(rule: &str) -> Result<Arc<Program>, String> {
+    let mut cache = PROGRAMS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = cache.get(rule) {
+        return Ok(Arc::clone(p));
+    }
+    validate_rule(rule)?;
+    let compiled = Arc::new(Program::compile(rule).map_err(|e| e.to_string())?);
+    if cache.len() < 4096 {
+        cache.insert(rule.to_string(), Arc::clone(&compiled));
+    }
+    Ok(compiled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn caller(subject: &str, groups: &[&str]) -> Caller {
+        Caller { subject: subject.into(), groups: groups.iter().map(|g| g.to_string()).collect(), emergency: vec![] }
+    }
+
+    fn rule(rule: &str, message: &str) -> ArgumentRule {
+        ArgumentRule { rule: rule.into(), message: message.into() }
+    }
+
+    fn arg(name: &str, kind: ArgumentType) -> CompiledArgument {
+        CompiledArgument { name: name.into(), kind, required: false, max_length: None, minimum: None, maximum: None }
+    }
+
+    fn declared() -> Vec<CompiledArgument> {
+        vec![
+            CompiledArgument { required: true, max_length: Some(24), ..arg("patient", ArgumentType::String) },
+            CompiledArgument {
+                minimum: Some(Bound(1.0)),
+                maximum: Some(Bound(50.0)),
+                ..arg("limit", ArgumentType::Integer)
+            },
+            arg("department", ArgumentType::String),
+            arg("verbose", ArgumentType::Boolean),
+        ]
+    }
+
+    fn run(rules: &[ArgumentRule], args: Value) -> Result<(), Refusal> {
+        check(Some(&declared()), rules, &caller("dana", &["front-desk"]), Some(&args))
+    }
+
+    #[test]
+    fn rules_true_false_and_erroring_with_json_numbers_as_cel_numbers() {
+        let limit = [rule("args.limit <= 50", "at most 50 rows")];
+        assert_eq!(run(&limit, json!({"patient": "pt_1", "limit": 50})), Ok(()));
+        assert_eq!(run(&limit, json!({"patient": "pt_1", "limit": 50.0})), Ok(()), "50.0 is the integer 50");
+        // Missing argument: the rule reads it, so the call is refused…
+        let refused = run(&limit, json!({"patient": "pt_1"})).unwrap_err();
+        assert!(refused.reason.contains("evaluation error (an argument it reads is missing)"), "{refused:?}");
+        assert_eq!(refused.message, "argument rule failed: at most 50 rows");
+        // …unless the rule says what an absent argument means.
+        let guarded = [rule("!has(args.limit) || args.limit <= 50", "at most 50 rows")];
+        assert_eq!(run(&guarded, json!({"patient": "pt_1"})), Ok(()));
+        let prefix = [rule("args.patient.startsWith('pt_')", "patients are named by pseudonym")];
+        let refused = run(&prefix, json!({"patient": "MRN-004711"})).unwrap_err();
+        assert_eq!(refused.message, "argument rule failed: patients are named by pseudonym");
+        assert!(!refused.reason.contains("MRN") && !refused.message.contains("MRN"), "never a value");
+        assert!(refused.reason.starts_with("argument rule 0 false"));
+        // A rule that is not a boolean refuses.
+        let number = [rule("args.limit + 1", "x")];
+        assert!(run(&number, json!({"patient": "p", "limit": 3})).unwrap_err().reason.contains("not a boolean"));
+        // Int and double compare; a double limit within bounds passes the rule too.
+        assert_eq!(run(&[rule("args.limit < 10.5", "x")], json!({"patient": "p", "limit": 10})), Ok(()));
+    }
+
+    #[test]
+    fn rules_see_the_caller_and_the_clock() {
+        let own = [rule("caller.subject == 'dana' && 'front-desk' in caller.groups", "front desk only")];
+        assert_eq!(run(&own, json!({"patient": "p"})), Ok(()));
+        let other = check(Some(&declared()), &own, &caller("bob", &["billing"]), Some(&json!({"patient": "p"})));
+        assert!(other.is_err());
+        let dept = [rule("caller.groups.exists(g, g == args.department)", "own department")];
+        assert!(validate_rule(&dept[0].rule).unwrap_err().contains("comprehension"));
+        let clock = [rule("now > timestamp('2020-01-01T00:00:00Z')", "x")];
+        assert_eq!(run(&clock, json!({"patient": "p"})), Ok(()));
+    }
+
+    #[test]
+    fn declarations_refuse_undeclared_wrong_typed_out_of_bound_and_missing_arguments() {
+        let ok = json!({"patient": "pt_1", "limit": 10, "department": "cardiology", "verbose": true});
+        assert_eq!(run(&[], ok), Ok(()));
+        for (args, reason) in [
+            (json!({"patient": "pt_1", "sql": "SELECT ssn FROM patients"}), "arguments: not declared"),
+            (json!({"limit": 10}), "argument patient: missing"),
+            (json!({"patient": 12}), "argument patient: not a string"),
+            (json!({"patient": "p", "limit": "10"}), "argument limit: not an integer"),
+            (json!({"patient": "p", "limit": 10.5}), "argument limit: not an integer"),
+            (json!({"patient": "p", "limit": 1000000}), "argument limit: out of bounds"),
+            (json!({"patient": "p", "limit": 0}), "argument limit: out of bounds"),
+            (json!({"patient": "p", "verbose": "yes"}), "argument verbose: not a boolean"),
+            (json!({"patient": "x".repeat(25)}), "argument patient: too long"),
+            (json!(["patient"]), "arguments: not an object"),
+        ] {
+            let refused = run(&[], args.clone()).unwrap_err();
+            assert_eq!(refused.reason, reason, "{args}");
+            assert!(!refused.message.contains("SELECT") && !refused.message.contains("sql"), "{refused:?}");
+        }
+        // Characters, not bytes: 24 multi-byte characters fit.
+        assert_eq!(run(&[], json!({"patient": "ü".repeat(24)})), Ok(()));
+        // Huge and deep input is refused before any rule runs.
+        let mut deep = json!("leaf");
+        for _ in 0..(MAX_DEPTH + 2) {
+            deep = json!({"x": deep});
+        }
+        let free = check(None, &[rule("true", "x")], &caller("d", &[]), Some(&json!({"department": deep})));
+        assert_eq!(free.unwrap_err().reason, "arguments: too deep");
+        let huge = json!({"patient": "p".repeat(4 * 1024 * 1024)});
+        assert_eq!(run(&[], huge).unwrap_err().reason, "argument patient: too long");
+    }
+
+    #[test]
+    fn a_tool_without_declarations_or_rules_takes_anything() {
+        assert_eq!(check(None, &[], &caller("d", &[]), Some(&json!({"anything": [1, {"x": null}]}))), Ok(()));
+        // Rules without declarations still apply.
+        let rules = [rule("size(args) == 0", "no arguments")];
+        assert!(check(None, &rules, &caller("d", &[]), Some(&json!({"a": 1}))).is_err());
+        assert_eq!(check(None, &rules, &caller("d", &[]), None), Ok(()));
+    }
+
+    #[test]
+    fn rules_are_bounded_when_compiled() {
+        assert_eq!(validate_rule("args.limit <= 50"), Ok(()));
+        assert!(validate_rule("args.limit <=").unwrap_err().contains("does not parse"));
+        for looped in
+            ["args.items.all(i, i > 0)", "args.items.map(i, i * 2).size() > 0", "args.items.filter(i, true) == []"]
+        {
+            assert!(validate_rule(looped).unwrap_err().contains("comprehension"), "{looped}");
+        }
+        assert!(validate_rule("request.user == 'x'").unwrap_err().contains("only args, caller"), "undeclared name");
+    }
+}
