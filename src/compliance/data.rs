@@ -16,11 +16,20 @@ pub(super) fn minimum_necessary(input: &Input<'_>) -> Assessment {
     let namespace = namespace_of(input.server);
     let mut phi_tools = 0;
     let mut columns = 0;
+    let (mut declared, mut ruled) = (0, 0);
     for (i, tool) in spec.tools.iter().enumerate() {
         let at = format!("tools[{i}] {}", tool.name);
         let callers = CallerSet::from(&tool.allowed_callers);
         if tool.phi {
             phi_tools += 1;
+            declared += usize::from(tool.arguments.is_some());
+            ruled += usize::from(!tool.argument_rules.is_empty());
+            for code in free_form_code(tool) {
+                a.failed(format!(
+                    "{at} takes a free-form string argument {code:?} that no argument rule constrains: \
+                     an agent does not run code it wrote against PHI (constrain it in argumentRules, or drop it)"
+                ));
+            }
             if tool.purpose.as_deref().is_none_or(|p| p.trim().is_empty()) {
                 a.failed(format!("{at} is PHI but states no purpose"));
             }
@@ -71,13 +80,31 @@ pub(super) fn minimum_necessary(input: &Input<'_>) -> Assessment {
     check_store_egress(input, &mut a);
     if phi_tools > 0 {
         a.held(format!(
-            "{phi_tools} PHI tool(s), each with a purpose, named callers and explicit columns ({columns} in all)"
+            "{phi_tools} PHI tool(s), each with a purpose, named callers and explicit columns ({columns} in all); \
+             {declared} declare their arguments, {ruled} with argument rules"
         ));
     } else {
         a.held("no tool is PHI");
     }
     a.held("tools/list shows each caller only the tools it may call; other tools are refused as nonexistent");
     a
+}
+
+/// Declared string arguments named like code (`sql`, `query`, `code`,
+/// `script`, `expression`) with no rule reading them.
+fn free_form_code(tool: &crate::api::ToolPolicy) -> Vec<String> {
+    const CODE: [&str; 5] = ["sql", "query", "code", "script", "expression"];
+    let Some(arguments) = &tool.arguments else { return Vec::new() };
+    arguments
+        .iter()
+        .filter(|arg| arg.kind == crate::api::ArgumentType::String)
+        .filter(|arg| {
+            let name = arg.name.to_ascii_lowercase();
+            CODE.iter().any(|c| name.contains(c))
+        })
+        .filter(|arg| !tool.argument_rules.iter().any(|r| r.rule.contains(&format!("args.{}", arg.name))))
+        .map(|arg| arg.name.clone())
+        .collect()
 }
 
 /// The rendered egress reaches exactly the stores that tools use.

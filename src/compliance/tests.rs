@@ -457,6 +457,32 @@ fn over_broad_phi_declarations_fail_minimum_necessary() {
 }
 
 #[test]
+fn a_phi_tool_taking_free_form_sql_fails_minimum_necessary_until_a_rule_constrains_it() {
+    use crate::api::{ArgumentRule, ArgumentSpec, ArgumentType};
+    let string = |name: &str| ArgumentSpec {
+        name: name.into(),
+        kind: ArgumentType::String,
+        required: false,
+        max_length: None,
+        minimum: None,
+        maximum: None,
+    };
+    let mut sql = clinic_server();
+    sql.spec.tools[0].arguments = Some(vec![string("patient"), string("rawSql")]);
+    assert_verdict(&offline(&sql), Control::MinimumNecessary, Verdict::Fail, "free-form string argument \"rawSql\"");
+    sql.spec.tools[0].argument_rules =
+        vec![ArgumentRule { rule: "args.rawSql.startsWith('SELECT birth_date FROM')".into(), message: "x".into() }];
+    assert_verdict(
+        &offline(&sql),
+        Control::MinimumNecessary,
+        Verdict::Pass,
+        "1 declare their arguments, 1 with argument rules",
+    );
+    // Undeclared arguments are evidence, not a failure.
+    assert_verdict(&offline(&clinic_server()), Control::MinimumNecessary, Verdict::Pass, "0 declare their arguments");
+}
+
+#[test]
 fn a_render_failure_is_never_a_pass() {
     let report = evaluate_with(&clinic_server(), &BTreeMap::new(), &cluster(vec![], vec![], healthy_collector()));
     for c in [Control::AccessControl, Control::AuditControls] {
