@@ -318,7 +318,7 @@ pub struct ToolPolicy {
 }
 
 /// One declared argument of a tool.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("!has(self.maxLength) || self.type == 'string'").message("maxLength is for string arguments").field_path(".maxLength"),
@@ -341,11 +341,25 @@ pub struct ArgumentSpec {
     pub max_length: Option<u32>,
     /// Smallest number allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub minimum: Option<f64>,
+    pub minimum: Option<Bound>,
     /// Largest number allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub maximum: Option<f64>,
+    pub maximum: Option<Bound>,
 }
+
+/// A number bound (finite, as the API server admits it), comparable for
+/// equality so compiled policies can be compared.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, JsonSchema)]
+#[serde(transparent)]
+pub struct Bound(pub f64);
+
+impl PartialEq for Bound {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.total_cmp(&other.0).is_eq()
+    }
+}
+
+impl Eq for Bound {}
 
 /// JSON types of declared arguments.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

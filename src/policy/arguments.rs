@@ -27,63 +27,16 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use cel::objects::{Key, Map, Value as CelValue};
 use cel::{Context, ExecutionError, Program};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Caller;
 use crate::api::{ArgumentRule, ArgumentSpec, ArgumentType};
 
+/// One declared argument, as the sidecar checks it (the API's type).
+pub type CompiledArgument = ArgumentSpec;
+
 /// Deepest nesting of a call's arguments.
 pub const MAX_DEPTH: usize = 16;
-
-/// A number bound (finite, from the CRD), comparable for equality.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Bound(pub f64);
-
-impl PartialEq for Bound {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.total_cmp(&other.0).is_eq()
-    }
-}
-
-impl Eq for Bound {}
-
-/// One declared argument, as the sidecar checks it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CompiledArgument {
-    /// Its name.
-    pub name: String,
-    /// Its JSON type.
-    #[serde(rename = "type")]
-    pub kind: ArgumentType,
-    /// Whether every call must give it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub required: bool,
-    /// Longest string, in characters.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_length: Option<u32>,
-    /// Smallest number.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub minimum: Option<Bound>,
-    /// Largest number.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub maximum: Option<Bound>,
-}
-
-impl From<&ArgumentSpec> for CompiledArgument {
-    fn from(spec: &ArgumentSpec) -> Self {
-        CompiledArgument {
-            name: spec.name.clone(),
-            kind: spec.kind,
-            required: spec.required,
-            max_length: spec.max_length,
-            minimum: spec.minimum.map(Bound),
-            maximum: spec.maximum.map(Bound),
-        }
-    }
-}
 
 /// Why a rule is not accepted (at `check`, the operator and the sidecar).
 pub fn validate_rule(rule: &str) -> Result<(), String> {
@@ -335,6 +288,8 @@ mod tests {
     fn rule(rule: &str, message: &str) -> ArgumentRule {
         ArgumentRule { rule: rule.into(), message: message.into() }
     }
+
+    use crate::api::Bound;
 
     fn arg(name: &str, kind: ArgumentType) -> CompiledArgument {
         CompiledArgument { name: name.into(), kind, required: false, max_length: None, minimum: None, maximum: None }

@@ -338,7 +338,7 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
                 scan: (tool.output == Output::Deidentified && !data_access.is_empty()).then_some(scan),
                 data_access,
                 copy_stores,
-                arguments: tool.arguments.as_ref().map(|a| a.iter().map(arguments::CompiledArgument::from).collect()),
+                arguments: tool.arguments.clone(),
                 argument_rules: tool.argument_rules.clone(),
             },
         );
