@@ -17,7 +17,8 @@
 //! The programs, one module each: `operator` (the controller; `leader`
 //! elects one writing replica), `sidecar` (MCP gateway + PostgreSQL proxy),
 //! `broker` (per-caller database roles), `audit` (records, WAL, collector,
-//! verify/query).
+//! verify/query), `report` (the auditor's page), `demo` (the whole data path
+//! on a laptop, on `local_postgres`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
