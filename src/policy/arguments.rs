@@ -38,9 +38,85 @@ pub type CompiledArgument = ArgumentSpec;
 /// Deepest nesting of a call's arguments.
 pub const MAX_DEPTH: usize = 16;
 
+/// Longest rule, in bytes (the CRD's bound, held here for policy files).
+pub const MAX_RULE_BYTES: usize = 512;
+/// Deepest nesting of brackets in a rule.
+pub const MAX_NESTING: usize = 8;
+/// Most operator characters (`+-*/%!<>=&|?:.,`) in a rule: the syntax
+/// tree's depth follows from it, and the interpreter recurses over it on
+/// the runtime's 2 MiB worker stacks. (Split a long predicate into several
+/// rules: each has its own budget.)
+pub const MAX_OPERATORS: usize = 32;
+/// Stack of the thread that parses rules: the parser recurses deeply per
+/// nesting level (a debug build overflowed 2 MiB at 16 parentheses).
+const PARSER_STACK: usize = 64 << 20;
+
+/// The rule's shape, bounded before any parser sees it: a rule is a short
+/// predicate, and its syntax tree's depth (what the parser and the
+/// interpreter recurse over) follows from its nesting and operator count.
+fn bounded(rule: &str) -> Result<(), String> {
+    if rule.len() > MAX_RULE_BYTES {
+        return Err(format!("is longer than {MAX_RULE_BYTES} bytes"));
+    }
+    let (mut depth, mut deepest, mut operators) = (0usize, 0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in rule.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '\'' | '"' => quote = Some(c),
+                '(' | '[' | '{' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                ')' | ']' | '}' => depth = depth.saturating_sub(1),
+                '+' | '-' | '*' | '/' | '%' | '!' | '<' | '>' | '=' | '&' | '|' | '?' | ':' | '.' | ',' => {
+                    operators += 1
+                }
+                _ => {}
+            },
+        }
+    }
+    if deepest > MAX_NESTING {
+        return Err(format!("nests brackets {deepest} deep; at most {MAX_NESTING}"));
+    }
+    if operators > MAX_OPERATORS {
+        return Err(format!("has {operators} operator characters; at most {MAX_OPERATORS}"));
+    }
+    Ok(())
+}
+
+/// Parses a bounded rule on a thread with a stack the parser cannot exhaust.
+fn parse(rule: &str) -> Result<Program, String> {
+    bounded(rule)?;
+    let source = rule.to_string();
+    std::thread::Builder::new()
+        .name("cel-parse".into())
+        .stack_size(PARSER_STACK)
+        .spawn(move || Program::compile(&source).map_err(|e| format!("does not parse: {e}")))
+        .map_err(|e| format!("cannot be parsed now: {e}"))?
+        .join()
+        .map_err(|_| "crashed the parser".to_string())?
+}
+
 /// Why a rule is not accepted (at `check`, the operator and the sidecar).
 pub fn validate_rule(rule: &str) -> Result<(), String> {
-    let program = Program::compile(rule).map_err(|e| format!("does not parse: {e}"))?;
+    compile(rule).map(|_| ())
+}
+
+/// Parses and checks a rule: its shape bounded, no comprehension, only the
+/// names rules may use.
+fn compile(rule: &str) -> Result<Program, String> {
+    let program = parse(rule)?;
     // The parser expands the comprehension macros into Comprehension
     // expressions; their cost grows with the input, which nothing bounds.
     if format!("{:?}", program.expression()).contains("Comprehension") {
@@ -56,7 +132,7 @@ pub fn validate_rule(rule: &str) -> Result<(), String> {
         Err(ExecutionError::FunctionError { function, .. }) if function.is_empty() => {
             Err("calls an unknown function".into())
         }
-        _ => Ok(()),
+        _ => Ok(program),
     }
 }
 
@@ -268,8 +344,7 @@ fn program(rule: &str) -> Result<Arc<Program>, String> {
     if let Some(p) = cache.get(rule) {
         return Ok(Arc::clone(p));
     }
-    validate_rule(rule)?;
-    let compiled = Arc::new(Program::compile(rule).map_err(|e| e.to_string())?);
+    let compiled = Arc::new(compile(rule)?);
     if cache.len() < 4096 {
         cache.insert(rule.to_string(), Arc::clone(&compiled));
     }
@@ -400,5 +475,50 @@ mod tests {
             assert!(validate_rule(looped).unwrap_err().contains("comprehension"), "{looped}");
         }
         assert!(validate_rule("request.user == 'x'").unwrap_err().contains("only args, caller"), "undeclared name");
+    }
+}
+
+#[cfg(test)]
+mod hostile_rules {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nesting_and_length_are_bounded_before_the_parser_sees_a_rule() {
+        // Each of these overflowed a 2 MiB stack in the parser (debug build).
+        for (rule, why) in [
+            (format!("{}true{}", "(".repeat(16), ")".repeat(16)), "nests brackets 16 deep"),
+            (format!("{}1{}", "[".repeat(12), "]".repeat(12)), "nests brackets 12 deep"),
+            (vec!["1"; 60].join(" + "), "operator characters"),
+            (format!("args{}", ".a".repeat(60)), "operator characters"),
+            ("x".repeat(600), "longer than 512 bytes"),
+        ] {
+            let refused = validate_rule(&rule).unwrap_err();
+            assert!(refused.contains(why), "{refused}");
+        }
+        // Brackets inside string literals are text.
+        assert_eq!(validate_rule("args.q == '((((((((((((((((((('"), Ok(()));
+        for odd in ["", " ", "\u{0}", "'unterminated", "args[", "1 +", "🙂 == 🙂", "args.x ? 1 : ", "b'\\xff' == b''"]
+        {
+            let _ = validate_rule(odd);
+        }
+    }
+
+    #[test]
+    fn a_rule_at_the_limits_parses_and_evaluates_on_an_ordinary_thread() {
+        let nested = format!("{}args.n{} == 1", "(".repeat(MAX_NESTING), ")".repeat(MAX_NESTING));
+        // The deepest left-leaning chain allowed: additions up to the budget.
+        let chained = format!("args.n{} > 0", " + 1".repeat(MAX_OPERATORS - 2));
+        let caller = super::super::Caller { subject: "s".into(), groups: Default::default(), emergency: vec![] };
+        // Both at once: lists nested to the limit around the longest chain.
+        let lists = MAX_NESTING - 1;
+        let both =
+            format!("size({}args.n{}{}) == 1", "[".repeat(lists), " + 1".repeat(MAX_OPERATORS - 3), "]".repeat(lists));
+        for rule in [nested, chained, both] {
+            assert_eq!(validate_rule(&rule), Ok(()), "{rule}");
+            let rules = [ArgumentRule { rule: rule.clone(), message: "m".into() }];
+            // Test threads have 2 MiB of stack, like the runtime's workers.
+            assert_eq!(check(None, &rules, &caller, Some(&json!({"n": 1}))), Ok(()), "{rule}");
+        }
     }
 }
