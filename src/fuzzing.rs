@@ -11,6 +11,7 @@
 //! | `statement_literals` | the statement normalizer | no literal's value survives, in every PostgreSQL literal form |
 //! | `audit_record_line` | an audit record line (`audit verify`, the collector's intake) | never panics; what parses is canonical and round-trips |
 //! | `gateway_messages` | a hostile `inputSchema`, SSE body and `Mcp-Param-*` header values | never panics; rewriting an SSE body without edits keeps its messages |
+//! | `argument_rules` | an argument rule (`check`, the operator, the sidecar) and a caller's arguments | never panics or overflows a stack; a rule it accepts judges any arguments |
 
 use serde_json::Value;
 
@@ -122,6 +123,31 @@ pub fn gateway_messages(data: &[u8]) {
             .collect()
     };
     assert_eq!(messages(&rewritten), messages(&text), "rewriting an SSE body changed its messages");
+}
+
+/// An argument rule from a manifest (anyone who may create an MCPServer
+/// writes it) and a call's arguments (any caller sends them): bytes up to
+/// the first NUL are the rule, the rest the arguments' JSON. A rule the
+/// policy accepts must judge any arguments, and neither may crash the
+/// process (a stack overflow aborts: the fuzzer sees it).
+pub fn argument_rules(data: &[u8]) {
+    use crate::policy::arguments::{check, validate_rule};
+    let (rule, rest) = match data.iter().position(|b| *b == 0) {
+        Some(at) => (&data[..at], &data[at + 1..]),
+        None => (data, &[][..]),
+    };
+    let Ok(rule) = std::str::from_utf8(rule) else { return };
+    if validate_rule(rule).is_err() {
+        return;
+    }
+    let arguments: Option<Value> = serde_json::from_slice(rest).ok();
+    let rules = [crate::api::ArgumentRule { rule: rule.to_string(), message: "m".into() }];
+    let caller = crate::policy::Caller {
+        subject: "fuzz".into(),
+        groups: ["front-desk".to_string()].into_iter().collect(),
+        emergency: Vec::new(),
+    };
+    let _ = check(None, &rules, &caller, arguments.as_ref());
 }
 
 #[cfg(test)]

@@ -7,11 +7,12 @@ use std::path::PathBuf;
 
 type Harness = fn(&[u8]);
 
-const TARGETS: [(&str, Harness); 4] = [
+const TARGETS: [(&str, Harness); 5] = [
     ("dbproxy_first_packet", mcp_warden::fuzzing::dbproxy_first_packet),
     ("statement_literals", mcp_warden::fuzzing::statement_literals),
     ("audit_record_line", mcp_warden::fuzzing::audit_record_line),
     ("gateway_messages", mcp_warden::fuzzing::gateway_messages),
+    ("argument_rules", mcp_warden::fuzzing::argument_rules),
 ];
 
 #[test]
