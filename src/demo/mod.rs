@@ -110,11 +110,27 @@ fn explore(stack: &Stack) {
         mcp = stack.at.mcp,
         dir = dir.display()
     );
-    println!(
-        "  PGPASSWORD={pw} psql -h 127.0.0.1 -p {port} -U postgres ehr -c \"SELECT usename, state, query FROM pg_stat_activity WHERE usename LIKE 'mcpw%'\"",
-        pw = crate::local_postgres::SUPERUSER_PASSWORD,
-        port = stack.at.pg_port
-    );
+    // The superuser's password goes into a pgpass file, not onto the screen.
+    let pgpass = dir.join("pgpass");
+    let line = format!("127.0.0.1:{}:*:postgres:{}\n", stack.at.pg_port, crate::local_postgres::SUPERUSER_PASSWORD);
+    let written = {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&pgpass)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+    };
+    if written.is_ok() {
+        println!(
+            "  PGPASSFILE={} psql -h 127.0.0.1 -p {} -U postgres ehr -c \"SELECT usename, state, query FROM pg_stat_activity WHERE usename LIKE 'mcpw%'\"",
+            pgpass.display(),
+            stack.at.pg_port
+        );
+    }
     println!("  {exe} audit query {} --phi", stack.storage().display());
     println!("  {exe} audit verify {} --checkpoint-key {}", stack.storage().display(), stack.checkpoint_key);
     println!("  {exe} check {}", stack.server_manifest().display());
