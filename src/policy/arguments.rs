@@ -23,7 +23,7 @@
 //! runs.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, RwLock};
 
 use cel::objects::{Key, Map, Value as CelValue};
 use cel::{Context, ExecutionError, Program};
@@ -119,7 +119,7 @@ fn compile(rule: &str) -> Result<Program, String> {
     let program = parse(rule)?;
     // The parser expands the comprehension macros into Comprehension
     // expressions; their cost grows with the input, which nothing bounds.
-    if format!("{:?}", program.expression()).contains("Comprehension") {
+    if has_comprehension(program.expression()) {
         return Err("uses a comprehension (all, exists, exists_one, map, filter); the sidecar runs no loops over a call's arguments".into());
     }
     // A probe run finds names the rule uses that do not exist; a missing
@@ -133,6 +133,27 @@ fn compile(rule: &str) -> Result<Program, String> {
             Err("calls an unknown function".into())
         }
         _ => Ok(program),
+    }
+}
+
+/// Whether the syntax tree holds a comprehension (depth is bounded by
+/// [`bounded`], so the walk's recursion is too).
+fn has_comprehension(expr: &cel::common::ast::IdedExpr) -> bool {
+    use cel::common::ast::{EntryExpr, Expr};
+    let entry = |e: &cel::common::ast::IdedEntryExpr| match &e.expr {
+        EntryExpr::StructField(f) => has_comprehension(&f.value),
+        EntryExpr::MapEntry(m) => has_comprehension(&m.key) || has_comprehension(&m.value),
+    };
+    match &expr.expr {
+        Expr::Comprehension(_) => true,
+        Expr::Call(call) => {
+            call.target.as_deref().is_some_and(has_comprehension) || call.args.iter().any(has_comprehension)
+        }
+        Expr::List(list) => list.elements.iter().any(has_comprehension),
+        Expr::Map(map) => map.entries.iter().any(entry),
+        Expr::Struct(object) => object.entries.iter().any(entry),
+        Expr::Select(select) => has_comprehension(&select.operand),
+        Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => false,
     }
 }
 
@@ -199,7 +220,7 @@ pub fn check(
             }
         }
     }
-    let args = to_cel(&Value::Object(given.clone()));
+    let args = object_to_cel(given);
     let ctx = context(&args, caller);
     for (index, rule) in rules.iter().enumerate() {
         let program = program(&rule.rule).map_err(|why| {
@@ -314,12 +335,14 @@ fn to_cel(value: &Value) -> CelValue {
         },
         Value::String(s) => CelValue::String(Arc::new(s.clone())),
         Value::Array(items) => CelValue::List(Arc::new(items.iter().map(to_cel).collect())),
-        Value::Object(map) => {
-            let entries: HashMap<Key, CelValue> =
-                map.iter().map(|(k, v)| (Key::String(Arc::new(k.clone())), to_cel(v))).collect();
-            CelValue::Map(Map { map: Arc::new(entries) })
-        }
+        Value::Object(map) => object_to_cel(map),
     }
+}
+
+fn object_to_cel(map: &serde_json::Map<String, Value>) -> CelValue {
+    let entries: HashMap<Key, CelValue> =
+        map.iter().map(|(k, v)| (Key::String(Arc::new(k.clone())), to_cel(v))).collect();
+    CelValue::Map(Map { map: Arc::new(entries) })
 }
 
 fn context<'a>(args: &CelValue, caller: &Caller) -> Context<'a> {
@@ -337,14 +360,15 @@ fn context<'a>(args: &CelValue, caller: &Caller) -> Context<'a> {
 
 /// Compiled rules, by source (a policy holds a few; the cache is bounded by
 /// what the policies in force declare).
-static PROGRAMS: LazyLock<Mutex<HashMap<String, Arc<Program>>>> = LazyLock::new(Default::default);
+/// Calls only read it (concurrently); a miss compiles outside the lock.
+static PROGRAMS: LazyLock<RwLock<HashMap<String, Arc<Program>>>> = LazyLock::new(Default::default);
 
 fn program(rule: &str) -> Result<Arc<Program>, String> {
-    let mut cache = PROGRAMS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(p) = cache.get(rule) {
+    if let Some(p) = PROGRAMS.read().unwrap_or_else(|p| p.into_inner()).get(rule) {
         return Ok(Arc::clone(p));
     }
     let compiled = Arc::new(compile(rule)?);
+    let mut cache = PROGRAMS.write().unwrap_or_else(|p| p.into_inner());
     if cache.len() < 4096 {
         cache.insert(rule.to_string(), Arc::clone(&compiled));
     }
@@ -496,8 +520,11 @@ mod hostile_rules {
             let refused = validate_rule(&rule).unwrap_err();
             assert!(refused.contains(why), "{refused}");
         }
-        // Brackets inside string literals are text.
+        // Brackets inside string literals are text; so is a word.
         assert_eq!(validate_rule("args.q == '((((((((((((((((((('"), Ok(()));
+        assert_eq!(validate_rule("args.q == 'Comprehension'"), Ok(()));
+        assert!(validate_rule("[1].exists(x, x == 1) || true").unwrap_err().contains("comprehension"));
+        assert!(validate_rule("{'a': [1].all(x, x > 0)}['a']").unwrap_err().contains("comprehension"));
         for odd in ["", " ", "\u{0}", "'unterminated", "args[", "1 +", "🙂 == 🙂", "args.x ? 1 : ", "b'\\xff' == b''"]
         {
             let _ = validate_rule(odd);
