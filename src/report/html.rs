@@ -152,13 +152,13 @@ pub fn render(report: &AuditReport) -> String {
         .map(|s| {
             format!(
                 "{}{}{}{}{}{}{}",
-                id_cell(&s.stream),
+                id_cell(&s.stream.clone().unwrap_or_else(|| s.dir.display().to_string())),
                 num(s.records),
-                cell(s.first.as_deref().unwrap_or("-")),
-                cell(s.last.as_deref().unwrap_or("-")),
+                cell(s.first_time.as_deref().unwrap_or("-")),
+                cell(s.last_time.as_deref().unwrap_or("-")),
                 cell(if s.sealed { "sealed" } else { "open" }),
                 num(s.checkpoints),
-                cell(&s.result)
+                cell(&s.broken.as_ref().map_or_else(|| "PASS".to_string(), |b| format!("FAIL: {}", b.reason)))
             )
         })
         .collect();

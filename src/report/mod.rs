@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::api::{ControlStatus, Verdict};
 use crate::audit::query::{Query, read_records};
 use crate::audit::record::{ControlVerdict, Decision, Kind, Record};
-use crate::audit::verify::{VerifyOptions, VerifyReport, verify_dir};
+use crate::audit::verify::{StreamReport, VerifyOptions, VerifyReport, verify_dir};
 
 /// What the report is made from.
 #[derive(Debug, Clone, Default)]
@@ -111,31 +111,12 @@ pub struct Trail {
     pub passed: bool,
     /// Whether checkpoint signatures were checked against the auditor's key.
     pub key_supplied: bool,
-    /// Per stream.
-    pub streams: Vec<StreamLine>,
+    /// Per stream, as `audit verify` reports it.
+    pub streams: Vec<StreamReport>,
     /// Problems outside any stream, and breaks.
     pub problems: Vec<String>,
     /// Integrity incidents on record (e.g. a stream that ended unsealed).
     pub incidents: Vec<String>,
-}
-
-/// One stream.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct StreamLine {
-    /// Stream id.
-    pub stream: String,
-    /// Records verified.
-    pub records: u64,
-    /// First record's time.
-    pub first: Option<String>,
-    /// Last record's time.
-    pub last: Option<String>,
-    /// Ends with `stream-end`.
-    pub sealed: bool,
-    /// Signed checkpoints verified under the key.
-    pub checkpoints: u64,
-    /// PASS or the break.
-    pub result: String,
 }
 
 /// Calls of one PHI tool by one caller.
@@ -309,22 +290,7 @@ pub fn summarize(
     let trail = Trail {
         passed: verified.passed(),
         key_supplied,
-        streams: verified
-            .streams
-            .iter()
-            .map(|s| StreamLine {
-                stream: s.stream.clone().unwrap_or_else(|| s.dir.display().to_string()),
-                records: s.records,
-                first: s.first_time.clone(),
-                last: s.last_time.clone(),
-                sealed: s.sealed,
-                checkpoints: s.checkpoints,
-                result: match &s.broken {
-                    None => "PASS".into(),
-                    Some(b) => format!("FAIL: {}", b.reason),
-                },
-            })
-            .collect(),
+        streams: verified.streams.clone(),
         problems: verified.problems.clone(),
         incidents,
     };
