@@ -137,16 +137,15 @@ pub fn argument_rules(data: &[u8]) {
         None => (data, &[][..]),
     };
     let Ok(rule) = std::str::from_utf8(rule) else { return };
-    if validate_rule(rule).is_err() {
+    let claims = ["department".to_string(), "wards".to_string()].into();
+    if validate_rule(rule, &claims).is_err() {
         return;
     }
     let arguments: Option<Value> = serde_json::from_slice(rest).ok();
     let rules = [crate::api::ArgumentRule { rule: rule.to_string(), message: "m".into() }];
-    let caller = crate::policy::Caller {
-        subject: "fuzz".into(),
-        groups: ["front-desk".to_string()].into_iter().collect(),
-        emergency: Vec::new(),
-    };
+    let mut caller = crate::policy::Caller::new("fuzz", ["front-desk"]);
+    caller.claims.insert("department".into(), Value::from("cardiology"));
+    caller.claims.insert("wards".into(), serde_json::json!(["3a", "3b"]));
     let _ = check(None, &rules, &caller, arguments.as_ref());
 }
 

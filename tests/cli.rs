@@ -121,6 +121,10 @@ fn invalid_examples_are_refused_naming_file_and_field() {
         ("star-column.yaml", "spec.tools[0].dataAccess[0].tables[0].columns: '*' is refused"),
         ("unknown-field.yaml", "spec.tools[0].allowedCaller: unknown field"),
         ("looping-argument-rule.yaml", "spec.tools[0].argumentRules[0].rule: uses a comprehension"),
+        (
+            "unnamed-claim-rule.yaml",
+            "spec.tools[0].argumentRules[0].rule: reads caller.claims.department, a claim authentication.oidc.ruleClaims does not name",
+        ),
     ];
     assert_eq!(yaml_files("examples/invalid").len(), expected.len(), "every invalid example is covered here");
     for (file, needle) in expected {

@@ -1150,3 +1150,60 @@ async fn argument_rules_refuse_calls_before_the_server_sees_them_on_every_transp
     assert!(s.gateway.replace_policy(looping).unwrap_err().contains("comprehension"));
     assert_eq!(s.gateway.policy().tools["lookup_patient"].argument_rules[0].rule, "args.mrn.matches('^[0-9]{8}$')");
 }
+
+#[tokio::test]
+async fn argument_rules_judge_a_claim_the_policy_names_and_refuse_tokens_without_it() {
+    let s = sidecar().await;
+    let mut policy = (*s.gateway.policy()).clone();
+    // A rule reading a claim the policy does not name is refused outright.
+    let mut unnamed = policy.clone();
+    unnamed.tools.get_mut("lookup_patient").expect("tool").argument_rules = vec![mcp_warden::api::ArgumentRule {
+        rule: "caller.claims.department == args.department".into(),
+        message: "own department only".into(),
+    }];
+    assert!(s.gateway.replace_policy(unnamed.clone()).unwrap_err().contains("ruleClaims does not name"));
+    policy.authentication.rule_claims = ["department".to_string()].into();
+    policy.tools.get_mut("lookup_patient").expect("tool").argument_rules =
+        unnamed.tools["lookup_patient"].argument_rules.clone();
+    s.gateway.replace_policy(policy).expect("the claim is named");
+
+    let token = |department: Option<Value>| {
+        let mut c = claims("dana", &["front-desk"]);
+        if let Some(d) = department {
+            c["department"] = d;
+        }
+        rs256(&c)
+    };
+    let call = |id: u64, department: &str| {
+        rpc(
+            id,
+            "tools/call",
+            json!({"name": "lookup_patient", "arguments": {"mrn": "12345678", "department": department}}),
+        )
+    };
+    let cardiology = token(Some(json!("cardiology")));
+    let (_, _, ok) = s.post(Some(&cardiology), &call(1, "cardiology"), &[]).await;
+    assert!(ok.get("error").is_none(), "{ok}");
+    let (_, _, other) = s.post(Some(&cardiology), &call(2, "oncology"), &[]).await;
+    assert_eq!(
+        other["error"]["message"],
+        "Invalid arguments for tool lookup_patient: argument rule failed: own department only"
+    );
+    // A token without the claim, or with a value the verifier does not pass
+    // to rules (an object), is refused: the rule reads what is absent.
+    for absent in [token(None), token(Some(json!({"name": "cardiology"})))] {
+        let (_, _, refused) = s.post(Some(&absent), &call(3, "cardiology"), &[]).await;
+        assert_eq!(refused["error"]["code"], -32602, "{refused}");
+    }
+    assert_eq!(
+        s.upstream_calls("lookup_patient"),
+        1,
+        "only the call from the tool's own department reached the server"
+    );
+    let reasons: Vec<String> = s.records().into_iter().filter_map(|r| r.event.reason).collect();
+    assert!(reasons.iter().any(|r| r == "argument rule 0 false: own department only"), "{reasons:?}");
+    assert!(
+        reasons.iter().all(|r| !r.contains("oncology") && !r.contains("cardiology")),
+        "a value in the trail: {reasons:?}"
+    );
+}

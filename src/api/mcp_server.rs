@@ -209,6 +209,14 @@ pub struct Oidc {
     #[schemars(length(max = 16), inner(length(min = 1, max = 128)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub required_scopes: Vec<String>,
+    /// Claims argument rules may read as `caller.claims.<name>` (e.g.
+    /// `department`). Only these are taken from a token; a string, number,
+    /// boolean or list of strings, bounded in size — any other value is
+    /// absent, and a rule reading it refuses the call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub rule_claims: Vec<String>,
 }
 
 fn default_groups_claim() -> String {

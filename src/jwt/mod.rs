@@ -8,7 +8,7 @@
 //! within `nbf`/`exp` (30 s leeway), and carry every required scope. No part
 //! of a token appears in a log, a record or an error message.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -305,10 +305,38 @@ impl Authenticator {
         if !missing.is_empty() {
             return Err(AuthnError::InsufficientScope(settings.required_scopes.iter().cloned().collect()));
         }
-        let groups = strings(claims.get(&settings.groups_claim)).into_iter().collect();
+        let groups = strings(claims.get(&settings.groups_claim));
         let expires = claims.get("exp").and_then(Value::as_u64).ok_or(AuthnError::Invalid("missing claim"))?;
-        Ok((Caller { subject, groups, emergency: Vec::new() }, expires))
+        let mut caller = Caller::new(subject, groups);
+        caller.claims = rule_claims(&claims, &settings.rule_claims);
+        Ok((caller, expires))
     }
+}
+
+/// Longest claim string argument rules see, in bytes.
+const MAX_RULE_CLAIM_BYTES: usize = 256;
+/// Most strings in a list claim argument rules see.
+const MAX_RULE_CLAIM_ITEMS: usize = 64;
+
+/// The claims the policy names for argument rules, each with a usable
+/// value: a string, number, boolean or list of strings, within bounds. Any
+/// other value is left out, so a rule reading it refuses the call (fail
+/// closed) rather than judge a truncated value.
+fn rule_claims(claims: &Map<String, Value>, named: &BTreeSet<String>) -> BTreeMap<String, Value> {
+    let short = |v: &Value| v.as_str().is_some_and(|s| s.len() <= MAX_RULE_CLAIM_BYTES);
+    named
+        .iter()
+        .filter_map(|name| {
+            let value = claims.get(name)?;
+            let usable = match value {
+                Value::String(_) => short(value),
+                Value::Number(_) | Value::Bool(_) => true,
+                Value::Array(items) => items.len() <= MAX_RULE_CLAIM_ITEMS && items.iter().all(short),
+                Value::Null | Value::Object(_) => false,
+            };
+            usable.then(|| (name.clone(), value.clone()))
+        })
+        .collect()
 }
 
 /// The `alg` a token's header declares, read before any library parsing so

@@ -43,6 +43,7 @@ fn settings() -> CompiledAuthentication {
         audience: AUDIENCE.into(),
         groups_claim: "groups".into(),
         required_scopes: ["mcp:tools".to_string()].into(),
+        rule_claims: ["department".to_string(), "wards".to_string(), "level".to_string()].into(),
     }
 }
 
@@ -64,6 +65,43 @@ async fn valid_rs256_and_es256_tokens_identify_the_caller() {
     assert_eq!(caller.subject, "alice");
     assert_eq!(caller.groups, ["front-desk".to_string(), "nurses".to_string()].into());
     assert_eq!(verify(&auth, &es256(&claims())).await.expect("es256").subject, "alice");
+}
+
+#[tokio::test]
+async fn only_the_claims_the_policy_names_for_rules_are_taken_and_only_usable_values() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = authenticator(&dir).await;
+    let mut plain = claims();
+    plain["department"] = json!("cardiology");
+    plain["wards"] = json!(["3a", "3b"]);
+    plain["level"] = json!(2);
+    plain["email"] = json!("alice@clinic.example");
+    let caller = verify(&auth, &rs256(&plain, "test-rsa")).await.expect("valid");
+    assert_eq!(
+        caller.claims,
+        [
+            ("department".to_string(), json!("cardiology")),
+            ("wards".into(), json!(["3a", "3b"])),
+            ("level".into(), json!(2))
+        ]
+        .into(),
+        "email is not named, so it is not taken"
+    );
+    // Values a rule could not judge whole are absent (a rule reading them
+    // refuses the call); the token itself is still valid.
+    for (claim, value) in [
+        ("department", json!({"name": "cardiology"})),
+        ("department", json!(null)),
+        ("department", json!("x".repeat(257))),
+        ("wards", json!(["3a", 3])),
+        ("wards", json!(vec!["w"; 65])),
+        ("wards", json!([["nested"]])),
+    ] {
+        let mut hostile = claims();
+        hostile[claim] = value.clone();
+        let caller = verify(&auth, &rs256(&hostile, "test-rsa")).await.expect("valid token");
+        assert!(!caller.claims.contains_key(claim), "{claim} = {value}");
+    }
 }
 
 #[tokio::test]

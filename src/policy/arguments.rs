@@ -22,8 +22,11 @@
 //! `now`; arguments deeper than [`MAX_DEPTH`] are refused before any rule
 //! runs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock, RwLock};
+
+use cel::common::ast::operators::INDEX;
+use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 
 use cel::objects::{Key, Map, Value as CelValue};
 use cel::{Context, ExecutionError, Program};
@@ -108,9 +111,11 @@ fn parse(rule: &str) -> Result<Program, String> {
         .map_err(|_| "crashed the parser".to_string())?
 }
 
-/// Why a rule is not accepted (at `check`, the operator and the sidecar).
-pub fn validate_rule(rule: &str) -> Result<(), String> {
-    compile(rule).map(|_| ())
+/// Why a rule is not accepted (at `check`, the operator and the sidecar),
+/// given the claims the server takes from tokens for rules.
+pub fn validate_rule(rule: &str, claims: &BTreeSet<String>) -> Result<(), String> {
+    let program = compile(rule)?;
+    visit(program.expression(), &mut |expr| caller_reference(expr, claims))
 }
 
 /// Parses and checks a rule: its shape bounded, no comprehension, only the
@@ -119,15 +124,18 @@ fn compile(rule: &str) -> Result<Program, String> {
     let program = parse(rule)?;
     // The parser expands the comprehension macros into Comprehension
     // expressions; their cost grows with the input, which nothing bounds.
-    if has_comprehension(program.expression()) {
-        return Err("uses a comprehension (all, exists, exists_one, map, filter); the sidecar runs no loops over a call's arguments".into());
-    }
+    visit(program.expression(), &mut |expr| match expr.expr {
+        Expr::Comprehension(_) => Err("uses a comprehension (all, exists, exists_one, map, filter); \
+                                       the sidecar runs no loops over a call's arguments"
+            .into()),
+        _ => Ok(()),
+    })?;
     // A probe run finds names the rule uses that do not exist; a missing
     // key of `args` is what a real call may supply, so it is no error here.
-    let probe = Caller { subject: String::new(), groups: Default::default(), emergency: Vec::new() };
+    let probe = Caller::new("", [""; 0]);
     match program.execute(&context(&CelValue::Map(Map { map: Arc::new(HashMap::new()) }), &probe)) {
         Err(ExecutionError::UndeclaredReference(name)) => {
-            Err(format!("uses {name:?}: only args, caller (subject, groups) and now are defined"))
+            Err(format!("uses {name:?}: only args, caller (subject, groups, claims) and now are defined"))
         }
         Err(ExecutionError::FunctionError { function, .. }) if function.is_empty() => {
             Err("calls an unknown function".into())
@@ -136,24 +144,76 @@ fn compile(rule: &str) -> Result<Program, String> {
     }
 }
 
-/// Whether the syntax tree holds a comprehension (depth is bounded by
-/// [`bounded`], so the walk's recursion is too).
-fn has_comprehension(expr: &cel::common::ast::IdedExpr) -> bool {
-    use cel::common::ast::{EntryExpr, Expr};
-    let entry = |e: &cel::common::ast::IdedEntryExpr| match &e.expr {
-        EntryExpr::StructField(f) => has_comprehension(&f.value),
-        EntryExpr::MapEntry(m) => has_comprehension(&m.key) || has_comprehension(&m.value),
+/// Visits every node of a syntax tree, stopping at the first error (its
+/// depth is bounded by [`bounded`], so the recursion is too).
+fn visit(expr: &IdedExpr, check: &mut dyn FnMut(&IdedExpr) -> Result<(), String>) -> Result<(), String> {
+    check(expr)?;
+    match &expr.expr {
+        Expr::Call(call) => {
+            call.target.as_deref().map_or(Ok(()), |t| visit(t, check))?;
+            call.args.iter().try_for_each(|a| visit(a, check))
+        }
+        Expr::List(list) => list.elements.iter().try_for_each(|e| visit(e, check)),
+        Expr::Map(map) => map.entries.iter().try_for_each(|e| visit_entry(e, check)),
+        Expr::Struct(object) => object.entries.iter().try_for_each(|e| visit_entry(e, check)),
+        Expr::Select(select) => visit(&select.operand, check),
+        // A comprehension's parts are not visited: compiling refuses it.
+        Expr::Comprehension(_) | Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => Ok(()),
+    }
+}
+
+fn visit_entry(
+    entry: &cel::common::ast::IdedEntryExpr,
+    check: &mut dyn FnMut(&IdedExpr) -> Result<(), String>,
+) -> Result<(), String> {
+    match &entry.expr {
+        EntryExpr::StructField(f) => visit(&f.value, check),
+        EntryExpr::MapEntry(m) => visit(&m.key, check).and_then(|()| visit(&m.value, check)),
+    }
+}
+
+/// What a rule may read of the caller: `subject`, `groups`, and the claims
+/// the server names (`caller.claims.department`, `caller.claims['x']`).
+/// A name outside these would only ever refuse calls; it is refused here.
+fn caller_reference(expr: &IdedExpr, claims: &BTreeSet<String>) -> Result<(), String> {
+    let is_ident = |e: &IdedExpr, name: &str| matches!(&e.expr, Expr::Ident(i) if i == name);
+    let is_claims =
+        |e: &IdedExpr| matches!(&e.expr, Expr::Select(s) if s.field == "claims" && is_ident(&s.operand, "caller"));
+    let named = |claim: &str| {
+        if claims.contains(claim) {
+            Ok(())
+        } else {
+            Err(format!(
+                "reads caller.claims.{claim}, a claim authentication.oidc.ruleClaims does not name (it names: {})",
+                if claims.is_empty() {
+                    "none".to_string()
+                } else {
+                    claims.iter().cloned().collect::<Vec<_>>().join(", ")
+                }
+            ))
+        }
+    };
+    let literal = |e: &IdedExpr| match &e.expr {
+        Expr::Literal(LiteralValue::String(text)) => Some(text.inner().to_string()),
+        _ => None,
     };
     match &expr.expr {
-        Expr::Comprehension(_) => true,
-        Expr::Call(call) => {
-            call.target.as_deref().is_some_and(has_comprehension) || call.args.iter().any(has_comprehension)
+        Expr::Select(s) if is_ident(&s.operand, "caller") => match s.field.as_str() {
+            "subject" | "groups" | "claims" => Ok(()),
+            other => Err(format!("reads caller.{other}: a caller has subject, groups and claims")),
+        },
+        Expr::Select(s) if is_claims(&s.operand) => named(&s.field),
+        Expr::Call(call) if call.func_name == INDEX && call.args.len() == 2 => {
+            match (&call.args[0], literal(&call.args[1])) {
+                (target, Some(claim)) if is_claims(target) => named(&claim),
+                (target, Some(field)) if is_ident(target, "caller") => match field.as_str() {
+                    "subject" | "groups" | "claims" => Ok(()),
+                    other => Err(format!("reads caller[{other:?}]: a caller has subject, groups and claims")),
+                },
+                _ => Ok(()),
+            }
         }
-        Expr::List(list) => list.elements.iter().any(has_comprehension),
-        Expr::Map(map) => map.entries.iter().any(entry),
-        Expr::Struct(object) => object.entries.iter().any(entry),
-        Expr::Select(select) => has_comprehension(&select.operand),
-        Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => false,
+        _ => Ok(()),
     }
 }
 
@@ -161,9 +221,10 @@ fn has_comprehension(expr: &cel::common::ast::IdedExpr) -> bool {
 /// why)`, e.g. `("spec.tools[0].argumentRules[1].rule", "uses a comprehension …")`.
 pub fn invalid_rules(server: &crate::api::MCPServer) -> Vec<(String, String)> {
     let mut invalid = Vec::new();
+    let claims: BTreeSet<String> = server.spec.authentication.oidc.rule_claims.iter().cloned().collect();
     for (t, tool) in server.spec.tools.iter().enumerate() {
         for (r, rule) in tool.argument_rules.iter().enumerate() {
-            if let Err(why) = validate_rule(&rule.rule) {
+            if let Err(why) = validate_rule(&rule.rule, &claims) {
                 invalid.push((format!("spec.tools[{t}].argumentRules[{r}].rule"), why));
             }
         }
@@ -349,9 +410,12 @@ fn context<'a>(args: &CelValue, caller: &Caller) -> Context<'a> {
     let mut ctx = Context::default();
     ctx.add_variable_from_value("args", args.clone());
     let groups: Vec<CelValue> = caller.groups.iter().map(|g| CelValue::String(Arc::new(g.clone()))).collect();
+    let claims: HashMap<Key, CelValue> =
+        caller.claims.iter().map(|(name, value)| (Key::String(Arc::new(name.clone())), to_cel(value))).collect();
     let caller = HashMap::from([
         (Key::String(Arc::new("subject".into())), CelValue::String(Arc::new(caller.subject.clone()))),
         (Key::String(Arc::new("groups".into())), CelValue::List(Arc::new(groups))),
+        (Key::String(Arc::new("claims".into())), CelValue::Map(Map { map: Arc::new(claims) })),
     ]);
     ctx.add_variable_from_value("caller", CelValue::Map(Map { map: Arc::new(caller) }));
     ctx.add_variable_from_value("now", CelValue::Timestamp(chrono::Utc::now().fixed_offset()));
@@ -381,7 +445,7 @@ mod tests {
     use serde_json::json;
 
     fn caller(subject: &str, groups: &[&str]) -> Caller {
-        Caller { subject: subject.into(), groups: groups.iter().map(|g| g.to_string()).collect(), emergency: vec![] }
+        Caller::new(subject, groups.iter().copied())
     }
 
     fn rule(rule: &str, message: &str) -> ArgumentRule {
@@ -442,9 +506,48 @@ mod tests {
         let other = check(Some(&declared()), &own, &caller("bob", &["billing"]), Some(&json!({"patient": "p"})));
         assert!(other.is_err());
         let dept = [rule("caller.groups.exists(g, g == args.department)", "own department")];
-        assert!(validate_rule(&dept[0].rule).unwrap_err().contains("comprehension"));
+        assert!(validate_rule(&dept[0].rule, &BTreeSet::new()).unwrap_err().contains("comprehension"));
         let clock = [rule("now > timestamp('2020-01-01T00:00:00Z')", "x")];
         assert_eq!(run(&clock, json!({"patient": "p"})), Ok(()));
+    }
+
+    #[test]
+    fn rules_read_the_claims_the_server_names_and_no_others() {
+        let named: BTreeSet<String> = ["department".to_string(), "wards".to_string()].into();
+        let own = [rule("caller.claims.department == args.department", "own department only")];
+        let wards = [rule("has(args.ward) && args.ward in caller.claims['wards']", "own wards only")];
+        for r in own.iter().chain(&wards) {
+            assert_eq!(validate_rule(&r.rule, &named), Ok(()), "{}", r.rule);
+            assert!(validate_rule(&r.rule, &BTreeSet::new()).unwrap_err().contains("names: none"), "{}", r.rule);
+        }
+        let mut cardiology = caller("dana", &["front-desk"]);
+        cardiology.claims.insert("department".into(), json!("cardiology"));
+        cardiology.claims.insert("wards".into(), json!(["3a", "3b"]));
+        let call = |caller: &Caller, rules: &[ArgumentRule], args: Value| check(None, rules, caller, Some(&args));
+        assert_eq!(call(&cardiology, &own, json!({"department": "cardiology"})), Ok(()));
+        let other = call(&cardiology, &own, json!({"department": "oncology"})).unwrap_err();
+        assert_eq!(other.message, "argument rule failed: own department only");
+        assert_eq!(call(&cardiology, &wards, json!({"ward": "3b"})), Ok(()));
+        assert!(call(&cardiology, &wards, json!({"ward": "4"})).is_err());
+        // A token without the claim (or with a value the verifier left
+        // out) refuses: the rule reads what is absent.
+        let unclaimed = caller("dana", &["front-desk"]);
+        let refused = call(&unclaimed, &own, json!({"department": "cardiology"})).unwrap_err();
+        assert!(refused.reason.contains("evaluation error"), "{refused:?}");
+        // Names outside the caller's shape or the named claims are refused
+        // when compiled, whichever way they are written.
+        for (bad, why) in [
+            ("caller.claims.email == 'x'", "caller.claims.email"),
+            ("has(caller.claims.email)", "caller.claims.email"),
+            ("caller.claims['email'] == 'x'", "caller.claims.email"),
+            ("caller.sub == 'dana'", "caller.sub"),
+            ("caller['token'] == 'x'", "caller[\"token\"]"),
+        ] {
+            let refused = validate_rule(bad, &named).unwrap_err();
+            assert!(refused.contains(why), "{bad}: {refused}");
+        }
+        // An index the rule computes reads only what the server named.
+        assert_eq!(validate_rule("caller.claims[args.k] == 'x'", &named), Ok(()));
     }
 
     #[test]
@@ -491,14 +594,17 @@ mod tests {
 
     #[test]
     fn rules_are_bounded_when_compiled() {
-        assert_eq!(validate_rule("args.limit <= 50"), Ok(()));
-        assert!(validate_rule("args.limit <=").unwrap_err().contains("does not parse"));
+        assert_eq!(validate_rule("args.limit <= 50", &BTreeSet::new()), Ok(()));
+        assert!(validate_rule("args.limit <=", &BTreeSet::new()).unwrap_err().contains("does not parse"));
         for looped in
             ["args.items.all(i, i > 0)", "args.items.map(i, i * 2).size() > 0", "args.items.filter(i, true) == []"]
         {
-            assert!(validate_rule(looped).unwrap_err().contains("comprehension"), "{looped}");
+            assert!(validate_rule(looped, &BTreeSet::new()).unwrap_err().contains("comprehension"), "{looped}");
         }
-        assert!(validate_rule("request.user == 'x'").unwrap_err().contains("only args, caller"), "undeclared name");
+        assert!(
+            validate_rule("request.user == 'x'", &BTreeSet::new()).unwrap_err().contains("only args, caller"),
+            "undeclared name"
+        );
     }
 }
 
@@ -517,17 +623,21 @@ mod hostile_rules {
             (format!("args{}", ".a".repeat(60)), "operator characters"),
             ("x".repeat(600), "longer than 512 bytes"),
         ] {
-            let refused = validate_rule(&rule).unwrap_err();
+            let refused = validate_rule(&rule, &BTreeSet::new()).unwrap_err();
             assert!(refused.contains(why), "{refused}");
         }
         // Brackets inside string literals are text; so is a word.
-        assert_eq!(validate_rule("args.q == '((((((((((((((((((('"), Ok(()));
-        assert_eq!(validate_rule("args.q == 'Comprehension'"), Ok(()));
-        assert!(validate_rule("[1].exists(x, x == 1) || true").unwrap_err().contains("comprehension"));
-        assert!(validate_rule("{'a': [1].all(x, x > 0)}['a']").unwrap_err().contains("comprehension"));
+        assert_eq!(validate_rule("args.q == '((((((((((((((((((('", &BTreeSet::new()), Ok(()));
+        assert_eq!(validate_rule("args.q == 'Comprehension'", &BTreeSet::new()), Ok(()));
+        assert!(
+            validate_rule("[1].exists(x, x == 1) || true", &BTreeSet::new()).unwrap_err().contains("comprehension")
+        );
+        assert!(
+            validate_rule("{'a': [1].all(x, x > 0)}['a']", &BTreeSet::new()).unwrap_err().contains("comprehension")
+        );
         for odd in ["", " ", "\u{0}", "'unterminated", "args[", "1 +", "🙂 == 🙂", "args.x ? 1 : ", "b'\\xff' == b''"]
         {
-            let _ = validate_rule(odd);
+            let _ = validate_rule(odd, &BTreeSet::new());
         }
     }
 
@@ -536,13 +646,13 @@ mod hostile_rules {
         let nested = format!("{}args.n{} == 1", "(".repeat(MAX_NESTING), ")".repeat(MAX_NESTING));
         // The deepest left-leaning chain allowed: additions up to the budget.
         let chained = format!("args.n{} > 0", " + 1".repeat(MAX_OPERATORS - 2));
-        let caller = super::super::Caller { subject: "s".into(), groups: Default::default(), emergency: vec![] };
+        let caller = super::super::Caller::new("s", [""; 0]);
         // Both at once: lists nested to the limit around the longest chain.
         let lists = MAX_NESTING - 1;
         let both =
             format!("size({}args.n{}{}) == 1", "[".repeat(lists), " + 1".repeat(MAX_OPERATORS - 3), "]".repeat(lists));
         for rule in [nested, chained, both] {
-            assert_eq!(validate_rule(&rule), Ok(()), "{rule}");
+            assert_eq!(validate_rule(&rule, &BTreeSet::new()), Ok(()), "{rule}");
             let rules = [ArgumentRule { rule: rule.clone(), message: "m".into() }];
             // Test threads have 2 MiB of stack, like the runtime's workers.
             assert_eq!(check(None, &rules, &caller, Some(&json!({"n": 1}))), Ok(()), "{rule}");

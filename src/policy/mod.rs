@@ -86,6 +86,9 @@ pub struct CompiledAuthentication {
     pub groups_claim: String,
     /// Scopes every token must carry.
     pub required_scopes: BTreeSet<String>,
+    /// Claims taken from a token for argument rules (`caller.claims.<name>`).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub rule_claims: BTreeSet<String>,
 }
 
 /// One tool's policy.
@@ -183,6 +186,21 @@ pub struct Caller {
     /// Break-glass grants in force for this caller now (the sidecar learns
     /// them from the broker when a decision needs them; empty otherwise).
     pub emergency: Vec<crate::breakglass::ActiveGrant>,
+    /// The token's claims the policy names for argument rules
+    /// (`authentication.ruleClaims`), those with a usable value.
+    pub claims: BTreeMap<String, serde_json::Value>,
+}
+
+impl Caller {
+    /// A caller with a subject and groups, and nothing else.
+    pub fn new(subject: impl Into<String>, groups: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Caller {
+            subject: subject.into(),
+            groups: groups.into_iter().map(Into::into).collect(),
+            emergency: Vec::new(),
+            claims: BTreeMap::new(),
+        }
+    }
 }
 
 impl CallerSet {
@@ -284,6 +302,7 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
     let scope = spec.pseudonym_scope.clone().unwrap_or_else(|| crate::deid::default_scope(&server.name_any()));
     let mut compiled_stores = BTreeMap::new();
     let mut tools = BTreeMap::new();
+    let rule_claims: BTreeSet<String> = spec.authentication.oidc.rule_claims.iter().cloned().collect();
     for tool in &spec.tools {
         let mut data_access = BTreeMap::new();
         let mut copy_stores = BTreeSet::new();
@@ -343,7 +362,7 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
             },
         );
         for (index, rule) in tool.argument_rules.iter().enumerate() {
-            arguments::validate_rule(&rule.rule).map_err(|why| PolicyError::ArgumentRule {
+            arguments::validate_rule(&rule.rule, &rule_claims).map_err(|why| PolicyError::ArgumentRule {
                 tool: tool.name.clone(),
                 index,
                 why,
@@ -371,6 +390,7 @@ pub fn compile(server: &MCPServer, stores: &BTreeMap<String, PHIStore>) -> Resul
             audience: oidc.audience.clone(),
             groups_claim: oidc.groups_claim.clone(),
             required_scopes: oidc.required_scopes.iter().cloned().collect(),
+            rule_claims: oidc.rule_claims.iter().cloned().collect(),
         },
         tools,
         resources,
@@ -417,7 +437,7 @@ impl CompiledPolicy {
     pub fn check_argument_rules(&self) -> Result<(), String> {
         for (name, tool) in &self.tools {
             for (index, rule) in tool.argument_rules.iter().enumerate() {
-                arguments::validate_rule(&rule.rule)
+                arguments::validate_rule(&rule.rule, &self.authentication.rule_claims)
                     .map_err(|why| format!("tool {name:?}: argumentRules[{index}] {why}"))?;
             }
         }
@@ -492,7 +512,7 @@ mod tests {
     use super::*;
 
     fn caller(sub: &str, groups: &[&str]) -> Caller {
-        Caller { subject: sub.into(), groups: groups.iter().map(|g| g.to_string()).collect(), emergency: vec![] }
+        Caller::new(sub, groups.iter().copied())
     }
 
     #[test]

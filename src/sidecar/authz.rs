@@ -323,7 +323,7 @@ mod tests {
     }
 
     fn caller(groups: &[&str]) -> Caller {
-        Caller { subject: "alice".into(), groups: groups.iter().map(|g| g.to_string()).collect(), emergency: vec![] }
+        Caller::new("alice", groups.iter().copied())
     }
 
     fn call(tool: &str) -> Value {
