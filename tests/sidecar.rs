@@ -1207,3 +1207,46 @@ async fn argument_rules_judge_a_claim_the_policy_names_and_refuse_tokens_without
         "a value in the trail: {reasons:?}"
     );
 }
+
+#[tokio::test]
+async fn a_listed_schema_that_differs_from_the_declaration_is_on_the_list_outcome_for_every_transport() {
+    let s = sidecar().await;
+    let alice = rs256(&claims("alice", &["front-desk"]));
+    let list = |id: u64| rpc(id, "tools/list", json!({}));
+    // The declaration matches what the server lists (`mrn`, a string).
+    with_argument_rules(&s);
+    let (_, _, agreeing) = s.post(Some(&alice), &list(1), &[]).await;
+    assert!(agreeing.get("error").is_none(), "{agreeing}");
+    // The reviewed declaration says `patient`; the server lists `mrn`.
+    let mut policy = (*s.gateway.policy()).clone();
+    let tool = policy.tools.get_mut("lookup_patient").expect("tool");
+    tool.arguments.as_mut().expect("declared")[0].name = "patient".into();
+    tool.argument_rules.clear();
+    s.gateway.replace_policy(policy).expect("policy");
+    let (_, _, json_list) = s.post(Some(&alice), &list(2), &[]).await;
+    assert_eq!(tool_names(&json_list), ["lookup_patient", "clinic_hours"], "the list itself is unchanged");
+    s.post(Some(&alice), &list(3), &[("x-test-sse", "1")]).await;
+    let batch = json!([list(4), rpc(5, "ping", json!({}))]);
+    s.post(Some(&alice), &batch, &[("mcp-protocol-version", "2025-03-26")]).await;
+
+    let drift_of = |records: &[Record]| -> Vec<Option<Vec<String>>> {
+        records.iter().filter_map(|r| r.event.schema_drift.as_ref()).map(|d| d.get("lookup_patient").cloned()).collect()
+    };
+    let mut records = s.records();
+    for _ in 0..100 {
+        if drift_of(&records).len() == 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        records = s.records();
+    }
+    let expected =
+        vec!["takes undeclared argument(s) \"mrn\"".to_string(), "does not list declared argument \"patient\"".into()];
+    assert_eq!(drift_of(&records), [Some(vec![]), Some(expected.clone()), Some(expected.clone()), Some(expected)]);
+    assert!(
+        records.iter().filter(|r| r.event.schema_drift.is_some()).all(|r| r.event.kind == Kind::Outcome),
+        "drift is on list outcomes only"
+    );
+    // Tools without declared arguments are not compared.
+    assert!(records.iter().filter_map(|r| r.event.schema_drift.as_ref()).all(|d| d.len() == 1), "{records:?}");
+}

@@ -108,7 +108,15 @@ pub struct Event {
     /// A control's new verdict on the server (kind `verdict`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlVerdict>,
+    /// On the outcome of a `tools/list` answer: for each tool there that
+    /// declares its arguments, how the `inputSchema` the server listed
+    /// differs from the declaration (an empty list: they agree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_drift: Option<SchemaDrift>,
 }
+
+/// Per tool, how its listed `inputSchema` differs from its declaration.
+pub type SchemaDrift = std::collections::BTreeMap<String, Vec<String>>;
 
 /// A control's verdict on an MCPServer, as the operator put it in status
 /// when it changed.

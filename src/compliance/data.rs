@@ -78,6 +78,15 @@ pub(super) fn minimum_necessary(input: &Input<'_>) -> Assessment {
         }
     }
     check_store_egress(input, &mut a);
+    if let Some(collector) = &input.observed.collector {
+        for (tool, findings) in &collector.schema_drift {
+            a.failed(format!(
+                "tool {tool}: the inputSchema its server lists differs from the declared arguments ({}); \
+                 the sidecar still enforces the declaration — review the server's change and the declaration",
+                findings.join("; ")
+            ));
+        }
+    }
     if phi_tools > 0 {
         a.held(format!(
             "{phi_tools} PHI tool(s), each with a purpose, named callers and explicit columns ({columns} in all); \

@@ -126,6 +126,9 @@ pub struct CollectorView {
     pub observed: String,
     /// Use made under break-glass grants, by grant name.
     pub emergency_use: BTreeMap<String, crate::audit::collector::store::GrantUse>,
+    /// Tools whose listed inputSchema differs from their declared
+    /// arguments, with how (from the sidecars' list outcomes).
+    pub schema_drift: BTreeMap<String, Vec<String>>,
 }
 
 /// A break-glass grant of the server, as judged now.

@@ -69,6 +69,7 @@ fn healthy_collector() -> Option<CollectorView> {
         open_incidents: 0,
         observed: "observed".into(),
         emergency_use: Default::default(),
+        schema_drift: Default::default(),
     })
 }
 
@@ -155,6 +156,24 @@ fn a_pod_without_the_sidecar_fails_audit_controls() {
 }
 
 #[test]
+fn a_listed_schema_that_drifted_from_the_declaration_fails_minimum_necessary() {
+    let agreeing = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], healthy_collector()));
+    let before = agreeing.controls.iter().find(|c| c.id == Control::MinimumNecessary.id()).expect("control");
+    assert!(!before.message.contains("inputSchema"), "{}", before.message);
+    let mut drifted = healthy_collector();
+    if let Some(view) = drifted.as_mut() {
+        view.schema_drift.insert("lookup_patient".into(), vec!["takes undeclared argument(s) \"sql\"".into()]);
+    }
+    let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], drifted));
+    assert_verdict(
+        &report,
+        Control::MinimumNecessary,
+        Verdict::Fail,
+        "tool lookup_patient: the inputSchema its server lists differs from the declared arguments (takes undeclared argument(s) \"sql\")",
+    );
+}
+
+#[test]
 fn collector_states() {
     let not_receiving = Some(CollectorView {
         receiving: false,
@@ -162,6 +181,7 @@ fn collector_states() {
         open_incidents: 0,
         observed: "observed".into(),
         emergency_use: Default::default(),
+        schema_drift: Default::default(),
     });
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], not_receiving));
     assert_verdict(&report, Control::AuditControls, Verdict::Fail, "not receiving");
@@ -171,6 +191,7 @@ fn collector_states() {
         open_incidents: 2,
         observed: "observed".into(),
         emergency_use: Default::default(),
+        schema_drift: Default::default(),
     });
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], incidents));
     assert_verdict(&report, Control::Integrity, Verdict::Fail, "2 open integrity incident(s)");
@@ -180,6 +201,7 @@ fn collector_states() {
         open_incidents: 0,
         observed: "observed".into(),
         emergency_use: Default::default(),
+        schema_drift: Default::default(),
     });
     let report = evaluate_with(&clinic_server(), &clinic_stores(), &cluster(vec![], vec![], broken));
     assert_verdict(&report, Control::Integrity, Verdict::Fail, "could not verify");
@@ -643,6 +665,7 @@ fn a_declared_procedure_is_named_offline_and_judged_with_its_grants_in_a_cluster
                 open_incidents: 0,
                 observed: "observed".into(),
                 emergency_use,
+                schema_drift: Default::default(),
             }),
             ..cluster(vec![], vec![], None)
         };

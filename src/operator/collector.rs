@@ -135,6 +135,7 @@ pub fn collector_view(
                 running_pods.len()
             ),
             emergency_use: Default::default(),
+            schema_drift: Default::default(),
         });
     };
     let reporting = running_pods.iter().filter(|p| health.open_streams.contains_key(*p)).count();
@@ -161,6 +162,7 @@ pub fn collector_view(
         open_incidents: health.open_incidents,
         observed,
         emergency_use: health.emergency_use.clone(),
+        schema_drift: health.schema_drift.clone(),
     })
 }
 
@@ -180,6 +182,7 @@ mod tests {
                 .collect(),
             open_incidents: incidents,
             emergency_use: Default::default(),
+            schema_drift: Default::default(),
         }
     }
 

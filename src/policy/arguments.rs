@@ -422,6 +422,82 @@ fn context<'a>(args: &CelValue, caller: &Caller) -> Context<'a> {
     ctx
 }
 
+/// Most findings listed for one tool's schema (the rest are counted).
+const MAX_DRIFT_FINDINGS: usize = 8;
+
+/// How the `inputSchema` a server lists for a tool differs from the tool's
+/// declared arguments; empty when they agree. The declaration is what was
+/// reviewed, and the gateway enforces it either way; a difference means the
+/// server changed under the review (a server that grew a `sql` argument).
+///
+/// Compared: the argument names (both ways), each declared argument's JSON
+/// type, and arguments the server requires that the declaration leaves
+/// optional. Bounds may be tighter in the declaration: that is its point.
+/// Names the server made up appear only if they are plain identifiers.
+pub fn schema_drift(declared: &[CompiledArgument], input_schema: Option<&Value>) -> Vec<String> {
+    let Some(schema) = input_schema.and_then(Value::as_object) else {
+        return vec!["lists no inputSchema object".into()];
+    };
+    if schema.get("type").and_then(Value::as_str) != Some("object") {
+        return vec!["lists an inputSchema whose type is not object".into()];
+    }
+    let empty = serde_json::Map::new();
+    let properties = schema.get("properties").and_then(Value::as_object).unwrap_or(&empty);
+    let required: Vec<&str> =
+        schema.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+    let mut findings = Vec::new();
+    let undeclared: Vec<&String> = properties.keys().filter(|k| !declared.iter().any(|d| d.name == **k)).collect();
+    if !undeclared.is_empty() {
+        let mut names: Vec<String> =
+            undeclared.iter().take(MAX_DRIFT_FINDINGS).map(|name| printable_name(name)).collect();
+        if undeclared.len() > MAX_DRIFT_FINDINGS {
+            names.push(format!("and {} more", undeclared.len() - MAX_DRIFT_FINDINGS));
+        }
+        findings.push(format!("takes undeclared argument(s) {}", names.join(", ")));
+    }
+    for arg in declared {
+        let Some(property) = properties.get(&arg.name) else {
+            findings.push(format!("does not list declared argument {:?}", arg.name));
+            continue;
+        };
+        let expected = schema_type(arg.kind);
+        let types: Vec<&str> = match property.get("type") {
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).filter(|t| *t != "null").collect(),
+            _ => Vec::new(),
+        };
+        if types != [expected] {
+            let listed = if types.is_empty() { "no single type".to_string() } else { types.join("|") };
+            findings.push(format!("types argument {:?} as {listed}, declared {expected}", arg.name));
+        }
+        if !arg.required && required.contains(&arg.name.as_str()) {
+            findings.push(format!("requires argument {:?}, declared optional", arg.name));
+        }
+    }
+    if findings.len() > MAX_DRIFT_FINDINGS {
+        let more = findings.len() - MAX_DRIFT_FINDINGS;
+        findings.truncate(MAX_DRIFT_FINDINGS);
+        findings.push(format!("and {more} more"));
+    }
+    findings
+}
+
+/// A name a server chose, shown only if it is a short plain identifier.
+fn printable_name(name: &str) -> String {
+    let plain =
+        !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if plain { format!("{name:?}") } else { "(a name that is not a plain identifier)".into() }
+}
+
+fn schema_type(kind: ArgumentType) -> &'static str {
+    match kind {
+        ArgumentType::String => "string",
+        ArgumentType::Integer => "integer",
+        ArgumentType::Number => "number",
+        ArgumentType::Boolean => "boolean",
+    }
+}
+
 /// Compiled rules, by source (a policy holds a few; the cache is bounded by
 /// what the policies in force declare).
 /// Calls only read it (concurrently); a miss compiles outside the lock.
@@ -548,6 +624,51 @@ mod tests {
         }
         // An index the rule computes reads only what the server named.
         assert_eq!(validate_rule("caller.claims[args.k] == 'x'", &named), Ok(()));
+    }
+
+    #[test]
+    fn a_listed_schema_that_differs_from_the_declaration_is_drift() {
+        let declared = declared();
+        let agreeing = json!({"type": "object", "required": ["patient"], "properties": {
+            "patient": {"type": "string", "maxLength": 200},
+            "limit": {"type": "integer"},
+            "department": {"type": ["string", "null"]},
+            "verbose": {"type": "boolean"}}});
+        assert_eq!(schema_drift(&declared, Some(&agreeing)), Vec::<String>::new());
+        let mut grew = agreeing.clone();
+        grew["properties"]["sql"] = json!({"type": "string"});
+        grew["properties"]["x\u{202e}'; DROP"] = json!({"type": "string"});
+        assert_eq!(
+            schema_drift(&declared, Some(&grew)),
+            ["takes undeclared argument(s) \"sql\", (a name that is not a plain identifier)"]
+        );
+        let mut changed = agreeing.clone();
+        changed["properties"]["limit"] = json!({"type": "number"});
+        changed["properties"]["verbose"] = json!({});
+        changed["properties"].as_object_mut().unwrap().remove("department");
+        changed["required"] = json!(["patient", "limit"]);
+        assert_eq!(
+            schema_drift(&declared, Some(&changed)),
+            [
+                "types argument \"limit\" as number, declared integer",
+                "requires argument \"limit\", declared optional",
+                "does not list declared argument \"department\"",
+                "types argument \"verbose\" as no single type, declared boolean",
+            ]
+        );
+        assert_eq!(schema_drift(&declared, None), ["lists no inputSchema object"]);
+        assert_eq!(
+            schema_drift(&declared, Some(&json!({"type": "array"}))),
+            ["lists an inputSchema whose type is not object"]
+        );
+        // A hostile schema with thousands of properties yields a bounded finding list.
+        let many: serde_json::Map<String, Value> =
+            (0..5000).map(|i| (format!("p{i}"), json!({"type": "string"}))).collect();
+        let wide = json!({"type": "object", "properties": many});
+        let findings = schema_drift(&[arg("a", ArgumentType::String)], Some(&wide));
+        assert!(findings.len() <= MAX_DRIFT_FINDINGS + 1, "{}", findings.len());
+        assert!(findings.iter().map(String::len).sum::<usize>() < 400, "{findings:?}");
+        assert!(findings[0].ends_with("and 4992 more"), "{findings:?}");
     }
 
     #[test]

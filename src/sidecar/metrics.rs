@@ -8,6 +8,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -34,6 +35,7 @@ pub struct SidecarMetrics {
     wal_failures: Counter,
     authn_unrecorded: Counter,
     list_entries_hidden: Counter,
+    tools_drifted: Gauge,
     last_append_ok: Arc<AtomicBool>,
 }
 
@@ -47,6 +49,7 @@ impl SidecarMetrics {
             wal_failures: Counter::default(),
             authn_unrecorded: Counter::default(),
             list_entries_hidden: Counter::default(),
+            tools_drifted: Gauge::default(),
             last_append_ok: Arc::new(AtomicBool::new(true)),
         };
         let r = registry.sub_registry_with_prefix("mcpwarden_sidecar");
@@ -68,7 +71,17 @@ impl SidecarMetrics {
             "List entries removed because the caller may not use them",
             metrics.list_entries_hidden.clone(),
         );
+        r.register(
+            "tools_schema_drifted",
+            "Tools whose listed inputSchema differs from their declared arguments (last list seen)",
+            metrics.tools_drifted.clone(),
+        );
         metrics
+    }
+
+    /// Sets how many tools' listed schemas differ from their declarations.
+    pub fn tools_drifted(&self, tools: usize) {
+        self.tools_drifted.set(i64::try_from(tools).unwrap_or(i64::MAX));
     }
 
     /// Counts a decision (a verdict written in the code: labels never carry

@@ -115,6 +115,9 @@ struct StreamState {
     abandoned: bool,
     /// Use made under break-glass grants, by grant name.
     grants: BTreeMap<String, GrantUse>,
+    /// Tools whose listed inputSchema differed from their declaration in
+    /// the newest list that showed them (a tool that agrees again leaves).
+    schema_drift: BTreeMap<String, Vec<String>>,
 }
 
 /// Marker file of an abandoned stream, in its directory.
@@ -141,6 +144,13 @@ impl StreamState {
             && is_use(&record.event)
         {
             self.grants.entry(grant.clone()).or_default().note(&record.time);
+        }
+        for (tool, findings) in record.event.schema_drift.iter().flatten() {
+            if findings.is_empty() {
+                self.schema_drift.remove(tool);
+            } else {
+                self.schema_drift.insert(tool.clone(), findings.clone());
+            }
         }
     }
 }
@@ -207,6 +217,10 @@ pub struct ServerHealth {
     /// the server: sidecars' and the broker's).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub emergency_use: BTreeMap<String, GrantUse>,
+    /// Tools whose listed inputSchema differs from their declared
+    /// arguments, as the newest list of each open stream showed them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub schema_drift: BTreeMap<String, Vec<String>>,
 }
 
 /// One open stream.
@@ -254,6 +268,7 @@ impl Storage {
                 sealed: false,
                 abandoned: path.join(ABANDONED_MARKER).exists(),
                 grants: BTreeMap::new(),
+                schema_drift: BTreeMap::new(),
             };
             if let Some(anchor) = segment::read_anchor(&path).map_err(io)? {
                 state.last_seq = anchor.seq;
@@ -309,6 +324,9 @@ impl Storage {
                 entry.emergency_use.entry(grant.clone()).or_default().merge(used);
             }
             if !state.sealed && !state.abandoned {
+                for (tool, findings) in &state.schema_drift {
+                    entry.schema_drift.entry(tool.clone()).or_insert_with(|| findings.clone());
+                }
                 let pod = state.pod.clone().unwrap_or_else(|| state.meta.stream.clone());
                 let health = StreamHealth { last_seq: state.last_seq, last_record_time: state.last_time.clone() };
                 // A pod whose writer restarted into a new stream: the newest counts.
@@ -481,6 +499,7 @@ impl Storage {
                 sealed: false,
                 abandoned: false,
                 grants: BTreeMap::new(),
+                schema_drift: BTreeMap::new(),
             },
         );
         Ok(())
@@ -633,6 +652,48 @@ mod tests {
         expected(&storage);
         drop(storage);
         expected(&Storage::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn schema_drift_is_what_the_newest_list_showed_per_tool_while_the_stream_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |s: i64| chrono::DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let mut chain = Chain::new("clinic/lookup/pod/s1".into(), "clinic/lookup".into(), None);
+        let mut lines = vec![chain.seal(Event::new(Kind::StreamStart), at(0)).unwrap().record.to_line()];
+        let mut list_outcome = |drift: &[(&str, &[&str])], second: i64| {
+            let mut e = Event::new(Kind::Outcome);
+            e.correlation = Some(format!("c{second}"));
+            e.outcome = Some(crate::audit::record::Outcome {
+                status: crate::audit::record::OutcomeStatus::Ok,
+                http_status: Some(200),
+                rpc_error: None,
+                rows: None,
+            });
+            e.schema_drift = Some(
+                drift.iter().map(|(tool, f)| (tool.to_string(), f.iter().map(|x| x.to_string()).collect())).collect(),
+            );
+            chain.seal(e, at(second)).unwrap().record.to_line()
+        };
+        let grew: &[&str] = &["takes undeclared argument(s) \"sql\""];
+        lines.push(list_outcome(&[("lookup", grew), ("hours", &[])], 1));
+        // A later page lists another tool only: lookup's drift stands.
+        lines.push(list_outcome(&[("visits", &["does not list declared argument \"patient\""])], 2));
+        let mut storage = Storage::open(dir.path()).unwrap();
+        storage.store("a", None, &refs(&lines)).unwrap();
+        let drift = |storage: &Storage| storage.health()["clinic/lookup"].schema_drift.clone();
+        assert_eq!(drift(&storage).keys().collect::<Vec<_>>(), ["lookup", "visits"]);
+        assert_eq!(drift(&storage)["lookup"], grew);
+        drop(storage);
+        let mut storage = Storage::open(dir.path()).unwrap();
+        assert_eq!(drift(&storage).len(), 2, "read back from disk");
+        // The server is fixed: the next list agrees for lookup.
+        let fixed = list_outcome(&[("lookup", &[])], 3);
+        storage.store("a", None, &refs(&[fixed])).unwrap();
+        assert_eq!(drift(&storage).keys().collect::<Vec<_>>(), ["visits"]);
+        // A sealed stream (its pod gone) no longer speaks for the server.
+        let end = chain.seal(Event::new(Kind::StreamEnd), at(4)).unwrap().record.to_line();
+        storage.store("a", None, &refs(&[end])).unwrap();
+        assert!(drift(&storage).is_empty());
     }
 
     #[test]

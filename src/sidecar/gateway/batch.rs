@@ -183,7 +183,10 @@ pub(super) async fn post_batch(
         }
         if let (Some(kind), Some(result)) = (filters.get(&key), message.get_mut("result")) {
             if *kind == ListKind::Tools {
-                gw.learn_tools(result);
+                let drift = gw.learn_tools(result);
+                if !drift.is_empty() {
+                    answered.schema_drift.insert(key.clone(), drift);
+                }
             }
             gw.metrics.filtered(authz::filter_list(&policy, &caller, *kind, result));
             mark_private(*kind, result);
@@ -227,6 +230,8 @@ pub(super) struct ElementAnswers {
     rpc_errors: std::collections::HashMap<String, i64>,
     /// Reasons of answers withheld by the identifier scan.
     withheld: std::collections::HashMap<String, String>,
+    /// Schema drift seen in `tools/list` answers.
+    schema_drift: std::collections::HashMap<String, crate::audit::record::SchemaDrift>,
 }
 
 /// One outcome record per forwarded batch element that has an id:
@@ -254,6 +259,7 @@ pub(super) async fn record_batch_outcomes(
                 outcome_event(element, outcome, started)
             }
         };
+        event.schema_drift = answered.schema_drift.get(id).cloned();
         gw.tag_outcome(&mut event);
         if durable {
             recorded &= !gw.fails_closed(&gw.record(event).await);

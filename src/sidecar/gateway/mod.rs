@@ -55,9 +55,9 @@ use super::session::SessionKey;
 use crate::api::FailurePolicy;
 use crate::audit::args_hmac::ArgsKey;
 use crate::audit::budget::RefusalBudget;
-use crate::audit::record::{Decision as RecordDecision, Event, Kind};
+use crate::audit::record::{Decision as RecordDecision, Event, Kind, SchemaDrift};
 use crate::audit::{Receipt, Wal, WalError};
-use crate::policy::{Caller, CompiledPolicy};
+use crate::policy::{Caller, CompiledPolicy, arguments};
 use admission::{check_host_and_origin, record_unauthenticated, refuse_unauthenticated};
 use batch::post_batch;
 use db_access::refuse_data_access;
@@ -97,6 +97,8 @@ pub struct Gateway {
     /// `Mcp-Param-*` mirroring of each tool, learnt from `tools/list`
     /// responses passing through.
     mirrored_params: std::sync::RwLock<std::collections::HashMap<String, messages::MirroredParams>>,
+    /// Each declared tool's schema drift as last listed (for logging changes).
+    drift_seen: Mutex<SchemaDrift>,
     /// The broker and database proxy, for tools with `dataAccess`.
     data_access: Option<DataAccess>,
     /// The answer scanners of the policy's de-identified tools (replaced
@@ -137,6 +139,7 @@ impl Gateway {
             metrics,
             authn_records: Mutex::new(RefusalBudget::default()),
             mirrored_params: std::sync::RwLock::new(std::collections::HashMap::new()),
+            drift_seen: Mutex::default(),
             data_access: None,
             emergency: None,
             under_grant: Mutex::new(std::collections::HashMap::new()),
@@ -215,16 +218,45 @@ impl Gateway {
         self.scans.read().unwrap_or_else(|p| p.into_inner()).get(tool).cloned()
     }
 
-    /// Remembers which parameters each tool mirrors into headers.
-    fn learn_tools(&self, result: &Value) {
-        let Some(tools) = result.get("tools").and_then(Value::as_array) else { return };
+    /// Remembers which parameters each tool mirrors into headers, and
+    /// compares each listed tool that declares its arguments with its
+    /// declaration: the drift goes on the list's outcome record.
+    fn learn_tools(&self, result: &Value) -> SchemaDrift {
+        let Some(tools) = result.get("tools").and_then(Value::as_array) else { return SchemaDrift::new() };
+        let policy = self.policy();
+        let mut drift = SchemaDrift::new();
         let mut map = self.mirrored_params.write().unwrap_or_else(|p| p.into_inner());
         for tool in tools {
             if let Some(name) = tool.get("name").and_then(Value::as_str) {
                 let mirrored = tool.get("inputSchema").map(messages::mirrored_params).unwrap_or_default();
                 map.insert(name.to_string(), mirrored);
+                if let Some((known, declared)) =
+                    policy.tools.get_key_value(name).and_then(|(n, t)| Some((n, t.arguments.as_deref()?)))
+                {
+                    drift.insert(known.clone(), arguments::schema_drift(declared, tool.get("inputSchema")));
+                }
             }
         }
+        drop(map);
+        self.note_drift(&drift);
+        drift
+    }
+
+    /// Logs a tool's drift when it changes (lists are frequent), and keeps
+    /// the metric.
+    fn note_drift(&self, drift: &SchemaDrift) {
+        let mut seen = self.drift_seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (tool, findings) in drift {
+            if seen.get(tool) != Some(findings) {
+                if findings.is_empty() {
+                    tracing::info!(tool = %tool, "the listed inputSchema agrees with the declared arguments again");
+                } else {
+                    tracing::warn!(tool = %tool, drift = %findings.join("; "), "the listed inputSchema differs from the declared arguments");
+                }
+                seen.insert(tool.clone(), findings.clone());
+            }
+        }
+        self.metrics.tools_drifted(seen.values().filter(|f| !f.is_empty()).count());
     }
 
     fn mirrored_for(&self, tool: &str) -> Option<messages::MirroredParams> {

@@ -9,13 +9,21 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use super::Gateway;
-use crate::audit::record::{Event, Kind, Outcome, OutcomeStatus};
+use crate::audit::record::{Event, Kind, Outcome, OutcomeStatus, SchemaDrift};
 
 /// The outcome record of a call. It is deferred: the answer does not wait
 /// for it, and it is made durable with the next call's decision record (or
 /// within the WAL's defer window), so a call costs one fsync, not two.
-pub(super) async fn record_outcome(gw: &Gateway, correlation: &str, outcome: Outcome, started: Instant) {
+/// A `tools/list` answer's outcome carries its schema drift.
+pub(super) async fn record_outcome(
+    gw: &Gateway,
+    correlation: &str,
+    outcome: Outcome,
+    started: Instant,
+    schema_drift: Option<SchemaDrift>,
+) {
     let mut event = outcome_event(correlation, outcome, started);
+    event.schema_drift = schema_drift;
     gw.tag_outcome(&mut event);
     if let Err(e) = gw.wal.defer(event).await {
         tracing::error!(error = %e, "an outcome record could not be queued");

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::outcome::{OutcomeStream, outcome_event, record_outcome};
 use super::{Gateway, MAX_BUFFERED_RESPONSE, json_response, refuse_unrecorded};
-use crate::audit::record::{Outcome, OutcomeStatus};
+use crate::audit::record::{Outcome, OutcomeStatus, SchemaDrift};
 use crate::policy::Caller;
 use crate::sidecar::authz::{self, ListKind};
 use crate::sidecar::data_access::CallAccess;
@@ -38,7 +38,7 @@ pub(super) async fn forward(
         Err(e) => {
             tracing::warn!(error = %e, "upstream unreachable");
             let outcome = Outcome { status: OutcomeStatus::Error, http_status: Some(502), rpc_error: None, rows: None };
-            record_outcome(&gw, &correlation, outcome, started).await;
+            record_outcome(&gw, &correlation, outcome, started, None).await;
             return json_response(
                 StatusCode::BAD_GATEWAY,
                 &messages::error_body(id.as_ref(), GATEWAY_REFUSED, "the MCP server is unreachable"),
@@ -84,11 +84,12 @@ pub(super) async fn forward(
         Ok(body) => body,
         Err(e) => {
             let outcome = Outcome { status: OutcomeStatus::Error, http_status: Some(502), rpc_error: None, rows: None };
-            record_outcome(&gw, &correlation, outcome, started).await;
+            record_outcome(&gw, &correlation, outcome, started, None).await;
             return json_response(StatusCode::BAD_GATEWAY, &messages::error_body(id.as_ref(), GATEWAY_REFUSED, e));
         }
     };
     let mut rpc_error = None;
+    let mut drift = SchemaDrift::new();
     let body = if content_type.starts_with("application/json") {
         match serde_json::from_slice::<Value>(&body) {
             Ok(mut value) => {
@@ -96,7 +97,7 @@ pub(super) async fn forward(
                 match (filter, value.get_mut("result")) {
                     (Some(kind), Some(result)) => {
                         if kind == ListKind::Tools {
-                            gw.learn_tools(result);
+                            drift = gw.learn_tools(result);
                         }
                         let removed = authz::filter_list(&gw.policy(), &caller, kind, result);
                         gw.metrics.filtered(removed);
@@ -115,7 +116,7 @@ pub(super) async fn forward(
         let rewritten = messages::rewrite_sse(&text, |message| {
             if let (Some(kind), Some(result)) = (filter, message.get_mut("result")) {
                 if kind == ListKind::Tools {
-                    gw.learn_tools(result);
+                    drift.extend(gw.learn_tools(result));
                 }
                 let removed = authz::filter_list(&policy, &caller, kind, result);
                 gw.metrics.filtered(removed);
@@ -145,7 +146,10 @@ pub(super) async fn forward(
                 return refuse_unrecorded(&gw, id.as_ref(), message);
             }
         }
-        None => record_outcome(&gw, &correlation, outcome, started).await,
+        None => {
+            let drift = (!drift.is_empty()).then_some(drift);
+            record_outcome(&gw, &correlation, outcome, started, drift).await
+        }
     }
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
