@@ -115,25 +115,75 @@ async fn upstream() -> String {
     format!("http://{addr}/mcp")
 }
 
-/// The clinic example with a non-PHI tool `add` any caller may use.
-fn manifest(dir: &Path) -> PathBuf {
+/// The clinic example with a non-PHI tool `add` any caller may use; with
+/// `ruled`, `add` declares its two integer arguments and has two argument
+/// rules, one reading the arguments and one the caller's claims.
+fn manifest(dir: &Path, ruled: bool) -> PathBuf {
     let mut docs: Vec<Value> = serde_yaml::Deserializer::from_str(CLINIC)
         .map(|d| serde::Deserialize::deserialize(d).expect("example YAML"))
         .collect();
-    docs[1]["spec"]["tools"].as_array_mut().expect("tools").push(json!({
+    let mut add = json!({
         "name": "add", "phi": false, "allowedCallers": {"anyAuthenticated": true},
         "dataAccess": [], "noDataAccessReason": "arithmetic"
-    }));
+    });
+    if ruled {
+        add["arguments"] = json!([
+            {"name": "a", "type": "integer", "required": true, "minimum": -1000000, "maximum": 1000000},
+            {"name": "b", "type": "integer", "required": true, "minimum": -1000000, "maximum": 1000000}
+        ]);
+        add["argumentRules"] = json!([
+            {"rule": "args.a + args.b <= 1000", "message": "small sums only"},
+            {"rule": "caller.claims.department == 'front-desk' || 'front-desk' in caller.groups", "message": "front desk only"}
+        ]);
+        docs[1]["spec"]["authentication"]["oidc"]["ruleClaims"] = json!(["department"]);
+    }
+    docs[1]["spec"]["tools"].as_array_mut().expect("tools").push(add);
     let text: String = docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("yaml"))).collect();
-    let path = dir.join("bench.yaml");
+    let path = dir.join(if ruled { "bench-ruled.yaml" } else { "bench.yaml" });
     std::fs::write(&path, text).expect("manifest");
     path
+}
+
+/// A sidecar in front of `upstream`, ready: its process, MCP URL and pid.
+async fn start_sidecar(dir: &Path, manifest: &Path, upstream: &str, audit: &str) -> (Child, String, u32) {
+    let (port, metrics_port) = (free_port(), free_port());
+    let sidecar = Child(
+        Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
+            .args(["sidecar", "--mcpserver"])
+            .arg(manifest)
+            .args(["--upstream", upstream, "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--jwks-file"])
+            .arg(dir.join("jwks.json"))
+            .arg("--audit-dir")
+            .arg(dir.join(audit))
+            .arg("--args-key-file")
+            .arg(dir.join("audit.key"))
+            .args(["--allowed-host", "127.0.0.1"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the sidecar"),
+    );
+    let http = reqwest::Client::new();
+    let ready = Instant::now();
+    while http
+        .get(format!("http://127.0.0.1:{metrics_port}/readyz"))
+        .send()
+        .await
+        .map(|r| !r.status().is_success())
+        .unwrap_or(true)
+    {
+        assert!(ready.elapsed() < Duration::from_secs(30), "the sidecar did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = sidecar.0.id();
+    (sidecar, format!("http://127.0.0.1:{port}/mcp"), pid)
 }
 
 fn token() -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs();
     let claims = json!({"iss": "https://login.example.org", "aud": "https://patient-lookup.clinic.example/mcp",
-        "sub": "alice", "exp": now + 3600, "groups": ["front-desk"], "scope": "mcp:tools"});
+        "sub": "alice", "exp": now + 3600, "groups": ["front-desk"], "department": "front-desk", "scope": "mcp:tools"});
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("test-rsa".into());
     encode(&header, &claims, &EncodingKey::from_rsa_pem(RSA_KEY).expect("key")).expect("sign")
@@ -300,32 +350,8 @@ fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("jwks.json"), JWKS).expect("jwks");
         std::fs::write(dir.path().join("audit.key"), "k".repeat(64)).expect("key");
-        let manifest = manifest(dir.path());
-        let (port, metrics_port) = (free_port(), free_port());
-        let sidecar = Child(Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
-            .args(["sidecar", "--mcpserver"])
-            .arg(&manifest)
-            .args(["--upstream", &upstream, "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--jwks-file"])
-            .arg(dir.path().join("jwks.json"))
-            .arg("--audit-dir")
-            .arg(dir.path().join("audit"))
-            .arg("--args-key-file")
-            .arg(dir.path().join("audit.key"))
-            .args(["--allowed-host", "127.0.0.1"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the sidecar"));
-        let pid = sidecar.0.id();
-        let http = reqwest::Client::new();
-        let ready = Instant::now();
-        while http.get(format!("http://127.0.0.1:{metrics_port}/readyz")).send().await.map(|r| !r.status().is_success()).unwrap_or(true) {
-            assert!(ready.elapsed() < Duration::from_secs(30), "the sidecar did not become ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (sidecar, through, pid) = start_sidecar(dir.path(), &manifest(dir.path(), false), &upstream, "audit").await;
         let token = token();
-        let through = format!("http://127.0.0.1:{port}/mcp");
         let direct_session = session(&upstream, None).await;
         let sidecar_session = session(&through, Some(&token)).await;
         // Both paths, both generations: (name, concurrencies, direct call,
@@ -382,6 +408,47 @@ fn main() {
         }
         let rss = status_kib(pid, "VmHWM:").unwrap_or(0);
         println!("sidecar peak RSS (VmHWM) over the run: {:.1} MiB", rss as f64 / 1024.0);
+
+        // The cost of argument rules, on its own line: the same call through
+        // a second sidecar whose `add` declares its arguments and has two
+        // rules (one over the arguments, one over the caller's claims).
+        let (ruled, through_ruled, ruled_pid) =
+            start_sidecar(dir.path(), &manifest(dir.path(), true), &upstream, "audit-ruled").await;
+        let (plain_call, ruled_call) = (Call::stateless(Some(&token)), Call::stateless(Some(&token)));
+        // The rules pass for this call: what is measured is a call answered,
+        // not a refusal (which oha would also count as a 200).
+        let answer = sample(&through_ruled, &ruled_call);
+        assert!(answer.contains("\"result\"") && !answer.contains("\"error\""), "the ruled call was not answered: {answer}");
+        drive(&oha, &through_ruled, &ruled_call, 200, 1, None);
+        let requests = counts[0].1;
+        let (mut plain, mut with_rules) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            if round % 2 == 0 {
+                plain.push(drive(&oha, &through, &plain_call, requests, 1, Some(pid)));
+                with_rules.push(drive(&oha, &through_ruled, &ruled_call, requests, 1, Some(ruled_pid)));
+            } else {
+                with_rules.push(drive(&oha, &through_ruled, &ruled_call, requests, 1, Some(ruled_pid)));
+                plain.push(drive(&oha, &through, &plain_call, requests, 1, Some(pid)));
+            }
+        }
+        let added: Vec<f64> = plain.iter().zip(&with_rules).map(|(p, r)| r.p50 - p.p50).collect();
+        let cpu = |runs: &[Run]| median(&runs.iter().filter_map(|r| r.cpu_us_per_call).collect::<Vec<_>>());
+        println!();
+        println!("argument rules, 2026-07-28 stateless, c=1: `add` with 2 declared integer arguments and 2 rules vs none (rounds alternating)");
+        println!("| sidecar p50 / p99 ms | with rules p50 / p99 ms | rules' added p50 ms (spread) | CPU µs/call without / with |");
+        println!("|---|---|---|---|");
+        println!(
+            "| {:.3} / {:.3} | {:.3} / {:.3} | {:.3} ({}) | {:.0} / {:.0} |",
+            median(&plain.iter().map(|r| r.p50).collect::<Vec<_>>()),
+            median(&plain.iter().map(|r| r.p99).collect::<Vec<_>>()),
+            median(&with_rules.iter().map(|r| r.p50).collect::<Vec<_>>()),
+            median(&with_rules.iter().map(|r| r.p99).collect::<Vec<_>>()),
+            median(&added),
+            spread(&added, 3),
+            cpu(&plain),
+            cpu(&with_rules),
+        );
+        drop(ruled);
         drop(sidecar);
     });
 }
