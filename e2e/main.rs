@@ -1070,3 +1070,83 @@ async fn the_api_server_refuses_server_pods_without_their_sidecar_where_namespac
     drop(other);
     drop(run);
 }
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: bash e2e/run.sh"]
+async fn argument_rules_are_bounded_by_the_api_server_and_judged_by_the_operator() {
+    let test = "argument_rules_are_bounded_by_the_api_server_and_judged_by_the_operator";
+    let Some(client) = cluster(test).await else { return };
+    install_crds(&client).await;
+    let mut run = start(client.clone()).await;
+    let ns = run.namespace.clone();
+    run_operator(&mut run, "e2e-arguments", &[]).await;
+    keys_and_store(&client, &ns).await;
+    let servers: Api<MCPServer> = Api::namespaced(client.clone(), &ns);
+    let with_rule = |rule: &str, claims: Value| {
+        let mut server = clinic_server(&ns, "ward-lookup");
+        server["spec"]["authentication"]["oidc"]["ruleClaims"] = claims;
+        let tool = &mut server["spec"]["tools"][0];
+        tool["arguments"] = json!([
+            {"name": "patient", "type": "string", "required": true, "maxLength": 64},
+            {"name": "department", "type": "string", "required": true, "maxLength": 64},
+            {"name": "limit", "type": "integer", "minimum": 1, "maximum": 50}
+        ]);
+        tool["argumentRules"] = json!([{"rule": rule, "message": "your own department only"}]);
+        server
+    };
+    let try_apply = async |server: &Value| {
+        servers
+            .patch("ward-lookup", &PatchParams::apply(MANAGER).force(), &Patch::Apply(server))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    // The CRD's bounds, enforced by the API server itself.
+    let long = format!("args.patient == '{}'", "x".repeat(600));
+    let refused = try_apply(&with_rule(&long, json!(["department"]))).await.expect_err("a rule over 512 characters");
+    assert!(refused.contains("argumentRules[0].rule"), "{refused}");
+    let refused = try_apply(&with_rule("true", json!(["dept-name"]))).await.expect_err("a claim name CEL cannot select");
+    assert!(refused.contains("ruleClaims[0]"), "{refused}");
+    let refused = try_apply(&with_rule("true", json!(vec!["c"; 17]))).await.expect_err("more than 16 claims");
+    assert!(refused.contains("ruleClaims"), "{refused}");
+
+    // A valid rule over a named claim: rendered into the sidecar's policy.
+    let own = "caller.claims.department == args.department";
+    try_apply(&with_rule(own, json!(["department"]))).await.expect("a valid rule");
+    let server = eventually("a status for the generation", || async {
+        servers.get("ward-lookup").await.ok().filter(reported)
+    })
+    .await;
+    let (ready, message) = condition(&server, "Ready").expect("Ready");
+    assert!(!message.contains("nothing is deployed"), "{ready}: {message}");
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let policy = eventually("the rendered policy", || async {
+        config_maps.get("ward-lookup-policy").await.ok()?.data?.remove("policy.json")
+    })
+    .await;
+    assert!(policy.contains(own) && policy.contains("ruleClaims"), "{policy}");
+    let minimum = server
+        .status
+        .as_ref()
+        .and_then(|s| s.controls.iter().find(|c| c.id == Control::MinimumNecessary.id()))
+        .cloned()
+        .expect("minimum-necessary");
+    // Its evidence counts the declaration and the rule (the verdict may
+    // fail for what the cluster shows of egress; never for the arguments).
+    let counted = minimum.message.contains("1 declare their arguments, 1 with argument rules");
+    let failed_elsewhere = minimum.verdict == mcp_warden::api::Verdict::Fail && !minimum.message.contains("argument");
+    assert!(counted || failed_elsewhere, "{:?}: {}", minimum.verdict, minimum.message);
+
+    // A rule the sidecar would refuse (a claim the server does not name)
+    // passes the schema but the operator marks the spec invalid.
+    try_apply(&with_rule("caller.claims.email == args.department", json!(["department"])))
+        .await
+        .expect("schema-valid");
+    let (_, why) = eventually("Ready False InvalidSpec", || async {
+        let server = servers.get("ward-lookup").await.ok().filter(reported)?;
+        let ready = server.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?.clone();
+        (ready.reason == "InvalidSpec").then_some((ready.status, ready.message))
+    })
+    .await;
+    assert!(why.contains("ruleClaims does not name"), "{why}");
+    drop(run);
+}
