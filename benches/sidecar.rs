@@ -144,12 +144,25 @@ fn manifest(dir: &Path, ruled: bool) -> PathBuf {
     path
 }
 
+/// The sidecar binary the pod runs (`mcp-warden-sidecar`), or with
+/// `MCPW_BENCH_SIDECAR=all-in-one` the `mcp-warden sidecar` subcommand of
+/// the binary that holds every subcommand (to compare their RSS).
+fn sidecar_command() -> Command {
+    if std::env::var("MCPW_BENCH_SIDECAR").as_deref() == Ok("all-in-one") {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-warden"));
+        command.arg("sidecar");
+        command
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_mcp-warden-sidecar"))
+    }
+}
+
 /// A sidecar in front of `upstream`, ready: its process, MCP URL and pid.
 async fn start_sidecar(dir: &Path, manifest: &Path, upstream: &str, audit: &str) -> (Child, String, u32) {
     let (port, metrics_port) = (free_port(), free_port());
     let sidecar = Child(
-        Command::new(env!("CARGO_BIN_EXE_mcp-warden"))
-            .args(["sidecar", "--mcpserver"])
+        sidecar_command()
+            .arg("--mcpserver")
             .arg(manifest)
             .args(["--upstream", upstream, "--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--jwks-file"])
@@ -407,7 +420,12 @@ fn main() {
             }
         }
         let rss = status_kib(pid, "VmHWM:").unwrap_or(0);
-        println!("sidecar peak RSS (VmHWM) over the run: {:.1} MiB", rss as f64 / 1024.0);
+        let binary = if std::env::var("MCPW_BENCH_SIDECAR").as_deref() == Ok("all-in-one") {
+            "mcp-warden sidecar"
+        } else {
+            "mcp-warden-sidecar"
+        };
+        println!("sidecar ({binary}) peak RSS (VmHWM) over the run: {:.1} MiB", rss as f64 / 1024.0);
 
         // The cost of argument rules, on its own line: the same call through
         // a second sidecar whose `add` declares its arguments and has two

@@ -1104,7 +1104,8 @@ async fn argument_rules_are_bounded_by_the_api_server_and_judged_by_the_operator
     let long = format!("args.patient == '{}'", "x".repeat(600));
     let refused = try_apply(&with_rule(&long, json!(["department"]))).await.expect_err("a rule over 512 characters");
     assert!(refused.contains("argumentRules[0].rule"), "{refused}");
-    let refused = try_apply(&with_rule("true", json!(["dept-name"]))).await.expect_err("a claim name CEL cannot select");
+    let refused =
+        try_apply(&with_rule("true", json!(["dept-name"]))).await.expect_err("a claim name CEL cannot select");
     assert!(refused.contains("ruleClaims[0]"), "{refused}");
     let refused = try_apply(&with_rule("true", json!(vec!["c"; 17]))).await.expect_err("more than 16 claims");
     assert!(refused.contains("ruleClaims"), "{refused}");
@@ -1112,10 +1113,9 @@ async fn argument_rules_are_bounded_by_the_api_server_and_judged_by_the_operator
     // A valid rule over a named claim: rendered into the sidecar's policy.
     let own = "caller.claims.department == args.department";
     try_apply(&with_rule(own, json!(["department"]))).await.expect("a valid rule");
-    let server = eventually("a status for the generation", || async {
-        servers.get("ward-lookup").await.ok().filter(reported)
-    })
-    .await;
+    let server =
+        eventually("a status for the generation", || async { servers.get("ward-lookup").await.ok().filter(reported) })
+            .await;
     let (ready, message) = condition(&server, "Ready").expect("Ready");
     assert!(!message.contains("nothing is deployed"), "{ready}: {message}");
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -1138,9 +1138,7 @@ async fn argument_rules_are_bounded_by_the_api_server_and_judged_by_the_operator
 
     // A rule the sidecar would refuse (a claim the server does not name)
     // passes the schema but the operator marks the spec invalid.
-    try_apply(&with_rule("caller.claims.email == args.department", json!(["department"])))
-        .await
-        .expect("schema-valid");
+    try_apply(&with_rule("caller.claims.email == args.department", json!(["department"]))).await.expect("schema-valid");
     let (_, why) = eventually("Ready False InvalidSpec", || async {
         let server = servers.get("ward-lookup").await.ok().filter(reported)?;
         let ready = server.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?.clone();

@@ -313,7 +313,6 @@ fn check_cmd(args: &CheckArgs) -> ExitCode {
     emit(&text, ExitCode::from(result.exit_code(args.strict)))
 }
 
-/// Runs a long-lived service with logging, on a multi-threaded runtime.
 fn reidentify_cmd(args: &ReidentifyArgs) -> ExitCode {
     use crate::broker::client::{BrokerClient, ClientError};
     use crate::broker::reidentify::ReidentifyRequest;
@@ -354,7 +353,10 @@ fn reidentify_cmd(args: &ReidentifyArgs) -> ExitCode {
     }
 }
 
-fn serve(service: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+/// Runs a long-lived service with logging, on a multi-threaded runtime
+/// (ring as the one TLS provider, as for every subcommand).
+pub fn serve(service: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

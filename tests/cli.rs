@@ -322,16 +322,25 @@ fn the_rendered_sidecar_arguments_are_the_sidecars_own_flags() {
         .map(|d| serde::Deserialize::deserialize(d).expect("doc"))
         .collect();
     let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("deployment");
-    let args: Vec<String> = deployment["spec"]["template"]["spec"]["initContainers"][0]["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .map(|a| a.as_str().expect("string").to_string())
-        .collect();
+    let sidecar = &deployment["spec"]["template"]["spec"]["initContainers"][0];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array().expect("a list").iter().map(|a| a.as_str().expect("string").to_string()).collect()
+    };
+    // The image's sidecar-only binary, which this build makes too.
+    assert_eq!(strings(&sidecar["command"]), ["/usr/local/bin/mcp-warden-sidecar"]);
+    let args = strings(&sidecar["args"]);
     // clap rejects an unknown flag before it gets to --help.
-    let mut with_help: Vec<&str> = args.iter().map(String::as_str).collect();
-    with_help.push("--help");
-    let parsed = warden(&with_help);
+    let parsed = Command::new(env!("CARGO_BIN_EXE_mcp-warden-sidecar"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .expect("mcp-warden-sidecar runs");
+    assert!(parsed.status.success(), "{}", stderr(&parsed));
+    // The same flags as `mcp-warden sidecar`.
+    let mut as_subcommand = vec!["sidecar"];
+    as_subcommand.extend(args.iter().map(String::as_str));
+    as_subcommand.push("--help");
+    let parsed = warden(&as_subcommand);
     assert!(parsed.status.success(), "{}", stderr(&parsed));
     for flag in
         ["--broker", "--broker-credential-file", "--db-proxy-listen", "--collector", "--collector-credential-file"]

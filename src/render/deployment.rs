@@ -25,7 +25,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::Context;
 use super::config_maps::{JWKS_FILE, POLICY_FILE, WARDEN_CA_FILE};
-use super::names::{MCP_CONTAINER, POLICY_HASH_ANNOTATION, SIDECAR_CONTAINER, pod_labels, selector_labels};
+use super::names::{
+    MCP_CONTAINER, POLICY_HASH_ANNOTATION, SIDECAR_COMMAND, SIDECAR_CONTAINER, pod_labels, selector_labels,
+};
 use super::service::PUBLIC_PORT_NAME;
 use crate::api::{SIDECAR_METRICS_PORT, SIDECAR_PG_PROXY_PORT, SIDECAR_PUBLIC_PORT};
 use crate::policy::CompiledPolicy;
@@ -167,7 +169,7 @@ fn sidecar_container(ctx: &Context<'_>, policy: &CompiledPolicy) -> Container {
     let spec = &ctx.server.spec;
     let settings = ctx.settings;
     let arg = |flag: &str, value: String| [flag.to_string(), value];
-    let mut args = vec!["sidecar".to_string()];
+    let mut args = Vec::new();
     args.extend(arg("--policy", format!("{}/{POLICY_FILE}", paths::POLICY_DIR)));
     args.extend(arg("--jwks-file", format!("{}/{JWKS_FILE}", paths::JWKS_DIR)));
     args.extend(arg("--upstream", format!("http://127.0.0.1:{}{}", spec.port, spec.path)));
@@ -202,6 +204,7 @@ fn sidecar_container(ctx: &Context<'_>, policy: &CompiledPolicy) -> Container {
     Container {
         name: SIDECAR_CONTAINER.into(),
         image: Some(settings.sidecar_image.clone()),
+        command: Some(vec![SIDECAR_COMMAND.into()]),
         args: Some(args),
         // A native sidecar: starts before, and outlives, the MCP container.
         restart_policy: Some("Always".into()),

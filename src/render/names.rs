@@ -14,6 +14,9 @@ pub const MANAGER: &str = "mcp-warden";
 pub const MCP_CONTAINER: &str = "mcp-server";
 /// Name of the sidecar (an init container with `restartPolicy: Always`).
 pub const SIDECAR_CONTAINER: &str = "mcp-warden-sidecar";
+/// What the sidecar container runs: the image's sidecar-only binary (the
+/// `mcp-warden sidecar` flags, a fraction of the resident code).
+pub const SIDECAR_COMMAND: &str = "/usr/local/bin/mcp-warden-sidecar";
 
 /// Names of the objects rendered for one MCPServer.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -187,7 +187,8 @@ fn the_sidecar_is_a_native_sidecar_wired_to_the_server() {
     assert_eq!(sidecar.image, Some(Settings::default().sidecar_image));
     let args = sidecar.args.clone().unwrap_or_default();
     let value_of = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].clone());
-    assert_eq!(args[0], "sidecar");
+    assert_eq!(sidecar.command, Some(vec!["/usr/local/bin/mcp-warden-sidecar".to_string()]), "the sidecar-only binary");
+    assert_eq!(args[0], "--policy");
     assert_eq!(value_of("--upstream").as_deref(), Some("http://127.0.0.1:8080/mcp"));
     assert_eq!(value_of("--listen").as_deref(), Some("0.0.0.0:8443"));
     assert_eq!(value_of("--audit-dir").as_deref(), Some(paths::AUDIT_DIR));
