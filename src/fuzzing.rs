@@ -12,6 +12,15 @@
 //! | `audit_record_line` | an audit record line (`audit verify`, the collector's intake) | never panics; what parses is canonical and round-trips |
 //! | `gateway_messages` | a hostile `inputSchema`, SSE body and `Mcp-Param-*` header values | never panics; rewriting an SSE body without edits keeps its messages |
 //! | `argument_rules` | an argument rule (`check`, the operator, the sidecar) and a caller's arguments | never panics or overflows a stack; a rule it accepts judges any arguments |
+//! | `bearer_token` | a bearer token (the sidecar's and the broker's verifier) | no unsigned or forged token authenticates; hostile claims under a valid signature authenticate only when they are what the verifier requires |
+//! | `gateway_authorization` | a JSON-RPC body (single or batch) from a caller | never panics; nothing is allowed that the policy does not allow this caller, arguments included; `_meta` carries only the verified caller |
+
+// A harness reports a broken property by panicking (that is what the
+// fuzzer catches), and its fixed inputs (the test issuer's key, the example
+// policy) are part of the harness: failing to load them is a broken harness.
+#![allow(clippy::expect_used, clippy::panic)]
+
+use std::sync::LazyLock;
 
 use serde_json::Value;
 
@@ -162,9 +171,201 @@ mod tests {
     }
 
     #[test]
+    fn the_token_harness_reaches_its_property_checks() {
+        // Valid claims under the test key authenticate, so the harness's
+        // checks run on what the fuzzer makes of them.
+        let (runtime, verifier) = &*VERIFIER;
+        let claims = serde_json::json!({"iss": test_issuer::ISSUER, "aud": test_issuer::AUDIENCE, "sub": "dana",
+            "exp": jsonwebtoken::get_current_timestamp() + 600, "scope": test_issuer::SCOPE, "department": "x"});
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("test-ec256".into());
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(test_issuer::EC_KEY).expect("key");
+        let token = jsonwebtoken::encode(&header, &claims, &key).expect("sign");
+        let caller = runtime.block_on(verifier.verify(&token)).expect("the test issuer's token");
+        assert_eq!(caller.claims.get("department"), Some(&Value::from("x")));
+        let mut data = vec![0u8];
+        data.extend(claims.to_string().bytes());
+        bearer_token(&data);
+        // The same token presented as it is (odd mode) is signed: the
+        // harness's raw mode must only ever see unsigned or forged ones.
+        assert!(runtime.block_on(verifier.verify(&token.replace('.', ".x"))).is_err());
+    }
+
+    #[test]
+    fn the_authorization_harness_sees_allowed_and_refused_calls() {
+        use crate::sidecar::authz::{Decision, decide};
+        let (policy, callers) = &*CLINIC;
+        let params = serde_json::json!({"name": "lookup_patient", "arguments": {"patient": "pt_1", "limit": 5}});
+        let verdict = |caller| matches!(decide(policy, caller, Some("tools/call"), Some(&params)), Decision::Allow(_));
+        assert!(verdict(&callers[0]), "the front desk may look a patient up");
+        assert!(!verdict(&callers[1]) && !verdict(&callers[2]), "others may not");
+        let pseudonym_only = serde_json::json!({"name": "lookup_patient", "arguments": {"patient": "MRN-1"}});
+        assert!(!matches!(decide(policy, &callers[0], Some("tools/call"), Some(&pseudonym_only)), Decision::Allow(_)));
+    }
+
+    #[test]
     fn a_short_first_packet_is_an_error_not_a_panic() {
         for len in 0..8 {
             dbproxy_first_packet(&vec![0u8; len]);
+        }
+    }
+}
+
+/// The test issuer's settings and keys (the committed test fixtures: a
+/// public, test-only key pair).
+mod test_issuer {
+    pub const ISSUER: &str = "https://login.example.org";
+    pub const AUDIENCE: &str = "https://patient-lookup.clinic.example/mcp";
+    pub const SCOPE: &str = "mcp:tools";
+    pub const JWKS: &str = include_str!("../tests/fixtures/test-jwks.json");
+    pub const EC_KEY: &[u8] = include_bytes!("../tests/fixtures/test-ec256.pem");
+}
+
+/// A verifier as the sidecar runs one, on a runtime of its own.
+static VERIFIER: LazyLock<(tokio::runtime::Runtime, crate::jwt::Authenticator)> = LazyLock::new(|| {
+    use crate::jwt::{Authenticator, KeySource, Keys};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let source = KeySource::Inline { origin: "fuzz".into(), text: test_issuer::JWKS.into() };
+    let keys = runtime.block_on(Keys::load(source)).expect("the test JWKS loads");
+    let settings = crate::policy::CompiledAuthentication {
+        issuer: test_issuer::ISSUER.into(),
+        audience: test_issuer::AUDIENCE.into(),
+        groups_claim: "groups".into(),
+        required_scopes: [test_issuer::SCOPE.to_string()].into(),
+        rule_claims: ["department".to_string(), "wards".to_string()].into(),
+    };
+    (runtime, Authenticator::new(keys, settings))
+});
+
+/// A bearer token, in two modes by the first byte. Odd: the rest is the
+/// token as a caller sends it, and none may authenticate — nothing here can
+/// sign with the issuer's key, so an `Ok` is a forgery or an unsigned token
+/// let through (`alg: none`, algorithm confusion, a kid trick). Even: the
+/// rest is a token's claims, signed with the test issuer's key, and the
+/// token authenticates only if the claims are what the verifier requires:
+/// the issuer, this audience, an unexpired `exp`, a `sub` that becomes the
+/// caller, the required scope; rules see only named claims.
+pub fn bearer_token(data: &[u8]) {
+    let Some((mode, rest)) = data.split_first() else { return };
+    let (runtime, verifier) = &*VERIFIER;
+    if mode % 2 == 1 {
+        let Ok(token) = std::str::from_utf8(rest) else { return };
+        assert!(runtime.block_on(verifier.verify(token)).is_err(), "a token nobody signed authenticated");
+        return;
+    }
+    let Ok(claims) = serde_json::from_slice::<Value>(rest) else { return };
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("test-ec256".into());
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(test_issuer::EC_KEY).expect("the test key");
+    let Ok(token) = jsonwebtoken::encode(&header, &claims, &key) else { return };
+    let Ok(caller) = runtime.block_on(verifier.verify(&token)) else { return };
+    assert_eq!(claims["iss"], test_issuer::ISSUER, "a token of another issuer authenticated");
+    let audience = &claims["aud"];
+    assert!(
+        audience == test_issuer::AUDIENCE
+            || audience.as_array().is_some_and(|a| a.iter().any(|x| x == test_issuer::AUDIENCE)),
+        "a token for another audience authenticated: {audience}"
+    );
+    let now = jsonwebtoken::get_current_timestamp();
+    let exp = claims["exp"].as_u64();
+    assert!(exp.is_some_and(|exp| exp + crate::jwt::LEEWAY_SECS >= now), "an expired token authenticated: {exp:?}");
+    assert_eq!(claims["sub"].as_str(), Some(caller.subject.as_str()), "the caller is not the token's subject");
+    assert!(!caller.subject.is_empty(), "an empty subject authenticated");
+    let has_scope = |v: &Value| match v {
+        Value::String(text) => text.split_whitespace().any(|s| s == test_issuer::SCOPE),
+        Value::Array(items) => items.iter().any(|s| s == test_issuer::SCOPE),
+        _ => false,
+    };
+    assert!(has_scope(&claims["scope"]) || has_scope(&claims["scp"]), "a token without the required scope");
+    for (name, value) in &caller.claims {
+        assert!(name == "department" || name == "wards", "rules see a claim nobody named: {name}");
+        assert_eq!(&claims[name.as_str()], value, "rules see a claim other than the token's");
+    }
+}
+
+/// The clinic example's policy, with declared arguments and a rule on its
+/// PHI tool, and three callers: the tool's group, another, none.
+static CLINIC: LazyLock<(crate::policy::CompiledPolicy, [crate::policy::Caller; 3])> = LazyLock::new(|| {
+    use serde_json::json;
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(include_str!("../examples/compliant/clinic.yaml"))
+        .map(|d| serde::Deserialize::deserialize(d).expect("the example is YAML"))
+        .collect();
+    let mut server = docs[1].clone();
+    server["spec"]["authentication"]["oidc"]["ruleClaims"] = json!(["department"]);
+    server["spec"]["tools"][0]["arguments"] = json!([
+        {"name": "patient", "type": "string", "required": true, "maxLength": 40},
+        {"name": "limit", "type": "integer", "minimum": 1, "maximum": 50}
+    ]);
+    server["spec"]["tools"][0]["argumentRules"] = json!([
+        {"rule": "args.patient.startsWith('pt_')", "message": "patients by pseudonym"},
+        {"rule": "!has(args.limit) || caller.claims.department == 'front-desk'", "message": "lists for the front desk"}
+    ]);
+    let server: crate::api::MCPServer = crate::manifest::admit(&server).expect("the fuzz server is admissible");
+    let store: crate::api::PHIStore = crate::manifest::admit(&docs[0]).expect("the example store is admissible");
+    let stores = std::collections::BTreeMap::from([("ehr".to_string(), store)]);
+    let policy = crate::policy::compile(&server, &stores).expect("the fuzz policy compiles");
+    let mut front_desk = crate::policy::Caller::new("dana", ["front-desk"]);
+    front_desk.claims.insert("department".into(), Value::from("front-desk"));
+    let callers =
+        [front_desk, crate::policy::Caller::new("bob", ["billing"]), crate::policy::Caller::new("eve", [""; 0])];
+    (policy, callers)
+});
+
+/// A JSON-RPC body (one message or a batch) from one of three callers,
+/// picked by the first byte, as the gateway authorizes it: nothing is
+/// allowed that the policy does not allow this caller — a tool call only
+/// for an admitted caller and only with arguments its declaration and
+/// rules accept — and after the `_meta` rewrite the server sees only the
+/// verified caller under `io.mcpwarden/`.
+pub fn gateway_authorization(data: &[u8]) {
+    use crate::sidecar::authz::{self, Decision};
+    let Some((pick, rest)) = data.split_first() else { return };
+    let (policy, callers) = &*CLINIC;
+    let caller = &callers[usize::from(*pick) % callers.len()];
+    let Ok(body) = serde_json::from_slice::<Value>(rest) else { return };
+    let messages = match body {
+        Value::Array(items) => items,
+        single => vec![single],
+    };
+    for message in messages.into_iter().take(64) {
+        let method = message.get("method").and_then(Value::as_str);
+        let params = message.get("params");
+        let decision = authz::decide(policy, caller, method, params);
+        let named = |key: &str| params.and_then(|p| p.get(key)).and_then(Value::as_str);
+        if let (Decision::Allow(_), Some(method)) = (&decision, method) {
+            match method {
+                "tools/call" => {
+                    let name = named("name").unwrap_or_default();
+                    let tool = policy.tools.get(name).expect("an allowed call names a tool of the policy");
+                    assert!(tool.callers.admits(caller), "{} may not call {name}", caller.subject);
+                    let arguments = params.and_then(|p| p.get("arguments"));
+                    let judged = crate::policy::arguments::check(
+                        tool.arguments.as_deref(),
+                        &tool.argument_rules,
+                        caller,
+                        arguments,
+                    );
+                    assert!(judged.is_ok(), "allowed with arguments its rules refuse: {judged:?}");
+                }
+                "prompts/get" => {
+                    let name = named("name").unwrap_or_default();
+                    assert!(policy.prompts.get(name).is_some_and(|c| c.admits(caller)), "prompt {name} allowed");
+                }
+                "resources/read" => {
+                    let uri = named("uri").unwrap_or_default();
+                    let admitted = policy.resources.iter().find(|r| uri.starts_with(&r.uri_prefix));
+                    assert!(admitted.is_some_and(|r| r.callers.admits(caller)), "resource allowed");
+                }
+                _ => {}
+            }
+        }
+        if let Value::Object(mut object) = message {
+            authz::rewrite_meta(&mut object, caller, test_issuer::ISSUER);
+            if let Some(meta) = object.get("params").and_then(|p| p.get("_meta")).and_then(Value::as_object) {
+                let ours: Vec<&String> = meta.keys().filter(|k| k.starts_with("io.mcpwarden/")).collect();
+                assert_eq!(ours, ["io.mcpwarden/caller"], "a client-supplied io.mcpwarden key survived");
+                assert_eq!(meta["io.mcpwarden/caller"]["sub"], caller.subject.as_str());
+            }
         }
     }
 }

@@ -7,12 +7,14 @@ use std::path::PathBuf;
 
 type Harness = fn(&[u8]);
 
-const TARGETS: [(&str, Harness); 5] = [
+const TARGETS: [(&str, Harness); 7] = [
     ("dbproxy_first_packet", mcp_warden::fuzzing::dbproxy_first_packet),
     ("statement_literals", mcp_warden::fuzzing::statement_literals),
     ("audit_record_line", mcp_warden::fuzzing::audit_record_line),
     ("gateway_messages", mcp_warden::fuzzing::gateway_messages),
     ("argument_rules", mcp_warden::fuzzing::argument_rules),
+    ("bearer_token", mcp_warden::fuzzing::bearer_token),
+    ("gateway_authorization", mcp_warden::fuzzing::gateway_authorization),
 ];
 
 #[test]

@@ -305,7 +305,12 @@ impl Authenticator {
         if !missing.is_empty() {
             return Err(AuthnError::InsufficientScope(settings.required_scopes.iter().cloned().collect()));
         }
-        let groups = strings(claims.get(&settings.groups_claim));
+        // Groups are names, not a space-delimited list like `scope`: a
+        // group "Front Desk" must not make its members "Front" and "Desk".
+        let groups = match claims.get(&settings.groups_claim) {
+            Some(Value::String(group)) => vec![group.clone()],
+            other => strings(other),
+        };
         let expires = claims.get("exp").and_then(Value::as_u64).ok_or(AuthnError::Invalid("missing claim"))?;
         let mut caller = Caller::new(subject, groups);
         caller.claims = rule_claims(&claims, &settings.rule_claims);

@@ -105,6 +105,20 @@ async fn only_the_claims_the_policy_names_for_rules_are_taken_and_only_usable_va
 }
 
 #[tokio::test]
+async fn a_group_named_with_spaces_is_one_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = authenticator(&dir).await;
+    let mut one = claims();
+    one["groups"] = json!("Front Desk");
+    let caller = verify(&auth, &rs256(&one, "test-rsa")).await.expect("valid");
+    assert_eq!(caller.groups, ["Front Desk".to_string()].into(), "not the groups Front and Desk");
+    let mut listed = claims();
+    listed["groups"] = json!(["Front Desk", "nurses", 7]);
+    let caller = verify(&auth, &rs256(&listed, "test-rsa")).await.expect("valid");
+    assert_eq!(caller.groups, ["Front Desk".to_string(), "nurses".to_string()].into());
+}
+
+#[tokio::test]
 async fn hostile_tokens_are_refused_with_their_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let auth = authenticator(&dir).await;

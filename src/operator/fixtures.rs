@@ -51,7 +51,13 @@ pub const OWNED: [(&str, &str, &str); 7] = [
 pub fn recording(file: &str) -> Value {
     let path = format!("{}/tests/k8s-recordings/{file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+    let mut value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // The applied Deployment, what the server answered and stored: as
+    // today's render makes it.
+    if file.starts_with("01-apply/ssa-") && file.contains("deployment-") {
+        with_sidecar_binary(&mut value);
+    }
+    value
 }
 
 /// The MCPServer as the real API server returned it (finalizer held, no
@@ -85,6 +91,34 @@ pub fn recorded_store() -> Value {
 /// operator's apply (the answers to the identical second apply).
 pub fn stored_owned() -> Vec<Value> {
     OWNED.iter().map(|(stem, _, _)| recording(&format!("01-apply/ssa-again-{stem}.response.json"))).collect()
+}
+
+/// The one change `render` made since the recording, applied to the
+/// recorded Deployment (request, answers, stored form) as the API server
+/// treats today's apply: the
+/// sidecar's `command` is the sidecar-only binary and its `args` lose the
+/// `sidecar` subcommand; the operator's Apply entry owns `command` too
+/// (after a server-side apply the manager owns every field it applied).
+fn with_sidecar_binary(deployment: &mut Value) {
+    use crate::render::names::{SIDECAR_COMMAND, SIDECAR_CONTAINER};
+    let containers = deployment.pointer_mut("/spec/template/spec/initContainers").and_then(Value::as_array_mut);
+    for container in containers.into_iter().flatten().filter(|c| c["name"] == SIDECAR_CONTAINER) {
+        container["command"] = json!([SIDECAR_COMMAND]);
+        if let Some(args) = container["args"].as_array_mut()
+            && args.first().is_some_and(|a| a == "sidecar")
+        {
+            args.remove(0);
+        }
+    }
+    let entries = deployment.pointer_mut("/metadata/managedFields").and_then(Value::as_array_mut);
+    for entry in entries.into_iter().flatten().filter(|e| e["manager"] == "mcp-warden" && e["operation"] == "Apply") {
+        let key = format!("k:{{\"name\":\"{SIDECAR_CONTAINER}\"}}");
+        let owned =
+            entry.pointer_mut("/fieldsV1/f:spec/f:template/f:spec/f:initContainers").and_then(|c| c.get_mut(&key));
+        if let Some(Value::Object(fields)) = owned {
+            fields.insert("f:command".into(), json!({}));
+        }
+    }
 }
 
 /// What the operator applied for each owned object, as recorded.

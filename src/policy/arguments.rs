@@ -133,7 +133,8 @@ fn compile(rule: &str) -> Result<Program, String> {
     // A probe run finds names the rule uses that do not exist; a missing
     // key of `args` is what a real call may supply, so it is no error here.
     let probe = Caller::new("", [""; 0]);
-    match program.execute(&context(&CelValue::Map(Map { map: Arc::new(HashMap::new()) }), &probe)) {
+    let no_args = CelValue::Map(Map { map: Arc::new(HashMap::new()) });
+    match with_context(&no_args, &probe, |ctx| program.execute(ctx)) {
         Err(ExecutionError::UndeclaredReference(name)) => {
             Err(format!("uses {name:?}: only args, caller (subject, groups, claims) and now are defined"))
         }
@@ -282,7 +283,11 @@ pub fn check(
         }
     }
     let args = object_to_cel(given);
-    let ctx = context(&args, caller);
+    with_context(&args, caller, |ctx| judge(rules, ctx))
+}
+
+/// Runs each rule in `ctx`; the first that is not true refuses.
+fn judge(rules: &[ArgumentRule], ctx: &Context<'_>) -> Result<(), Refusal> {
     for (index, rule) in rules.iter().enumerate() {
         let program = program(&rule.rule).map_err(|why| {
             refusal(
@@ -290,7 +295,7 @@ pub fn check(
                 format!("argument rule failed: {}", rule.message),
             )
         })?;
-        match program.execute(&ctx) {
+        match program.execute(ctx) {
             Ok(CelValue::Bool(true)) => {}
             Ok(CelValue::Bool(false)) => {
                 return Err(refusal(
@@ -406,8 +411,24 @@ fn object_to_cel(map: &serde_json::Map<String, Value>) -> CelValue {
     CelValue::Map(Map { map: Arc::new(entries) })
 }
 
-fn context<'a>(args: &CelValue, caller: &Caller) -> Context<'a> {
-    let mut ctx = Context::default();
+thread_local! {
+    /// CEL's standard functions, registered once per thread:
+    /// `Context::default()` registers ~40 of them into a map, which per
+    /// call cost more than the rules themselves.
+    static FUNCTIONS: Context<'static> = Context::default();
+}
+
+/// Runs `f` in a scope holding `args`, `caller` and `now` over the
+/// standard functions.
+fn with_context<R>(args: &CelValue, caller: &Caller, f: impl FnOnce(&Context<'_>) -> R) -> R {
+    FUNCTIONS.with(|functions| {
+        let mut ctx = functions.new_inner_scope();
+        add_variables(&mut ctx, args, caller);
+        f(&ctx)
+    })
+}
+
+fn add_variables(ctx: &mut Context<'_>, args: &CelValue, caller: &Caller) {
     ctx.add_variable_from_value("args", args.clone());
     let groups: Vec<CelValue> = caller.groups.iter().map(|g| CelValue::String(Arc::new(g.clone()))).collect();
     let claims: HashMap<Key, CelValue> =
@@ -419,7 +440,6 @@ fn context<'a>(args: &CelValue, caller: &Caller) -> Context<'a> {
     ]);
     ctx.add_variable_from_value("caller", CelValue::Map(Map { map: Arc::new(caller) }));
     ctx.add_variable_from_value("now", CelValue::Timestamp(chrono::Utc::now().fixed_offset()));
-    ctx
 }
 
 /// Most findings listed for one tool's schema (the rest are counted).
