@@ -112,6 +112,29 @@ fn a_server_pod_stripped_of_or_added_to_is_refused() {
         "restartPolicy Always",
     );
     refused(&changed(|p| p["spec"]["initContainers"][0]["image"] = json!("evil/sidecar:latest")), "sidecar image");
+    // The operator's image, running something other than the sidecar.
+    refused(&changed(|p| p["spec"]["initContainers"][0]["command"] = json!(["/bin/sh"])), "runs the sidecar");
+    refused(
+        &changed(|p| p["spec"]["initContainers"][0]["command"] = json!(["/usr/local/bin/mcp-warden"])),
+        "runs the sidecar",
+    );
+    refused(
+        &changed(|p| {
+            p["spec"]["initContainers"][0].as_object_mut().map(|c| c.remove("command")).map(drop).unwrap_or(());
+            p["spec"]["initContainers"][0]["args"] = json!(["broker", "--listen", "0.0.0.0:8443"]);
+        }),
+        "runs the sidecar",
+    );
+    // A pod rendered before the sidecar-only binary (the image's
+    // entrypoint, `sidecar` first) is still the sidecar.
+    let older = changed(|p| {
+        let sidecar = &mut p["spec"]["initContainers"][0];
+        sidecar.as_object_mut().map(|c| c.remove("command")).map(drop).unwrap_or(());
+        let mut args = vec![json!("sidecar")];
+        args.extend(sidecar["args"].as_array().cloned().unwrap_or_default());
+        sidecar["args"] = json!(args);
+    });
+    assert_eq!(verdict("CREATE", &older, None), Vec::<String>::new());
     refused(
         &changed(|p| {
             let extra = json!({"name": "debug", "image": "busybox"});
