@@ -247,9 +247,12 @@ impl Gateway {
     fn note_drift(&self, drift: &SchemaDrift) {
         let mut seen = self.drift_seen.lock().unwrap_or_else(|p| p.into_inner());
         for (tool, findings) in drift {
-            if seen.get(tool) != Some(findings) {
+            let before = seen.get(tool);
+            if before != Some(findings) {
                 if findings.is_empty() {
-                    tracing::info!(tool = %tool, "the listed inputSchema agrees with the declared arguments again");
+                    if before.is_some() {
+                        tracing::info!(tool = %tool, "the listed inputSchema agrees with the declared arguments again");
+                    }
                 } else {
                     tracing::warn!(tool = %tool, drift = %findings.join("; "), "the listed inputSchema differs from the declared arguments");
                 }
