@@ -357,6 +357,26 @@ async fn a_missing_store_deploys_nothing_and_says_why() {
 }
 
 #[tokio::test]
+async fn an_argument_rule_the_sidecar_would_refuse_deploys_nothing_and_says_why() {
+    let mut server = recorded_server();
+    server.spec.tools[0].argument_rules = vec![crate::api::ArgumentRule {
+        rule: "caller.claims.department == 'cardiology'".into(),
+        message: "cardiology only".into(),
+    }];
+    let (ctx, api) = World::new(vec![]).context();
+    let mock = api.status_patch(&server).run();
+    reconcile(Arc::new(server), ctx).await.expect("bad input is not a reconcile error");
+    let seen = mock.await.expect("mock api");
+    assert!(applied_objects(&seen).is_empty(), "no pod whose sidecar would refuse its policy");
+    let status = written_status(&seen).expect("status");
+    let ready = condition(&status, "Ready");
+    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("InvalidSpec")));
+    let message = ready["message"].as_str().unwrap_or_default();
+    assert!(message.contains("argumentRules[0] reads caller.claims.department"), "{message}");
+    assert!(message.contains("ruleClaims does not name"), "{message}");
+}
+
+#[tokio::test]
 async fn a_failed_jwks_fetch_keeps_the_last_good_keys() {
     let stored = stored_by_this_build(Ok(JWKS.into())).await;
     let settled = recorded_server();
