@@ -775,6 +775,34 @@ async fn an_expiring_credential_closes_its_connections() {
 }
 
 #[tokio::test]
+async fn literals_with_backslash_escapes_end_the_connection_and_keep_no_value() {
+    let world = World::start(reference_server()).await;
+    let mut ticket = world.grants.ticket();
+    let token = world.token(&mut ticket, None).await;
+    let client = world.via_proxy(&token, "ehr").await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    // With the setting off, PostgreSQL reads `'x\' OR Zebulon Quist \''` as
+    // one literal; the normalizer, reading as with it on, would keep its
+    // words. (In one simple query PostgreSQL parses every statement before
+    // the SET runs, so the hidden literal needs a query of its own.)
+    let err = client.simple_query("SET standard_conforming_strings = off").await.expect_err("the connection ends");
+    assert!(err.is_closed() || err.code().is_some(), "{err}");
+    let hidden = client.simple_query("SELECT 'x\\' OR Zebulon Quist \\''").await;
+    assert!(hidden.is_err(), "nothing more is relayed");
+    let trail = eventually("the withheld statement's record", async || {
+        let records = world.sidecar_records();
+        let withheld = records.iter().any(|r| {
+            r.event.kind == Kind::Statement && r.event.statement.as_deref().is_some_and(|s| s.contains("withheld"))
+        });
+        withheld.then_some(records)
+    })
+    .await;
+    let text = format!("{trail:?}");
+    assert!(!text.contains("Zebulon") && !text.contains("Quist"), "a literal's value reached the trail");
+    drop(ticket);
+}
+
+#[tokio::test]
 async fn revoking_the_lease_closes_the_proxied_connection() {
     let world = World::start(reference_server()).await;
     let mut ticket = world.grants.ticket();

@@ -230,6 +230,19 @@ impl Tracker {
                     done.push(p.not_run(now, "skipped_after_error"));
                 }
             }
+            b'S' if backslash_literals(frame) => {
+                // The texts kept of the statements in flight were read as
+                // if a literal could not hold `\'`; under this setting the
+                // server reads them otherwise, and what looked like words
+                // may be a literal's value. Their records keep no text.
+                while let Some(mut p) = self.pending.pop_front() {
+                    p.statement = REDACTED_BACKSLASH_LITERALS.into();
+                    let mut f = p.finish(now);
+                    f.ending = Ending::Refused(BACKSLASH_LITERALS);
+                    done.push(f);
+                }
+                return Ok(BackAction::Close(BACKSLASH_LITERALS));
+            }
             b'G' | b'H' | b'W' if !self.allow_copy => {
                 if let Some(p) = self.pending.pop_front() {
                     let mut f = p.finish(now);
@@ -254,6 +267,25 @@ impl Tracker {
 /// Told to a client whose statement holds a COPY.
 pub const COPY_REFUSED: &str = "COPY is not allowed for this tool: its policy does not set allowCopy";
 const UNKNOWN_STATEMENT: &str = "<unknown prepared statement>";
+
+/// Why a connection ends when string literals start taking backslash
+/// escapes.
+pub const BACKSLASH_LITERALS: &str = "standard_conforming_strings_off";
+/// The text recorded for statements in flight when that happens.
+const REDACTED_BACKSLASH_LITERALS: &str = "<statement text withheld: standard_conforming_strings turned off>";
+
+/// Whether a server message says string literals now take backslash
+/// escapes (`standard_conforming_strings` off, reported by ParameterStatus
+/// at login and whenever it changes). The statement normalizer reads
+/// literals as PostgreSQL does only with it on: with it off,
+/// `'x\' OR Joe \''` is one literal, and a normalizer reading `\'` as the
+/// end of one would keep `Joe` — a value in the audit trail.
+pub fn backslash_literals(frame: &Frame) -> bool {
+    frame.tag == b'S'
+        && matches!(parse(frame), Ok(Message::ParameterStatus(body))
+            if body.name().is_ok_and(|n| n == "standard_conforming_strings")
+                && body.value().is_ok_and(|v| v != "on"))
+}
 
 fn parse(frame: &Frame) -> Result<Message, WireError> {
     let mut buf = bytes::BytesMut::from(&frame.raw[..]);
@@ -424,6 +456,30 @@ mod tests {
         assert_eq!(done[0].ending, Ending::Refused("function_call_not_allowed"));
         assert!(t.client(&frame(b'Q', b"SELECT 1"), Instant::now(), &mut done).is_err());
         assert!(t.server(&frame(b'C', b"SELECT"), Instant::now(), &mut done).is_err());
+    }
+
+    #[test]
+    fn literals_with_backslash_escapes_end_the_connection_and_withhold_texts_in_flight() {
+        let mut tracker = Tracker::new(false);
+        let sql = "SET standard_conforming_strings = off; SELECT 'x\\' OR Joe Doe \\''";
+        let mut query = sql.as_bytes().to_vec();
+        query.push(0);
+        let mut done = Vec::new();
+        let now = Instant::now();
+        assert_eq!(tracker.client(&frame(b'Q', &query), now, &mut done).expect("query"), FrontAction::Forward);
+        let status = |value: &str| frame(b'S', format!("standard_conforming_strings\0{value}\0").as_bytes());
+        assert!(backslash_literals(&status("off")));
+        assert!(!backslash_literals(&status("on")));
+        assert!(!backslash_literals(&frame(b'S', b"application_name\0off\0")));
+        assert_eq!(tracker.server(&frame(b'C', b"SET\0"), now, &mut done).expect("tag"), BackAction::Forward);
+        let closed = tracker.server(&status("off"), now, &mut done).expect("status");
+        assert_eq!(closed, BackAction::Close(BACKSLASH_LITERALS));
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(done[0].ending, Ending::Refused(BACKSLASH_LITERALS));
+        assert!(!done[0].statement.contains("Joe") && !done[0].statement.contains("Doe"), "{done:?}");
+        assert_eq!(tracker.in_flight(), 0);
+        // Why: read as with the setting on, the value's words stay.
+        assert_eq!(normalize("SELECT 'x\\' OR Joe Doe \\''").text, "SELECT ? OR Joe Doe ??");
     }
 
     #[test]

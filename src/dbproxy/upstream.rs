@@ -204,6 +204,13 @@ async fn login(credential: &Credential, application_name: &str) -> Result<Upstre
             _ => return Err(UpstreamError::Protocol("unexpected message during login".into())),
         }
     }
+    if greeting.iter().any(super::tracker::backslash_literals) {
+        return Err(UpstreamError::Protocol(
+            "the store's session starts with standard_conforming_strings off: the proxy could not tell string \
+             literals from the rest of a statement in its records, so it refuses"
+                .into(),
+        ));
+    }
     let (io, leftover) = reader.into_parts();
     Ok(Upstream { io, leftover, greeting, key })
 }
