@@ -113,7 +113,7 @@ fn main() {
         let inventory = Inventory::from_manifests(&dir.path().join("manifests")).expect("inventory");
         let trail =
             Trail::new(dir.path().join("audit"), None, mcp_warden::broker::trail::BROKER_STREAM).expect("trail");
-        let settings = Settings { max_ttl: None, connection_limit: 4 };
+        let settings = Settings { max_ttl: None, connection_limit: 4, ..Default::default() };
         let broker =
             Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
         assert!(broker.sync().await.is_empty());
@@ -190,7 +190,7 @@ fn main() {
                             group: "bench_group",
                             role: &role,
                             pair: &format!("bench_pair_{c}_{i}"),
-                            verifier: &verifier,
+                            password: store::LoginPassword::Verifier(&verifier),
                             ttl: Duration::from_secs(600),
                             connection_limit: 4,
                             lease_id: "bench",

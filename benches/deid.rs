@@ -97,7 +97,7 @@ fn main() {
         std::fs::write(manifests.join("clinic.yaml"), text).expect("manifest");
         let inventory = Inventory::from_manifests(&manifests).expect("inventory");
         let trail = Trail::new(dir.path().join("audit"), None, mcp_warden::broker::trail::BROKER_STREAM).expect("trail");
-        let settings = Settings { max_ttl: None, connection_limit: 16 };
+        let settings = Settings { max_ttl: None, connection_limit: 16, ..Default::default() };
         let broker = Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
         assert!(broker.sync().await.is_empty());
         let issue = async |tool: &str| {

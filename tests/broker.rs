@@ -82,6 +82,7 @@ fn records(dir: &Path) -> Vec<Record> {
 }
 
 async fn world_with(settings: Settings, hook: impl AsyncFnOnce(&Postgres)) -> World {
+    let broker_settings_warm = settings.warm_logins;
     let pg = Postgres::start().await;
     prepare_database(&pg).await;
     hook(&pg).await;
@@ -98,6 +99,7 @@ async fn world_with(settings: Settings, hook: impl AsyncFnOnce(&Postgres)) -> Wo
     let broker = Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
     let problems = broker.sync().await;
     assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(broker.warm_up().await, broker_settings_warm);
     let callers = Callers {
         sidecar: SidecarAuth::Static(StaticCredential::new(SIDECAR_CREDENTIAL).unwrap()),
         revoker: Some(StaticCredential::new(REVOKER_CREDENTIAL).unwrap()),
@@ -114,7 +116,9 @@ async fn world_with(settings: Settings, hook: impl AsyncFnOnce(&Postgres)) -> Wo
 }
 
 async fn world() -> World {
-    world_with(Settings { max_ttl: None, connection_limit: 4 }, async |_| {}).await
+    // Two warm logins: the first two roles of a test are claimed warm, the
+    // rest made cold, so both paths meet every assertion.
+    world_with(Settings { warm_logins: 2, ..Default::default() }, async |_| {}).await
 }
 
 fn request(tool: &str, token: &str) -> CredentialRequest {
@@ -281,6 +285,109 @@ async fn two_callers_get_two_roles_that_reach_exactly_the_granted_columns() {
     assert!(verify_dir(&w.audit_dir(), VerifyOptions::default()).problems.is_empty());
 }
 
+async fn warm_login_names(db: &Client) -> BTreeSet<String> {
+    db.query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'mcpw\\_w\\_%'", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// A role of the warm-login shape, made by hand with a comment of the
+/// broker's shape, `age_secs` old by the database's clock.
+async fn plant_warm(admin: &Client, name: &str, age_secs: i64, login: bool) {
+    let made: chrono::DateTime<chrono::Utc> =
+        admin.query_one("SELECT now() - make_interval(secs => $1)", &[&(age_secs as f64)]).await.unwrap().get(0);
+    let comment = mcp_warden::broker::warm::comment(made);
+    let can = if login { "LOGIN" } else { "NOLOGIN" };
+    admin.batch_execute(&format!("CREATE ROLE {name} {can}; COMMENT ON ROLE {name} IS '{comment}'")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_logins_are_inert_until_claimed_then_roles_are_made_cold_and_orphans_reaped() {
+    let w = world().await;
+    let admin = w.admin_db().await;
+    let warm = warm_login_names(&admin).await;
+    assert_eq!(warm.len(), 2);
+    // Inert: no LOGIN, no membership either way, no attribute, a SCRAM
+    // verifier already set (PostgreSQL's PBKDF2 is paid), the comment says
+    // when it was made.
+    for name in &warm {
+        let row = admin
+            .query_one(
+                "SELECT r.rolcanlogin, r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls,
+                        (SELECT count(*) FROM pg_auth_members m WHERE m.member = r.oid OR m.roleid = r.oid),
+                        a.rolpassword LIKE 'SCRAM-SHA-256$4096:%', shobj_description(r.oid, 'pg_authid')
+                   FROM pg_roles r JOIN pg_authid a ON a.oid = r.oid WHERE r.rolname = $1",
+                &[name],
+            )
+            .await
+            .unwrap();
+        assert!(!row.get::<_, bool>(0) && !row.get::<_, bool>(1));
+        assert_eq!(row.get::<_, i64>(2), 0);
+        assert!(row.get::<_, bool>(3));
+        let comment: String = row.get(4);
+        assert!(mcp_warden::broker::warm::made(&comment).is_some(), "{comment}");
+    }
+
+    // Two callers claim the two warm logins; a third gets a role made cold.
+    let callers = ["alice", "bob", "carol"];
+    let mut credentials = Vec::new();
+    for caller in callers {
+        credentials
+            .push(w.client.credential(&request("lookup_patient", &token(caller, &["front-desk"]))).await.unwrap());
+    }
+    assert!(warm_login_names(&admin).await.is_empty(), "both warm logins were claimed");
+    assert_eq!(login_role_names(&admin).await, credentials.iter().map(|c| c.role.clone()).collect());
+    for credential in &credentials {
+        let session = w.login(credential).await.expect("a claimed or cold role logs in with its password");
+        assert_eq!(session.query("SELECT mrn FROM clinical.patients", &[]).await.unwrap().len(), 1);
+        let denied = session.simple_query("SELECT ssn FROM clinical.patients").await.unwrap_err();
+        assert_eq!(code(&denied), Some(SqlState::INSUFFICIENT_PRIVILEGE));
+        let (members, comment): (i64, Option<String>) = {
+            let row = admin
+                .query_one(
+                    "SELECT (SELECT count(*) FROM pg_auth_members m WHERE m.member = r.oid), shobj_description(r.oid, 'pg_authid')
+                       FROM pg_roles r WHERE r.rolname = $1",
+                    &[&credential.role],
+                )
+                .await
+                .unwrap();
+            (row.get(0), row.get(1))
+        };
+        assert_eq!((members, comment), (1, Some(credential.lease_id.clone())));
+    }
+
+    // Warm logins dropped behind the broker's back: the claim fails and the
+    // role is made cold — the caller sees no difference.
+    assert_eq!(w.broker.warm_up().await, 2);
+    for name in warm_login_names(&admin).await {
+        admin.batch_execute(&format!("DROP ROLE {name}")).await.unwrap();
+    }
+    let dave = w.client.credential(&request("lookup_patient", &token("dave", &["front-desk"]))).await.unwrap();
+    w.login(&dave).await.expect("made cold after the failed claim");
+
+    // Orphans: an old warm-shaped role and one that can log in are dropped;
+    // a young one (another broker's, during a rollout) and this broker's
+    // own are kept.
+    assert_eq!(w.broker.warm_up().await, 1, "the pool had one dropped login left to replace");
+    let own = warm_login_names(&admin).await;
+    let (old, young, loginable) =
+        ("mcpw_w_00000000000000000000000a", "mcpw_w_00000000000000000000000b", "mcpw_w_00000000000000000000000c");
+    plant_warm(&admin, old, 3600, false).await;
+    plant_warm(&admin, young, 5, false).await;
+    plant_warm(&admin, loginable, 5, true).await;
+    w.broker.reap().await;
+    let mut kept = own.clone();
+    kept.insert(young.to_string());
+    assert_eq!(warm_login_names(&admin).await, kept);
+
+    // A clean shutdown drops the broker's own warm logins, not others'.
+    w.broker.close().await;
+    assert_eq!(warm_login_names(&admin).await, BTreeSet::from([young.to_string()]));
+}
+
 #[tokio::test]
 async fn fifty_concurrent_first_requests_create_one_role() {
     let w = world().await;
@@ -308,7 +415,7 @@ async fn fifty_concurrent_first_requests_create_one_role() {
 
 #[tokio::test]
 async fn a_role_expires_at_its_ttl_and_the_reaper_ends_its_session() {
-    let settings = Settings { max_ttl: Some(Duration::from_secs(2)), connection_limit: 4 };
+    let settings = Settings { max_ttl: Some(Duration::from_secs(2)), connection_limit: 4, ..Default::default() };
     let w = world_with(settings, async |_| {}).await;
     let credential = w.client.credential(&request("lookup_patient", &token("erin", &["front-desk"]))).await.unwrap();
     let session = w.login(&credential).await.unwrap();
@@ -611,7 +718,7 @@ impl World {
 #[tokio::test]
 async fn admin_gaps_and_public_privileges_are_reported_and_revoked_on_request() {
     // A SECURITY DEFINER function PUBLIC may execute, and a table PUBLIC may read.
-    let w = world_with(Settings { max_ttl: None, connection_limit: 4 }, async |pg: &Postgres| {
+    let w = world_with(Settings { max_ttl: None, connection_limit: 4, ..Default::default() }, async |pg: &Postgres| {
         let ehr = pg.superuser("ehr").await;
         ehr.batch_execute(
             "SET ROLE ehr_owner;
@@ -829,7 +936,7 @@ async fn tls_to_the_store_verifies_the_server_and_never_downgrades() {
         Inventory::from_manifests(&manifests_dir).unwrap()
     };
     let trail = Trail::new(dir.path().join("audit"), None, mcp_warden::broker::trail::BROKER_STREAM).unwrap();
-    let settings = Settings { max_ttl: None, connection_limit: 4 };
+    let settings = Settings { max_ttl: None, connection_limit: 4, ..Default::default() };
     let broker = Broker::new(
         load(tls_manifests(pg.port, "127.0.0.1", &ca, "verify-full")),
         trail,

@@ -94,7 +94,7 @@ impl World {
             mcp_warden::broker::trail::BROKER_STREAM,
         )
         .unwrap();
-        let settings = Settings { max_ttl: None, connection_limit: 8 };
+        let settings = Settings { max_ttl: None, connection_limit: 8, ..Default::default() };
         let broker =
             Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
         assert!(broker.sync().await.is_empty());

@@ -153,7 +153,7 @@ impl World {
         let trail =
             Trail::new(dir.path().join("audit"), Some("broker-0".into()), mcp_warden::broker::trail::BROKER_STREAM)
                 .unwrap();
-        let settings = Settings { max_ttl: None, connection_limit: 4 };
+        let settings = Settings { max_ttl: None, connection_limit: 4, ..Default::default() };
         let broker =
             Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
         let problems = broker.sync().await;
@@ -749,7 +749,7 @@ async fn stores_sharing_a_linkage_id_agree_on_pseudonyms_in_one_scope() {
     std::fs::write(manifests_dir.join("care.yaml"), linkage_manifests(pg.port)).unwrap();
     let inventory = Inventory::from_manifests(&manifests_dir).unwrap();
     let trail = Trail::new(dir.path().join("audit"), None, mcp_warden::broker::trail::BROKER_STREAM).unwrap();
-    let settings = Settings { max_ttl: None, connection_limit: 4 };
+    let settings = Settings { max_ttl: None, connection_limit: 4, ..Default::default() };
     let broker = Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
     let problems = broker.sync().await;
     assert!(problems.is_empty(), "{problems:?}");

@@ -24,8 +24,9 @@ use super::grants::Grant;
 use super::inventory::{Inventory, StoreEntry, StoreRef};
 use super::metrics::BrokerMetrics;
 use super::naming::{self, RandomError};
-use super::store::{self, StoreAccess, StoreError};
+use super::store::{self, LoginPassword, StoreAccess, StoreError};
 use super::trail::{LeaseFacts, Trail, lease_event};
+use super::warm::WarmPool;
 use crate::api::PHIStoreStatus;
 use crate::audit::record::{Caller as AuditCaller, Decision, Event, Kind, LeaseAction, format_time};
 use crate::audit::wal::WalError;
@@ -40,6 +41,14 @@ pub struct Settings {
     pub max_ttl: Option<Duration>,
     /// `CONNECTION LIMIT` of each login role.
     pub connection_limit: u32,
+    /// Warm logins kept per store (`super::warm`); 0 makes every role cold.
+    pub warm_logins: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { max_ttl: None, connection_limit: 4, warm_logins: 0 }
+    }
 }
 
 /// A cached lease is handed out again only while at least this share of
@@ -270,11 +279,14 @@ pub(super) struct StoreHandle {
     /// Whether this handle's first de-identification pass (which maps every
     /// existing key) has run.
     pub(super) deid_backfilled: std::sync::atomic::AtomicBool,
+    /// Roles made ahead of demand.
+    pub(super) warm: WarmPool,
 }
 
 impl StoreHandle {
-    fn new(entry: StoreEntry) -> Self {
+    fn new(entry: StoreEntry, warm_logins: usize) -> Self {
         StoreHandle {
+            warm: WarmPool::new(warm_logins),
             entry,
             conns: (0..ADMIN_CONNECTIONS).map(|_| tokio::sync::Mutex::new(None)).collect(),
             next: std::sync::atomic::AtomicUsize::new(0),
@@ -326,6 +338,8 @@ pub struct Broker {
     pub(super) settings: Settings,
     pub(super) metrics: BrokerMetrics,
     pub(super) reports: RwLock<BTreeMap<StoreRef, PHIStoreStatus>>,
+    /// Woken when an issuance took a warm login.
+    pub(super) warm_wanted: Arc<tokio::sync::Notify>,
 }
 
 impl Broker {
@@ -346,6 +360,7 @@ impl Broker {
             settings,
             metrics,
             reports: RwLock::new(BTreeMap::new()),
+            warm_wanted: Arc::new(tokio::sync::Notify::new()),
         };
         broker.install(inventory);
         broker
@@ -368,12 +383,17 @@ impl Broker {
                 if let Ok(entry) = entry
                     && !stores.contains_key(key)
                 {
-                    stores.insert(key.clone(), Arc::new(StoreHandle::new(entry.clone())));
+                    stores.insert(key.clone(), Arc::new(StoreHandle::new(entry.clone(), self.settings.warm_logins)));
                 }
             }
         }
         let new = Arc::new(inventory);
         std::mem::replace(&mut *self.inventory.write().unwrap_or_else(|p| p.into_inner()), new)
+    }
+
+    /// Every store handle.
+    pub(super) fn handles(&self) -> Vec<Arc<StoreHandle>> {
+        self.stores.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
     pub(super) fn store(&self, key: &StoreRef) -> Result<Arc<StoreHandle>, BrokerError> {
@@ -538,38 +558,39 @@ impl Broker {
         );
         let role = naming::login_role(&prefix, &lease_id);
         let store_error = |source| BrokerError::Store { store: store_key.to_string(), source };
-        // The SCRAM verifier (4096 PBKDF2 rounds) is CPU work: done on a
-        // blocking thread, before an admin connection is taken.
-        let verifier = {
-            let password = password.clone();
-            tokio::task::spawn_blocking(move || postgres_protocol::password::scram_sha_256(password.as_bytes()))
-                .await
-                .map_err(|e| store_error(StoreError::Unreachable(format!("verifier task: {e}"))))?
+        let login = |password| store::NewLogin {
+            group: &group,
+            role: &role,
+            pair: &prefix,
+            password,
+            ttl,
+            connection_limit: self.settings.connection_limit,
+            lease_id: &lease_id,
         };
-        let created = {
-            let mut guard = handle.client().await.map_err(store_error)?;
-            let client = guard.as_mut().ok_or_else(|| store_error(StoreError::Unreachable("no connection".into())))?;
-            if !handle.is_synced(&group, &grants) {
-                let _ddl = handle.group_ddl.lock().await;
-                if !handle.is_synced(&group, &grants) {
-                    store::sync_group(client, &group, &grants).await.map_err(store_error)?;
-                    handle.mark_synced(&group, Some(&grants));
+        let (warm_name, warm_password) = handle.warm.take().map(|w| (w.name, w.password)).unzip();
+        if warm_name.is_some() {
+            self.warm_wanted.notify_one();
+        }
+        let claimed = match &warm_name {
+            Some(name) => match create_login(&handle, &grants, &login(LoginPassword::Warm(name))).await {
+                Ok(created) => Some(created),
+                Err(e @ StoreError::Unreachable(_)) => return Err(store_error(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a warm login could not be claimed; making the role cold");
+                    None
                 }
+            },
+            None => None,
+        };
+        let (created, password) = match (claimed, warm_password) {
+            (Some(created), Some(warm_password)) => (created, warm_password),
+            _ => {
+                let verifier = verifier(&password).await.map_err(store_error)?;
+                let created = create_login(&handle, &grants, &login(LoginPassword::Verifier(&verifier)))
+                    .await
+                    .map_err(store_error)?;
+                (created, password)
             }
-            let login = store::NewLogin {
-                group: &group,
-                role: &role,
-                pair: &prefix,
-                verifier: &verifier,
-                ttl,
-                connection_limit: self.settings.connection_limit,
-                lease_id: &lease_id,
-            };
-            let created = store::create_login(client, &login).await;
-            if created.as_ref().is_err_and(|e| matches!(e, StoreError::Unreachable(_))) {
-                *guard = None;
-            }
-            created.map_err(store_error)?
         };
         let valid_until = format_time(created.valid_until);
         let mut event = lease_event(LeaseFacts {
@@ -671,10 +692,44 @@ impl Broker {
         self.reports.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Closes the audit streams.
+    /// Drops this process's warm logins and closes the audit streams.
     pub async fn close(&self) {
+        self.drop_warm_pools().await;
         self.trail.close().await;
     }
+}
+
+/// The SCRAM-SHA-256 verifier of a password. 4096 PBKDF2 rounds are CPU
+/// work: done on a blocking thread, before an admin connection is taken.
+pub(super) async fn verifier(password: &str) -> Result<String, StoreError> {
+    let password = password.to_owned();
+    tokio::task::spawn_blocking(move || postgres_protocol::password::scram_sha_256(password.as_bytes()))
+        .await
+        .map_err(|e| StoreError::Unreachable(format!("verifier task: {e}")))
+}
+
+/// Creates (or claims) a login role on one of the store's admin
+/// connections, bringing its group's grants in line first if they are not
+/// proven; a connection that broke is reopened next time.
+async fn create_login(
+    handle: &StoreHandle,
+    grants: &BTreeSet<Grant>,
+    login: &store::NewLogin<'_>,
+) -> Result<store::CreatedLogin, StoreError> {
+    let mut guard = handle.client().await?;
+    let client = guard.as_mut().ok_or_else(|| StoreError::Unreachable("no connection".into()))?;
+    if !handle.is_synced(login.group, grants) {
+        let _ddl = handle.group_ddl.lock().await;
+        if !handle.is_synced(login.group, grants) {
+            store::sync_group(client, login.group, grants).await?;
+            handle.mark_synced(login.group, Some(grants));
+        }
+    }
+    let created = store::create_login(client, login).await;
+    if created.as_ref().is_err_and(|e| matches!(e, StoreError::Unreachable(_))) {
+        *guard = None;
+    }
+    created
 }
 
 /// 1-128 characters of `A-Z a-z 0-9 - _ . :`.

@@ -284,6 +284,10 @@ impl Broker {
                     continue;
                 }
             };
+            let orphans = self.reap_warm(&handle, client).await;
+            if orphans > 0 {
+                tracing::info!(orphans, "warm logins no live broker holds were dropped");
+            }
             for role in roles.iter().filter(|r| r.expired) {
                 let origin = role.groups.iter().find_map(|g| origins.get(g));
                 let reason = if role.valid_until.is_some() { "expired" } else { "no expiry set" };

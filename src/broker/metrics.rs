@@ -6,6 +6,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -25,6 +26,8 @@ pub struct BrokerMetrics {
     pub reaped: Counter,
     /// Roles ended by revocation (on demand or policy removal).
     pub revoked: Counter,
+    /// Warm logins held, over every store.
+    pub warm_logins: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -39,12 +42,14 @@ impl BrokerMetrics {
             latency: Family::new_with_constructor(latency_histogram),
             reaped: Counter::default(),
             revoked: Counter::default(),
+            warm_logins: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("mcpwarden_broker");
         r.register("credential_requests", "Credential requests by result", metrics.requests.clone());
         r.register("credential_seconds", "Time to answer a credential request", metrics.latency.clone());
         r.register("roles_reaped", "Expired login roles dropped by the reaper", metrics.reaped.clone());
         r.register("roles_revoked", "Login roles ended by revocation", metrics.revoked.clone());
+        r.register("warm_logins", "Roles made ahead of demand, not yet issued", metrics.warm_logins.clone());
         metrics
     }
 

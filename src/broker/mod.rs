@@ -37,6 +37,7 @@ pub mod sql;
 pub mod status;
 pub mod store;
 pub mod trail;
+pub mod warm;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -93,6 +94,11 @@ pub struct BrokerArgs {
     /// CONNECTION LIMIT of each issued role.
     #[arg(long, default_value_t = 4)]
     pub connection_limit: u32,
+    /// Roles kept made ahead of demand per store (NOLOGIN, member of
+    /// nothing, until issued), so that an issuance skips PostgreSQL's
+    /// PBKDF2 (docs/broker.md). 0: every role is made when asked for.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub warm_logins: u16,
     /// How often expired roles are reaped (Go duration).
     #[arg(long, default_value = "15s")]
     pub reap_interval: String,
@@ -228,6 +234,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let settings = issuer::Settings {
         max_ttl: args.max_ttl.as_deref().map(|t| duration_flag("max-ttl", t)).transpose()?,
         connection_limit: args.connection_limit.max(1),
+        warm_logins: usize::from(args.warm_logins),
     };
     let reap_interval = duration_flag("reap-interval", &args.reap_interval)?;
     let resync_interval = duration_flag("resync-interval", &args.resync_interval)?;
@@ -276,12 +283,14 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         Source::Manifests { .. } => None,
     };
     let reaper = tokio::spawn(reap_loop(Arc::downgrade(&broker), reap_interval));
+    let warmer = tokio::spawn(warm::keep_warm(Arc::downgrade(&broker)));
     let reloader =
         tokio::spawn(reload_loop(Arc::downgrade(&broker), Arc::clone(&source), resync_interval, Arc::clone(&changed)));
     let app = api::router(Arc::clone(&broker), api::Callers { sidecar, revoker, reidentifier });
     tracing::info!(listen = %args.api.listen, tls = bound.is_tls(), "broker serving");
     bound.serve(app).await?;
     reaper.abort();
+    warmer.abort();
     reloader.abort();
     if let Some(w) = watchers {
         w.abort();

@@ -3,6 +3,7 @@
 //! ```text
 //!   group role  mcpw_g_<24 hex>             = SHA-256(namespace, server, store, tool)
 //!   login role  mcpw_u_<20 hex>_<24 hex>    = HMAC(store naming key; server, store, tool, iss, sub) _ lease id
+//!   warm login  mcpw_w_<24 hex>             = random; renamed to a login role when issued (`warm`)
 //! ```
 //!
 //! Both shapes are fixed-length (31 and 52 bytes, under PostgreSQL's 63) and
@@ -23,6 +24,8 @@ use crate::policy::ServerRef;
 pub const GROUP_PREFIX: &str = "mcpw_g_";
 /// Prefix of every login role the broker issues.
 pub const LOGIN_PREFIX: &str = "mcpw_u_";
+/// Prefix of a warm login: a role made ahead of demand, not yet issued.
+pub const WARM_PREFIX: &str = "mcpw_w_";
 /// Hex digits of a lease id.
 pub const LEASE_ID_HEX: usize = 24;
 /// Hex digits of the caller-pair part of a login role name.
@@ -94,6 +97,16 @@ pub fn is_login_role(name: &str) -> bool {
     let Some(rest) = name.strip_prefix(LOGIN_PREFIX) else { return false };
     let Some((pair, lease)) = rest.split_once('_') else { return false };
     pair.len() == PAIR_HEX && lease.len() == LEASE_ID_HEX && is_lower_hex(pair) && is_lower_hex(lease)
+}
+
+/// A fresh warm login's name (random: it names nobody until issued).
+pub fn warm_role() -> Result<String, RandomError> {
+    Ok(format!("{WARM_PREFIX}{}", new_lease_id()?))
+}
+
+/// Whether a name has the warm-login shape.
+pub fn is_warm_role(name: &str) -> bool {
+    name.strip_prefix(WARM_PREFIX).is_some_and(|h| h.len() == LEASE_ID_HEX && is_lower_hex(h))
 }
 
 /// Whether a name has the group-role shape.
@@ -191,6 +204,17 @@ mod tests {
         for needle in ["alice", "lookup", "ehr", "clinic"] {
             assert!(!role.contains(needle));
         }
+    }
+
+    #[test]
+    fn warm_names_are_random_and_distinct_from_issued_ones() {
+        let (one, two) = (warm_role().unwrap(), warm_role().unwrap());
+        assert_ne!(one, two);
+        assert!(is_warm_role(&one) && one.len() <= 63, "{one}");
+        assert!(!is_login_role(&one) && !is_group_role(&one));
+        assert!(!is_warm_role("mcpw_w_") && !is_warm_role(&one.to_uppercase()) && !is_warm_role(&format!("{one}0")));
+        let issued = login_role(&pair_prefix(&NamingKey::derive("a", "b"), &server(), "s", "t", "i", "x"), "00");
+        assert!(!is_warm_role(&issued));
     }
 
     #[test]

@@ -410,8 +410,8 @@ pub struct NewLogin<'a> {
     pub role: &'a str,
     /// The name prefix shared by every role of its caller × tool pair.
     pub pair: &'a str,
-    /// The SCRAM-SHA-256 verifier of its password (never the password).
-    pub verifier: &'a str,
+    /// Where its password comes from.
+    pub password: LoginPassword<'a>,
     /// Its lifetime, from the database's clock.
     pub ttl: Duration,
     /// `CONNECTION LIMIT`.
@@ -420,12 +420,26 @@ pub struct NewLogin<'a> {
     pub lease_id: &'a str,
 }
 
+/// The password of a login role to create.
+#[derive(Debug, Clone, Copy)]
+pub enum LoginPassword<'a> {
+    /// A new role with this SCRAM-SHA-256 verifier (never the password).
+    Verifier(&'a str),
+    /// A warm login (`super::warm`), renamed: its verifier is set already.
+    Warm(&'a str),
+}
+
 /// Creates a LOGIN role in `group` only, with a SCRAM verifier (never the
 /// password), an expiry from the database's clock, a connection limit and
 /// the lease id as its comment — in one transaction, so a failure leaves
 /// nothing behind. The transaction holds an advisory lock on the role's
 /// name prefix (its caller × tool pair), so two brokers (a rollout's old
 /// and new pod) never create roles for one pair at the same moment.
+///
+/// From a warm login the role is the same in the catalog (attributes,
+/// verifier, expiry, one membership, comment); only its OID is older. The
+/// rename fails if the warm login is gone or is not NOLOGIN any more, and
+/// the transaction leaves it as it was.
 pub async fn create_login(client: &mut Client, login: &NewLogin<'_>) -> Result<CreatedLogin, StoreError> {
     let secs = login.ttl.as_secs_f64();
     let tx = client.transaction().await?;
@@ -438,20 +452,87 @@ pub async fn create_login(client: &mut Client, login: &NewLogin<'_>) -> Result<C
     let db_now: DateTime<Utc> = row.get(0);
     let valid_until: DateTime<Utc> = row.get(1);
     let until = valid_until.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
+    let (role, limit, until, group, lease) =
+        (ident(login.role), login.connection_limit, literal(&until), ident(login.group), literal(login.lease_id));
+    let statements = match login.password {
+        LoginPassword::Verifier(verifier) => format!(
+            "CREATE ROLE {role} LOGIN {ATTRIBUTES} CONNECTION LIMIT {limit} PASSWORD {verifier} \
+             VALID UNTIL {until} IN ROLE {group}; COMMENT ON ROLE {role} IS {lease}",
+            verifier = literal(verifier),
+        ),
+        LoginPassword::Warm(warm) => {
+            let still_warm = tx
+                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1 AND NOT rolcanlogin", &[&warm])
+                .await?
+                .is_some();
+            if !naming::is_warm_role(warm) || !still_warm {
+                return Err(StoreError::Sql(format!("warm login {warm} is gone or can log in")));
+            }
+            format!(
+                "ALTER ROLE {warm} RENAME TO {role}; \
+                 ALTER ROLE {role} LOGIN CONNECTION LIMIT {limit} VALID UNTIL {until}; \
+                 GRANT {group} TO {role}; COMMENT ON ROLE {role} IS {lease}",
+                warm = ident(warm),
+            )
+        }
+    };
+    tx.batch_execute(&statements).await?;
+    tx.commit().await?;
+    Ok(CreatedLogin { valid_until, db_now })
+}
+
+/// The attributes of every role the broker makes, besides LOGIN/NOLOGIN.
+const ATTRIBUTES: &str = "INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS";
+
+/// Makes a warm login: NOLOGIN, member of nothing, the verifier set (which
+/// is where PostgreSQL spends its PBKDF2), the database's clock in its
+/// comment. Returns that time.
+pub async fn create_warm(client: &mut Client, role: &str, verifier: &str) -> Result<DateTime<Utc>, StoreError> {
+    if !naming::is_warm_role(role) {
+        return Err(StoreError::Sql(format!("refusing to make {role:?}: not a warm login name")));
+    }
+    let tx = client.transaction().await?;
+    let made: DateTime<Utc> = tx.query_one("SELECT now()", &[]).await?.get(0);
     tx.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS \
-         CONNECTION LIMIT {limit} PASSWORD {verifier} VALID UNTIL {until} IN ROLE {group}; \
-         COMMENT ON ROLE {role} IS {lease}",
-        role = ident(login.role),
-        limit = login.connection_limit,
-        verifier = literal(login.verifier),
-        until = literal(&until),
-        group = ident(login.group),
-        lease = literal(login.lease_id),
+        "CREATE ROLE {role} NOLOGIN {ATTRIBUTES} PASSWORD {verifier}; COMMENT ON ROLE {role} IS {comment}",
+        role = ident(role),
+        verifier = literal(verifier),
+        comment = literal(&super::warm::comment(made)),
     ))
     .await?;
     tx.commit().await?;
-    Ok(CreatedLogin { valid_until, db_now })
+    Ok(made)
+}
+
+/// Every role of the warm-login shape in the cluster, with the database's
+/// clock.
+pub async fn warm_roles(client: &Client) -> Result<(Vec<super::warm::WarmRole>, DateTime<Utc>), StoreError> {
+    let rows = client
+        .query(
+            "SELECT r.rolname::text, shobj_description(r.oid, 'pg_authid'), r.rolcanlogin, now()
+               FROM pg_roles r WHERE r.rolname LIKE 'mcpw\\_w\\_%' ORDER BY 1",
+            &[],
+        )
+        .await?;
+    let now = match rows.first() {
+        Some(row) => row.get(3),
+        None => client.query_one("SELECT now()", &[]).await?.get(0),
+    };
+    let roles = rows
+        .into_iter()
+        .map(|row| super::warm::WarmRole { name: row.get(0), comment: row.get(1), can_login: row.get(2) })
+        .filter(|r| naming::is_warm_role(&r.name))
+        .collect();
+    Ok((roles, now))
+}
+
+/// Drops a warm login (it has no sessions: it never had LOGIN).
+pub async fn drop_warm(client: &Client, role: &str) -> Result<(), StoreError> {
+    if !naming::is_warm_role(role) {
+        return Err(StoreError::Sql(format!("refusing to drop {role:?}: not a warm login")));
+    }
+    client.batch_execute(&format!("DROP ROLE IF EXISTS {}", ident(role))).await?;
+    Ok(())
 }
 
 /// A login role found in the catalog.
