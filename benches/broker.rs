@@ -2,9 +2,12 @@
 //! started like the tests do): a fresh role per new caller at 1 and 8
 //! concurrent clients, a cached hit for a caller who already holds one, and
 //! a shift change — 200 caller × tool pairs new to the broker arriving
-//! within two seconds, served by 8 clients. Also what one SCRAM verifier
-//! (PBKDF2) costs, and whether a catalog grown by a thousand roles slows
-//! issuance. Prints p50/p99; the numbers are recorded in docs/broker.md.
+//! within two seconds, served by 8 clients. Each with two brokers side by
+//! side in one run: one making every role when asked ("cold"), one keeping
+//! warm logins (`src/broker/warm.rs`). Also what one SCRAM verifier
+//! (PBKDF2) costs, the database's share of a role (made, made warm,
+//! claimed), and whether a grown catalog slows issuance. Prints p50/p99;
+//! the numbers are recorded in docs/broker.md.
 //!
 //! `cargo bench --bench broker`
 
@@ -12,6 +15,7 @@
 mod common;
 #[path = "../tests/pg/mod.rs"]
 mod pg;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,6 +102,29 @@ async fn open_loop(
     (samples, start.elapsed())
 }
 
+/// One broker over the store, with its HTTP API.
+struct Side {
+    name: &'static str,
+    broker: Arc<Broker>,
+    client: BrokerClient,
+}
+
+async fn side(name: &'static str, dir: &std::path::Path, warm_logins: usize) -> Side {
+    let inventory = Inventory::from_manifests(&dir.join("manifests")).expect("inventory");
+    let trail = Trail::new(dir.join(format!("audit-{name}")), None, mcp_warden::broker::trail::BROKER_STREAM)
+        .expect("trail");
+    let settings = Settings { warm_logins, ..Default::default() };
+    let broker = Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
+    assert!(broker.sync().await.is_empty());
+    let callers = Callers {
+        sidecar: SidecarAuth::Static(StaticCredential::new(CREDENTIAL).expect("credential")),
+        revoker: None,
+        reidentifier: Default::default(),
+    };
+    let base = common::serve(router(Arc::clone(&broker), callers)).await;
+    Side { name, broker, client: BrokerClient::new(&base, CREDENTIAL).expect("client") }
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
@@ -110,69 +137,81 @@ fn main() {
             manifests(pg.port, &["id", "mrn", "name"], true, ADMIN_PASSWORD),
         )
         .expect("manifests");
-        let inventory = Inventory::from_manifests(&dir.path().join("manifests")).expect("inventory");
-        let trail =
-            Trail::new(dir.path().join("audit"), None, mcp_warden::broker::trail::BROKER_STREAM).expect("trail");
-        let settings = Settings { max_ttl: None, connection_limit: 4, ..Default::default() };
-        let broker =
-            Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
-        assert!(broker.sync().await.is_empty());
-        let callers = Callers {
-            sidecar: SidecarAuth::Static(StaticCredential::new(CREDENTIAL).expect("credential")),
-            revoker: None,
-            reidentifier: Default::default(),
+        // Two brokers over the same store, side by side in one run: one
+        // makes every role when asked (cold), the other keeps warm logins
+        // (the default, 32) topped up as it runs.
+        let cold = side("cold", dir.path(), 0).await;
+        let warm = side("warm", dir.path(), 32).await;
+        let filler = tokio::spawn(mcp_warden::broker::warm::keep_warm(Arc::downgrade(&warm.broker)));
+        let sides = [&cold, &warm];
+        let settle = async || {
+            // Each round starts from a full pool (a broker idle for a moment).
+            warm.broker.warm_up().await;
         };
-        let base = common::serve(router(Arc::clone(&broker), callers)).await;
-        let client = BrokerClient::new(&base, CREDENTIAL).expect("client");
+        println!("{}", support::machine());
 
         // Tokens are signed before timing: signing is the IdP's cost, not ours.
-        let fresh: Vec<CredentialRequest> = (0..400).map(|i| request(&format!("caller-{i}"))).collect();
-        let mut samples = Vec::new();
-        for req in &fresh {
-            let started = Instant::now();
-            let credential = client.credential(req).await.expect("issued");
-            samples.push(started.elapsed());
-            assert!(!credential.reused);
+        for round in 0..2 {
+            for side in sides {
+                settle().await;
+                let fresh: Vec<CredentialRequest> =
+                    (0..100).map(|i| request(&format!("{}-{round}-seq-{i}", side.name))).collect();
+                let (samples, _) = open_loop(&side.client, fresh, 1, Duration::ZERO).await;
+                report(&format!("fresh issuance (sequential) {}", side.name), samples);
+            }
         }
-        report("fresh issuance (sequential)", samples);
 
-        let hit = request("caller-0");
+        let hit = request("cold-0-seq-0");
         let mut samples = Vec::new();
         for _ in 0..2000 {
             let started = Instant::now();
-            let credential = client.credential(&hit).await.expect("reused");
+            let credential = cold.client.credential(&hit).await.expect("reused");
             samples.push(started.elapsed());
             assert!(credential.reused);
         }
         report("cached hit (sequential)", samples);
 
-        let burst: Vec<CredentialRequest> = (0..400).map(|i| request(&format!("burst-{i}"))).collect();
-        let (samples, took) = open_loop(&client, burst, 8, Duration::ZERO).await;
-        report("fresh issuance (8 clients)", samples);
-        println!("{:<34} {:.0} roles/s", "fresh issuance throughput", 400.0 / took.as_secs_f64());
+        for side in sides {
+            settle().await;
+            let burst: Vec<CredentialRequest> = (0..400).map(|i| request(&format!("{}-burst-{i}", side.name))).collect();
+            let (samples, took) = open_loop(&side.client, burst, 8, Duration::ZERO).await;
+            report(&format!("fresh issuance (8 clients) {}", side.name), samples);
+            println!("{:<44} {:.0} roles/s", format!("fresh issuance throughput {}", side.name), 400.0 / took.as_secs_f64());
+        }
 
         // A shift change: 100 clinicians, each calling both tools, arrive
-        // over two seconds.
-        let shift: Vec<CredentialRequest> = (0..100)
-            .flat_map(|i| ["lookup_patient", "record_note"].map(|tool| request_for(&format!("shift-{i}"), tool)))
-            .collect();
-        let (samples, took) = open_loop(&client, shift, 8, Duration::from_millis(10)).await;
-        report("shift change (200 pairs in 2 s, 8 clients)", samples);
-        println!("{:<34} {:.2?}", "shift change served in", took);
+        // over two seconds. Alternating rounds, each with new callers.
+        for round in 0..3 {
+            for side in sides {
+                settle().await;
+                let shift: Vec<CredentialRequest> = (0..100)
+                    .flat_map(|i| {
+                        ["lookup_patient", "record_note"]
+                            .map(|tool| request_for(&format!("{}-{round}-shift-{i}", side.name), tool))
+                    })
+                    .collect();
+                let (samples, took) = open_loop(&side.client, shift, 8, Duration::from_millis(10)).await;
+                report(&format!("shift change (200 pairs in 2 s, 8 clients) {}", side.name), samples);
+                println!("{:<44} {:.2?}", format!("shift change served in ({})", side.name), took);
+            }
+        }
 
-        // The catalog has grown by ~1,000 roles: the same sequential
-        // issuance again shows what catalog churn costs.
+        // The catalog has grown by a few thousand roles: the same
+        // sequential issuance again shows what catalog churn costs.
+        settle().await;
         let later: Vec<CredentialRequest> = (0..200).map(|i| request(&format!("later-{i}"))).collect();
-        let (samples, _) = open_loop(&client, later, 1, Duration::ZERO).await;
-        report("fresh issuance, ~1,000 roles later", samples);
+        let (samples, _) = open_loop(&cold.client, later, 1, Duration::ZERO).await;
+        report("fresh issuance, ~3,000 roles later, cold", samples);
         let verifiers = Instant::now();
         for i in 0..50 {
             std::hint::black_box(postgres_protocol::password::scram_sha_256(format!("password-{i}").as_bytes()));
         }
-        println!("{:<34} {:.2?}", "one SCRAM verifier (PBKDF2, 4096)", verifiers.elapsed() / 50);
-        println!("{:<34} {}", "admin connections per store", mcp_warden::broker::issuer::ADMIN_CONNECTIONS);
+        println!("{:<44} {:.2?}", "one SCRAM verifier in Rust (PBKDF2, 4096)", verifiers.elapsed() / 50);
+        println!("{:<44} {}", "admin connections per store", mcp_warden::broker::issuer::ADMIN_CONNECTIONS);
         // The database's own share: the role-creating transaction alone, on
-        // 1 and on 4 connections at once (does PostgreSQL serialize it?).
+        // 1 and on 4 connections at once; a warm login's claim; and the
+        // PASSWORD clause by itself (PostgreSQL tries every verifier it is
+        // given against the empty password: its own PBKDF2).
         let setup = pg.superuser("ehr").await;
         setup.batch_execute("CREATE ROLE bench_group NOLOGIN").await.expect("group");
         let verifier = postgres_protocol::password::scram_sha_256(b"bench-password");
@@ -208,8 +247,35 @@ fn main() {
             }
             let rate = samples.len() as f64 / started.elapsed().as_secs_f64();
             report(&format!("CREATE ROLE transaction, {connections} conn"), samples);
-            println!("{:<34} {rate:.0} roles/s", "");
+            println!("{:<44} {rate:.0} roles/s", "");
         }
-        broker.close().await;
+        let mut admin = pg.superuser("ehr").await;
+        let mut claims = Vec::new();
+        let mut passwords = Vec::new();
+        for i in 0..100 {
+            let warm_name = format!("mcpw_w_{i:024x}");
+            let t = Instant::now();
+            store::create_warm(&mut admin, &warm_name, &verifier).await.expect("warm");
+            passwords.push(t.elapsed());
+            let role = format!("bench_claimed_{i}");
+            let login = store::NewLogin {
+                group: "bench_group",
+                role: &role,
+                pair: &format!("bench_claim_{i}"),
+                password: store::LoginPassword::Warm(&warm_name),
+                ttl: Duration::from_secs(600),
+                connection_limit: 4,
+                lease_id: "bench",
+            };
+            let t = Instant::now();
+            store::create_login(&mut admin, &login).await.expect("claim");
+            claims.push(t.elapsed());
+        }
+        report("warm login made (CREATE … PASSWORD)", passwords);
+        report("warm login claimed (rename, LOGIN, GRANT)", claims);
+        filler.abort();
+        for side in sides {
+            side.broker.close().await;
+        }
     });
 }
