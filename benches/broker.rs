@@ -111,8 +111,8 @@ struct Side {
 
 async fn side(name: &'static str, dir: &std::path::Path, warm_logins: usize) -> Side {
     let inventory = Inventory::from_manifests(&dir.join("manifests")).expect("inventory");
-    let trail = Trail::new(dir.join(format!("audit-{name}")), None, mcp_warden::broker::trail::BROKER_STREAM)
-        .expect("trail");
+    let trail =
+        Trail::new(dir.join(format!("audit-{name}")), None, mcp_warden::broker::trail::BROKER_STREAM).expect("trail");
     let settings = Settings { warm_logins, ..Default::default() };
     let broker = Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
     assert!(broker.sync().await.is_empty());
@@ -173,10 +173,15 @@ fn main() {
 
         for side in sides {
             settle().await;
-            let burst: Vec<CredentialRequest> = (0..400).map(|i| request(&format!("{}-burst-{i}", side.name))).collect();
+            let burst: Vec<CredentialRequest> =
+                (0..400).map(|i| request(&format!("{}-burst-{i}", side.name))).collect();
             let (samples, took) = open_loop(&side.client, burst, 8, Duration::ZERO).await;
             report(&format!("fresh issuance (8 clients) {}", side.name), samples);
-            println!("{:<44} {:.0} roles/s", format!("fresh issuance throughput {}", side.name), 400.0 / took.as_secs_f64());
+            println!(
+                "{:<44} {:.0} roles/s",
+                format!("fresh issuance throughput {}", side.name),
+                400.0 / took.as_secs_f64()
+            );
         }
 
         // A shift change: 100 clinicians, each calling both tools, arrive

@@ -144,16 +144,22 @@ fn manifest(dir: &Path, ruled: bool) -> PathBuf {
     path
 }
 
-/// The sidecar binary the pod runs (`mcp-warden-sidecar`), or with
-/// `MCPW_BENCH_SIDECAR=all-in-one` the `mcp-warden sidecar` subcommand of
-/// the binary that holds every subcommand (to compare their RSS).
-fn sidecar_command() -> Command {
-    if std::env::var("MCPW_BENCH_SIDECAR").as_deref() == Ok("all-in-one") {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-warden"));
-        command.arg("sidecar");
-        command
-    } else {
-        Command::new(env!("CARGO_BIN_EXE_mcp-warden-sidecar"))
+/// The sidecar binary the pod runs (`mcp-warden-sidecar`, this build), or
+/// with `MCPW_BENCH_SIDECAR=all-in-one` the `mcp-warden sidecar`
+/// subcommand of the binary that holds every subcommand (to compare their
+/// RSS), or with `MCPW_BENCH_SIDECAR=<path>` a sidecar binary built
+/// elsewhere — the image's static musl build:
+/// `cargo build --release --no-default-features --target x86_64-unknown-linux-musl --bin mcp-warden-sidecar`.
+/// Returns the command and how the table names it.
+fn sidecar_command() -> (Command, String) {
+    match std::env::var("MCPW_BENCH_SIDECAR") {
+        Ok(choice) if choice == "all-in-one" => {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-warden"));
+            command.arg("sidecar");
+            (command, "mcp-warden sidecar".into())
+        }
+        Ok(path) if !path.is_empty() => (Command::new(&path), path),
+        _ => (Command::new(env!("CARGO_BIN_EXE_mcp-warden-sidecar")), "mcp-warden-sidecar".into()),
     }
 }
 
@@ -162,6 +168,7 @@ async fn start_sidecar(dir: &Path, manifest: &Path, upstream: &str, audit: &str)
     let (port, metrics_port) = (free_port(), free_port());
     let sidecar = Child(
         sidecar_command()
+            .0
             .arg("--mcpserver")
             .arg(manifest)
             .args(["--upstream", upstream, "--listen", &format!("127.0.0.1:{port}")])
@@ -420,11 +427,7 @@ fn main() {
             }
         }
         let rss = status_kib(pid, "VmHWM:").unwrap_or(0);
-        let binary = if std::env::var("MCPW_BENCH_SIDECAR").as_deref() == Ok("all-in-one") {
-            "mcp-warden sidecar"
-        } else {
-            "mcp-warden-sidecar"
-        };
+        let binary = sidecar_command().1;
         println!("sidecar ({binary}) peak RSS (VmHWM) over the run: {:.1} MiB", rss as f64 / 1024.0);
 
         // The cost of argument rules, on its own line: the same call through

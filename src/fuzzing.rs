@@ -123,15 +123,58 @@ pub fn gateway_messages(data: &[u8]) {
     }
     let _ = crate::sidecar::messages::decode_header_value(&text);
     // Rewriting without edits keeps every message an SSE body carries.
-    let rewritten = crate::sidecar::messages::rewrite_sse(&text, |_| {});
-    let messages = |body: &str| -> Vec<Value> {
-        body.lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .filter_map(|d| serde_json::from_str::<Value>(d.trim_start()).ok())
-            .filter(Value::is_object)
-            .collect()
-    };
-    assert_eq!(messages(&rewritten), messages(&text), "rewriting an SSE body changed its messages");
+    let (rewritten, _) = crate::sidecar::messages::rewrite_sse(&text, |_| {});
+    assert_eq!(sse_messages(&rewritten), sse_messages(&text), "rewriting an SSE body changed its messages");
+    // And what a client reads of the rewritten body is only such messages:
+    // nothing the gateway could not read (and so could not have filtered).
+    assert_eq!(sse_data_events(&rewritten), sse_messages(&rewritten).len(), "an unreadable event passed");
+}
+
+/// The JSON objects a client following the SSE specification reads from a
+/// body: an event's `data` lines joined with newlines, dispatched at a
+/// blank line; comments and other fields ignored; an event the body does
+/// not end with a blank line is never dispatched.
+fn sse_messages(body: &str) -> Vec<Value> {
+    sse_events(body).0.iter().filter_map(|d| serde_json::from_str::<Value>(d).ok()).filter(Value::is_object).collect()
+}
+
+/// How many data-bearing events a client dispatches from a body, counting
+/// also an event the body leaves open with data in it (a lenient client
+/// might dispatch it at the end).
+fn sse_data_events(body: &str) -> usize {
+    let (dispatched, open) = sse_events(body);
+    dispatched.len() + usize::from(open)
+}
+
+/// The data of every event a client following the SSE specification
+/// dispatches from a body, and whether data is left in an open event.
+/// Written apart from the gateway's reader, as its oracle.
+fn sse_events(body: &str) -> (Vec<String>, bool) {
+    let mut events = Vec::new();
+    let mut data: Option<String> = None;
+    let mut pieces: Vec<&str> = body.split("\r\n").flat_map(|l| l.split(['\r', '\n'])).collect();
+    // What follows the last line end is no line yet.
+    let tail = pieces.pop().unwrap_or("");
+    let is_data = |line: &str| line.split_once(':').map_or(line, |(field, _)| field) == "data";
+    for line in pieces {
+        if line.is_empty() {
+            events.extend(data.take());
+            continue;
+        }
+        if is_data(line) {
+            let value = line.split_once(':').map_or("", |(_, v)| v);
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match &mut data {
+                Some(buffer) => {
+                    buffer.push('\n');
+                    buffer.push_str(value);
+                }
+                None => data = Some(value.to_string()),
+            }
+        }
+    }
+    let open = data.is_some() || is_data(tail);
+    (events, open)
 }
 
 /// An argument rule from a manifest (anyone who may create an MCPServer

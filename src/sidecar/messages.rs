@@ -133,29 +133,109 @@ pub fn check_param_headers(
 }
 
 /// Applies `edit` to every JSON-RPC response (a message with `result`) in
-/// an SSE body, keeping other events as they are.
-pub fn rewrite_sse(body: &str, mut edit: impl FnMut(&mut Value)) -> String {
+/// an SSE body, read as a client following the SSE specification reads it:
+/// lines end at CRLF, LF or CR; an event's `data` lines are joined with
+/// newlines; an event is dispatched at a blank line, never at the body's
+/// end. What a client would read and this cannot vouch for is withheld
+/// rather than passed on unfiltered — an event whose data is not one JSON
+/// object (serde_json refuses some texts a browser's `JSON.parse` takes,
+/// such as a lone surrogate escape; a batch array), and data left in an
+/// event the body never ends (a lenient client might dispatch it). Other
+/// events are kept as sent; line ends become LF. Returns the body and how
+/// many events were withheld.
+pub fn rewrite_sse(body: &str, mut edit: impl FnMut(&mut Value)) -> (String, usize) {
     let mut out = String::with_capacity(body.len());
-    // Events are separated by a blank line; keep the separators as sent.
-    for event in body.split_inclusive("\n\n") {
-        let data: Vec<&str> =
-            event.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.strip_prefix(' ').unwrap_or(d)).collect();
-        let parsed = (!data.is_empty()).then(|| serde_json::from_str::<Value>(&data.join("\n")).ok()).flatten();
-        match parsed {
-            Some(mut message) if message.get("result").is_some() => {
-                edit(&mut message);
-                for line in event.lines().filter(|l| !l.starts_with("data:") && !l.is_empty()) {
-                    out.push_str(line);
-                    out.push('\n');
-                }
-                out.push_str("data: ");
-                out.push_str(&message.to_string());
-                out.push_str("\n\n");
-            }
-            _ => out.push_str(event),
+    let mut withheld = 0;
+    let mut event: Vec<&str> = Vec::new();
+    let (lines, tail) = sse_lines(body);
+    for line in lines {
+        if !line.is_empty() {
+            event.push(line);
+            continue;
+        }
+        if !rewrite_event(&event, &mut edit, &mut out) {
+            withheld += 1;
+        }
+        event.clear();
+    }
+    if !tail.is_empty() {
+        event.push(tail);
+    }
+    if event.iter().any(|line| sse_field(line).0 == "data") {
+        withheld += 1;
+    }
+    (out, withheld)
+}
+
+/// Said in place of an event that was withheld (a comment: clients ignore it).
+const WITHHELD_EVENT: &str = ": withheld by mcp-warden: not one JSON-RPC message\n\n";
+
+/// One dispatched event into `out`; false if it was withheld.
+fn rewrite_event(event: &[&str], edit: &mut impl FnMut(&mut Value), out: &mut String) -> bool {
+    let keep = |out: &mut String, lines: &mut dyn Iterator<Item = &&str>| {
+        for line in lines {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    let data: Vec<&str> = event.iter().map(|l| sse_field(l)).filter(|(f, _)| *f == "data").map(|(_, v)| v).collect();
+    if data.is_empty() {
+        keep(out, &mut event.iter());
+        out.push('\n');
+        return true;
+    }
+    match serde_json::from_str::<Value>(&data.join("\n")) {
+        Ok(mut message) if message.get("result").is_some() => {
+            edit(&mut message);
+            keep(out, &mut event.iter().filter(|l| sse_field(l).0 != "data"));
+            out.push_str("data: ");
+            out.push_str(&message.to_string());
+            out.push_str("\n\n");
+            true
+        }
+        Ok(message) if message.is_object() => {
+            keep(out, &mut event.iter());
+            out.push('\n');
+            true
+        }
+        _ => {
+            out.push_str(WITHHELD_EVENT);
+            false
         }
     }
-    out
+}
+
+/// An SSE body's complete lines (each ended by CRLF, LF or CR) and what
+/// follows the last line end.
+fn sse_lines(body: &str) -> (Vec<&str>, &str) {
+    let mut lines = Vec::new();
+    let bytes = body.as_bytes();
+    let (mut start, mut i) = (0, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\n' => {
+                lines.push(&body[start..i]);
+                i += 1;
+                start = i;
+            }
+            b'\r' => {
+                lines.push(&body[start..i]);
+                i += if bytes.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    (lines, &body[start..])
+}
+
+/// An SSE line's field name and value (one leading space removed); a
+/// comment's field is empty.
+fn sse_field(line: &str) -> (&str, &str) {
+    match line.split_once(':') {
+        Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+        None => (line, ""),
+    }
 }
 
 #[cfg(test)]
@@ -237,11 +317,12 @@ mod tests {
     #[test]
     fn sse_results_are_rewritten_and_other_events_kept() {
         let body = "event: message\nid: 1\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\nid: 2\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"a\"},{\"name\":\"b\"}]}}\n\n";
-        let out = rewrite_sse(body, |m| {
+        let (out, withheld) = rewrite_sse(body, |m| {
             if let Some(tools) = m.pointer_mut("/result/tools").and_then(Value::as_array_mut) {
                 tools.retain(|t| t["name"] == "a");
             }
         });
+        assert_eq!(withheld, 0);
         assert!(out.starts_with(
             "event: message\nid: 1\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n"
         ));
@@ -251,5 +332,46 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("\"b\""));
+    }
+
+    fn keep_only_a(m: &mut Value) {
+        if let Some(tools) = m.pointer_mut("/result/tools").and_then(Value::as_array_mut) {
+            tools.retain(|t| t["name"] == "a");
+        }
+    }
+
+    #[test]
+    fn sse_events_are_read_as_clients_read_them_whatever_the_line_ends() {
+        let list = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"a"},{"name":"b"}]}}"#;
+        // CRLF and CR separate events for a client as LF does: each list
+        // is filtered, none passes whole.
+        for eol in ["\r\n", "\r", "\n"] {
+            let body = format!("event: message{eol}data: {list}{eol}{eol}data: {list}{eol}{eol}");
+            let (out, withheld) = rewrite_sse(&body, keep_only_a);
+            assert_eq!(withheld, 0, "{eol:?}");
+            assert_eq!(out.matches("\"name\":\"a\"").count(), 2, "{eol:?}: {out}");
+            assert!(!out.contains("\"b\""), "{eol:?}: {out}");
+        }
+        // A message split over data lines is one message, filtered.
+        let split = "data: {\"jsonrpc\":\"2.0\",\"id\":1,\ndata: \"result\":{\"tools\":[{\"name\":\"b\"}]}}\n\n";
+        let (out, _) = rewrite_sse(split, keep_only_a);
+        assert!(!out.contains("\"b\""), "{out}");
+    }
+
+    #[test]
+    fn what_cannot_be_vouched_for_is_withheld_not_passed_on() {
+        // serde_json refuses a lone surrogate escape that JSON.parse takes:
+        // the list inside would reach a browser unfiltered.
+        let surrogate = "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"b\",\"description\":\"\\ud800\"}]}}\n\n";
+        let batch = "data: [{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"b\"}]}}]\n\n";
+        let unended = "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"b\"}]}}\n";
+        for body in [surrogate, batch, unended] {
+            let (out, withheld) = rewrite_sse(body, keep_only_a);
+            assert_eq!(withheld, 1, "{body}");
+            assert!(!out.contains("\"b\""), "{body} -> {out}");
+        }
+        // Comments, ids and retry hints without data pass as they are.
+        let (out, withheld) = rewrite_sse(": ping\nretry: 100\n\n", keep_only_a);
+        assert_eq!((out.as_str(), withheld), (": ping\nretry: 100\n\n", 0));
     }
 }

@@ -193,7 +193,10 @@ pub(super) async fn post_batch(
         }
     };
     let (body, content_type) = if content_type.starts_with("text/event-stream") {
-        let mut text = messages::rewrite_sse(&String::from_utf8_lossy(&body), &mut edit);
+        let (mut text, withheld) = messages::rewrite_sse(&String::from_utf8_lossy(&body), &mut edit);
+        if withheld > 0 {
+            tracing::warn!(withheld, "events of a batch answer the gateway cannot read were withheld");
+        }
         for answer in &local {
             text.push_str(&format!("data: {answer}\n\n"));
         }

@@ -92,6 +92,13 @@ pub(super) async fn forward(
     let mut drift = SchemaDrift::new();
     let body = if content_type.starts_with("application/json") {
         match serde_json::from_slice::<Value>(&body) {
+            // A list answer is filtered per caller: one this cannot read
+            // (serde_json refuses some texts a browser's JSON.parse takes)
+            // or that is not one message is withheld, not passed on whole.
+            Ok(value) if filter.is_some() && !value.is_object() => {
+                return withhold_unreadable(&gw, &correlation, id.as_ref(), started).await;
+            }
+            Err(_) if filter.is_some() => return withhold_unreadable(&gw, &correlation, id.as_ref(), started).await,
             Ok(mut value) => {
                 rpc_error = value.pointer("/error/code").and_then(Value::as_i64);
                 match (filter, value.get_mut("result")) {
@@ -113,7 +120,7 @@ pub(super) async fn forward(
     } else if streaming && filter.is_some() {
         let text = String::from_utf8_lossy(&body).into_owned();
         let policy = gw.policy();
-        let rewritten = messages::rewrite_sse(&text, |message| {
+        let (rewritten, withheld) = messages::rewrite_sse(&text, |message| {
             if let (Some(kind), Some(result)) = (filter, message.get_mut("result")) {
                 if kind == ListKind::Tools {
                     drift.extend(gw.learn_tools(result));
@@ -123,7 +130,13 @@ pub(super) async fn forward(
                 mark_private(kind, result);
             }
         });
+        if withheld > 0 {
+            tracing::warn!(withheld, "events of a list answer the gateway cannot read were withheld");
+        }
         Bytes::from(rewritten)
+    } else if filter.is_some() {
+        // A list answer in neither JSON nor SSE cannot be filtered.
+        return withhold_unreadable(&gw, &correlation, id.as_ref(), started).await;
     } else {
         body
     };
@@ -155,6 +168,28 @@ pub(super) async fn forward(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// A list answer the gateway cannot filter: recorded as an error and
+/// answered with one, never passed on whole.
+async fn withhold_unreadable(
+    gw: &Arc<Gateway>,
+    correlation: &str,
+    id: Option<&Value>,
+    started: std::time::Instant,
+) -> Response {
+    tracing::warn!("a list answer the gateway cannot read was withheld");
+    let outcome =
+        Outcome { status: OutcomeStatus::Error, http_status: Some(502), rpc_error: Some(GATEWAY_REFUSED), rows: None };
+    record_outcome(gw, correlation, outcome, started, None).await;
+    json_response(
+        StatusCode::BAD_GATEWAY,
+        &messages::error_body(
+            id,
+            GATEWAY_REFUSED,
+            "the MCP server's list answer could not be read, so it was withheld",
+        ),
+    )
 }
 
 /// A filtered list differs per caller: in 2026-07-28 terms, its cache scope
