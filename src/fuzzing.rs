@@ -14,6 +14,8 @@
 //! | `argument_rules` | an argument rule (`check`, the operator, the sidecar) and a caller's arguments | never panics or overflows a stack; a rule it accepts judges any arguments |
 //! | `bearer_token` | a bearer token (the sidecar's and the broker's verifier) | no unsigned or forged token authenticates; hostile claims under a valid signature authenticate only when they are what the verifier requires |
 //! | `gateway_authorization` | a JSON-RPC body (single or batch) from a caller | never panics; nothing is allowed that the policy does not allow this caller, arguments included; `_meta` carries only the verified caller |
+//! | `collector_batches` | batches of record lines from senders (the collector's intake), genuine, resent, reordered, tampered or from the wrong sender | never panics; what is acknowledged is the genuine chain and verifies; durable positions never go back |
+//! | `dbproxy_conversation` | the tagged messages of a proxied connection, both ways (the MCP server's and PostgreSQL's) | never panics; every statement sent is finished exactly once; COPY (when not allowed), fast-path calls and `standard_conforming_strings` off never pass |
 
 // A harness reports a broken property by panicking (that is what the
 // fuzzer catches), and its fixed inputs (the test issuer's key, the example
@@ -177,6 +179,156 @@ fn sse_events(body: &str) -> (Vec<String>, bool) {
     (events, open)
 }
 
+/// Two streams' genuine records (a stream-start and eleven lease records
+/// each), as canonical lines.
+static STREAMS: LazyLock<[Vec<Vec<u8>>; 2]> = LazyLock::new(|| {
+    use crate::audit::record::{Chain, Event, Kind, Lease, LeaseAction};
+    let chain = |stream: &str| {
+        let mut chain = Chain::new(format!("clinic/{stream}/pod-0/s1"), format!("clinic/{stream}"), None);
+        let at = chrono::DateTime::from_timestamp(1_790_000_000, 0).expect("time");
+        (0..12)
+            .map(|i| {
+                let event = if i == 0 {
+                    Event::new(Kind::StreamStart)
+                } else {
+                    let mut e = Event::new(Kind::Lease);
+                    e.lease =
+                        Some(Lease { id: format!("l{i}"), action: LeaseAction::Issued, role: None, valid_until: None });
+                    e
+                };
+                chain.seal(event, at).expect("seal").record.to_line()
+            })
+            .collect::<Vec<_>>()
+    };
+    [chain("a"), chain("b")]
+});
+
+/// Batches of record lines, as senders post them to the collector: input
+/// in 3-byte steps — selector (bit 0: stream; bit 1: posted by the other
+/// stream's sender; bit 2: one line tampered with, at the byte the third
+/// byte names), first record, count (≤ 8). The stored trail must hold the
+/// genuine records and nothing else: every acknowledged position is the
+/// genuine chain's, no acknowledged position ever goes back, and unless a
+/// gap was reported the storage verifies.
+pub fn collector_batches(data: &[u8]) {
+    store_batches(data);
+}
+
+/// [`collector_batches`]'s body; returns the stored heads' positions.
+fn store_batches(data: &[u8]) -> Vec<u64> {
+    use crate::audit::collector::store::Storage;
+    use crate::audit::verify::{VerifyOptions, verify_dir};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = Storage::open(dir.path()).expect("storage");
+    let senders = ["sender-a", "sender-b"];
+    let mut durable = [0u64; 2];
+    let mut gap = false;
+    for step in data.chunks_exact(3).take(16) {
+        let (selector, first, count) = (step[0], usize::from(step[1]) % 12, usize::from(step[2]) % 8 + 1);
+        let stream = usize::from(selector & 1);
+        let sender = senders[stream ^ usize::from(selector >> 1 & 1)];
+        let genuine = &STREAMS[stream];
+        let mut lines: Vec<Vec<u8>> = genuine[first..(first + count).min(genuine.len())].to_vec();
+        if selector & 4 != 0
+            && let Some(line) = lines.last_mut()
+        {
+            let at = usize::from(step[2]) * 7 % line.len();
+            line[at] ^= 1 + (selector >> 3);
+        }
+        let refs: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();
+        if let Ok(stored) = storage.store(sender, None, &refs) {
+            // A line's hash covers its stream: a tampered line never parses
+            // into another stream.
+            let index = STREAMS.iter().position(|s| stored.stream == stream_name(s));
+            let index = index.expect("a stored stream is one of the two");
+            assert!(stored.durable_through >= durable[index], "an acknowledged position went back");
+            durable[index] = stored.durable_through;
+            gap |= !stored.incidents.is_empty();
+        }
+    }
+    let heads = storage.heads();
+    for head in &heads {
+        let genuine = STREAMS.iter().find(|s| head.stream == stream_name(s)).expect("a known stream");
+        let record = crate::audit::record::Record::parse_line(&genuine[head.seq as usize - 1]).expect("genuine");
+        assert_eq!(head.hash, record.hash, "the stored head is not the genuine chain's");
+    }
+    if !gap {
+        assert!(verify_dir(dir.path(), VerifyOptions::default()).passed(), "acknowledged records do not verify");
+    }
+    heads.iter().map(|h| h.seq).collect()
+}
+
+fn stream_name(lines: &[Vec<u8>]) -> String {
+    crate::audit::record::Record::parse_line(&lines[0]).expect("genuine").stream
+}
+
+/// The client's tags the tracker reads, and others; the server's likewise.
+const CLIENT_TAGS: &[u8] = b"QPBECFSHDXdcf";
+const SERVER_TAGS: &[u8] = b"DCEIZsSGHWTn123KNtA";
+
+/// A proxied connection's tagged messages, both ways, through the
+/// statement tracker: the MCP server's (untrusted) and PostgreSQL's. Input:
+/// byte 0 = COPY allowed (odd); then per message a selector byte (bit 7:
+/// from the server; the rest picks the tag), a length byte and that many
+/// body bytes. The connection ends, as the proxy ends it, at the first
+/// message the tracker refuses to read or that closes it.
+pub fn dbproxy_conversation(data: &[u8]) {
+    converse(data);
+}
+
+/// [`dbproxy_conversation`]'s body; returns how many statements finished.
+fn converse(data: &[u8]) -> usize {
+    use crate::dbproxy::tracker::{BACKSLASH_LITERALS, BackAction, FrontAction, Tracker, backslash_literals};
+    use crate::dbproxy::wire::Frame;
+    let Some((&flags, mut rest)) = data.split_first() else { return 0 };
+    let allow_copy = flags & 1 == 1;
+    let mut tracker = Tracker::new(allow_copy);
+    let now = std::time::Instant::now();
+    let (mut done, mut statements) = (Vec::new(), 0usize);
+    while let [selector, len, tail @ ..] = rest {
+        let body = &tail[..usize::from(*len).min(tail.len())];
+        rest = &tail[body.len()..];
+        let from_server = selector & 0x80 != 0;
+        let tags = if from_server { SERVER_TAGS } else { CLIENT_TAGS };
+        let tag = tags[usize::from(selector & 0x7f) % tags.len()];
+        let mut raw = vec![tag];
+        raw.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        raw.extend_from_slice(body);
+        let frame = Frame { tag, raw: raw.into() };
+        let before = done.len();
+        if from_server {
+            match tracker.server(&frame, now, &mut done) {
+                Ok(BackAction::Forward) => {
+                    assert!(allow_copy || !matches!(tag, b'G' | b'H' | b'W'), "a COPY answer passed");
+                    assert!(!backslash_literals(&frame), "standard_conforming_strings off passed");
+                }
+                Ok(BackAction::Close(reason)) => {
+                    assert!(reason != BACKSLASH_LITERALS || backslash_literals(&frame));
+                    break;
+                }
+                Err(_) => break,
+            }
+        } else {
+            let started = matches!(tag, b'Q' | b'E');
+            match tracker.client(&frame, now, &mut done) {
+                Ok(FrontAction::Forward) => {
+                    assert!(tag != b'F', "a fast-path call passed");
+                    statements += usize::from(started);
+                }
+                Ok(FrontAction::Answer(_)) => statements += done.len() - before,
+                Err(_) => {
+                    statements += done.len() - before;
+                    break;
+                }
+            }
+        }
+        assert!(tracker.in_flight() <= statements, "more in flight than was sent");
+    }
+    tracker.end(now, "connection_ended", &mut done);
+    assert_eq!(done.len(), statements, "a statement was lost or finished twice");
+    statements
+}
+
 /// An argument rule from a manifest (anyone who may create an MCPServer
 /// writes it) and a call's arguments (any caller sends them): bytes up to
 /// the first NUL are the rule, the rest the arguments' JSON. A rule the
@@ -244,6 +396,36 @@ mod tests {
         assert!(!verdict(&callers[1]) && !verdict(&callers[2]), "others may not");
         let pseudonym_only = serde_json::json!({"name": "lookup_patient", "arguments": {"patient": "MRN-1"}});
         assert!(!matches!(decide(policy, &callers[0], Some("tools/call"), Some(&pseudonym_only)), Decision::Allow(_)));
+    }
+
+    fn message(selector: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![selector, body.len() as u8];
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn the_conversation_harness_counts_what_is_sent_and_refused() {
+        let (query, complete, ready, fast_path) =
+            (message(0x00, b"SELECT 1\0"), message(0x81, b"SELECT 1\0"), message(0x84, b"I"), message(0x05, b""));
+        // A query answered, then a fast-path call refused: two finished.
+        assert_eq!(converse(&[&[0u8][..], &query, &complete, &ready, &fast_path].concat()), 2);
+        // A query whose connection ends unanswered still finishes, once.
+        assert_eq!(converse(&[&[0u8][..], &query].concat()), 1);
+        // standard_conforming_strings off ends the connection at once.
+        let off = message(0x86, b"standard_conforming_strings\0off\0");
+        assert_eq!(converse(&[&[0u8][..], &query, &off, &query].concat()), 1);
+    }
+
+    #[test]
+    fn the_batch_harness_stores_genuine_batches_and_not_tampered_ones() {
+        // Records 1-8 of stream a, then 9-12.
+        assert_eq!(store_batches(&[0, 0, 7, 0, 8, 3]), vec![12]);
+        // The same with its last line tampered with: nothing of it stored.
+        assert_eq!(store_batches(&[0, 0, 7, 4, 8, 3]), vec![8]);
+        // Stream a's records 1-4 posted by b's sender first make the stream
+        // b's sender's: a's own sender is then refused.
+        assert_eq!(store_batches(&[2, 0, 3, 0, 4, 3]), vec![4]);
     }
 
     #[test]

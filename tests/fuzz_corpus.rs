@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 type Harness = fn(&[u8]);
 
-const TARGETS: [(&str, Harness); 7] = [
+const TARGETS: [(&str, Harness); 9] = [
     ("dbproxy_first_packet", mcp_warden::fuzzing::dbproxy_first_packet),
     ("statement_literals", mcp_warden::fuzzing::statement_literals),
     ("audit_record_line", mcp_warden::fuzzing::audit_record_line),
@@ -15,6 +15,8 @@ const TARGETS: [(&str, Harness); 7] = [
     ("argument_rules", mcp_warden::fuzzing::argument_rules),
     ("bearer_token", mcp_warden::fuzzing::bearer_token),
     ("gateway_authorization", mcp_warden::fuzzing::gateway_authorization),
+    ("dbproxy_conversation", mcp_warden::fuzzing::dbproxy_conversation),
+    ("collector_batches", mcp_warden::fuzzing::collector_batches),
 ];
 
 #[test]
