@@ -48,6 +48,7 @@ pub mod policy;
 pub mod render;
 pub mod report;
 pub mod sidecar;
+pub mod sse;
 pub mod tls_listener;
 pub mod token_review;
 

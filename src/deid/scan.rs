@@ -149,16 +149,11 @@ impl Scanner {
 
     /// Searches an SSE answer: each event's `data` as JSON (or as text).
     pub fn scan_sse(&self, text: &str) -> Option<Finding> {
-        for (i, event) in text.split("\n\n").enumerate() {
-            let data: Vec<&str> = event
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                .collect();
-            if data.is_empty() {
-                continue;
-            }
-            let joined = data.join("\n");
+        // Read as the client reads it (`crate::sse`), and the event the body
+        // leaves open too: a lenient client might dispatch it.
+        let read = crate::sse::read(text);
+        for (i, event) in read.events.iter().chain(std::iter::once(&read.unended)).enumerate() {
+            let Some(joined) = event.data() else { continue };
             let mut path = format!("/event/{i}");
             let found = match serde_json::from_str::<Value>(&joined) {
                 Ok(value) => self.walk(&value, &mut path, None, 0),
@@ -295,6 +290,12 @@ mod tests {
         let planted = "event: message\ndata: {\"result\": {\"content\": [{\"text\": \"123-45-6789\"}]}}\n\n";
         assert_eq!(s.scan_sse(planted).map(|f| f.pattern), Some("ssn".into()));
         assert_eq!(s.scan_sse("data: not json 123-45-6789\n\n").map(|f| f.pattern), Some("ssn".into()));
+        // Every line end a client honours, and data the body leaves open.
+        for body in [planted.replace('\n', "\r"), planted.replace('\n', "\r\n"), planted.trim_end().to_string()] {
+            assert_eq!(s.scan_sse(&body).map(|f| f.pattern), Some("ssn".into()), "{body:?}");
+        }
+        let clean_cr = clean.replace('\n', "\r");
+        assert_eq!(s.scan_sse(&clean_cr), None, "a clean answer stays clean whatever its line ends");
     }
 
     #[test]

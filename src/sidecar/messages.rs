@@ -145,23 +145,14 @@ pub fn check_param_headers(
 /// many events were withheld.
 pub fn rewrite_sse(body: &str, mut edit: impl FnMut(&mut Value)) -> (String, usize) {
     let mut out = String::with_capacity(body.len());
+    let read = crate::sse::read(body);
     let mut withheld = 0;
-    let mut event: Vec<&str> = Vec::new();
-    let (lines, tail) = sse_lines(body);
-    for line in lines {
-        if !line.is_empty() {
-            event.push(line);
-            continue;
-        }
-        if !rewrite_event(&event, &mut edit, &mut out) {
+    for event in &read.events {
+        if !rewrite_event(event, &mut edit, &mut out) {
             withheld += 1;
         }
-        event.clear();
     }
-    if !tail.is_empty() {
-        event.push(tail);
-    }
-    if event.iter().any(|line| sse_field(line).0 == "data") {
+    if read.unended.data().is_some() {
         withheld += 1;
     }
     (out, withheld)
@@ -171,30 +162,29 @@ pub fn rewrite_sse(body: &str, mut edit: impl FnMut(&mut Value)) -> (String, usi
 const WITHHELD_EVENT: &str = ": withheld by mcp-warden: not one JSON-RPC message\n\n";
 
 /// One dispatched event into `out`; false if it was withheld.
-fn rewrite_event(event: &[&str], edit: &mut impl FnMut(&mut Value), out: &mut String) -> bool {
+fn rewrite_event(event: &crate::sse::Event<'_>, edit: &mut impl FnMut(&mut Value), out: &mut String) -> bool {
     let keep = |out: &mut String, lines: &mut dyn Iterator<Item = &&str>| {
         for line in lines {
             out.push_str(line);
             out.push('\n');
         }
     };
-    let data: Vec<&str> = event.iter().map(|l| sse_field(l)).filter(|(f, _)| *f == "data").map(|(_, v)| v).collect();
-    if data.is_empty() {
-        keep(out, &mut event.iter());
+    let Some(data) = event.data() else {
+        keep(out, &mut event.lines.iter());
         out.push('\n');
         return true;
-    }
-    match serde_json::from_str::<Value>(&data.join("\n")) {
+    };
+    match serde_json::from_str::<Value>(&data) {
         Ok(mut message) if message.get("result").is_some() => {
             edit(&mut message);
-            keep(out, &mut event.iter().filter(|l| sse_field(l).0 != "data"));
+            keep(out, &mut event.lines.iter().filter(|l| crate::sse::field(l).0 != "data"));
             out.push_str("data: ");
             out.push_str(&message.to_string());
             out.push_str("\n\n");
             true
         }
         Ok(message) if message.is_object() => {
-            keep(out, &mut event.iter());
+            keep(out, &mut event.lines.iter());
             out.push('\n');
             true
         }
@@ -202,39 +192,6 @@ fn rewrite_event(event: &[&str], edit: &mut impl FnMut(&mut Value), out: &mut St
             out.push_str(WITHHELD_EVENT);
             false
         }
-    }
-}
-
-/// An SSE body's complete lines (each ended by CRLF, LF or CR) and what
-/// follows the last line end.
-fn sse_lines(body: &str) -> (Vec<&str>, &str) {
-    let mut lines = Vec::new();
-    let bytes = body.as_bytes();
-    let (mut start, mut i) = (0, 0);
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\n' => {
-                lines.push(&body[start..i]);
-                i += 1;
-                start = i;
-            }
-            b'\r' => {
-                lines.push(&body[start..i]);
-                i += if bytes.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
-                start = i;
-            }
-            _ => i += 1,
-        }
-    }
-    (lines, &body[start..])
-}
-
-/// An SSE line's field name and value (one leading space removed); a
-/// comment's field is empty.
-fn sse_field(line: &str) -> (&str, &str) {
-    match line.split_once(':') {
-        Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-        None => (line, ""),
     }
 }
 
