@@ -102,6 +102,19 @@ async fn open_loop(
     (samples, start.elapsed())
 }
 
+/// A login role of the database-only lines, in the group `bench_group`.
+fn bench_login<'a>(role: &'a str, pair: &'a str, password: store::LoginPassword<'a>) -> store::NewLogin<'a> {
+    store::NewLogin {
+        group: "bench_group",
+        role,
+        pair,
+        password,
+        ttl: Duration::from_secs(600),
+        connection_limit: 4,
+        lease_id: "bench",
+    }
+}
+
 /// One broker over the store, with its HTTP API.
 struct Side {
     name: &'static str,
@@ -230,15 +243,8 @@ fn main() {
                     let mut samples = Vec::new();
                     for i in 0..100 {
                         let role = format!("bench_login_{connections}_{c}_{i}");
-                        let login = store::NewLogin {
-                            group: "bench_group",
-                            role: &role,
-                            pair: &format!("bench_pair_{c}_{i}"),
-                            password: store::LoginPassword::Verifier(&verifier),
-                            ttl: Duration::from_secs(600),
-                            connection_limit: 4,
-                            lease_id: "bench",
-                        };
+                        let pair = format!("bench_pair_{c}_{i}");
+                        let login = bench_login(&role, &pair, store::LoginPassword::Verifier(&verifier));
                         let t = Instant::now();
                         store::create_login(&mut admin, &login).await.expect("create");
                         samples.push(t.elapsed());
@@ -263,15 +269,8 @@ fn main() {
             store::create_warm(&mut admin, &warm_name, &verifier).await.expect("warm");
             passwords.push(t.elapsed());
             let role = format!("bench_claimed_{i}");
-            let login = store::NewLogin {
-                group: "bench_group",
-                role: &role,
-                pair: &format!("bench_claim_{i}"),
-                password: store::LoginPassword::Warm(&warm_name),
-                ttl: Duration::from_secs(600),
-                connection_limit: 4,
-                lease_id: "bench",
-            };
+            let pair = format!("bench_claim_{i}");
+            let login = bench_login(&role, &pair, store::LoginPassword::Warm(&warm_name));
             let t = Instant::now();
             store::create_login(&mut admin, &login).await.expect("claim");
             claims.push(t.elapsed());

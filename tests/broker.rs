@@ -139,13 +139,19 @@ fn code(e: &tokio_postgres::Error) -> Option<SqlState> {
     e.code().cloned()
 }
 
-async fn login_role_names(db: &Client) -> BTreeSet<String> {
-    db.query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'mcpw\\_u\\_%'", &[])
+/// Role names with a prefix (`_` is escaped for LIKE).
+async fn role_names(db: &Client, prefix: &str) -> BTreeSet<String> {
+    let pattern = format!("{}%", prefix.replace('_', "\\_"));
+    db.query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1", &[&pattern])
         .await
         .unwrap()
         .into_iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+async fn login_role_names(db: &Client) -> BTreeSet<String> {
+    role_names(db, "mcpw_u_").await
 }
 
 /// The session is gone: its next query fails.
@@ -286,12 +292,7 @@ async fn two_callers_get_two_roles_that_reach_exactly_the_granted_columns() {
 }
 
 async fn warm_login_names(db: &Client) -> BTreeSet<String> {
-    db.query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'mcpw\\_w\\_%'", &[])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect()
+    role_names(db, "mcpw_w_").await
 }
 
 /// A role of the warm-login shape, made by hand with a comment of the
