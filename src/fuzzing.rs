@@ -15,6 +15,7 @@
 //! | `bearer_token` | a bearer token (the sidecar's and the broker's verifier) | no unsigned or forged token authenticates; hostile claims under a valid signature authenticate only when they are what the verifier requires |
 //! | `gateway_authorization` | a JSON-RPC body (single or batch) from a caller | never panics; nothing is allowed that the policy does not allow this caller, arguments included; `_meta` carries only the verified caller |
 //! | `collector_batches` | batches of record lines from senders (the collector's intake), genuine, resent, reordered, tampered or from the wrong sender | never panics; what is acknowledged is the genuine chain and verifies; durable positions never go back |
+//! | `broker_bodies` | a body posted to the broker's API (credential, grants, revocation and re-identification requests) | never panics; a refusal names where the body is malformed, never what it holds; a parsed credential request's server and correlation are judged without panicking |
 //! | `dbproxy_conversation` | the tagged messages of a proxied connection, both ways (the MCP server's and PostgreSQL's) | never panics; every statement sent is finished exactly once; COPY (when not allowed), fast-path calls and `standard_conforming_strings` off never pass |
 
 // A harness reports a broken property by panicking (that is what the
@@ -178,6 +179,34 @@ fn sse_events(body: &str) -> (Vec<String>, bool) {
     let open = data.is_some() || is_data(tail);
     (events, open)
 }
+
+/// A body posted to the broker's API: byte 0 picks the request type, the
+/// rest is the body. A refusal's message has one fixed shape (where, never
+/// what: a body can carry a caller's token).
+pub fn broker_bodies(data: &[u8]) {
+    use crate::broker::api::{GrantsRequest, parse_json};
+    use crate::broker::issuer::CredentialRequest;
+    use crate::broker::lifecycle::Revocation;
+    use crate::broker::reidentify::ReidentifyRequest;
+    let Some((&kind, body)) = data.split_first() else { return };
+    let refusal = match kind % 4 {
+        0 => parse_json::<CredentialRequest>(body, "credential request")
+            .map(|r| {
+                let _ = crate::broker::issuer::parse_server(&r.server);
+            })
+            .err(),
+        1 => parse_json::<GrantsRequest>(body, "grants request").err(),
+        2 => parse_json::<Revocation>(body, "revocation").err(),
+        _ => parse_json::<ReidentifyRequest>(body, "re-identification").err(),
+    };
+    if let Some(message) = refusal {
+        assert!(REFUSAL_SHAPE.is_match(&message), "a refusal says more than where: {message:?}");
+    }
+}
+
+static REFUSAL_SHAPE: LazyLock<regex::Regex> = LazyLock::new(|| {
+    regex::Regex::new(r"^not a valid [a-z -]+ \((Syntax|Data|Eof|Io) error at line \d+ column \d+\)$").expect("regex")
+});
 
 /// Two streams' genuine records (a stream-start and eleven lease records
 /// each), as canonical lines.
@@ -429,6 +458,25 @@ mod tests {
         // Stream a's records 1-4 posted by b's sender first make the stream
         // b's sender's: a's own sender is then refused.
         assert_eq!(store_batches(&[2, 0, 3, 0, 4, 3]), vec![4]);
+    }
+
+    #[test]
+    fn broker_refusals_name_where_never_what() {
+        let token = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0.";
+        let bodies = [
+            format!("{{\"server\":\"a/b\",\"tool\":\"t\",\"store\":\"s\",\"callerToken\":\"{token}\",\"extra\":1}}"),
+            format!("{{\"callerToken\":{token}}}"),
+            format!("[\"{token}\"]"),
+        ];
+        for body in &bodies {
+            let message = crate::broker::api::parse_json::<crate::broker::issuer::CredentialRequest>(
+                body.as_bytes(),
+                "credential request",
+            )
+            .unwrap_err();
+            assert!(REFUSAL_SHAPE.is_match(&message) && !message.contains("eyJ"), "{message}");
+            broker_bodies(&[&[0u8][..], body.as_bytes()].concat());
+        }
     }
 
     #[test]

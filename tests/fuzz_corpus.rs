@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 type Harness = fn(&[u8]);
 
-const TARGETS: [(&str, Harness); 9] = [
+const TARGETS: [(&str, Harness); 10] = [
     ("dbproxy_first_packet", mcp_warden::fuzzing::dbproxy_first_packet),
     ("statement_literals", mcp_warden::fuzzing::statement_literals),
     ("audit_record_line", mcp_warden::fuzzing::audit_record_line),
@@ -17,6 +17,7 @@ const TARGETS: [(&str, Harness); 9] = [
     ("gateway_authorization", mcp_warden::fuzzing::gateway_authorization),
     ("dbproxy_conversation", mcp_warden::fuzzing::dbproxy_conversation),
     ("collector_batches", mcp_warden::fuzzing::collector_batches),
+    ("broker_bodies", mcp_warden::fuzzing::broker_bodies),
 ];
 
 #[test]

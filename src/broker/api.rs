@@ -142,10 +142,14 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes, what: &str) -> 
             "send application/json".into(),
         )));
     }
+    parse_json(body, what).map_err(|message| Box::new(refuse(StatusCode::BAD_REQUEST, "invalid_request", message)))
+}
+
+/// Parses a request body; the error names where it is malformed, never
+/// what it holds (a body can carry a caller's token).
+pub fn parse_json<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| {
-        let message =
-            format!("not a valid {what} ({:?} error at line {} column {})", e.classify(), e.line(), e.column());
-        Box::new(refuse(StatusCode::BAD_REQUEST, "invalid_request", message))
+        format!("not a valid {what} ({:?} error at line {} column {})", e.classify(), e.line(), e.column())
     })
 }
 
