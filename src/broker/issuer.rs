@@ -558,37 +558,46 @@ impl Broker {
         );
         let role = naming::login_role(&prefix, &lease_id);
         let store_error = |source| BrokerError::Store { store: store_key.to_string(), source };
-        let login = |password| store::NewLogin {
+        let login = store::NewLogin {
             group: &group,
             role: &role,
             pair: &prefix,
-            password,
+            password: LoginPassword::Verifier(""),
             ttl,
             connection_limit: self.settings.connection_limit,
             lease_id: &lease_id,
         };
-        let (warm_name, warm_password) = handle.warm.take().map(|w| (w.name, w.password)).unzip();
-        if warm_name.is_some() {
+        let warm = handle.warm.take();
+        if warm.is_some() {
             self.warm_wanted.notify_one();
         }
-        let claimed = match &warm_name {
-            Some(name) => match create_login(&handle, &grants, &login(LoginPassword::Warm(name))).await {
-                Ok(created) => Some(created),
-                Err(e @ StoreError::Unreachable(_)) => return Err(store_error(e)),
-                Err(e) => {
+        let claimed = match warm {
+            Some(warm) => match create_login(
+                &handle,
+                &grants,
+                &store::NewLogin { password: LoginPassword::Warm(&warm.name), ..login },
+            )
+            .await
+            {
+                Ok(created) => Some((created, warm.password)),
+                Err(e @ StoreError::WarmLoginGone(_)) => {
                     tracing::warn!(error = %e, "a warm login could not be claimed; making the role cold");
                     None
+                }
+                // Not the warm login's fault: it stays in the pool.
+                Err(e) => {
+                    handle.warm.put(warm);
+                    return Err(store_error(e));
                 }
             },
             None => None,
         };
-        let (created, password) = match (claimed, warm_password) {
-            (Some(created), Some(warm_password)) => (created, warm_password),
-            _ => {
+        let (created, password) = match claimed {
+            Some(claimed) => claimed,
+            None => {
                 let verifier = verifier(&password).await.map_err(store_error)?;
-                let created = create_login(&handle, &grants, &login(LoginPassword::Verifier(&verifier)))
-                    .await
-                    .map_err(store_error)?;
+                let cold = store::NewLogin { password: LoginPassword::Verifier(&verifier), ..login };
+                let created = create_login(&handle, &grants, &cold).await.map_err(store_error)?;
                 (created, password)
             }
         };

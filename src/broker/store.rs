@@ -52,6 +52,10 @@ pub enum StoreError {
     /// The de-identified views cannot be served as classified.
     #[error("de-identification: {0}")]
     Deidentification(String),
+    /// A warm login to be claimed is gone (or was made able to log in)
+    /// behind the broker's back.
+    #[error("warm login {0} is gone or can log in")]
+    WarmLoginGone(String),
     /// Any other database error.
     #[error("database error: {0}")]
     Sql(String),
@@ -67,6 +71,7 @@ impl StoreError {
             StoreError::Tls(_) => "tls",
             StoreError::GrantMismatch { .. } => "grant_mismatch",
             StoreError::Deidentification(_) => "deidentification",
+            StoreError::WarmLoginGone(_) => "warm_login_gone",
             StoreError::Sql(_) => "sql",
         }
     }
@@ -402,7 +407,8 @@ pub struct CreatedLogin {
     pub db_now: DateTime<Utc>,
 }
 
-/// A LOGIN role to create.
+/// A LOGIN role to create (no `Debug`: it holds a verifier).
+#[derive(Clone, Copy)]
 pub struct NewLogin<'a> {
     /// The group role it is a member of (and nothing else).
     pub group: &'a str,
@@ -421,7 +427,7 @@ pub struct NewLogin<'a> {
 }
 
 /// The password of a login role to create.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub enum LoginPassword<'a> {
     /// A new role with this SCRAM-SHA-256 verifier (never the password).
     Verifier(&'a str),
@@ -466,7 +472,7 @@ pub async fn create_login(client: &mut Client, login: &NewLogin<'_>) -> Result<C
                 .await?
                 .is_some();
             if !naming::is_warm_role(warm) || !still_warm {
-                return Err(StoreError::Sql(format!("warm login {warm} is gone or can log in")));
+                return Err(StoreError::WarmLoginGone(warm.to_string()));
             }
             format!(
                 "ALTER ROLE {warm} RENAME TO {role}; \

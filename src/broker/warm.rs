@@ -79,7 +79,8 @@ impl WarmPool {
         self.lock().pop_front()
     }
 
-    fn put(&self, login: WarmLogin) {
+    /// Returns a login to the pool (made, or not claimed after all).
+    pub(super) fn put(&self, login: WarmLogin) {
         self.lock().push_back(login);
     }
 
