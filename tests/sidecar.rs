@@ -1301,4 +1301,22 @@ async fn a_list_answer_the_gateway_cannot_read_as_a_client_would_is_withheld_not
     let (status, body) = raw("surrogate-json").await;
     assert_eq!(status, 502);
     assert!(body.contains("could not be read, so it was withheld"), "{body}");
+    // Every answer that lost something is on the record as the gateway's
+    // refusal (-32000), not as a clean list: all but the two CR/CRLF ones.
+    let refused = |records: &[Record]| {
+        records
+            .iter()
+            .filter(|r| r.event.kind == Kind::Outcome)
+            .filter(|r| r.event.outcome.as_ref().is_some_and(|o| o.rpc_error == Some(-32000)))
+            .count()
+    };
+    let mut records = s.records();
+    for _ in 0..100 {
+        if refused(&records) >= 7 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        records = s.records();
+    }
+    assert_eq!(refused(&records), 7);
 }

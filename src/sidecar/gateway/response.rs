@@ -131,6 +131,8 @@ pub(super) async fn forward(
             }
         });
         if withheld > 0 {
+            // On the record as the gateway's refusal, not as a clean answer.
+            rpc_error = Some(GATEWAY_REFUSED);
             tracing::warn!(withheld, "events of a list answer the gateway cannot read were withheld");
         }
         Bytes::from(rewritten)
