@@ -368,11 +368,32 @@ async fn warm_logins_are_inert_until_claimed_then_roles_are_made_cold_and_orphan
     }
     let dave = w.client.credential(&request("lookup_patient", &token("dave", &["front-desk"]))).await.unwrap();
     w.login(&dave).await.expect("made cold after the failed claim");
+    let dave2 = w.client.credential(&request("lookup_patient", &token("dave2", &["front-desk"]))).await.unwrap();
+    w.login(&dave2).await.expect("the pool's other dropped login: made cold too");
+
+    // A privilege granted to a warm login behind the broker's back never
+    // comes along: that login is not claimed, the role is made cold and
+    // reaches exactly its columns.
+    assert_eq!(w.broker.warm_up().await, 2);
+    for name in warm_login_names(&admin).await {
+        admin.batch_execute(&format!("GRANT SELECT ON clinical.patients TO {name}")).await.unwrap();
+    }
+    let erin = w.client.credential(&request("lookup_patient", &token("erin", &["front-desk"]))).await.unwrap();
+    let session = w.login(&erin).await.expect("made cold");
+    let denied = session.simple_query("SELECT ssn FROM clinical.patients").await.unwrap_err();
+    assert_eq!(code(&denied), Some(SqlState::INSUFFICIENT_PRIVILEGE), "the planted grant did not come along");
+    for name in warm_login_names(&admin).await {
+        admin.batch_execute(&format!("REVOKE ALL ON clinical.patients FROM {name}; DROP ROLE {name}")).await.unwrap();
+    }
+    // The pool still holds one login whose role is gone (claims take the
+    // oldest): the next issuance finds it gone and is made cold too.
+    let frank = w.client.credential(&request("lookup_patient", &token("frank", &["front-desk"]))).await.unwrap();
+    w.login(&frank).await.expect("made cold");
 
     // Orphans: an old warm-shaped role and one that can log in are dropped;
     // a young one (another broker's, during a rollout) and this broker's
     // own are kept.
-    assert_eq!(w.broker.warm_up().await, 1, "the pool had one dropped login left to replace");
+    assert_eq!(w.broker.warm_up().await, 2, "the pool's logins were all used up or gone");
     let own = warm_login_names(&admin).await;
     let (old, young, loginable) =
         ("mcpw_w_00000000000000000000000a", "mcpw_w_00000000000000000000000b", "mcpw_w_00000000000000000000000c");

@@ -52,9 +52,9 @@ pub enum StoreError {
     /// The de-identified views cannot be served as classified.
     #[error("de-identification: {0}")]
     Deidentification(String),
-    /// A warm login to be claimed is gone (or was made able to log in)
-    /// behind the broker's back.
-    #[error("warm login {0} is gone or can log in")]
+    /// A warm login to be claimed is gone, or was changed behind the
+    /// broker's back (it is no longer inert).
+    #[error("warm login {0} is gone or no longer inert")]
     WarmLoginGone(String),
     /// Any other database error.
     #[error("database error: {0}")]
@@ -443,9 +443,10 @@ pub enum LoginPassword<'a> {
 /// and new pod) never create roles for one pair at the same moment.
 ///
 /// From a warm login the role is the same in the catalog (attributes,
-/// verifier, expiry, one membership, comment); only its OID is older. The
-/// rename fails if the warm login is gone or is not NOLOGIN any more, and
-/// the transaction leaves it as it was.
+/// verifier, expiry, one membership, comment); only its OID is older. A
+/// warm login that is gone, or is no longer inert (LOGIN, an attribute, a
+/// membership, an object or privilege of its own), is not claimed
+/// ([`StoreError::WarmLoginGone`]) and the transaction leaves it as it was.
 pub async fn create_login(client: &mut Client, login: &NewLogin<'_>) -> Result<CreatedLogin, StoreError> {
     let secs = login.ttl.as_secs_f64();
     let tx = client.transaction().await?;
@@ -467,8 +468,20 @@ pub async fn create_login(client: &mut Client, login: &NewLogin<'_>) -> Result<C
             verifier = literal(verifier),
         ),
         LoginPassword::Warm(warm) => {
+            // Still inert, as it was made: no LOGIN, no attribute, no
+            // membership either way, and nothing in any database depends on
+            // it (no object it owns, no privilege granted to it) — else a
+            // grant made to it behind the broker's back would come along.
             let still_warm = tx
-                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1 AND NOT rolcanlogin", &[&warm])
+                .query_opt(
+                    "SELECT 1 FROM pg_roles r
+                      WHERE r.rolname = $1 AND NOT (r.rolcanlogin OR r.rolsuper OR r.rolcreaterole OR r.rolcreatedb
+                                                    OR r.rolreplication OR r.rolbypassrls)
+                        AND NOT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid OR m.roleid = r.oid)
+                        AND NOT EXISTS (SELECT 1 FROM pg_shdepend d
+                                         WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid)",
+                    &[&warm],
+                )
                 .await?
                 .is_some();
             if !naming::is_warm_role(warm) || !still_warm {
