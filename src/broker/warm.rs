@@ -4,7 +4,7 @@
 //! ```text
 //!   keep_warm ── pool below target? ──▶ verifier (PBKDF2, blocking thread) ──▶ CREATE ROLE mcpw_w_… NOLOGIN PASSWORD …
 //!   issue ── take one ──▶ ALTER ROLE mcpw_w_… RENAME TO mcpw_u_…; LOGIN, VALID UNTIL, GRANT group, COMMENT lease
-//!                         (pool empty, or the claim fails: CREATE ROLE as before)
+//!                         (pool empty, or that login gone or no longer inert: CREATE ROLE as before)
 //!   reap ── warm logins of no live pool, older than ORPHAN_AFTER ──▶ DROP ROLE
 //! ```
 //!
@@ -14,7 +14,8 @@
 //! backend — 8.9 of the 9.3 ms a role-creating transaction costs on the
 //! bench machine. A warm login has paid that already: NOLOGIN, member of
 //! nothing, its password known only to this process. Claiming one costs the
-//! database ≈0.45 ms, in the transaction that holds the pair's advisory lock.
+//! database about a millisecond (1.2 ms in `cargo bench --bench broker`), in the
+//! transaction that holds the pair's advisory lock.
 //!
 //! A warm login can do nothing: it cannot log in, nobody is a member of it
 //! (so nobody can `SET ROLE` to it), and it holds no privilege beyond
