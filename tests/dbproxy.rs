@@ -347,7 +347,8 @@ async fn alice_and_bob_query_as_their_own_roles_with_their_calls_correlation_ids
         .unwrap();
     let joe = pseudonym_in(&text_of(&found));
     let lock = admin.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE clinical.patients IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    // Locking the view locks what it reads (the pseudonymized copy).
+    lock.batch_execute("LOCK TABLE deid_patient_lookup.patients IN ACCESS EXCLUSIVE MODE").await.unwrap();
     let lookup =
         || CallToolRequestParams::new("lookup_patient").with_arguments(args(serde_json::json!({"patient": joe})));
     let alice_call = tokio::spawn({

@@ -322,9 +322,17 @@ async fn a_compromised_server_gets_pseudonyms_or_refusals_whatever_sql_it_sends(
     ] {
         probe(&s, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
-    // The functions the mapping uses run as their owner only where no caller
-    // can reach them: both have no EXECUTE for PUBLIC, and the trigger's
-    // search_path is pinned.
+    // The view reads the table's pseudonymized copy (a trigger keeps it),
+    // which callers hold no privilege on (the probe above covers mcpw_deid).
+    let viewdef: String = admin
+        .query_one("SELECT pg_get_viewdef('deid_patient_lookup.patients'::regclass)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(viewdef.contains("mcpw_deid.sh_") && !viewdef.contains("clinical."), "{viewdef}");
+    // The functions the mapping and the copies use run as their owner only
+    // where no caller can reach them: none has EXECUTE for PUBLIC, and the
+    // triggers' search_path is pinned.
     let functions = admin
         .query(
             "SELECT proname::text, prosecdef, proconfig::text, has_function_privilege('public', oid, 'EXECUTE')
@@ -333,13 +341,13 @@ async fn a_compromised_server_gets_pseudonyms_or_refusals_whatever_sql_it_sends(
         )
         .await
         .unwrap();
-    assert_eq!(functions.len(), 2);
+    assert!(functions.len() >= 4, "the token function, the key trigger and a copy's two triggers: {}", functions.len());
     for f in &functions {
         let (name, definer, config, public): (String, bool, Option<String>, bool) =
             (f.get(0), f.get(1), f.get(2), f.get(3));
         assert!(!public, "{name} is executable by PUBLIC");
         assert!(config.unwrap_or_default().contains("search_path=pg_catalog, pg_temp"), "{name}");
-        assert_eq!(definer, name == "tokens_patient", "{name}");
+        assert_eq!(definer, name == "tokens_patient" || name.starts_with("sh_"), "{name}");
     }
 }
 
@@ -428,6 +436,94 @@ async fn a_new_patient_has_a_pseudonym_at_once_and_a_steady_pass_changes_nothing
         "{:?}",
         report.admin_missing
     );
+}
+
+/// What `sql` returns to a de-identified session, as text.
+async fn rows(session: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    probe(session, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+#[tokio::test]
+async fn the_pseudonymized_copy_follows_every_write_and_a_write_it_misses_is_rebuilt_not_lost() {
+    let w = World::new().await;
+    let owner = w.pg.superuser("ehr").await;
+    let as_owner = async |sql: &str| {
+        owner.batch_execute(&format!("SET ROLE ehr_owner; {sql}; RESET ROLE")).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    };
+    // visits gets a copy once the admin may put a trigger on it.
+    owner.batch_execute("GRANT TRIGGER ON clinical.visits TO warden_admin").await.unwrap();
+    assert!(w.broker.sync().await.is_empty());
+    let copies: i64 = owner
+        .query_one("SELECT count(*) FROM pg_class WHERE relnamespace = 'mcpw_deid'::regnamespace AND relname LIKE 'sh\\_%' AND relkind = 'r'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(copies, 3, "patients in two scopes, visits in one");
+    let s = w.session("patient-lookup", "find_patient").await;
+    let v = w.session("patient-lookup", "patient_visits").await;
+    let token_of = async |diagnosis: &str| {
+        rows(&s, &format!("SELECT id FROM deid_patient_lookup.patients WHERE diagnosis = '{diagnosis}'")).await
+    };
+
+    // Insert, update of a served column, of the key, delete, truncate.
+    as_owner("INSERT INTO clinical.patients (id, mrn, name, dob, diagnosis) VALUES (40, 'MRN-0040', 'Di Ash', '1988-02-03', 'gout')").await;
+    let gout = token_of("gout").await;
+    assert_eq!(gout.len(), 1);
+    assert!(is_pseudonym(gout[0][0].as_deref().unwrap()), "{gout:?}");
+    as_owner("UPDATE clinical.patients SET diagnosis = 'migraine' WHERE id = 40").await;
+    assert!(token_of("gout").await.is_empty());
+    assert_eq!(token_of("migraine").await, gout, "the pseudonym stays with the patient");
+    as_owner("UPDATE clinical.patients SET id = 41 WHERE id = 40").await;
+    let moved = token_of("migraine").await;
+    assert_eq!(moved.len(), 1);
+    assert_ne!(moved, gout, "a new key is a new pseudonym");
+    assert!(is_pseudonym(moved[0][0].as_deref().unwrap()));
+    as_owner("DELETE FROM clinical.patients WHERE id = 41").await;
+    assert!(token_of("migraine").await.is_empty());
+
+    // A visit of a patient the key table does not hold still gets a token.
+    as_owner("INSERT INTO clinical.visits (patient_id, visit_date, admitted, note) VALUES (777, '2019-05-06', 'x', 'Zed Null')").await;
+    let visits = rows(&v, "SELECT patient_id, visit_date FROM deid_patient_lookup.visits WHERE visit_date = 2019").await;
+    assert_eq!(visits.len(), 1, "{visits:?}");
+    assert!(is_pseudonym(visits[0][0].as_deref().unwrap()), "{visits:?}");
+    as_owner("TRUNCATE clinical.visits").await;
+    assert!(rows(&v, "SELECT 1 FROM deid_patient_lookup.visits").await.is_empty());
+
+    // A write the trigger cannot mirror does not fail the application's
+    // write; the copy is marked stale and the next pass rebuilds it whole.
+    let def: String =
+        owner.query_one("SELECT pg_get_viewdef('deid_patient_lookup.patients'::regclass)", &[]).await.unwrap().get(0);
+    let copy = def.split("mcpw_deid.").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    owner.batch_execute(&format!("ALTER TABLE mcpw_deid.{copy} ADD CONSTRAINT broken CHECK (false) NOT VALID")).await.unwrap();
+    as_owner("INSERT INTO clinical.patients (id, mrn, name, dob, diagnosis) VALUES (50, 'MRN-0050', 'Eli Fox', '1999-09-09', 'sprain')").await;
+    assert!(token_of("sprain").await.is_empty(), "the copy missed it");
+    let stale: i64 = owner.query_one("SELECT count(*) FROM mcpw_deid.shadow_stale", &[]).await.unwrap().get(0);
+    assert_eq!(stale, 1);
+    assert!(w.broker.sync().await.is_empty());
+    let s = w.session("patient-lookup", "find_patient").await;
+    let sprain = rows(&s, "SELECT id FROM deid_patient_lookup.patients WHERE diagnosis = 'sprain'").await;
+    assert_eq!(sprain.len(), 1, "rebuilt, the row is there");
+    assert!(is_pseudonym(sprain[0][0].as_deref().unwrap()));
+    let stale: i64 = owner.query_one("SELECT count(*) FROM mcpw_deid.shadow_stale", &[]).await.unwrap().get(0);
+    assert_eq!(stale, 0);
+
+    // Without TRIGGER the view joins the mapping and the copy and its
+    // triggers go.
+    owner.batch_execute("REVOKE TRIGGER ON clinical.visits FROM warden_admin").await.unwrap();
+    assert!(w.broker.sync().await.is_empty());
+    let def: String = owner.query_one("SELECT pg_get_viewdef('deid_patient_lookup.visits'::regclass)", &[]).await.unwrap().get(0);
+    assert!(def.contains("map_patient") && !def.contains("sh_"), "{def}");
+    let triggers: i64 = owner
+        .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clinical.visits'::regclass AND tgname LIKE 'mcpw\\_sh\\_%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0);
+    let v = w.session("patient-lookup", "patient_visits").await;
+    as_owner("INSERT INTO clinical.visits (patient_id, visit_date, admitted, note) VALUES (1, '2021-01-01', 'x', 'n')").await;
+    let joined = rows(&v, "SELECT patient_id FROM deid_patient_lookup.visits").await;
+    assert_eq!(joined.len(), 1);
+    assert!(is_pseudonym(joined[0][0].as_deref().unwrap()));
 }
 
 const REIDENTIFIER: &str = "reidentifier-credential-for-tests-0123456789";

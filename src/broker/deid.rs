@@ -6,8 +6,14 @@
 //! ```text
 //!   wanted views (scope → tables) ─┐
 //!   catalog: owned views, types,   ├─▶ mapping DDL (once) · scopes · entity map + trigger (when missing
-//!   triggers, fingerprints ────────┘     or changed) · backfill · views whose fingerprint differs · stale views dropped
+//!   triggers, fingerprints ────────┘     or changed) · backfill · per table: its pseudonymized copy (built
+//!                                        when missing, changed, stale or rotated) and the view over it ·
+//!                                        stale views and copies dropped
 //! ```
+//!
+//! A table gets a copy when it has a primary key and the admin role may
+//! create triggers on it; otherwise its view joins the mapping (correct,
+//! slower on lists), and the pass says so.
 //!
 //! Nothing is rewritten when it is current: a steady pass reads the catalog
 //! and changes nothing (no lock on the application's tables).
@@ -22,6 +28,7 @@ use super::store::StoreError;
 use crate::api::{ColumnClass, Deidentification};
 use crate::deid::classification;
 use crate::deid::mapping::{self, EntityMap};
+use crate::deid::shadow::{self, OWNED_SHADOWS_SQL, SHADOW_CURRENT_SQL, SHADOW_COMMENT_PREFIX, TABLE_INDEXES_SQL};
 use crate::deid::views::{self, COLUMN_TYPES_SQL, ColumnType, OWNED_VIEWS_SQL, VIEW_COMMENT_PREFIX};
 use crate::deid::{MAP_SCHEMA, view_schema};
 
@@ -41,6 +48,13 @@ pub struct DeidPass {
     pub backfilled: Vec<String>,
     /// Scopes that started a new epoch (rotation).
     pub rotated: Vec<String>,
+    /// Pseudonymized copies built or rebuilt (`scope/schema.table`).
+    pub shadows_built: Vec<String>,
+    /// Copies dropped (no longer wanted).
+    pub shadows_dropped: Vec<String>,
+    /// Views written that join the mapping instead of reading a copy, and
+    /// why (`scope/schema.table: reason`).
+    pub joined: Vec<String>,
 }
 
 /// Brings the store's mapping, triggers and views in line with `wanted`.
@@ -53,8 +67,10 @@ pub async fn ensure(
     backfill: bool,
 ) -> Result<DeidPass, StoreError> {
     let mut pass = DeidPass::default();
+    let mut kept = BTreeSet::new();
     let existing = owned_views(client).await?;
-    if wanted.is_empty() && existing.is_empty() {
+    let shadows = owned_shadows(client).await?;
+    if wanted.is_empty() && existing.is_empty() && shadows.is_empty() {
         return Ok(pass);
     }
     let tx = client.transaction().await?;
@@ -114,10 +130,10 @@ pub async fn ensure(
             let epoch = *epochs
                 .get(scope)
                 .ok_or_else(|| StoreError::Deidentification(format!("scope {scope} is not registered")))?;
-            write_views(&tx, deid, scope, epoch, tables, &existing, &mut pass).await?;
+            write_views(&tx, deid, scope, epoch, tables, &existing, &mut kept, &mut pass).await?;
             let scope_tables = WantedViews::from([(scope.clone(), tables.clone())]);
             let aliases = views::alias_view(scope, &entities_used(deid, &scope_tables).into_iter().collect::<Vec<_>>());
-            write_view(&tx, &aliases, &existing, &mut pass).await?;
+            write_view(&tx, &aliases, &existing, false, &mut pass).await?;
         }
     }
     let keep: BTreeSet<(String, String)> = wanted
@@ -131,6 +147,14 @@ pub async fn ensure(
         if comment.starts_with(VIEW_COMMENT_PREFIX) && !keep.contains(&(schema.clone(), name.clone())) {
             tx.batch_execute(&format!("DROP VIEW IF EXISTS {}.{}", ident(schema), ident(name))).await?;
             pass.views_dropped.push(format!("{schema}.{name}"));
+        }
+    }
+    // Copies of tables no longer wanted, or now served by a join (the
+    // admin lost TRIGGER, the primary key went): their triggers go too.
+    for (name, comment) in &shadows {
+        if comment.starts_with(SHADOW_COMMENT_PREFIX) && !kept.contains(name) {
+            tx.batch_execute(&shadow::drop_sql(name).join(";\n")).await?;
+            pass.shadows_dropped.push(name.clone());
         }
     }
     tx.commit().await?;
@@ -151,27 +175,94 @@ async fn write_views(
     epoch: i32,
     tables: &BTreeSet<String>,
     existing: &BTreeMap<(String, String), String>,
+    kept: &mut BTreeSet<String>,
     pass: &mut DeidPass,
 ) -> Result<(), StoreError> {
     for name in tables {
         let table = classification::table(deid, name)
             .ok_or_else(|| StoreError::Deidentification(format!("table {name} is not classified")))?;
         let types = column_types(tx, name).await?;
-        let view = views::view(scope, epoch, deid, table, &types).map_err(StoreError::Deidentification)?;
-        write_view(tx, &view, existing, pass).await?;
+        let plan = views::plan(deid, table, &types).map_err(StoreError::Deidentification)?;
+        match copy_of(tx, scope, epoch, deid, &plan, &types).await? {
+            Ok(copy) => {
+                let built = !shadow_current(tx, &copy).await?;
+                if built {
+                    // Dropping the previous copy dropped its view too.
+                    tx.batch_execute(&copy.build.join(";\n")).await?;
+                    tx.batch_execute(&format!("COMMENT ON TABLE {} IS {}", copy.quoted(), literal(&copy.comment())))
+                        .await?;
+                    pass.shadows_built.push(format!("{scope}/{name}"));
+                }
+                write_view(tx, &copy.view, existing, built, pass).await?;
+                kept.insert(copy.name);
+            }
+            Err(why) => {
+                let view = views::view(scope, epoch, deid, table, &types).map_err(StoreError::Deidentification)?;
+                if write_view(tx, &view, existing, false, pass).await? {
+                    tracing::warn!(scope, table = %name, reason = %why, "de-identified view joins the mapping (no copy): lists are slower");
+                    pass.joined.push(format!("{scope}/{name}: {why}"));
+                }
+            }
+        }
     }
     Ok(())
 }
 
-/// Creates or re-creates one view unless its fingerprint is current.
+/// The table's pseudonymized copy, or why it has none: no primary key, or
+/// no TRIGGER privilege for the admin role (or a name a trigger body
+/// cannot hold).
+async fn copy_of(
+    tx: &impl GenericClient,
+    scope: &str,
+    epoch: i32,
+    deid: &Deidentification,
+    plan: &views::TablePlan,
+    types: &BTreeMap<String, ColumnType>,
+) -> Result<Result<shadow::Shadow, String>, StoreError> {
+    let table = plan.source.quoted();
+    let may_trigger: bool =
+        tx.query_one("SELECT has_table_privilege(to_regclass($1), 'TRIGGER')", &[&table]).await?.get(0);
+    if !may_trigger {
+        return Ok(Err("the admin role holds no TRIGGER privilege on the table".into()));
+    }
+    let mut primary_key = Vec::new();
+    let mut indexes = Vec::new();
+    for row in tx.query(TABLE_INDEXES_SQL, &[&table]).await? {
+        let columns: Vec<String> = row.get(0);
+        if row.get::<_, bool>(1) {
+            primary_key = columns;
+        } else {
+            indexes.push(columns);
+        }
+    }
+    indexes.sort();
+    Ok(shadow::shadow(scope, epoch, deid, plan, types, &primary_key, &indexes))
+}
+
+async fn shadow_current(tx: &impl GenericClient, copy: &shadow::Shadow) -> Result<bool, StoreError> {
+    let maps = copy.maps.len() as i32;
+    let row = tx
+        .query_one(SHADOW_CURRENT_SQL, &[&copy.name, &copy.comment(), &copy.trigger, &maps, &copy.truncate_trigger])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The broker's copies: name → comment.
+async fn owned_shadows(client: &Client) -> Result<BTreeMap<String, String>, StoreError> {
+    Ok(client.query(OWNED_SHADOWS_SQL, &[]).await?.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Creates or re-creates one view unless its fingerprint is current (and
+/// `force` is not set: its copy was rebuilt, dropping it); whether it did.
 async fn write_view(
     tx: &tokio_postgres::Transaction<'_>,
     view: &views::View,
     existing: &BTreeMap<(String, String), String>,
+    force: bool,
     pass: &mut DeidPass,
-) -> Result<(), StoreError> {
-    if existing.get(&(view.schema.clone(), view.name.clone())) == Some(&view.comment()) {
-        return Ok(());
+) -> Result<bool, StoreError> {
+    if !force && existing.get(&(view.schema.clone(), view.name.clone())) == Some(&view.comment()) {
+        return Ok(false);
     }
     let schema = ident(&view.schema);
     tx.batch_execute(&format!(
@@ -186,7 +277,7 @@ async fn write_view(
     ))
     .await?;
     pass.views_written.push(format!("{}.{}", view.schema, view.name));
-    Ok(())
+    Ok(true)
 }
 
 /// The broker's views: (schema, name) → comment.
@@ -199,7 +290,8 @@ async fn base_exists(tx: &impl GenericClient) -> Result<bool, StoreError> {
         .query_one(
             "SELECT to_regclass('mcpw_deid.scopes') IS NOT NULL AND to_regprocedure('mcpw_deid.new_token(text)') IS NOT NULL
                     AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('mcpw_deid.scopes')
-                                AND attname = 'previous_until' AND NOT attisdropped)",
+                                AND attname = 'previous_until' AND NOT attisdropped)
+                    AND to_regclass('mcpw_deid.shadow_stale') IS NOT NULL",
             &[],
         )
         .await?;

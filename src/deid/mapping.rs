@@ -82,6 +82,11 @@ pub fn base_ddl() -> Vec<String> {
              FROM (SELECT replace(gen_random_uuid()::text, '-', '') AS h) r$$"
         ),
         format!("REVOKE ALL ON FUNCTION {new_token}(text) FROM PUBLIC"),
+        // Pseudonymized copies a trigger could not keep current.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (shadow text PRIMARY KEY, since timestamptz NOT NULL DEFAULT now())",
+            qualified(super::shadow::STALE_TABLE)
+        ),
     ]
 }
 

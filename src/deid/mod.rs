@@ -8,8 +8,10 @@
 //!
 //!   broker, per store:  mapping::ddl()  schema mcpw_deid · scopes · map_<entity> (random tokens,
 //!                                       indexed both ways) · token trigger on each entity's key table
-//!                       views::view()   deid_<scope>.<table>: identifiers → the entity's token,
-//!                                       quasi-identifiers generalized, free text left out
+//!                       views::plan()   what deid_<scope>.<table> serves: identifiers → the entity's
+//!                                       token, quasi-identifiers generalized, free text left out
+//!                       shadow::shadow() the table's pseudonymized copy kept by triggers, and the view
+//!                                       over it (views::view() joins the mapping where there is none)
 //! ```
 //!
 //! The per-call role holds column grants on the views only — never on a
@@ -24,6 +26,7 @@ pub mod classification;
 pub(crate) mod fixtures;
 pub mod mapping;
 pub mod scan;
+pub mod shadow;
 pub mod views;
 
 /// Schema of the mapping tables, the scope registry and the token trigger

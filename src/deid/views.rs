@@ -63,11 +63,139 @@ impl View {
     }
 }
 
-/// The view of `table` in `scope` at the scope's current `epoch` (a
-/// constant, so each identifier join is an index lookup on the mapping's
-/// key; rotation re-creates the views). `types` holds the table's column
-/// types; an error names a classified column that is missing or whose type
-/// the generalization cannot serve.
+/// One output column of a table's de-identified form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// The token of join `n` (an index into [`TablePlan::joins`]).
+    Token(usize),
+    /// The column as it is (`Clear`).
+    Column(String),
+    /// The column generalized (`Quasi`), with its type.
+    Generalized(String, Generalization, ColumnType),
+}
+
+/// What a table's de-identified form reads and serves, decided once and
+/// rendered either as a view joining the mapping ([`view`]) or over the
+/// table's pseudonymized copy ([`super::shadow`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablePlan {
+    /// The classified table.
+    pub source: TableName,
+    /// (served name, what it serves), in classification order.
+    pub outputs: Vec<(String, Output)>,
+    /// (entity, key column) of each identifier join, in first-use order;
+    /// identifiers of one entity through one key share a join.
+    pub joins: Vec<(String, String)>,
+}
+
+impl TablePlan {
+    /// The view's select list: tokens from `token(n)`, other columns read
+    /// as `<alias>."col"`.
+    pub fn select_list(&self, alias: &str, token: impl Fn(usize) -> String) -> String {
+        self.outputs
+            .iter()
+            .map(|(name, output)| {
+                let expression = match output {
+                    Output::Token(n) => token(*n),
+                    Output::Column(column) => format!("{alias}.{}", ident(column)),
+                    Output::Generalized(column, how, kind) => {
+                        // Checked when the plan was made.
+                        generalize(*how, &format!("{alias}.{}", ident(column)), kind).unwrap_or_else(|_| "NULL".into())
+                    }
+                };
+                format!("{expression} AS {}", ident(name))
+            })
+            .collect::<Vec<_>>()
+            .join(",\n       ")
+    }
+
+    /// Base columns the form reads (served clear and quasi columns, join
+    /// keys), each once.
+    pub fn columns_read(&self) -> BTreeSet<&str> {
+        self.outputs
+            .iter()
+            .filter_map(|(_, output)| match output {
+                Output::Column(c) | Output::Generalized(c, _, _) => Some(c.as_str()),
+                Output::Token(_) => None,
+            })
+            .chain(self.joins.iter().map(|(_, key)| key.as_str()))
+            .collect()
+    }
+}
+
+/// Decides what `table`'s de-identified form serves. `types` holds the
+/// table's column types; an error names a classified column that is
+/// missing or whose type the generalization cannot serve, or an entity
+/// not declared.
+pub fn plan(
+    deid: &Deidentification,
+    table: &TableClassification,
+    types: &BTreeMap<String, ColumnType>,
+) -> Result<TablePlan, String> {
+    let source =
+        TableName::parse(&table.name).ok_or_else(|| format!("table {:?} is not schema-qualified", table.name))?;
+    let declared: BTreeSet<&str> = deid.entities.iter().map(|e| e.name.as_str()).collect();
+    let mut outputs = Vec::new();
+    let mut joins: Vec<(String, String)> = Vec::new();
+    for column in &table.columns {
+        let Some(kind) = types.get(&column.name) else {
+            return Err(format!("column {}.{} does not exist", table.name, column.name));
+        };
+        let output = match column.class {
+            ColumnClass::FreeText => continue,
+            ColumnClass::Clear => Output::Column(column.name.clone()),
+            ColumnClass::Identifier => {
+                let entity =
+                    column.entity.clone().ok_or_else(|| format!("{}.{} names no entity", table.name, column.name))?;
+                if !declared.contains(entity.as_str()) {
+                    return Err(format!("entity {entity:?} is not declared"));
+                }
+                let key = column.key_column.clone().unwrap_or_else(|| column.name.clone());
+                if !types.contains_key(&key) {
+                    return Err(format!("column {}.{key} does not exist", table.name));
+                }
+                let join = (entity, key);
+                let n = joins.iter().position(|j| *j == join).unwrap_or_else(|| {
+                    joins.push(join);
+                    joins.len() - 1
+                });
+                Output::Token(n)
+            }
+            ColumnClass::Quasi => {
+                let how = column
+                    .generalize
+                    .ok_or_else(|| format!("{}.{} names no generalization", table.name, column.name))?;
+                generalize(how, "x", kind)
+                    .map_err(|why| format!("{}.{} ({}): {why}", table.name, column.name, kind.name))?;
+                Output::Generalized(column.name.clone(), how, kind.clone())
+            }
+        };
+        outputs.push((column.name.clone(), output));
+    }
+    if outputs.is_empty() {
+        return Err(format!("table {} has no column a de-identified tool may read", table.name));
+    }
+    Ok(TablePlan { source, outputs, joins })
+}
+
+/// `CREATE VIEW` of a scope's view of `table` selecting `select` from
+/// `from`, with its fingerprint.
+pub fn create_view(scope: &str, table: &str, select: &str, from: &str) -> View {
+    let schema = view_schema(scope);
+    let name = relname(table).to_string();
+    let create = format!(
+        "CREATE VIEW {}.{} WITH (security_barrier = true) AS\nSELECT {select}\n  FROM {from}",
+        ident(&schema),
+        ident(&name)
+    );
+    let fingerprint = hex::encode(&Sha256::digest(create.as_bytes())[..8]);
+    View { schema, name, create, fingerprint }
+}
+
+/// The view of `table` in `scope` at the scope's current `epoch`, joining
+/// the mapping (an epoch constant, so each identifier join is an index
+/// lookup on the mapping's key; rotation re-creates the views). Used where
+/// the table has no pseudonymized copy ([`super::shadow`]).
 pub fn view(
     scope: &str,
     epoch: i32,
@@ -75,46 +203,10 @@ pub fn view(
     table: &TableClassification,
     types: &BTreeMap<String, ColumnType>,
 ) -> Result<View, String> {
-    let source =
-        TableName::parse(&table.name).ok_or_else(|| format!("table {:?} is not schema-qualified", table.name))?;
-    let mut outputs = Vec::new();
-    // (entity, key column) → join alias.
-    let mut joins: BTreeMap<(String, String), String> = BTreeMap::new();
-    for column in &table.columns {
-        let base = format!("b.{}", ident(&column.name));
-        let Some(kind) = types.get(&column.name) else {
-            return Err(format!("column {}.{} does not exist", table.name, column.name));
-        };
-        let expression = match column.class {
-            ColumnClass::FreeText => continue,
-            ColumnClass::Clear => base,
-            ColumnClass::Identifier => {
-                let entity =
-                    column.entity.clone().ok_or_else(|| format!("{}.{} names no entity", table.name, column.name))?;
-                let key = column.key_column.clone().unwrap_or_else(|| column.name.clone());
-                let next = format!("k{}", joins.len() + 1);
-                let alias = joins.entry((entity, key)).or_insert(next).clone();
-                format!("{alias}.token")
-            }
-            ColumnClass::Quasi => {
-                let generalization = column
-                    .generalize
-                    .ok_or_else(|| format!("{}.{} names no generalization", table.name, column.name))?;
-                generalize(generalization, &base, kind)
-                    .map_err(|why| format!("{}.{} ({}): {why}", table.name, column.name, kind.name))?
-            }
-        };
-        outputs.push(format!("{expression} AS {}", ident(&column.name)));
-    }
-    if outputs.is_empty() {
-        return Err(format!("table {} has no column a de-identified tool may read", table.name));
-    }
-    let mut from = format!("{} b", source.quoted());
-    let declared: BTreeSet<&str> = deid.entities.iter().map(|e| e.name.as_str()).collect();
-    for ((entity, key), alias) in &joins {
-        if !declared.contains(entity.as_str()) {
-            return Err(format!("entity {entity:?} is not declared"));
-        }
+    let plan = plan(deid, table, types)?;
+    let mut from = format!("{} b", plan.source.quoted());
+    for (n, (entity, key)) in plan.joins.iter().enumerate() {
+        let alias = format!("k{}", n + 1);
         from.push_str(&format!(
             "\n LEFT JOIN {map} {alias} ON {alias}.scope = {scope} AND {alias}.epoch = {epoch} AND {alias}.key = b.{key}",
             map = map_table(entity),
@@ -122,16 +214,8 @@ pub fn view(
             key = ident(key),
         ));
     }
-    let schema = view_schema(scope);
-    let name = relname(&table.name).to_string();
-    let create = format!(
-        "CREATE VIEW {}.{} WITH (security_barrier = true) AS\nSELECT {}\n  FROM {from}",
-        ident(&schema),
-        ident(&name),
-        outputs.join(",\n       ")
-    );
-    let fingerprint = hex::encode(&Sha256::digest(create.as_bytes())[..8]);
-    Ok(View { schema, name, create, fingerprint })
+    let select = plan.select_list("b", |n| format!("k{}.token", n + 1));
+    Ok(create_view(scope, &table.name, &select, &from))
 }
 
 /// Name of each scope's alias view: previous pseudonyms → current ones,
