@@ -6,8 +6,11 @@
 //!
 //! Queries: a point lookup by the patient's key (a pseudonym on the view,
 //! the real id on the table) and a 50-row list by a clear column (every
-//! row's pseudonym joined). 10,000 patients. The target (#15): the
-//! de-identified path at most 20% slower.
+//! row with its pseudonym). 10,000 patients. The target (#15): the
+//! de-identified path at most 20% slower. The view reads the table's
+//! pseudonymized copy, kept by triggers; what those cost the application's
+//! writes is the last line: an insert into a copy of the table without
+//! triggers against one into the classified table.
 //!
 //! `cargo bench --bench deid`; MCPW_BENCH_SECONDS (5) per run,
 //! MCPW_BENCH_ROUNDS (3); MCPW_BENCH_EXPLAIN=1 prints the view queries'
@@ -22,7 +25,7 @@ mod support;
 use std::sync::Arc;
 
 use mcp_warden::broker::inventory::Inventory;
-use mcp_warden::broker::issuer::{Broker, Credential, CredentialRequest, Settings};
+use mcp_warden::broker::issuer::{Broker, CredentialRequest, Settings};
 use mcp_warden::broker::metrics::BrokerMetrics;
 use mcp_warden::broker::trail::Trail;
 use prometheus_client::registry::Registry;
@@ -48,14 +51,14 @@ const TOOLS: &str = r#"
         - store: ehr
           tables: [{name: clinical.patients, columns: [id, dob, diagnosis], privileges: [SELECT]}]"#;
 
-/// tps of one pgbench run of `script` as `credential`.
-fn pgbench(port: u16, credential: &Credential, script: &std::path::Path, clients: u32, seconds: u64) -> f64 {
+/// tps of one pgbench run of `script` as `user`.
+fn pgbench(port: u16, (user, password): (&str, &str), script: &std::path::Path, clients: u32, seconds: u64) -> f64 {
     let out = std::process::Command::new(pg::bin_dir().join("pgbench"))
         .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-d", "ehr", "-p", &port.to_string()])
-        .args(["-U", &credential.role, "-f"])
+        .args(["-U", user, "-f"])
         .arg(script)
         .args(["-c", &clients.to_string(), "-j", &clients.min(2).to_string(), "-T", &seconds.to_string()])
-        .env("PGPASSWORD", &credential.password)
+        .env("PGPASSWORD", password)
         .env("PGSSLMODE", "disable")
         .output()
         .expect("run pgbench");
@@ -142,6 +145,20 @@ fn main() {
                 format!("\\set d random(1, 20)\nSELECT id, dob FROM {views}.patients WHERE diagnosis = 'dx' || :d LIMIT 50;\n"),
             ),
         ];
+        // The application's write, as the table's owner would make it.
+        ehr.batch_execute(
+            "CREATE SEQUENCE bench.ids START 1000000;
+             CREATE TABLE bench.patients (LIKE clinical.patients INCLUDING ALL);",
+        )
+        .await
+        .expect("write baseline");
+        let insert = |table: &str| {
+            format!(
+                "INSERT INTO {table} (id, mrn, name, dob, ssn, diagnosis) \
+                 VALUES (nextval('bench.ids'), 'MRN-x', 'Written Patient', '1980-01-01', '000-00-0000', 'written');\n"
+            )
+        };
+        let superuser = ("postgres", pg::SUPERUSER_PASSWORD);
         if std::env::var_os("MCPW_BENCH_EXPLAIN").is_some() {
             let session = pg.connect("ehr", &deid.role, &deid.password).await.expect("login");
             for sql in [
@@ -172,8 +189,8 @@ fn main() {
                     let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
                     for i in order {
                         let (credential, script) = if i == 0 { (&plain, &table_script) } else { (&deid, &view_script) };
-                        let run =
-                            tokio::task::block_in_place(|| pgbench(pg.port, credential, script, clients, seconds));
+                        let user = (credential.role.as_str(), credential.password.as_str());
+                        let run = tokio::task::block_in_place(|| pgbench(pg.port, user, script, clients, seconds));
                         tps[i].push(run);
                     }
                 }
@@ -186,6 +203,31 @@ fn main() {
                     spread(&tps[1], 0)
                 );
             }
+        }
+        println!();
+        println!("| the application's write | clients | table without triggers | classified table (token trigger + copy) | ratio |");
+        println!("|---|---|---|---|---|");
+        let plain_insert = dir.path().join("insert-plain.sql");
+        let copied_insert = dir.path().join("insert-copied.sql");
+        std::fs::write(&plain_insert, insert("bench.patients")).expect("script");
+        std::fs::write(&copied_insert, insert("clinical.patients")).expect("script");
+        for clients in [1, 10] {
+            let mut tps = [Vec::new(), Vec::new()];
+            for round in 0..rounds {
+                let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+                for i in order {
+                    let script = if i == 0 { &plain_insert } else { &copied_insert };
+                    tps[i].push(tokio::task::block_in_place(|| pgbench(pg.port, superuser, script, clients, seconds)));
+                }
+            }
+            println!(
+                "| insert a patient | {clients} | {:.0} ({}) | {:.0} ({}) | {:.2}× |",
+                median(&tps[0]),
+                spread(&tps[0], 0),
+                median(&tps[1]),
+                spread(&tps[1], 0),
+                median(&tps[1]) / median(&tps[0])
+            );
         }
         broker.close().await;
     });

@@ -324,11 +324,8 @@ async fn a_compromised_server_gets_pseudonyms_or_refusals_whatever_sql_it_sends(
     }
     // The view reads the table's pseudonymized copy (a trigger keeps it),
     // which callers hold no privilege on (the probe above covers mcpw_deid).
-    let viewdef: String = admin
-        .query_one("SELECT pg_get_viewdef('deid_patient_lookup.patients'::regclass)", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let viewdef: String =
+        admin.query_one("SELECT pg_get_viewdef('deid_patient_lookup.patients'::regclass)", &[]).await.unwrap().get(0);
     assert!(viewdef.contains("mcpw_deid.sh_") && !viewdef.contains("clinical."), "{viewdef}");
     // The functions the mapping and the copies use run as their owner only
     // where no caller can reach them: none has EXECUTE for PUBLIC, and the
@@ -448,7 +445,10 @@ async fn the_pseudonymized_copy_follows_every_write_and_a_write_it_misses_is_reb
     let w = World::new().await;
     let owner = w.pg.superuser("ehr").await;
     let as_owner = async |sql: &str| {
-        owner.batch_execute(&format!("SET ROLE ehr_owner; {sql}; RESET ROLE")).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+        owner
+            .batch_execute(&format!("SET ROLE ehr_owner; {sql}; RESET ROLE"))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     };
     // visits gets a copy once the admin may put a trigger on it.
     owner.batch_execute("GRANT TRIGGER ON clinical.visits TO warden_admin").await.unwrap();
@@ -483,7 +483,8 @@ async fn the_pseudonymized_copy_follows_every_write_and_a_write_it_misses_is_reb
 
     // A visit of a patient the key table does not hold still gets a token.
     as_owner("INSERT INTO clinical.visits (patient_id, visit_date, admitted, note) VALUES (777, '2019-05-06', 'x', 'Zed Null')").await;
-    let visits = rows(&v, "SELECT patient_id, visit_date FROM deid_patient_lookup.visits WHERE visit_date = 2019").await;
+    let visits =
+        rows(&v, "SELECT patient_id, visit_date FROM deid_patient_lookup.visits WHERE visit_date = 2019").await;
     assert_eq!(visits.len(), 1, "{visits:?}");
     assert!(is_pseudonym(visits[0][0].as_deref().unwrap()), "{visits:?}");
     as_owner("TRUNCATE clinical.visits").await;
@@ -494,7 +495,10 @@ async fn the_pseudonymized_copy_follows_every_write_and_a_write_it_misses_is_reb
     let def: String =
         owner.query_one("SELECT pg_get_viewdef('deid_patient_lookup.patients'::regclass)", &[]).await.unwrap().get(0);
     let copy = def.split("mcpw_deid.").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
-    owner.batch_execute(&format!("ALTER TABLE mcpw_deid.{copy} ADD CONSTRAINT broken CHECK (false) NOT VALID")).await.unwrap();
+    owner
+        .batch_execute(&format!("ALTER TABLE mcpw_deid.{copy} ADD CONSTRAINT broken CHECK (false) NOT VALID"))
+        .await
+        .unwrap();
     as_owner("INSERT INTO clinical.patients (id, mrn, name, dob, diagnosis) VALUES (50, 'MRN-0050', 'Eli Fox', '1999-09-09', 'sprain')").await;
     assert!(token_of("sprain").await.is_empty(), "the copy missed it");
     let stale: i64 = owner.query_one("SELECT count(*) FROM mcpw_deid.shadow_stale", &[]).await.unwrap().get(0);
@@ -511,7 +515,8 @@ async fn the_pseudonymized_copy_follows_every_write_and_a_write_it_misses_is_reb
     // triggers go.
     owner.batch_execute("REVOKE TRIGGER ON clinical.visits FROM warden_admin").await.unwrap();
     assert!(w.broker.sync().await.is_empty());
-    let def: String = owner.query_one("SELECT pg_get_viewdef('deid_patient_lookup.visits'::regclass)", &[]).await.unwrap().get(0);
+    let def: String =
+        owner.query_one("SELECT pg_get_viewdef('deid_patient_lookup.visits'::regclass)", &[]).await.unwrap().get(0);
     assert!(def.contains("map_patient") && !def.contains("sh_"), "{def}");
     let triggers: i64 = owner
         .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clinical.visits'::regclass AND tgname LIKE 'mcpw\\_sh\\_%'", &[])
@@ -520,7 +525,8 @@ async fn the_pseudonymized_copy_follows_every_write_and_a_write_it_misses_is_reb
         .get(0);
     assert_eq!(triggers, 0);
     let v = w.session("patient-lookup", "patient_visits").await;
-    as_owner("INSERT INTO clinical.visits (patient_id, visit_date, admitted, note) VALUES (1, '2021-01-01', 'x', 'n')").await;
+    as_owner("INSERT INTO clinical.visits (patient_id, visit_date, admitted, note) VALUES (1, '2021-01-01', 'x', 'n')")
+        .await;
     let joined = rows(&v, "SELECT patient_id FROM deid_patient_lookup.visits").await;
     assert_eq!(joined.len(), 1);
     assert!(is_pseudonym(joined[0][0].as_deref().unwrap()));

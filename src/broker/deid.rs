@@ -28,7 +28,7 @@ use super::store::StoreError;
 use crate::api::{ColumnClass, Deidentification};
 use crate::deid::classification;
 use crate::deid::mapping::{self, EntityMap};
-use crate::deid::shadow::{self, OWNED_SHADOWS_SQL, SHADOW_CURRENT_SQL, SHADOW_COMMENT_PREFIX, TABLE_INDEXES_SQL};
+use crate::deid::shadow::{self, OWNED_SHADOWS_SQL, SHADOW_COMMENT_PREFIX, SHADOW_CURRENT_SQL, TABLE_INDEXES_SQL};
 use crate::deid::views::{self, COLUMN_TYPES_SQL, ColumnType, OWNED_VIEWS_SQL, VIEW_COMMENT_PREFIX};
 use crate::deid::{MAP_SCHEMA, view_schema};
 
@@ -130,7 +130,7 @@ pub async fn ensure(
             let epoch = *epochs
                 .get(scope)
                 .ok_or_else(|| StoreError::Deidentification(format!("scope {scope} is not registered")))?;
-            write_views(&tx, deid, scope, epoch, tables, &existing, &mut kept, &mut pass).await?;
+            write_views(&tx, deid, (scope, epoch), tables, &existing, &mut kept, &mut pass).await?;
             let scope_tables = WantedViews::from([(scope.clone(), tables.clone())]);
             let aliases = views::alias_view(scope, &entities_used(deid, &scope_tables).into_iter().collect::<Vec<_>>());
             write_view(&tx, &aliases, &existing, false, &mut pass).await?;
@@ -171,8 +171,7 @@ pub async fn ensure(
 async fn write_views(
     tx: &tokio_postgres::Transaction<'_>,
     deid: &Deidentification,
-    scope: &str,
-    epoch: i32,
+    (scope, epoch): (&str, i32),
     tables: &BTreeSet<String>,
     existing: &BTreeMap<(String, String), String>,
     kept: &mut BTreeSet<String>,

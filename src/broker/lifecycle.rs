@@ -145,6 +145,9 @@ impl Broker {
                 if !pass.rotated.is_empty() {
                     tracing::info!(scopes = ?pass.rotated, "pseudonyms rotated: a new epoch, the previous in its grace period");
                 }
+                if !pass.shadows_built.is_empty() || !pass.shadows_dropped.is_empty() {
+                    tracing::info!(built = ?pass.shadows_built, dropped = ?pass.shadows_dropped, "pseudonymized copies changed");
+                }
                 if !pass.views_written.is_empty() || !pass.views_dropped.is_empty() {
                     // Re-created views lost their grants: groups are re-proven below.
                     tracing::info!(written = ?pass.views_written, dropped = ?pass.views_dropped, "de-identified views changed");

@@ -160,7 +160,7 @@ pub fn shadow(
     IF NEW.{key} IS NOT NULL THEN
       {lookup};
       IF NOT FOUND THEN
-        INSERT INTO {map} (scope, epoch, key, token) VALUES ({scope}, {epoch}, NEW.{key}, {new_token}({prefix}))
+        INSERT INTO {map} (scope, epoch, key, token) VALUES ({scope}, {epoch}, NEW.{key}, {token})
         ON CONFLICT DO NOTHING;
         {lookup};
       END IF;
@@ -168,8 +168,7 @@ pub fn shadow(
             key = ident(key),
             map = map_table(entity),
             scope = literal(scope),
-            new_token = qualified("new_token"),
-            prefix = literal(&prefix_of(entity)?),
+            token = super::mapping::token_sql(&literal(&prefix_of(entity)?)),
         ));
     }
     let values = columns
@@ -347,7 +346,8 @@ ON CONFLICT DO NOTHING",
     build.push(format!("DELETE FROM {} WHERE shadow = {}", qualified(STALE_TABLE), literal(&name)));
 
     let fingerprint = hex::encode(&Sha256::digest(build.join(";\n").as_bytes())[..8]);
-    let view = create_view(scope, &table, &plan.select_list("s", |n| format!("s.mcpw_tok_{}", n + 1)), &format!("{copy} s"));
+    let view =
+        create_view(scope, &table, &plan.select_list("s", |n| format!("s.mcpw_tok_{}", n + 1)), &format!("{copy} s"));
     Ok(Shadow { name, trigger, truncate_trigger, maps, build, view, fingerprint })
 }
 
@@ -449,14 +449,18 @@ mod tests {
     fn the_trigger_follows_every_write_and_never_fails_the_application() {
         let s = clinic_shadow(1, &[]);
         let trigger = s.build.iter().find(|b| b.contains("FOR EACH ROW EXECUTE FUNCTION")).unwrap();
-        assert!(trigger.contains("AFTER INSERT OR DELETE OR UPDATE OF \"diagnosis\", \"dob\", \"id\", \"zip\""), "{trigger}");
+        assert!(
+            trigger.contains("AFTER INSERT OR DELETE OR UPDATE OF \"diagnosis\", \"dob\", \"id\", \"zip\""),
+            "{trigger}"
+        );
         assert!(s.build.iter().any(|b| b.contains("AFTER TRUNCATE ON \"clinical\".\"patients\"")));
         let body = s.build.iter().find(|b| b.contains("_write\"() RETURNS trigger")).unwrap();
         assert!(body.contains("DELETE FROM") && body.contains("mcpw_pk_1 = OLD.\"id\""), "{body}");
         assert!(body.contains("FOR KEY SHARE"), "a token read waits for a linkage rewrite: {body}");
         assert!(body.contains("EXCEPTION WHEN OTHERS THEN") && body.contains("shadow_stale"), "{body}");
         assert!(body.contains("epoch = 1"), "{body}");
-        let follow = s.build.iter().find(|b| b.contains("AFTER UPDATE OF token ON \"mcpw_deid\".\"map_patient\"")).unwrap();
+        let follow =
+            s.build.iter().find(|b| b.contains("AFTER UPDATE OF token ON \"mcpw_deid\".\"map_patient\"")).unwrap();
         assert!(follow.contains("NEW.scope = 'lookup' AND NEW.epoch = 1"), "{follow}");
     }
 
