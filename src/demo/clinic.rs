@@ -148,7 +148,7 @@ pub fn schema_sql() -> String {
          GRANT CONNECT, CREATE ON DATABASE {DATABASE} TO {ADMIN_ROLE} WITH GRANT OPTION;
          GRANT USAGE ON SCHEMA clinical TO {ADMIN_ROLE} WITH GRANT OPTION;
          GRANT SELECT ON clinical.patients, clinical.appointments TO {ADMIN_ROLE} WITH GRANT OPTION;
-         GRANT TRIGGER ON clinical.patients TO {ADMIN_ROLE};",
+         GRANT TRIGGER ON clinical.patients, clinical.appointments TO {ADMIN_ROLE};",
         rows = patients.join(", ")
     )
 }
