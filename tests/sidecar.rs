@@ -265,7 +265,7 @@ async fn the_server_gets_the_verified_caller_and_never_the_token() {
             "_meta": {"io.mcpwarden/caller": {"sub": "admin"}, "io.mcpwarden/db": {"ehr": "postgres://x"}, "progressToken": 1}
         }),
     );
-    s.post(Some(&token), &body, &[("cookie", "session=abc")]).await;
+    let (_, answer_headers, _) = s.post(Some(&token), &body, &[("cookie", "session=abc")]).await;
     let seen = s.log.lock().expect("log").last().cloned().expect("forwarded");
     assert!(seen.headers.get("authorization").is_none(), "token forwarded");
     assert!(seen.headers.get("cookie").is_none());
@@ -274,7 +274,13 @@ async fn the_server_gets_the_verified_caller_and_never_the_token() {
     assert_eq!(meta["io.mcpwarden/caller"]["groups"], json!(["front-desk"]));
     assert!(meta.get("io.mcpwarden/db").is_none());
     assert_eq!(meta["progressToken"], 1);
-    assert!(meta["io.mcpwarden/correlation"].is_string());
+    // The answer names the call's correlation id, the one its records carry.
+    let correlation = meta["io.mcpwarden/correlation"].as_str().expect("correlation").to_string();
+    assert_eq!(answer_headers["mcp-warden-correlation"].to_str().unwrap(), correlation);
+    let records = s.records();
+    assert!(
+        records.iter().any(|r| r.event.kind == Kind::Decision && r.event.correlation.as_deref() == Some(&correlation))
+    );
 }
 
 #[tokio::test]

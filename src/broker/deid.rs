@@ -219,8 +219,10 @@ async fn copy_of(
     types: &BTreeMap<String, ColumnType>,
 ) -> Result<Result<shadow::Shadow, String>, StoreError> {
     let table = plan.source.quoted();
-    let may_trigger: bool =
-        tx.query_one("SELECT has_table_privilege(to_regclass($1), 'TRIGGER')", &[&table]).await?.get(0);
+    let may_trigger: bool = tx
+        .query_one("SELECT coalesce(has_table_privilege(to_regclass($1), 'TRIGGER'), false)", &[&table])
+        .await?
+        .get(0);
     if !may_trigger {
         return Ok(Err("the admin role holds no TRIGGER privilege on the table".into()));
     }

@@ -1,7 +1,9 @@
 //! The demo's OIDC issuer, in process: a fresh Ed25519 key per run, its
 //! JWKS (served over HTTP on loopback, with the discovery document, and
 //! written into the manifests the broker reads), and tokens for named
-//! callers. No key leaves the process; tokens expire in an hour.
+//! callers. No key leaves the process; tokens expire in an hour. Keys can
+//! be rotated: the JWKS then holds the old and the new key, and new tokens
+//! are signed with the new one.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,59 +17,97 @@ use serde_json::{Value, json};
 
 /// The issuer's name (`iss`): a name, not a server anyone must reach.
 pub const ISSUER: &str = "https://login.clinic.example";
-/// The key id in the JWKS and in every token's header.
+/// The key ids in the JWKS and in tokens' headers: this, `-2` after the
+/// first rotation, and so on.
 const KID: &str = "demo-ed25519";
 /// How long a demo token is valid.
 const TOKEN_SECONDS: u64 = 3600;
 
-/// A signing key and what verifiers need of it.
-pub struct Issuer {
-    key: EncodingKey,
+/// One signing key and what verifiers need of it.
+struct Key {
+    kid: String,
+    encoding: EncodingKey,
     public: [u8; 32],
+}
+
+impl Key {
+    fn fresh(kid: String) -> anyhow::Result<Key> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for the demo issuer's key: {e}"))?;
+        let signing = SigningKey::from_bytes(&seed);
+        let der = signing.to_pkcs8_der().context("encode the demo issuer's key")?;
+        Ok(Key { kid, encoding: EncodingKey::from_ed_der(der.as_bytes()), public: signing.verifying_key().to_bytes() })
+    }
+}
+
+/// The issuer's keys (the last one signs) and its audience.
+pub struct Issuer {
+    keys: std::sync::RwLock<Vec<Key>>,
     audience: String,
 }
 
 impl Issuer {
     /// A fresh key, for tokens meant for `audience` (the MCP server's URI).
     pub fn new(audience: &str) -> anyhow::Result<Issuer> {
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for the demo issuer's key: {e}"))?;
-        let signing = SigningKey::from_bytes(&seed);
-        let der = signing.to_pkcs8_der().context("encode the demo issuer's key")?;
-        Ok(Issuer {
-            key: EncodingKey::from_ed_der(der.as_bytes()),
-            public: signing.verifying_key().to_bytes(),
-            audience: audience.to_string(),
-        })
+        Ok(Issuer { keys: std::sync::RwLock::new(vec![Key::fresh(KID.into())?]), audience: audience.to_string() })
+    }
+
+    /// A new signing key; the JWKS keeps the previous ones.
+    pub fn rotate(&self) -> anyhow::Result<()> {
+        let mut keys = self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = Key::fresh(format!("{KID}-{}", keys.len() + 1))?;
+        keys.push(next);
+        Ok(())
     }
 
     /// The public JWKS.
     pub fn jwks(&self) -> Value {
-        json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": KID,
-                         "x": URL_SAFE_NO_PAD.encode(self.public)}]})
+        let keys = self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let keys: Vec<Value> = keys
+            .iter()
+            .map(|k| {
+                json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": k.kid,
+                       "x": URL_SAFE_NO_PAD.encode(k.public)})
+            })
+            .collect();
+        json!({ "keys": keys })
     }
 
     /// A token for `sub` in `groups`, with the scope the server requires.
     pub fn token(&self, sub: &str, groups: &[&str]) -> anyhow::Result<String> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).context("clock before 1970")?.as_secs();
-        let claims = json!({"iss": ISSUER, "aud": self.audience, "sub": sub, "groups": groups,
-                            "scope": "mcp:tools", "iat": now, "exp": now + TOKEN_SECONDS});
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(KID.into());
-        jsonwebtoken::encode(&header, &claims, &self.key).context("sign a demo token")
+        self.token_for(sub, groups, TOKEN_SECONDS)
     }
 
-    /// Serves the JWKS (and the discovery document naming it) on `listener`
-    /// until the task is dropped.
-    pub fn serve(&self, listener: tokio::net::TcpListener) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    /// Like [`Issuer::token`], valid for `seconds`.
+    pub fn token_for(&self, sub: &str, groups: &[&str], seconds: u64) -> anyhow::Result<String> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).context("clock before 1970")?.as_secs();
+        let claims = json!({"iss": ISSUER, "aud": self.audience, "sub": sub, "groups": groups,
+                            "scope": "mcp:tools", "iat": now, "exp": now + seconds});
+        let keys = self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = keys.last().context("the issuer has no key")?;
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &key.encoding).context("sign a demo token")
+    }
+
+    /// Serves the JWKS as it is at each request (and the discovery document
+    /// naming it) on `listener` until the task is dropped.
+    pub fn serve(
+        self: &std::sync::Arc<Self>,
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let base = format!("http://{}", listener.local_addr()?);
-        let jwks = self.jwks().to_string();
         let discovery = json!({"issuer": ISSUER, "jwks_uri": format!("{base}/jwks"),
                                "id_token_signing_alg_values_supported": ["EdDSA"]})
         .to_string();
         let json = |body: String| move || async move { ([("content-type", "application/json")], body) };
+        let issuer = std::sync::Arc::clone(self);
+        let jwks = move || {
+            let body = issuer.jwks().to_string();
+            async move { ([("content-type", "application/json")], body) }
+        };
         let app = axum::Router::new()
-            .route("/jwks", axum::routing::get(json(jwks)))
+            .route("/jwks", axum::routing::get(jwks))
             .route("/.well-known/openid-configuration", axum::routing::get(json(discovery)));
         Ok(tokio::spawn(async move {
             let _ = axum::serve(crate::net::no_delay(listener), app).await;
@@ -96,5 +136,14 @@ mod tests {
         // Another run's key does not verify it.
         let other = verification_keys(&Issuer::new("https://a.example/mcp").unwrap().jwks().to_string()).unwrap();
         assert!(jsonwebtoken::decode::<Value>(&token, &other[0].key, &validation).is_err());
+        // After a rotation the JWKS holds both keys and new tokens name the new one.
+        issuer.rotate().unwrap();
+        let keys = verification_keys(&issuer.jwks().to_string()).unwrap();
+        assert_eq!(keys.len(), 2);
+        let rotated = issuer.token_for("dana", &[], 60).unwrap();
+        let kid = jsonwebtoken::decode_header(&rotated).unwrap().kid.unwrap();
+        assert_eq!(kid, format!("{KID}-2"));
+        assert!(jsonwebtoken::decode::<Value>(&rotated, &keys[0].key, &validation).is_err());
+        assert!(jsonwebtoken::decode::<Value>(&rotated, &keys[1].key, &validation).is_ok());
     }
 }

@@ -24,30 +24,53 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// and ships its stream).
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A child process of the demo: this binary running one subcommand.
+/// A child process of the demo: the mcp-warden binary running one
+/// subcommand.
 pub struct Part {
     /// Its name in messages.
     pub name: &'static str,
     child: Option<Child>,
     log: PathBuf,
+    exe: PathBuf,
+    args: Vec<String>,
 }
 
 impl Part {
-    fn spawn(name: &'static str, dir: &Path, args: &[String]) -> anyhow::Result<Part> {
-        let exe = std::env::current_exe().context("cannot find this binary to run the demo's parts")?;
+    fn spawn(name: &'static str, exe: &Path, dir: &Path, args: &[String]) -> anyhow::Result<Part> {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
-        let mut command = Command::new(exe);
+        let mut part = Part { name, child: None, log, exe: exe.to_path_buf(), args: args.to_vec() };
+        part.launch()?;
+        Ok(part)
+    }
+
+    /// Starts the process, its output appended to its log.
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut command = Command::new(&self.exe);
         die_with_parent(&mut command, libc::SIGTERM);
         let child = command
-            .args(args)
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .with_context(|| format!("cannot start the {name}"))?;
-        Ok(Part { name, child: Some(child), log })
+            .with_context(|| format!("cannot start the {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the process (SIGTERM, as a rollout would) and starts it again
+    /// with the same arguments; ready once `ready` holds.
+    pub async fn restart(&mut self, ready: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
+        self.stop();
+        self.launch()?;
+        self.wait_ready(ready).await
+    }
+
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The last lines of its log (what to show when it failed).
@@ -152,7 +175,7 @@ pub struct Stack {
     server: tokio::task::JoinHandle<()>,
     issuer_task: tokio::task::JoinHandle<()>,
     /// The issuer (tokens for the demo's callers).
-    pub issuer: Issuer,
+    pub issuer: Arc<Issuer>,
     /// The MCP server's switches.
     pub controls: Arc<Controls>,
     /// The database.
@@ -163,6 +186,14 @@ pub struct Stack {
     pub checkpoint_key: String,
     /// The temp dir holding manifests, trails, credentials and logs.
     pub dir: tempfile::TempDir,
+    /// What the broker's manifests are written from again when the
+    /// issuer's keys change.
+    admin_password: String,
+    ca_pem: String,
+    /// The broker's and the collector's readiness URLs.
+    pub broker_ready: String,
+    /// The collector's port.
+    pub collector_port: u16,
 }
 
 impl Drop for Stack {
@@ -198,8 +229,16 @@ impl Stack {
         self.dir.path().join("broker-audit")
     }
 
-    /// Starts every part; `progress` is told what is being waited for.
-    pub async fn start(mut progress: impl FnMut(&str)) -> anyhow::Result<Stack> {
+    /// Starts every part from this binary; `progress` is told what is
+    /// being waited for.
+    pub async fn start(progress: impl FnMut(&str)) -> anyhow::Result<Stack> {
+        let exe = std::env::current_exe().context("cannot find this binary to run the demo's parts")?;
+        Stack::start_with(&exe, progress).await
+    }
+
+    /// Starts every part, running `exe` (the mcp-warden binary) for the
+    /// broker, the collector and the sidecar.
+    pub async fn start_with(exe: &Path, mut progress: impl FnMut(&str)) -> anyhow::Result<Stack> {
         let dir = tempfile::Builder::new().prefix("mcpw-demo-").tempdir().context("a temp dir for the demo")?;
         let path = dir.path().to_path_buf();
 
@@ -213,7 +252,7 @@ impl Stack {
         pg.superuser(clinic::DATABASE).await?.batch_execute(&clinic::schema_sql()).await?;
 
         progress("the OIDC issuer");
-        let issuer = Issuer::new(clinic::AUDIENCE)?;
+        let issuer = Arc::new(Issuer::new(clinic::AUDIENCE)?);
         let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let jwks = format!("http://{}/jwks", issuer_listener.local_addr()?);
         let issuer_task = issuer.serve(issuer_listener)?;
@@ -245,6 +284,7 @@ impl Stack {
         let collector_url = format!("http://127.0.0.1:{collector_port}");
         let mut collector = Part::spawn(
             "collector",
+            exe,
             &path,
             &[
                 "audit-collector".into(),
@@ -268,6 +308,7 @@ impl Stack {
         let broker_url = format!("http://127.0.0.1:{broker_port}");
         let mut broker = Part::spawn(
             "broker",
+            exe,
             &path,
             &[
                 "broker".into(),
@@ -291,7 +332,8 @@ impl Stack {
                 "2s".into(),
             ],
         )?;
-        broker.wait_ready(up(format!("http://127.0.0.1:{broker_metrics}/readyz"))).await?;
+        let broker_ready = format!("http://127.0.0.1:{broker_metrics}/readyz");
+        broker.wait_ready(up(broker_ready.clone())).await?;
 
         progress("the MCP server");
         let controls = Arc::new(Controls::default());
@@ -303,6 +345,7 @@ impl Stack {
         let (sidecar_port, sidecar_metrics) = (free_port()?, free_port()?);
         let mut sidecar = Part::spawn(
             "sidecar",
+            exe,
             &path,
             &[
                 "sidecar".into(),
@@ -347,7 +390,36 @@ impl Stack {
             jwks,
             pg_port: pg.port,
         };
-        Ok(Stack { sidecar, broker, collector, server, issuer_task, issuer, controls, pg, at, checkpoint_key, dir })
+        Ok(Stack {
+            sidecar,
+            broker,
+            collector,
+            server,
+            issuer_task,
+            issuer,
+            controls,
+            pg,
+            at,
+            checkpoint_key,
+            dir,
+            admin_password,
+            ca_pem,
+            broker_ready,
+            collector_port,
+        })
+    }
+
+    /// Writes the broker's manifests again with the issuer's current JWKS
+    /// (after a key rotation; the broker re-reads them at its next sync).
+    pub fn publish_jwks(&self) -> anyhow::Result<()> {
+        let manifests = clinic::manifests(self.pg.port);
+        let secrets = clinic::broker_secrets(&self.admin_password, &self.issuer.jwks(), &self.ca_pem);
+        let path = self.manifests().join("clinic.yaml");
+        let staged = self.dir.path().join("clinic.yaml.new");
+        let _ = std::fs::remove_file(&staged);
+        secret_file(&staged, &format!("{secrets}---\n{manifests}"))?;
+        std::fs::rename(&staged, &path)?;
+        Ok(())
     }
 
     /// Runs this binary with `args` (an auditor's command), returning its

@@ -361,7 +361,13 @@ async fn resource_metadata(State(gw): State<Arc<Gateway>>) -> Response {
     json_response(StatusCode::OK, &body)
 }
 
-/// Steps 1–9 for every method on the MCP endpoint.
+/// Response header naming the call's correlation id: the id every record
+/// of the call carries, so a client (or its operator) can find the call in
+/// the trail. Random; says nothing about the call.
+pub const CORRELATION_HEADER: &str = "mcp-warden-correlation";
+
+/// Steps 1–9 for every method on the MCP endpoint; every answer names its
+/// correlation id.
 async fn mcp_endpoint(
     State(gw): State<Arc<Gateway>>,
     method: Method,
@@ -370,6 +376,22 @@ async fn mcp_endpoint(
     body: Body,
 ) -> Response {
     let correlation = uuid::Uuid::new_v4().simple().to_string();
+    let value = header::HeaderValue::from_str(&correlation);
+    let mut response = answer(gw, correlation, method, uri, headers, body).await;
+    if let Ok(value) = value {
+        response.headers_mut().insert(CORRELATION_HEADER, value);
+    }
+    response
+}
+
+async fn answer(
+    gw: Arc<Gateway>,
+    correlation: String,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     // 1. Host and Origin.
     if let Err(why) = check_host_and_origin(&gw.config, &headers) {
         gw.metrics.decision("origin");
