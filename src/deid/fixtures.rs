@@ -1,8 +1,29 @@
 //! Test fixtures: a clinic's classification (patients and visits).
 
+use std::collections::BTreeMap;
+
 use crate::api::{
     ColumnClass, ColumnClassification, ColumnRef, Deidentification, Entity, Generalization, TableClassification,
 };
+use crate::deid::views::ColumnType;
+
+/// Column types from (name, SQL type, category) triples.
+fn types(pairs: &[(&str, &str, char)]) -> BTreeMap<String, ColumnType> {
+    pairs.iter().map(|(n, t, c)| (n.to_string(), ColumnType { name: t.to_string(), category: *c })).collect()
+}
+
+/// The types of `clinical.patients`' columns in [`clinic`] (and `ssn`).
+pub fn clinic_types() -> BTreeMap<String, ColumnType> {
+    types(&[
+        ("id", "integer", 'N'),
+        ("mrn", "text", 'S'),
+        ("dob", "date", 'D'),
+        ("zip", "text", 'S'),
+        ("diagnosis", "text", 'S'),
+        ("history", "text", 'S'),
+        ("ssn", "text", 'S'),
+    ])
+}
 
 /// A column of `class` with nothing else said.
 pub fn column(name: &str, class: ColumnClass) -> ColumnClassification {

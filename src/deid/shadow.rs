@@ -392,24 +392,9 @@ SELECT coalesce(obj_description(to_regclass('mcpw_deid.' || quote_ident($1)), 'p
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
+    use crate::deid::fixtures::clinic_types as types;
     use crate::deid::views::plan;
-
-    fn types() -> BTreeMap<String, ColumnType> {
-        [
-            ("id", "integer", 'N'),
-            ("mrn", "text", 'S'),
-            ("dob", "date", 'D'),
-            ("zip", "text", 'S'),
-            ("diagnosis", "text", 'S'),
-            ("history", "text", 'S'),
-        ]
-        .iter()
-        .map(|(n, t, c)| (n.to_string(), ColumnType { name: t.to_string(), category: *c }))
-        .collect()
-    }
 
     fn clinic_shadow(epoch: i32, indexes: &[Vec<String>]) -> Shadow {
         let d = crate::deid::fixtures::clinic();

@@ -307,25 +307,10 @@ SELECT n.nspname::text, c.relname::text, coalesce(obj_description(c.oid, 'pg_cla
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deid::fixtures::clinic_types;
 
     fn deid() -> Deidentification {
         crate::deid::fixtures::clinic()
-    }
-
-    fn types(pairs: &[(&str, &str, char)]) -> BTreeMap<String, ColumnType> {
-        pairs.iter().map(|(n, t, c)| (n.to_string(), ColumnType { name: t.to_string(), category: *c })).collect()
-    }
-
-    fn clinic_types() -> BTreeMap<String, ColumnType> {
-        types(&[
-            ("id", "integer", 'N'),
-            ("mrn", "text", 'S'),
-            ("dob", "date", 'D'),
-            ("zip", "text", 'S'),
-            ("diagnosis", "text", 'S'),
-            ("history", "text", 'S'),
-            ("ssn", "text", 'S'),
-        ])
     }
 
     #[test]
