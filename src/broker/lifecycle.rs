@@ -254,8 +254,14 @@ impl Broker {
             correlation: None,
             reason: Some(format!("{reason}; {sessions} session(s) terminated")),
         });
-        self.trail.record(origin.map(|o| &o.server), event).await?;
+        let recorded = self.trail.record(origin.map(|o| &o.server), event).await;
         self.forget(&BTreeSet::from([role.name.clone()]));
+        if let Err(e) = recorded {
+            // The role is gone either way (the safe direction); what is lost is
+            // its end on the trail, and no later pass can find it again.
+            tracing::error!(error = %e, lease = %lease, "a lease was ended but its end could not be recorded");
+            return Err(e.into());
+        }
         match action {
             LeaseAction::Reaped => self.metrics.reaped.inc(),
             _ => self.metrics.revoked.inc(),

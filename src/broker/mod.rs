@@ -48,6 +48,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 
 use crate::health::{self, Health};
 use crate::policy::parse_go_duration;
@@ -282,16 +283,26 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         }
         Source::Manifests { .. } => None,
     };
-    let reaper = tokio::spawn(reap_loop(Arc::downgrade(&broker), reap_interval));
+    // The reaper and the reloader end roles and then record that they did:
+    // at shutdown they finish the pass they are in (an abort between the two
+    // would leave an ended lease off the trail) and start no new one.
+    let stopping = CancellationToken::new();
+    let reaper = tokio::spawn(reap_loop(Arc::downgrade(&broker), reap_interval, stopping.clone()));
     let warmer = tokio::spawn(warm::keep_warm(Arc::downgrade(&broker)));
-    let reloader =
-        tokio::spawn(reload_loop(Arc::downgrade(&broker), Arc::clone(&source), resync_interval, Arc::clone(&changed)));
+    let reloader = tokio::spawn(reload_loop(
+        Arc::downgrade(&broker),
+        Arc::clone(&source),
+        resync_interval,
+        Arc::clone(&changed),
+        stopping.clone(),
+    ));
     let app = api::router(Arc::clone(&broker), api::Callers { sidecar, revoker, reidentifier });
     tracing::info!(listen = %args.api.listen, tls = bound.is_tls(), "broker serving");
     bound.serve(app).await?;
-    reaper.abort();
+    stopping.cancel();
+    let _ = reaper.await;
+    let _ = reloader.await;
     warmer.abort();
-    reloader.abort();
     if let Some(w) = watchers {
         w.abort();
     }
@@ -308,9 +319,12 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn reap_loop(broker: std::sync::Weak<issuer::Broker>, interval: Duration) {
+async fn reap_loop(broker: std::sync::Weak<issuer::Broker>, interval: Duration, stopping: CancellationToken) {
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stopping.cancelled() => return,
+        }
         let Some(broker) = broker.upgrade() else { return };
         let reaped = broker.reap().await;
         if reaped > 0 {
@@ -324,6 +338,7 @@ async fn reload_loop(
     source: Arc<Source>,
     interval: Duration,
     changed: Arc<tokio::sync::Notify>,
+    stopping: CancellationToken,
 ) {
     loop {
         tokio::select! {
@@ -332,6 +347,10 @@ async fn reload_loop(
                 // Let a burst of changes (an apply of many objects) settle.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+            _ = stopping.cancelled() => return,
+        }
+        if stopping.is_cancelled() {
+            return;
         }
         let Some(broker) = broker.upgrade() else { return };
         match source.load().await {
