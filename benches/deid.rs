@@ -54,10 +54,12 @@ const TOOLS: &str = r#"
 /// tps of one pgbench run of `script` as `user`.
 fn pgbench(port: u16, (user, password): (&str, &str), script: &std::path::Path, clients: u32, seconds: u64) -> f64 {
     let out = std::process::Command::new(pg::bin_dir().join("pgbench"))
-        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-d", "ehr", "-p", &port.to_string()])
+        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-U", user, "-f"])
         .arg(script)
         .args(["-c", &clients.to_string(), "-j", &clients.min(2).to_string(), "-T", &seconds.to_string()])
+        // The database by position: pgbench's `-d` is `--debug`.
+        .arg("ehr")
         .env("PGPASSWORD", password)
         .env("PGSSLMODE", "disable")
         .output()
