@@ -261,7 +261,9 @@ async fn relay(
     proxy.metrics.relaying(true);
     let mut tracker = Tracker::new(grant.allow_copy);
     let mut done = Vec::new();
-    let expiry = tokio::time::Instant::from_std(grant.expires);
+    // One timer for the connection, not one registered per message.
+    let expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(grant.expires));
+    tokio::pin!(expiry);
     let end = if client_write.write_all(&out).await.is_err() {
         End::ClientClosed
     } else {
@@ -276,7 +278,7 @@ async fn relay(
                     server_step(frame, &mut from_server, &mut tracker, &mut done, &mut out).await
                 }
                 _ = async { ended.wait_for(|ended| *ended).await.map(|_| ()) } => Err(End::CallEnded),
-                _ = tokio::time::sleep_until(expiry) => Err(End::CredentialExpired),
+                _ = &mut expiry => Err(End::CredentialExpired),
             };
             if record_statements(&proxy, &grant, &mut done).await.is_err() {
                 break End::AuditUnavailable;
