@@ -8,8 +8,8 @@
 //!                               seal records (seq, prev, hash)
 //!                               one write(), one fdatasync() for the group
 //!                               on failure: cut the file back, roll the chain back
-//!   defer(event)  ─▶ queue ─▶ held ─▶ written with the next group, or alone
-//!                                     once it has waited `defer_window`
+//!   defer(event)  ─▶ deferred queue ─▶ written with the next group, or alone
+//!                    (no wake-up)       once it has waited `defer_window`
 //! ```
 //!
 //! A deferred record (a call's outcome, written after its answer went out)
@@ -44,6 +44,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::record::{Chain, Event, Kind, Record, RecordError, Restart, Sealed};
 use super::segment::{self, Anchor, LOCK_FILE};
+
+mod deferred;
+use deferred::{DeferQueue, Pushed, Refused};
 
 /// Settings of a WAL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,15 +173,25 @@ type Reply<T> = oneshot::Sender<Result<T, WalError>>;
 
 enum Command {
     // Boxed: events are large and most commands are appends.
-    Append { event: Box<Event>, reply: Reply<Receipt> },
-    Defer { event: Box<Event> },
-    Release { through: u64, reply: Reply<u64> },
-    Close { reply: Reply<Receipt> },
+    Append {
+        event: Box<Event>,
+        reply: Reply<Receipt>,
+    },
+    /// The deferred queue needs the writer (see `deferred`).
+    Wake,
+    Release {
+        through: u64,
+        reply: Reply<u64>,
+    },
+    Close {
+        reply: Reply<Receipt>,
+    },
 }
 
 /// A handle to an open WAL; cheap to share behind an `Arc`.
 pub struct Wal {
     tx: mpsc::Sender<Command>,
+    deferred: Arc<DeferQueue>,
     poisoned: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
     opened: Opened,
@@ -199,6 +212,7 @@ impl Wal {
         let lock = lock_dir(&config.dir)?;
         let (mut writer, restart) = Writer::recover_or_create(&config, lock)?;
         let poisoned = Arc::clone(&writer.poison_flag);
+        let deferred = Arc::clone(&writer.deferred);
         let start = writer.commit_one(Event { restart: restart.clone(), ..Event::new(Kind::StreamStart) })?;
         let opened = Opened { stream: writer.chain.stream().to_string(), restart, start };
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
@@ -206,7 +220,14 @@ impl Wal {
             .name("audit-wal".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| WalError::io(&config.dir, &e))?;
-        Ok(Wal { tx, poisoned, thread: Mutex::new(Some(thread)), opened, append_timeout: config.append_timeout })
+        Ok(Wal {
+            tx,
+            deferred,
+            poisoned,
+            thread: Mutex::new(Some(thread)),
+            opened,
+            append_timeout: config.append_timeout,
+        })
     }
 
     /// What `open` found and wrote.
@@ -237,23 +258,34 @@ impl Wal {
     /// shows on the appends written with it and, for a failed fsync, in
     /// [`Wal::is_poisoned`]. Waits only while the queue is full.
     pub async fn defer(&self, event: Event) -> Result<(), WalError> {
-        let send = self.tx.send(Command::Defer { event: Box::new(event) });
-        tokio::time::timeout(self.append_timeout, send)
-            .await
-            .map_err(|_| WalError::Timeout(self.append_timeout))?
-            .map_err(|_| WalError::Closed)
+        match self.deferred.push(event, self.append_timeout).await {
+            Ok(pushed) => self.wake_for(pushed),
+            Err((Refused::Full, _)) => Err(WalError::Timeout(self.append_timeout)),
+            Err((Refused::Closed, _)) => Err(WalError::Closed),
+        }
+    }
+
+    fn wake_for(&self, pushed: Pushed) -> Result<(), WalError> {
+        if pushed == Pushed::Wake {
+            // A full channel holds commands the writer will wake for anyway.
+            if let Err(mpsc::error::TrySendError::Closed(_)) = self.tx.try_send(Command::Wake) {
+                return Err(WalError::Closed);
+            }
+        }
+        Ok(())
     }
 
     /// [`Wal::defer`] without waiting: hands the event back when the queue
     /// is full (or the WAL closed), for callers that cannot await (a
     /// response body's `Drop`).
     pub fn try_defer(&self, event: Event) -> Result<(), Box<Event>> {
-        match self.tx.try_send(Command::Defer { event: Box::new(event) }) {
-            Ok(()) => Ok(()),
-            Err(e) => match e.into_inner() {
-                Command::Defer { event } => Err(event),
-                _ => unreachable!("only a Defer command was sent"),
-            },
+        match self.deferred.try_push(event) {
+            // Queued: if the writer is gone, close or the next open reports it.
+            Ok(pushed) => {
+                let _ = self.wake_for(pushed);
+                Ok(())
+            }
+            Err((_, event)) => Err(Box::new(event)),
         }
     }
 
@@ -372,10 +404,8 @@ struct Writer {
     max_batch: usize,
     poisoned: Option<String>,
     poison_flag: Arc<AtomicBool>,
-    /// Deferred records waiting for a group, oldest first, and when the
-    /// oldest arrived.
-    deferred: Vec<Pending>,
-    deferred_since: Option<std::time::Instant>,
+    /// Deferred records waiting for a group (shared with the handles).
+    deferred: Arc<DeferQueue>,
     defer_window: Duration,
     _lock: File,
 }
@@ -489,8 +519,7 @@ impl Writer {
             max_batch: config.max_batch.max(1),
             poisoned: None,
             poison_flag: Arc::new(AtomicBool::new(false)),
-            deferred: Vec::new(),
-            deferred_since: None,
+            deferred: Arc::new(DeferQueue::new(config.queue_depth, config.max_batch.max(1))),
             defer_window: config.defer_window,
             _lock: lock,
         };
@@ -508,7 +537,7 @@ impl Writer {
             }
         };
         loop {
-            let first = match self.deferred_since {
+            let first = match self.deferred.since() {
                 None => rx.blocking_recv(),
                 Some(since) => {
                     let deadline = tokio::time::Instant::from_std(since + self.defer_window);
@@ -527,35 +556,45 @@ impl Writer {
             while let Some(command) = next.take() {
                 match command {
                     Command::Append { event, reply } => batch.push(Pending { event: *event, reply: Some(reply) }),
-                    Command::Defer { event } => {
-                        self.deferred_since.get_or_insert_with(std::time::Instant::now);
-                        self.deferred.push(Pending { event: *event, reply: None });
-                    }
+                    Command::Wake => {}
                     Command::Release { through, reply } => {
-                        self.commit(std::mem::take(&mut batch));
+                        self.commit_all(std::mem::take(&mut batch));
                         let _ = reply.send(self.release_through(through));
                     }
                     Command::Close { reply } => {
-                        self.commit(std::mem::take(&mut batch));
+                        self.commit_all(std::mem::take(&mut batch));
+                        self.deferred.close();
                         let _ = reply.send(self.commit_one(Event::new(Kind::StreamEnd)));
                         return;
                     }
                 }
-                if batch.len() + self.deferred.len() < self.max_batch {
+                if batch.len() < self.max_batch {
                     next = rx.try_recv().ok();
                 }
             }
             // A steady stream of deferred records alone still gets its
             // fsync once the oldest has waited the window.
-            let overdue = self.deferred_since.is_some_and(|since| since.elapsed() >= self.defer_window);
-            if !batch.is_empty() || overdue || self.deferred.len() >= self.max_batch {
+            let overdue = self.deferred.since().is_some_and(|since| since.elapsed() >= self.defer_window);
+            if !batch.is_empty() {
+                self.commit_all(batch);
+            } else if overdue || self.deferred.len() >= self.max_batch {
                 self.commit(batch);
             }
         }
         // Every handle dropped without close: what is deferred is written,
         // then the writer stops as a crash would, with no stream-end; the
         // next open records the restart.
-        self.commit(Vec::new());
+        self.deferred.close();
+        self.commit_all(Vec::new());
+    }
+
+    /// Commits `batch` after every deferred record, however many batches
+    /// that takes.
+    fn commit_all(&mut self, batch: Vec<Pending>) {
+        while self.deferred.len() > self.max_batch {
+            self.commit(Vec::new());
+        }
+        self.commit(batch);
     }
 
     fn commit_one(&mut self, event: Event) -> Result<Receipt, WalError> {
@@ -567,8 +606,8 @@ impl Writer {
     /// Makes a group of records durable with one write and one fsync: the
     /// deferred records waiting first, in the order they came, then `batch`.
     fn commit(&mut self, batch: Vec<Pending>) {
-        self.deferred_since = None;
-        let batch: Vec<Pending> = std::mem::take(&mut self.deferred).into_iter().chain(batch).collect();
+        let deferred = self.deferred.take().into_iter().map(|event| Pending { event, reply: None });
+        let batch: Vec<Pending> = deferred.chain(batch).collect();
         if batch.is_empty() {
             return;
         }

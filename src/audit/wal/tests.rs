@@ -284,6 +284,48 @@ async fn a_deferred_record_joins_the_next_append_in_order() {
 }
 
 #[tokio::test]
+async fn more_deferred_records_than_a_batch_are_all_sealed_before_the_append_that_follows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(WalConfig { defer_window: Duration::from_secs(60), max_batch: 4, ..config(dir.path()) })
+        .expect("open");
+    for n in 0..11 {
+        wal.defer(decision(n)).await.expect("defer");
+    }
+    let receipt = wal.append(decision(11)).await.expect("append");
+    assert_eq!(receipt.seq, 13, "eleven deferred records, then the append");
+    let all = records(dir.path());
+    let correlations: Vec<_> = all.iter().skip(1).map(|r| r.event.correlation.clone().unwrap_or_default()).collect();
+    assert_eq!(correlations, (0..12).map(|n| format!("c-{n}")).collect::<Vec<_>>());
+    wal.close().await.expect("close");
+    assert_verifies(dir.path(), true);
+}
+
+#[tokio::test]
+async fn a_full_deferred_queue_refuses_after_the_timeout_and_hands_the_record_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(WalConfig {
+        defer_window: Duration::from_secs(60),
+        queue_depth: 2,
+        max_batch: 8,
+        append_timeout: Duration::from_millis(50),
+        ..config(dir.path())
+    })
+    .expect("open");
+    wal.defer(decision(0)).await.expect("defer");
+    wal.defer(decision(1)).await.expect("defer");
+    assert_eq!(wal.defer(decision(2)).await, Err(WalError::Timeout(Duration::from_millis(50))));
+    let back = wal.try_defer(decision(2)).expect_err("no room");
+    assert_eq!(back.correlation.as_deref(), Some("c-2"));
+    // An append takes the queue with it, and makes room.
+    wal.append(decision(3)).await.expect("append");
+    wal.defer(decision(2)).await.expect("room again");
+    wal.close().await.expect("close");
+    let correlations: Vec<_> = records(dir.path()).iter().filter_map(|r| r.event.correlation.clone()).collect();
+    assert_eq!(correlations, ["c-0", "c-1", "c-3", "c-2"]);
+    assert_verifies(dir.path(), true);
+}
+
+#[tokio::test]
 async fn closing_writes_what_is_deferred_before_the_stream_end() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wal = Wal::open(WalConfig { defer_window: Duration::from_secs(60), ..config(dir.path()) }).expect("open");
