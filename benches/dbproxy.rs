@@ -25,18 +25,29 @@ use mcp_warden::audit::wal::{Wal, WalConfig};
 use mcp_warden::broker::issuer::Credential;
 use mcp_warden::dbproxy::DbProxy;
 use mcp_warden::dbproxy::grants::{CallGrant, Grants};
-use support::{env_number, median, spread};
+use support::{cpu_us, env_number, median, spread};
 
 const ROLE_PASSWORD: &str = "bench-role-password-0123456789";
 
 struct Target<'a> {
     name: &'a str,
+    /// The process relaying, if any.
+    middle: Option<u32>,
     port: u16,
     user: &'a str,
     password: &'a str,
 }
 
-/// tps and average latency reported by one pgbench run.
+/// What one pgbench run reported, and the CPU the middle process spent.
+struct Run {
+    tps: f64,
+    /// CPU µs per transaction of the process between pgbench and
+    /// PostgreSQL (PgBouncer, or this bench's process, which runs nothing
+    /// but the proxy meanwhile); none for direct runs.
+    cpu_per_tx: Option<f64>,
+}
+
+/// tps and transactions of one pgbench run.
 fn pgbench(target: &Target<'_>, clients: u32, protocol: &str, seconds: u64) -> (f64, f64) {
     let out = std::process::Command::new(pg::bin_dir().join("pgbench"))
         .args(["-n", "-S", "-M", protocol, "-h", "127.0.0.1"])
@@ -59,7 +70,23 @@ fn pgbench(target: &Target<'_>, clients: u32, protocol: &str, seconds: u64) -> (
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no '{prefix}' in pgbench output: {text}"))
     };
-    (field("tps"), field("latency average"))
+    // "number of transactions actually processed: 36000" (a colon, no '=').
+    let transactions = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no transaction count in pgbench output: {text}"));
+    (field("tps"), transactions)
+}
+
+/// One pgbench run, with the CPU of the target's relaying process over it.
+fn measured(target: &Target<'_>, clients: u32, protocol: &str, seconds: u64) -> Run {
+    let middle = target.middle;
+    let before = middle.map(cpu_us);
+    let (tps, transactions) = pgbench(target, clients, protocol, seconds);
+    let cpu_per_tx = middle.zip(before).map(|(pid, before)| (cpu_us(pid) - before) as f64 / transactions.max(1.0));
+    Run { tps, cpu_per_tx }
 }
 
 /// A PgBouncer in session mode in front of `pg_port`, run unprivileged in
@@ -189,42 +216,66 @@ fn main() {
         if bouncer.is_none() {
             println!("PgBouncer not found (apt-get install pgbouncer): its column is skipped");
         }
-        let mut targets = vec![Target { name: "direct", port: pg.port, user: "bench_caller", password: ROLE_PASSWORD }];
+        let mut targets =
+            vec![Target { name: "direct", middle: None, port: pg.port, user: "bench_caller", password: ROLE_PASSWORD }];
         if let Some(bouncer) = &bouncer {
             targets.push(Target {
                 name: "pgbouncer",
+                middle: Some(bouncer.child.id()),
                 port: bouncer.port,
                 user: "bench_caller",
                 password: ROLE_PASSWORD,
             });
         }
-        targets.push(Target { name: "proxy", port: proxy_port, user: "mcp", password: &token });
+        targets.push(Target {
+            name: "proxy",
+            middle: Some(std::process::id()),
+            port: proxy_port,
+            user: "mcp",
+            password: &token,
+        });
+        println!("{}", support::machine());
         println!(
-            "pgbench -S, scale 1, {seconds} s per run, {rounds} rounds alternating the order; median tps (spread)"
+            "pgbench -S, scale 1, {seconds} s per run, {rounds} rounds alternating the order; median tps (spread); \
+             CPU µs per transaction of the relaying process"
         );
+        let relays: Vec<&str> = targets.iter().filter(|t| t.middle.is_some()).map(|t| t.name).collect();
         println!(
-            "| protocol | clients | {} | proxy ÷ direct | proxy ÷ pgbouncer |",
-            targets.iter().map(|t| t.name).collect::<Vec<_>>().join(" | ")
+            "| protocol | clients | {} | proxy ÷ direct | proxy ÷ pgbouncer | {} |",
+            targets.iter().map(|t| t.name).collect::<Vec<_>>().join(" | "),
+            relays.iter().map(|r| format!("{r} CPU µs/tx")).collect::<Vec<_>>().join(" | ")
         );
-        println!("|---|---|{}---|---|", "---|".repeat(targets.len()));
+        println!("|---|---|{}---|---|{}", "---|".repeat(targets.len()), "---|".repeat(relays.len()));
         for protocol in ["simple", "extended"] {
             for clients in [1, 10] {
                 let mut tps: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+                let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
                 for round in 0..rounds {
                     let mut order: Vec<usize> = (0..targets.len()).collect();
                     order.rotate_left(round % targets.len());
                     for i in order {
-                        let run = tokio::task::block_in_place(|| pgbench(&targets[i], clients, protocol, seconds));
-                        tps[i].push(run.0);
+                        let target = &targets[i];
+                        let run = tokio::task::block_in_place(|| measured(target, clients, protocol, seconds));
+                        tps[i].push(run.tps);
+                        cpu[i].extend(run.cpu_per_tx);
                     }
                 }
+                let cpu_cells: Vec<String> = cpu
+                    .iter()
+                    .filter(|runs| !runs.is_empty())
+                    .map(|runs| format!("{:.0} ({})", median(runs), spread(runs, 0)))
+                    .collect();
                 let cells: Vec<String> =
                     tps.iter().map(|runs| format!("{:.0} ({})", median(runs), spread(runs, 0))).collect();
                 let proxy = median(&tps[targets.len() - 1]);
                 let vs_direct = proxy / median(&tps[0]);
                 let vs_bouncer =
                     if bouncer.is_some() { format!("{:.2}×", proxy / median(&tps[1])) } else { "–".into() };
-                println!("| {protocol} | {clients} | {} | {vs_direct:.2}× | {vs_bouncer} |", cells.join(" | "));
+                println!(
+                    "| {protocol} | {clients} | {} | {vs_direct:.2}× | {vs_bouncer} | {} |",
+                    cells.join(" | "),
+                    cpu_cells.join(" | ")
+                );
             }
         }
         drop(ticket);

@@ -35,7 +35,7 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
 use serde_json::{Value, json};
-use support::{env_number, median, spread, status_kib};
+use support::{cpu_us, env_number, median, spread, status_kib};
 
 const JWKS: &str = include_str!("../tests/fixtures/test-jwks.json");
 const RSA_KEY: &[u8] = include_bytes!("../tests/fixtures/test-rsa.pem");
@@ -63,18 +63,6 @@ impl ServerHandler for Arithmetic {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
     }
-}
-
-/// utime + stime of a process, in microseconds.
-fn cpu_us(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    // After the command: state is field 3, utime 14, stime 15 (1-based).
-    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    (ticks(14) + ticks(15)) * 1_000_000 / hz
 }
 
 /// oha: `MCPW_OHA`, on PATH, or installed into target/bench-tools.

@@ -24,6 +24,18 @@ pub fn command_line(program: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// utime + stime of a process, in microseconds.
+pub fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    // After the command: state is field 3, utime 14, stime 15 (1-based).
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    (ticks(14) + ticks(15)) * 1_000_000 / hz
+}
+
 /// The CPU's model name.
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
