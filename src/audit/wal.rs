@@ -285,7 +285,7 @@ impl Wal {
                 let _ = self.wake_for(pushed);
                 Ok(())
             }
-            Err((_, event)) => Err(Box::new(event)),
+            Err((_, event)) => Err(event),
         }
     }
 

@@ -50,6 +50,9 @@ pub(super) enum Refused {
     Closed,
 }
 
+/// A record that was not queued, handed back with why.
+pub(super) type Bounced = (Refused, Box<Event>);
+
 /// What a push asks of the caller.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Pushed {
@@ -70,29 +73,29 @@ impl DeferQueue {
     }
 
     /// Waits up to `timeout` for room, then queues `event`.
-    pub(super) async fn push(&self, event: Event, timeout: Duration) -> Result<Pushed, (Refused, Event)> {
+    pub(super) async fn push(&self, event: Event, timeout: Duration) -> Result<Pushed, Bounced> {
         match tokio::time::timeout(timeout, self.room.acquire()).await {
             Ok(Ok(permit)) => permit.forget(),
-            Ok(Err(_closed)) => return Err((Refused::Closed, event)),
-            Err(_elapsed) => return Err((Refused::Full, event)),
+            Ok(Err(_closed)) => return Err((Refused::Closed, Box::new(event))),
+            Err(_elapsed) => return Err((Refused::Full, Box::new(event))),
         }
         self.queue(event)
     }
 
     /// Queues `event` if there is room now.
-    pub(super) fn try_push(&self, event: Event) -> Result<Pushed, (Refused, Event)> {
+    pub(super) fn try_push(&self, event: Event) -> Result<Pushed, Bounced> {
         match self.room.try_acquire() {
             Ok(permit) => permit.forget(),
-            Err(tokio::sync::TryAcquireError::Closed) => return Err((Refused::Closed, event)),
-            Err(tokio::sync::TryAcquireError::NoPermits) => return Err((Refused::Full, event)),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err((Refused::Closed, Box::new(event))),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err((Refused::Full, Box::new(event))),
         }
         self.queue(event)
     }
 
-    fn queue(&self, event: Event) -> Result<Pushed, (Refused, Event)> {
+    fn queue(&self, event: Event) -> Result<Pushed, Bounced> {
         let mut held = self.held();
         if held.closed {
-            return Err((Refused::Closed, event));
+            return Err((Refused::Closed, Box::new(event)));
         }
         let was_empty = held.events.is_empty();
         if was_empty {
