@@ -562,8 +562,10 @@ impl Writer {
                         let _ = reply.send(self.release_through(through));
                     }
                     Command::Close { reply } => {
-                        self.commit_all(std::mem::take(&mut batch));
+                        // Closed first: a record deferred from now on is
+                        // refused, never left behind in the queue.
                         self.deferred.close();
+                        self.commit_all(std::mem::take(&mut batch));
                         let _ = reply.send(self.commit_one(Event::new(Kind::StreamEnd)));
                         return;
                     }

@@ -339,6 +339,21 @@ async fn closing_writes_what_is_deferred_before_the_stream_end() {
 }
 
 #[tokio::test]
+async fn a_record_deferred_after_close_is_refused_not_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal =
+        Arc::new(Wal::open(WalConfig { defer_window: Duration::from_secs(60), ..config(dir.path()) }).expect("open"));
+    wal.defer(decision(0)).await.expect("defer");
+    let (reply, rx) = oneshot::channel();
+    wal.tx.send(Command::Close { reply }).await.expect("send");
+    rx.await.expect("reply").expect("closed");
+    assert_eq!(wal.defer(decision(1)).await, Err(WalError::Closed));
+    assert!(wal.try_defer(decision(2)).is_err(), "handed back");
+    let correlations: Vec<_> = records(dir.path()).iter().filter_map(|r| r.event.correlation.clone()).collect();
+    assert_eq!(correlations, ["c-0"], "what was accepted is on disk, before the stream end");
+}
+
+#[tokio::test]
 async fn a_full_log_refuses_what_was_deferred_and_what_follows() {
     // Room for the stream start only.
     let measure = tempfile::tempdir().expect("tempdir");
