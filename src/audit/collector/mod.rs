@@ -378,13 +378,20 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&incidents_dir)?;
     let incidents = Arc::new(Wal::open(WalConfig::new(&incidents_dir, COLLECTOR_SERVER))?);
     tracing::info!(listen = %args.api.listen, tls = bound.is_tls(), data = %args.data_dir.display(), "audit collector serving");
+    // At shutdown the checkpoint loop finishes the round it is in (its
+    // blocking write cannot be aborted) before the last checkpoint is made.
+    let stopping = tokio_util::sync::CancellationToken::new();
     let checkpoints = signer.as_ref().map(|signer| {
         tracing::info!(public_key = %signer.public_hex(), "signing checkpoints");
         let (storage, signer) = (Arc::clone(&storage), Arc::clone(signer));
+        let stopping = stopping.clone();
         tokio::spawn(async move {
             let mut signed = std::collections::HashMap::new();
             loop {
-                tokio::time::sleep(interval).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stopping.cancelled() => return,
+                }
                 let (s, g) = (Arc::clone(&storage), Arc::clone(&signer));
                 let mut map = std::mem::take(&mut signed);
                 let result = tokio::task::spawn_blocking(move || {
@@ -405,8 +412,9 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
     });
     let app = router(Arc::clone(&storage), Arc::clone(&incidents), senders, readers);
     bound.serve(app).await?;
+    stopping.cancel();
     if let Some(task) = checkpoints {
-        task.abort();
+        let _ = task.await;
     }
     if let Some(signer) = &signer {
         // A last checkpoint covers everything received before shutdown.
