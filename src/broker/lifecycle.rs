@@ -303,7 +303,9 @@ impl Broker {
                 match self.end_and_record(client, role, origin, LeaseAction::Reaped, reason).await {
                     Ok(true) => reaped += 1,
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "reaping a role failed; retried next round"),
+                    // A store error leaves the role for the next round; a
+                    // trail error after the drop is logged by end_and_record.
+                    Err(e) => tracing::warn!(error = %e, "reaping a role failed"),
                 }
             }
         }

@@ -128,8 +128,9 @@ fn compile(rule: &str) -> Result<Program, String> {
         Expr::Comprehension(_) => Err("uses a comprehension (all, exists, exists_one, map, filter); \
                                        the sidecar runs no loops over a call's arguments"
             .into()),
-        // cel 0.13 parses `Name{…}` but its interpreter panics on it
-        // (`todo!`), as on an unspecified node: found by the fuzzer.
+        // cel 0.13 parses `Name{…}` but its interpreter panics on it ("not
+        // yet implemented: Support structs!"), as on an unspecified node:
+        // found by the fuzzer.
         Expr::Struct(_) => {
             Err("constructs a message (`Name{…}`); rules compare values and have no message types".into())
         }
@@ -807,7 +808,7 @@ mod hostile_rules {
     #[test]
     fn a_message_construction_is_refused_before_it_can_panic_the_interpreter() {
         // Found by the argument_rules fuzzer: cel 0.13 parses `Name{}` and
-        // its interpreter reaches `todo!("Support structs!")` on it.
+        // its interpreter panics on it ("not yet implemented: Support structs!").
         for rule in ["si{}['a'] == args.a", "Msg{f: 1}.f == 1", "[x{}] == []"] {
             let why = validate_rule(rule, &BTreeSet::new()).unwrap_err();
             assert!(why.contains("constructs a message"), "{rule}: {why}");
