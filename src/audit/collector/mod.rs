@@ -13,6 +13,7 @@
 //! (`POST /v1/pods`, so streams of deleted pods become incidents); streams
 //! get Ed25519-signed checkpoints (`checkpoint.rs`).
 
+mod recent;
 pub mod store;
 
 use std::path::PathBuf;

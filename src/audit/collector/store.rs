@@ -27,14 +27,10 @@ use sha2::{Digest, Sha256};
 use crate::audit::record::{IncidentClass, Record, SCHEMA_VERSION};
 use crate::audit::segment::{self, Anchor};
 
+use super::recent::{self, Known, RecentHashes};
+
 /// A new segment is started past this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
-/// Stored hashes kept in memory per stream, for checking resends (fewer
-/// in unit tests, which fill the window).
-#[cfg(not(test))]
-const RECENT: usize = 65_536;
-#[cfg(test)]
-const RECENT: usize = 512;
 
 /// Who sent a stream, as the collector authenticated it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,7 +103,8 @@ struct StreamState {
     meta: StreamMeta,
     last_seq: u64,
     last_hash: String,
-    recent: HashMap<u64, String>,
+    /// The newest stored positions' hashes, for checking resends.
+    recent: RecentHashes,
     active: Option<(PathBuf, u64)>,
     /// From the last stored record: its MCPServer, pod and time.
     server: String,
@@ -139,14 +136,16 @@ pub struct Abandoned {
 }
 
 impl StreamState {
-    /// Keeps a stored record's hash for checking resends, at most
-    /// [`RECENT`] of them (on open as while running: a stream of millions
-    /// of records must not be held in memory).
-    fn remember(&mut self, seq: u64, hash: String) {
-        if self.recent.len() >= RECENT {
-            self.recent.clear();
+    /// Keeps a stored record's hash for checking resends, in a bounded
+    /// window (on open as while running: a stream of millions of records
+    /// must not be held in memory); a sealed stream keeps only its tail.
+    fn remember(&mut self, seq: u64, hash: &str) {
+        if self.sealed {
+            self.recent.push(seq, hash, recent::SEALED_WINDOW);
+            self.recent.shrink_to(recent::SEALED_WINDOW);
+        } else {
+            self.recent.push(seq, hash, recent::OPEN_WINDOW);
         }
-        self.recent.insert(seq, hash);
     }
 
     fn note(&mut self, record: &Record) {
@@ -274,7 +273,7 @@ impl Storage {
                 meta: meta.clone(),
                 last_seq: 0,
                 last_hash: crate::audit::record::GENESIS.to_string(),
-                recent: HashMap::new(),
+                recent: RecentHashes::default(),
                 active: None,
                 server: String::new(),
                 pod: None,
@@ -306,7 +305,7 @@ impl Storage {
                     state.last_seq = record.seq;
                     state.last_hash = record.hash.clone();
                     state.note(&record);
-                    state.remember(record.seq, record.hash);
+                    state.remember(record.seq, &record.hash);
                 }
                 let len = std::fs::metadata(&seg).map_err(io)?.len();
                 state.active = Some((seg, len));
@@ -413,17 +412,18 @@ impl Storage {
         let mut fresh = Vec::new();
         for record in &records {
             if record.seq <= state.last_seq {
-                match state.recent.get(&record.seq) {
-                    Some(hash) if *hash == record.hash => stored.duplicates += 1,
-                    Some(hash) => {
+                match state.recent.check(record.seq, &record.hash) {
+                    Known::Same => stored.duplicates += 1,
+                    Known::Different => {
+                        let kept = state.recent.hex(record.seq).unwrap_or_default();
                         return Err(integrity(
                             IncidentClass::Fork,
                             record.seq,
-                            format!("a different record for a stored position (stored {hash}, sent {})", record.hash),
+                            format!("a different record for a stored position (stored {kept}, sent {})", record.hash),
                         ));
                     }
                     // Older than what is kept in memory, or before an anchor.
-                    None => stored.duplicates += 1,
+                    Known::Unknown => stored.duplicates += 1,
                 }
                 continue;
             }
@@ -480,7 +480,7 @@ impl Storage {
             state.last_seq = record.seq;
             state.last_hash = record.hash.clone();
             state.note(record);
-            state.remember(record.seq, record.hash.clone());
+            state.remember(record.seq, &record.hash);
         }
         stored.written = fresh.len();
         stored.durable_through = state.last_seq;
@@ -502,7 +502,7 @@ impl Storage {
                 meta,
                 last_seq: 0,
                 last_hash: crate::audit::record::GENESIS.to_string(),
-                recent: HashMap::new(),
+                recent: RecentHashes::default(),
                 active: None,
                 server: String::new(),
                 pod: None,
@@ -572,8 +572,13 @@ mod tests {
     use crate::audit::verify::{VerifyOptions, verify_dir};
 
     fn lines(n: u64) -> Vec<Vec<u8>> {
+        chain_lines(n).1
+    }
+
+    /// A stream's first `n` lines, and its chain to go on with.
+    fn chain_lines(n: u64) -> (Chain, Vec<Vec<u8>>) {
         let mut chain = Chain::new("clinic/lookup/pod/s1".into(), "clinic/lookup".into(), None);
-        (0..n)
+        let lines = (0..n)
             .map(|i| {
                 if i == 0 {
                     return chain.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
@@ -587,7 +592,8 @@ mod tests {
                 });
                 chain.seal(e, chrono::Utc::now()).unwrap().record.to_line()
             })
-            .collect()
+            .collect();
+        (chain, lines)
     }
 
     fn refs(lines: &[Vec<u8>]) -> Vec<&[u8]> {
@@ -616,18 +622,51 @@ mod tests {
     }
 
     #[test]
+    fn a_fork_just_past_a_full_window_is_still_caught() {
+        // The window used to be cleared whole when full: the position
+        // stored just before that was then unchecked.
+        let dir = tempfile::tempdir().unwrap();
+        let n = recent::OPEN_WINDOW + 1;
+        let all = lines(n as u64);
+        let mut storage = Storage::open(dir.path()).unwrap();
+        storage.store("a", None, &refs(&all)).unwrap();
+        let other = lines(n as u64);
+        for seq in [n - 1, n - recent::OPEN_WINDOW + 1] {
+            let forked = storage.store("a", None, &refs(&other[seq - 1..seq]));
+            assert!(forked.is_err(), "a rewritten record {seq} was accepted");
+        }
+    }
+
+    #[test]
+    fn a_sealed_stream_keeps_only_its_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut chain, mut all) = chain_lines(1000);
+        all.push(chain.seal(Event::new(Kind::StreamEnd), chrono::Utc::now()).unwrap().record.to_line());
+        let mut storage = Storage::open(dir.path()).unwrap();
+        storage.store("a", None, &refs(&all)).unwrap();
+        for storage in [storage, Storage::open(dir.path()).unwrap()] {
+            let state = &storage.streams["clinic/lookup/pod/s1"];
+            assert!(state.sealed);
+            assert_eq!(state.recent.len(), recent::SEALED_WINDOW);
+        }
+        let mut storage = Storage::open(dir.path()).unwrap();
+        // The sender retrying its last batch: a duplicate.
+        assert_eq!(storage.store("a", None, &refs(&all[995..])).unwrap().duplicates, 6);
+    }
+
+    #[test]
     fn reopening_a_long_stream_keeps_a_bounded_window_of_hashes_and_still_catches_a_fork() {
         // The soak bench found a restarted collector holding every stored
         // record's hash (31 → 70 MiB over 150,000 records).
         let dir = tempfile::tempdir().unwrap();
-        let n = RECENT as u64 + 100;
+        let n = recent::OPEN_WINDOW as u64 + 100;
         let all = lines(n + 1);
         let mut storage = Storage::open(dir.path()).unwrap();
         assert_eq!(storage.store("a", None, &refs(&all[..n as usize])).unwrap().durable_through, n);
         drop(storage);
         let mut storage = Storage::open(dir.path()).unwrap();
         let kept = storage.streams.values().map(|s| s.recent.len()).max().unwrap();
-        assert!(kept <= RECENT, "{kept} hashes kept");
+        assert!(kept <= recent::OPEN_WINDOW, "{kept} hashes kept");
         // The newest records are still checked: a resend is a duplicate, a
         // different record for a stored position is a fork.
         let again = storage.store("a", None, &refs(&all[n as usize - 1..n as usize])).unwrap();
