@@ -85,6 +85,10 @@ const FRAGMENTS: &[&str] = &[
     "7777777e5",
     "1e7777777",
     "0x7777777",
+    // PostgreSQL 16's other integer forms (found by the PostgreSQL oracle,
+    // tests/normalizer_oracle.rs: the tokenizer cut `0o…` into 0 and a word).
+    "0o7777777",
+    "1_7777777",
 ];
 
 /// The statement normalizer: a statement assembled from [`FRAGMENTS`] by

@@ -108,6 +108,13 @@ fn give_to_nobody(path: &Path) -> anyhow::Result<()> {
 impl LocalPostgres {
     /// initdb + start; returns once the server accepts the superuser.
     pub async fn start(tls: Option<&ServerTls>) -> anyhow::Result<LocalPostgres> {
+        LocalPostgres::start_with_settings(tls, &[]).await
+    }
+
+    /// Like [`LocalPostgres::start`], with more server settings
+    /// (`name=value`, as `postgres -c` takes them), e.g.
+    /// `shared_preload_libraries=pg_stat_statements`.
+    pub async fn start_with_settings(tls: Option<&ServerTls>, settings: &[&str]) -> anyhow::Result<LocalPostgres> {
         let bin = bin_dir()?;
         let mut dir = tempfile::Builder::new().prefix("mcpw-pg-").tempdir().context("a temp dir for PostgreSQL")?;
         let data = dir.path().join("data");
@@ -127,7 +134,7 @@ impl LocalPostgres {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        let mut tls_args: Vec<String> = Vec::new();
+        let mut setting_args: Vec<String> = settings.iter().flat_map(|s| ["-c".to_string(), s.to_string()]).collect();
         if let Some(tls) = tls {
             for (name, content) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
                 let path = dir.path().join(name);
@@ -140,7 +147,7 @@ impl LocalPostgres {
                 format!("ssl_cert_file={}", dir.path().join("server.crt").display()),
                 format!("ssl_key_file={}", dir.path().join("server.key").display()),
             ] {
-                tls_args.extend(["-c".to_string(), setting]);
+                setting_args.extend(["-c".to_string(), setting]);
             }
         }
         let log = dir.path().join("server.log");
@@ -158,7 +165,7 @@ impl LocalPostgres {
                 .arg(format!("unix_socket_directories={}", dir.path().display()))
                 .args(["-c", "log_statement=all", "-c", "fsync=off", "-c", "max_connections=200"])
                 .args(["-c", "log_connections=on", "-c", "log_disconnections=on"])
-                .args(&tls_args)
+                .args(&setting_args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log_file))

@@ -36,7 +36,17 @@ pub fn normalize(sql: &str) -> Normalized {
     let mut text = String::with_capacity(sql.len().min(MAX_STATEMENT_CHARS));
     let mut copy = false;
     let mut statement_start = true;
+    let mut after_number = false;
     for token in &tokens {
+        // Letters and digits right after a number are the number's:
+        // PostgreSQL 16 reads `0o17`, `0b101` and `1_000` as one literal
+        // (15 refuses them, 14 took `0o17` as 0 named o17), and the
+        // tokenizer here cuts them into a number and a word.
+        let glued_to_number = after_number && matches!(token, Token::Word(w) if w.quote_style.is_none());
+        after_number = matches!(token, Token::Number(..)) || glued_to_number;
+        if glued_to_number {
+            continue;
+        }
         let piece = match token {
             Token::Whitespace(Whitespace::Space | Whitespace::Tab | Whitespace::Newline) => " ".to_string(),
             // Comments are free text: dropped.
@@ -130,6 +140,18 @@ mod tests {
             }
             assert!(n.text.starts_with("SELECT ?"), "{sql} -> {}", n.text);
         }
+    }
+
+    #[test]
+    fn what_is_glued_to_a_number_goes_with_it() {
+        // PostgreSQL 16's integer forms, and 14's number-then-alias.
+        for sql in
+            ["SELECT 0o7331", "SELECT 0b1011", "SELECT 0x7331", "SELECT 7_331", "SELECT 7331abc", "SELECT 1.5e3x7331"]
+        {
+            let n = normalize(sql);
+            assert_eq!(n.text, "SELECT ?", "{sql}");
+        }
+        assert_eq!(normalize("SELECT 1 AS o7331").text, "SELECT ? AS o7331");
     }
 
     #[test]

@@ -37,6 +37,11 @@ impl Postgres {
         Postgres(LocalPostgres::start(tls).await.expect("a private PostgreSQL cluster"))
     }
 
+    /// Like [`Postgres::start`], with more server settings (`name=value`).
+    pub async fn start_with_settings(settings: &[&str]) -> Postgres {
+        Postgres(LocalPostgres::start_with_settings(None, settings).await.expect("a private PostgreSQL cluster"))
+    }
+
     /// A superuser connection.
     pub async fn superuser(&self, database: &str) -> Client {
         self.0.superuser(database).await.expect("superuser connection")
