@@ -367,8 +367,15 @@ fn converse(data: &[u8]) -> usize {
 /// writes it) and a call's arguments (any caller sends them): bytes up to
 /// the first NUL are the rule, the rest the arguments' JSON. A rule the
 /// policy accepts must judge any arguments, and neither may crash the
-/// process (a stack overflow aborts: the fuzzer sees it).
+/// process (a stack overflow aborts: the fuzzer sees it) or panic the
+/// interpreter (contained, so the call is refused, but still a defect).
 pub fn argument_rules(data: &[u8]) {
+    let before = crate::policy::contained::panics_contained();
+    judge_rule(data);
+    assert_eq!(crate::policy::contained::panics_contained(), before, "the rule interpreter panicked (contained)");
+}
+
+fn judge_rule(data: &[u8]) {
     use crate::policy::arguments::{check, validate_rule};
     let (rule, rest) = match data.iter().position(|b| *b == 0) {
         Some(at) => (&data[..at], &data[at + 1..]),

@@ -141,10 +141,8 @@ fn compile(rule: &str) -> Result<Program, String> {
     // key of `args` is what a real call may supply, so it is no error here.
     let probe = Caller::new("", [""; 0]);
     let no_args = CelValue::Map(Map { map: Arc::new(HashMap::new()) });
-    let probed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        with_context(&no_args, &probe, |ctx| program.execute(ctx))
-    }))
-    .map_err(|_| "crashes the rule interpreter".to_string())?;
+    let probed = super::contained::contained(|| with_context(&no_args, &probe, |ctx| program.execute(ctx)))
+        .map_err(|()| "crashes the rule interpreter".to_string())?;
     match probed {
         Err(ExecutionError::UndeclaredReference(name)) => {
             Err(format!("uses {name:?}: only args, caller (subject, groups, claims) and now are defined"))
@@ -311,7 +309,7 @@ fn judge(rules: &[ArgumentRule], ctx: &Context<'_>) -> Result<(), Refusal> {
         })?;
         // Compiling refuses what is known to panic the interpreter; should
         // anything else, the call is refused, not the sidecar crashed.
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| program.execute(ctx)));
+        let run = super::contained::contained(|| program.execute(ctx));
         let Ok(result) = run else {
             return Err(refusal(
                 format!("argument rule {index}: the interpreter failed"),

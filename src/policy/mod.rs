@@ -13,6 +13,7 @@
 //! changes exactly when the policy does.
 
 pub mod arguments;
+pub mod contained;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
