@@ -321,9 +321,8 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
 
 async fn reap_loop(broker: std::sync::Weak<issuer::Broker>, interval: Duration, stopping: CancellationToken) {
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stopping.cancelled() => return,
+        if stopping.run_until_cancelled(tokio::time::sleep(interval)).await.is_none() {
+            return;
         }
         let Some(broker) = broker.upgrade() else { return };
         let reaped = broker.reap().await;

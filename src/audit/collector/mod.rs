@@ -389,9 +389,8 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let mut signed = std::collections::HashMap::new();
             loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = stopping.cancelled() => return,
+                if stopping.run_until_cancelled(tokio::time::sleep(interval)).await.is_none() {
+                    return;
                 }
                 let (s, g) = (Arc::clone(&storage), Arc::clone(&signer));
                 let mut map = std::mem::take(&mut signed);
