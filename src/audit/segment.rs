@@ -10,7 +10,7 @@
 //! ```
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -92,6 +92,43 @@ pub fn read_lines(path: &Path) -> io::Result<Vec<Line>> {
     Ok(split_lines(&std::fs::read(path)?))
 }
 
+/// One line of a segment, borrowed while it is read (see [`for_each_line`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineRef<'a> {
+    /// 1-based line number in the segment.
+    pub number: usize,
+    /// Byte offset of its start.
+    pub offset: u64,
+    /// Its bytes, without the newline.
+    pub bytes: &'a [u8],
+    /// Whether a newline ends it (the last line of a torn write has none).
+    pub complete: bool,
+}
+
+/// Reads a segment line by line, holding one line at a time: a process
+/// that stays up (the collector opening gigabytes of stored segments)
+/// keeps no segment-sized peak. The lines are those of [`split_lines`].
+pub fn for_each_line<E: From<io::Error>>(
+    path: &Path,
+    mut f: impl FnMut(LineRef<'_>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut reader = BufReader::with_capacity(64 * 1024, File::open(path)?);
+    let mut buf = Vec::new();
+    let (mut number, mut offset) = (0usize, 0u64);
+    loop {
+        buf.clear();
+        let read = reader.read_until(b'\n', &mut buf)?;
+        if read == 0 {
+            return Ok(());
+        }
+        let complete = buf.last() == Some(&b'\n');
+        let bytes = if complete { &buf[..buf.len() - 1] } else { &buf[..] };
+        number += 1;
+        f(LineRef { number, offset, bytes, complete })?;
+        offset += read as u64;
+    }
+}
+
 /// Where a stream continues after its first segments were released.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,5 +189,23 @@ mod tests {
         assert_eq!((lines[2].number, lines[2].complete), (3, false));
         assert!(split_lines(b"").is_empty());
         assert_eq!(split_lines(b"\n")[0].bytes, b"");
+    }
+
+    #[test]
+    fn reading_line_by_line_gives_the_lines_split_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = vec![b'x'; 200_000];
+        let contents: [&[u8]; 6] = [b"", b"\n", b"a\nbc\nde", b"a\n\n\nb\n", &long, b"{\"seq\":1}\n{\"seq\":2"];
+        for content in contents {
+            let path = dir.path().join("seg");
+            std::fs::write(&path, content).unwrap();
+            let mut read = Vec::new();
+            for_each_line(&path, |l| {
+                read.push(Line { number: l.number, offset: l.offset, bytes: l.bytes.to_vec(), complete: l.complete });
+                Ok::<(), io::Error>(())
+            })
+            .unwrap();
+            assert_eq!(read, split_lines(content), "{:?}", String::from_utf8_lossy(&content[..content.len().min(40)]));
+        }
     }
 }

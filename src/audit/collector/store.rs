@@ -253,6 +253,12 @@ pub struct Storage {
     incidents: HashMap<String, u32>,
 }
 
+impl From<std::io::Error> for Refused {
+    fn from(e: std::io::Error) -> Refused {
+        io(e)
+    }
+}
+
 fn io(e: impl std::fmt::Display) -> Refused {
     Refused::Storage(e.to_string())
 }
@@ -290,22 +296,28 @@ impl Storage {
             let segments = segment::list_segments(&path).map_err(io)?;
             let last_segment = segments.last().map(|(_, p)| p.clone());
             for (_, seg) in segments {
-                let lines = segment::read_lines(&seg).map_err(io)?;
-                // An unfinished line (a crash mid-append) was never
-                // acknowledged: cut it, the sender sends it again.
-                if Some(&seg) == last_segment.as_ref()
-                    && let Some(torn) = lines.last().filter(|l| !l.complete)
-                {
-                    let file = OpenOptions::new().write(true).open(&seg).map_err(io)?;
-                    file.set_len(torn.offset).and_then(|_| file.sync_all()).map_err(io)?;
-                }
-                for line in lines.iter().filter(|l| l.complete) {
-                    let record = Record::parse_line(&line.bytes)
+                // Line by line: a segment is 16 MiB, a stream thousands of them.
+                let mut torn = None;
+                segment::for_each_line(&seg, |line| {
+                    if !line.complete {
+                        torn = Some(line.offset);
+                        return Ok(());
+                    }
+                    let record = Record::parse_line(line.bytes)
                         .map_err(|e| Refused::Storage(format!("{} line {}: {e}", seg.display(), line.number)))?;
                     state.last_seq = record.seq;
                     state.last_hash = record.hash.clone();
                     state.note(&record);
                     state.remember(record.seq, &record.hash);
+                    Ok::<(), Refused>(())
+                })?;
+                // An unfinished line (a crash mid-append) was never
+                // acknowledged: cut it, the sender sends it again.
+                if let Some(offset) = torn
+                    && Some(&seg) == last_segment.as_ref()
+                {
+                    let file = OpenOptions::new().write(true).open(&seg).map_err(io)?;
+                    file.set_len(offset).and_then(|_| file.sync_all()).map_err(io)?;
                 }
                 let len = std::fs::metadata(&seg).map_err(io)?.len();
                 state.active = Some((seg, len));
