@@ -1,7 +1,10 @@
 //! Shipping throughput and delay: records appended to a real WAL (fsync'd),
 //! shipped by the real shipper to a real collector (fsync'd) on loopback.
 //! Prints durable records/s at the collector and the append-to-collector
-//! delay (p50/p99); the numbers are recorded in docs/audit-format.md.
+//! delay (p50/p99); then the cost of a collector restart: a storage of
+//! `MCPW_BENCH_STORED` records (1,000,000) opened by a fresh process, its
+//! time and peak and resident memory. The numbers are recorded in
+//! docs/audit-format.md.
 //!
 //! `cargo bench --bench collector`
 
@@ -26,7 +29,57 @@ fn lease(n: u64) -> Event {
     e
 }
 
+/// Child mode: open the storage at this path, print what it cost.
+const OPEN_ONLY: &str = "MCPW_BENCH_OPEN_STORAGE";
+
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// A storage of `n` records of one stream, written in batches as a
+/// sender's would be, then opened by a fresh process (this bench again).
+fn reopen(n: u64) {
+    let data = tempfile::tempdir().expect("tempdir");
+    {
+        let mut storage = Storage::open(data.path()).expect("storage");
+        let mut chain =
+            mcp_warden::audit::record::Chain::new("clinic/lookup/pod/s1".into(), "clinic/lookup".into(), None);
+        let mut seq = 0;
+        while seq < n {
+            let lines: Vec<Vec<u8>> = (seq..(seq + 10_000).min(n))
+                .map(|i| {
+                    let event = if i == 0 { Event::new(Kind::StreamStart) } else { lease(i) };
+                    chain.seal(event, chrono::Utc::now()).expect("seal").record.to_line()
+                })
+                .collect();
+            seq += lines.len() as u64;
+            let refs: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();
+            storage.store("bench", None, &refs).expect("store");
+        }
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .env(OPEN_ONLY, data.path())
+        .output()
+        .expect("the opening process");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
 fn main() {
+    if let Some(dir) = std::env::var_os(OPEN_ONLY) {
+        let before = status_kib("VmRSS:");
+        let started = Instant::now();
+        let storage = Storage::open(std::path::Path::new(&dir)).expect("open");
+        let took = started.elapsed();
+        let stored: u64 = storage.heads().iter().map(|h| h.seq).sum();
+        println!(
+            "collector restart over {stored} stored records: open {took:.2?}, VmHWM {:.1} MiB, VmRSS {:.1} MiB (before opening {:.1})",
+            status_kib("VmHWM:") as f64 / 1024.0,
+            status_kib("VmRSS:") as f64 / 1024.0,
+            before as f64 / 1024.0
+        );
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let wal_dir = tempfile::tempdir().expect("tempdir");
@@ -106,4 +159,5 @@ fn main() {
             delays[delays.len() - 1]
         );
     });
+    reopen(std::env::var("MCPW_BENCH_STORED").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000));
 }
