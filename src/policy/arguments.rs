@@ -142,7 +142,7 @@ fn compile(rule: &str) -> Result<Program, String> {
     let probe = Caller::new("", [""; 0]);
     let no_args = CelValue::Map(Map { map: Arc::new(HashMap::new()) });
     let probed = super::contained::contained(|| with_context(&no_args, &probe, |ctx| program.execute(ctx)))
-        .map_err(|()| "crashes the rule interpreter".to_string())?;
+        .map_err(|super::contained::Panicked| "crashes the rule interpreter".to_string())?;
     match probed {
         Err(ExecutionError::UndeclaredReference(name)) => {
             Err(format!("uses {name:?}: only args, caller (subject, groups, claims) and now are defined"))

@@ -26,8 +26,12 @@ pub fn panics_contained() -> u64 {
     PANICS.load(Ordering::Relaxed)
 }
 
-/// Runs `f`; a panic in it is `Err(())`, and its message is not printed.
-pub fn contained<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
+/// What a contained panic leaves: nothing of its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Panicked;
+
+/// Runs `f`; a panic in it is `Err(Panicked)`, and its message is not printed.
+pub fn contained<T>(f: impl FnOnce() -> T) -> Result<T, Panicked> {
     WRAP_HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
@@ -42,7 +46,7 @@ pub fn contained<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
     let outer = CONTAINING.with(|c| c.replace(true));
     let result = catch_unwind(AssertUnwindSafe(f));
     CONTAINING.with(|c| c.set(outer));
-    result.map_err(|_| ())
+    result.map_err(|_| Panicked)
 }
 
 #[cfg(test)]
