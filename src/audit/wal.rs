@@ -9,7 +9,7 @@
 //!                               one write(), one fdatasync() for the group
 //!                               on failure: cut the file back, roll the chain back
 //!   defer(event)  ─▶ deferred queue ─▶ written with the next group, or alone
-//!                    (no wake-up)       once it has waited `defer_window`
+//!                    (no wake-up)       once it has waited `defer_window` at most
 //! ```
 //!
 //! A deferred record (a call's outcome, written after its answer went out)
@@ -536,15 +536,28 @@ impl Writer {
                 return;
             }
         };
+        // Armed since its last commit: the writer waits at most a window
+        // for a command, so a record deferred meanwhile needs no wake-up.
+        let mut armed: Option<std::time::Instant> = None;
         loop {
-            let first = match self.deferred.since() {
+            let deadline = match (self.deferred.since(), armed) {
+                (Some(since), Some(armed)) => Some(since.min(armed) + self.defer_window),
+                (Some(from), None) | (None, Some(from)) => Some(from + self.defer_window),
+                (None, None) => None,
+            };
+            let first = match deadline {
                 None => rx.blocking_recv(),
-                Some(since) => {
-                    let deadline = tokio::time::Instant::from_std(since + self.defer_window);
+                Some(deadline) => {
+                    let deadline = tokio::time::Instant::from_std(deadline);
                     match clock.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await }) {
                         Ok(command) => command,
+                        Err(_elapsed) if self.deferred.park() => {
+                            armed = None;
+                            continue;
+                        }
                         Err(_elapsed) => {
                             self.commit(Vec::new());
+                            armed = Some(self.arm());
                             continue;
                         }
                     }
@@ -579,8 +592,10 @@ impl Writer {
             let overdue = self.deferred.since().is_some_and(|since| since.elapsed() >= self.defer_window);
             if !batch.is_empty() {
                 self.commit_all(batch);
+                armed = Some(self.arm());
             } else if overdue || self.deferred.len() >= self.max_batch {
                 self.commit(batch);
+                armed = Some(self.arm());
             }
         }
         // Every handle dropped without close: what is deferred is written,
@@ -588,6 +603,13 @@ impl Writer {
         // next open records the restart.
         self.deferred.close();
         self.commit_all(Vec::new());
+    }
+
+    /// Starts a window in which a deferred record is taken without a
+    /// wake-up; returns when it started.
+    fn arm(&self) -> std::time::Instant {
+        self.deferred.arm();
+        std::time::Instant::now()
     }
 
     /// Commits `batch` after every deferred record, however many batches

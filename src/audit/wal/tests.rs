@@ -256,13 +256,39 @@ async fn a_deferred_record_is_durable_within_the_window_without_another_append()
     // Held in memory, not on disk: a reader of the segments never sees a
     // record before its fsync.
     assert_eq!(records(dir.path()).len(), 1, "only the stream start is on disk yet");
+    wait_for_records(dir.path(), 2).await;
+    let all = records(dir.path());
+    assert_eq!(all[1].event.correlation.as_deref(), Some("c-0"));
+    wal.close().await.expect("close");
+    assert_verifies(dir.path(), true);
+}
+
+/// Waits (up to 5 s) until `n` records are on disk.
+async fn wait_for_records(dir: &Path, n: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while records(dir.path()).len() < 2 {
+    while records(dir).len() < n {
         assert!(std::time::Instant::now() < deadline, "the deferred record was never written");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// After a commit the writer is armed: a record deferred then wakes
+/// nobody, and the writer's own window must take it. Once idle it parks,
+/// and the next first record must wake it.
+#[tokio::test]
+async fn a_record_deferred_after_a_commit_or_after_idling_is_durable_without_another_append() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let window = Duration::from_millis(30);
+    let wal = Wal::open(WalConfig { defer_window: window, ..config(dir.path()) }).expect("open");
+    wal.append(decision(0)).await.expect("append");
+    wal.defer(decision(1)).await.expect("defer right after a commit");
+    wait_for_records(dir.path(), 3).await;
+    tokio::time::sleep(window * 4).await;
+    wal.defer(decision(2)).await.expect("defer to an idle writer");
+    wait_for_records(dir.path(), 4).await;
     let all = records(dir.path());
-    assert_eq!(all[1].event.correlation.as_deref(), Some("c-0"));
+    let correlations: Vec<_> = all.iter().filter_map(|r| r.event.correlation.as_deref()).collect();
+    assert_eq!(correlations, ["c-0", "c-1", "c-2"]);
     wal.close().await.expect("close");
     assert_verifies(dir.path(), true);
 }
