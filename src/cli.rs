@@ -249,7 +249,7 @@ pub fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => audit_verify_cmd(&args),
         Command::Audit(AuditCommand::Query(args)) => audit_query_cmd(&args),
         Command::Operator(args) => serve(crate::operator::run(args)),
-        Command::Sidecar(args) => serve(crate::sidecar::run(args)),
+        Command::Sidecar(args) => crate::sidecar::serve(args),
         Command::Broker(args) => serve(crate::broker::run(args)),
         Command::AuditCollector(args) => serve(crate::audit::collector::run(args)),
         #[cfg(feature = "demo")]
@@ -356,9 +356,18 @@ fn reidentify_cmd(args: &ReidentifyArgs) -> ExitCode {
 /// Runs a long-lived service with logging, on a multi-threaded runtime
 /// (ring as the one TLS provider, as for every subcommand).
 pub fn serve(service: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    serve_on(None, service)
+}
+
+/// [`serve`] on `workers` threads (tokio's default, one per core, for None).
+pub fn serve_on(workers: Option<usize>, service: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };

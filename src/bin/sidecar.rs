@@ -15,5 +15,5 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    mcp_warden::cli::serve(mcp_warden::sidecar::run(cli.args))
+    mcp_warden::sidecar::serve(cli.args)
 }

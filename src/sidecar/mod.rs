@@ -120,6 +120,19 @@ pub struct SidecarArgs {
     /// shares the pod's network namespace, nothing else may reach it).
     #[arg(long, default_value = "127.0.0.1:15432")]
     pub db_proxy_listen: SocketAddr,
+    /// Threads that serve calls (the audit log's writer has one of its
+    /// own). The sidecar answers for one MCP server: a few threads keep a
+    /// call's hops close together, where a pod without a CPU limit would
+    /// otherwise get one thread per core of its node.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub worker_threads: u16,
+}
+
+/// Runs the sidecar as a process: on its own runtime of
+/// `--worker-threads` threads, logging, until it stops.
+pub fn serve(args: SidecarArgs) -> std::process::ExitCode {
+    let workers = usize::from(args.worker_threads);
+    crate::cli::serve_on(Some(workers), run(args))
 }
 
 /// Reads a compiled policy file.
@@ -366,3 +379,43 @@ async fn start_db_proxy(
 
 /// Time in-flight requests get to finish after SIGTERM.
 pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[cfg(test)]
+mod args_tests {
+    use clap::Parser;
+
+    use super::SidecarArgs;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SidecarArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<SidecarArgs, clap::Error> {
+        let required = [
+            "sidecar",
+            "--mcpserver",
+            "server.yaml",
+            "--upstream",
+            "http://127.0.0.1:8080/mcp",
+            "--jwks-file",
+            "jwks.json",
+            "--audit-dir",
+            "audit",
+            "--args-key-file",
+            "key",
+        ];
+        Cli::try_parse_from(required.iter().chain(extra)).map(|cli| cli.args)
+    }
+
+    #[test]
+    fn worker_threads_default_to_two_whatever_the_node_and_stay_within_bounds() {
+        assert_eq!(parse(&[]).expect("parses").worker_threads, 2);
+        assert_eq!(parse(&["--worker-threads", "1"]).expect("parses").worker_threads, 1);
+        for refused in ["0", "65", "-1", "two"] {
+            let e = parse(&[&format!("--worker-threads={refused}")]).expect_err(refused);
+            assert!(e.to_string().contains("--worker-threads"), "{e}");
+        }
+    }
+}
