@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::*;
+use futures::StreamExt;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -72,6 +73,24 @@ fn hostile_list(mode: &str, id: &Value) -> ([(&'static str, &'static str); 1], S
     }
 }
 
+/// Lets the slow SSE answer's second event go.
+static SLOW_SSE_RELEASE: std::sync::LazyLock<tokio::sync::Notify> = std::sync::LazyLock::new(tokio::sync::Notify::new);
+
+/// An SSE answer written in two parts, as a long tool's is: a progress
+/// event now, the result once the test releases it.
+fn slow_sse(id: &Value) -> ([(&'static str, &'static str); 1], axum::body::Body) {
+    let progress =
+        json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}});
+    let result = json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "ok"}]}});
+    let events = futures::stream::once(async move { Ok::<_, std::io::Error>(format!("data: {progress}\n\n")) }).chain(
+        futures::stream::once(async move {
+            SLOW_SSE_RELEASE.notified().await;
+            Ok(format!("data: {result}\n\n"))
+        }),
+    );
+    ([("content-type", "text/event-stream")], axum::body::Body::from_stream(events))
+}
+
 /// A minimal MCP endpoint: answers by method, records everything.
 async fn upstream(log: Log) -> String {
     let app = Router::new().route(
@@ -95,6 +114,9 @@ async fn upstream(log: Log) -> String {
                 let id = body["id"].clone();
                 if let Some(mode) = headers.get("x-test-hostile-list").and_then(|v| v.to_str().ok()) {
                     return hostile_list(mode, &id).into_response();
+                }
+                if headers.get("x-test-slow-sse").is_some() {
+                    return slow_sse(&body["id"]).into_response();
                 }
                 if body["params"]["name"] == "clinic_hours" && headers.get("x-test-sse").is_none() {
                     // Hand-written bytes, to show they come back untouched.
@@ -913,6 +935,55 @@ async fn an_unreachable_server_still_closes_every_forwarded_call_with_an_outcome
             .unwrap_or_else(|| panic!("no outcome for {:?}", decision.event.correlation));
         assert_eq!(outcome.event.outcome.as_ref().and_then(|o| o.http_status), Some(502));
     }
+}
+
+/// An SSE answer still being written is relayed as it arrives: the client
+/// reads the progress event while the MCP server has not finished (the
+/// sidecar gives a whole answer one write, but never waits for one). An
+/// answer already whole goes back whole. Both end Ok on the record.
+#[tokio::test]
+async fn an_sse_answer_still_being_written_is_relayed_as_it_arrives() {
+    let s = sidecar().await;
+    let token = rs256(&claims("alice", &["front-desk"]));
+    let call = rpc(3, "tools/call", json!({"name": "clinic_hours", "arguments": {}}));
+    let mut response = s
+        .http
+        .post(format!("{}/mcp", s.url))
+        .header("accept", "application/json, text/event-stream")
+        .header("x-test-slow-sse", "1")
+        .bearer_auth(&token)
+        .json(&call)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), response.chunk())
+        .await
+        .expect("the progress event arrives while the server is still writing")
+        .expect("read")
+        .expect("a chunk");
+    assert!(String::from_utf8_lossy(&first).contains("notifications/progress"));
+    SLOW_SSE_RELEASE.notify_one();
+    let rest = response.text().await.expect("the rest");
+    assert!(rest.contains(r#""id":3"#), "{rest}");
+
+    let (status, headers, whole) =
+        s.post(Some(&token), &rpc(4, "tools/call", json!({"name": "clinic_hours"})), &[("x-test-sse", "1")]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers["content-type"].to_str().unwrap_or_default().starts_with("text/event-stream"));
+    assert_eq!(whole["id"], 4);
+    assert_eq!(whole["result"]["content"][0]["text"], "ok");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let outcomes = loop {
+        let outcomes: Vec<Record> = s.records().into_iter().filter(|r| r.event.kind == Kind::Outcome).collect();
+        if outcomes.len() >= 2 || std::time::Instant::now() > deadline {
+            break outcomes;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    let statuses: Vec<_> = outcomes.iter().filter_map(|r| r.event.outcome.as_ref().map(|o| o.status)).collect();
+    assert_eq!(statuses, [OutcomeStatus::Ok, OutcomeStatus::Ok]);
 }
 
 /// Faults with nothing lost: the collector SIGKILLed and restarted while

@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::Value;
@@ -67,17 +67,27 @@ pub(super) async fn forward(
         // drops the upstream connection, which cancels the request there.
         // A call with database access is read whole instead: its answer
         // waits for its statement records (below).
-        let stream = OutcomeStream::new(
-            upstream.into_body().into_data_stream().boxed(),
-            Arc::clone(&gw),
-            correlation,
-            status.as_u16(),
-            started,
-        );
-        let mut response = Response::new(Body::from_stream(stream));
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        let mut body = upstream.into_body().into_data_stream().boxed();
+        let ready = take_ready(&mut body).await;
+        let body = if ready.ended {
+            // Whole already (an error ends the taking before any end):
+            // one write with its end, and the outcome now.
+            let whole: Vec<Bytes> = ready.items.into_iter().flatten().collect();
+            let outcome =
+                Outcome { status: OutcomeStatus::Ok, http_status: Some(status.as_u16()), rpc_error: None, rows: None };
+            record_outcome(&gw, &correlation, outcome, started, None).await;
+            Body::from(whole.concat())
+        } else {
+            let taken = futures::stream::iter(ready.items);
+            let rest = if ready.ended { futures::stream::empty().boxed() } else { body };
+            let stream =
+                OutcomeStream::new(taken.chain(rest).boxed(), Arc::clone(&gw), correlation, status.as_u16(), started);
+            Body::from_stream(stream)
+        };
+        let mut response = Response::new(body);
         *response.status_mut() = status;
         *response.headers_mut() = headers;
-        response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
         return response;
     }
     let body = match read_upstream(upstream.into_body()).await {
@@ -170,6 +180,54 @@ pub(super) async fn forward(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// What an SSE answer's connection had read by the time its head came.
+struct Ready {
+    items: Vec<Result<Bytes, hyper::Error>>,
+    /// The answer ended within them.
+    ended: bool,
+}
+
+/// How many turns the upstream connection's task gets to hand over what it
+/// has read: one for the first event, one for the end after it.
+const READY_TURNS: usize = 3;
+/// Above this, an answer is relayed as it arrives even if it is whole.
+const READY_BYTES: usize = 64 * 1024;
+
+/// Takes what an SSE answer has ready, never waiting for the MCP server:
+/// the upstream connection's task hands over one piece at a time, and only
+/// after this side asked, so it is given a few turns of the runtime (no
+/// timer). A short answer is usually whole by then, and goes out in one
+/// write with its end instead of one for its event and one for its end;
+/// one still being written (a long tool's progress) is relayed as it
+/// arrives, starting with what was taken.
+async fn take_ready(body: &mut futures::stream::BoxStream<'static, Result<Bytes, hyper::Error>>) -> Ready {
+    let mut ready = Ready { items: Vec::new(), ended: false };
+    let mut bytes = 0;
+    for _ in 0..READY_TURNS {
+        while let Some(next) = body.next().now_or_never() {
+            match next {
+                Some(Ok(chunk)) => {
+                    bytes += chunk.len();
+                    ready.items.push(Ok(chunk));
+                }
+                Some(Err(e)) => {
+                    ready.items.push(Err(e));
+                    return ready;
+                }
+                None => {
+                    ready.ended = true;
+                    return ready;
+                }
+            }
+            if bytes > READY_BYTES {
+                return ready;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    ready
 }
 
 /// A list answer the gateway cannot filter: recorded as an error and
