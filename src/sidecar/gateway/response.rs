@@ -71,8 +71,10 @@ pub(super) async fn forward(
         let mut body = upstream.into_body().into_data_stream().boxed();
         let ready = take_ready(&mut body).await;
         let body = if ready.ended {
-            // Whole already (an error ends the taking before any end):
-            // one write with its end, and the outcome now.
+            // Whole already (an error ends the taking before any end): one
+            // write with its end, and the outcome now — the MCP server's,
+            // as for a relayed answer (that the client read it is not
+            // known either way: a write to a socket is not a read).
             let whole: Vec<Bytes> = ready.items.into_iter().flatten().collect();
             let outcome =
                 Outcome { status: OutcomeStatus::Ok, http_status: Some(status.as_u16()), rpc_error: None, rows: None };
@@ -80,9 +82,8 @@ pub(super) async fn forward(
             Body::from(whole.concat())
         } else {
             let taken = futures::stream::iter(ready.items);
-            let rest = if ready.ended { futures::stream::empty().boxed() } else { body };
             let stream =
-                OutcomeStream::new(taken.chain(rest).boxed(), Arc::clone(&gw), correlation, status.as_u16(), started);
+                OutcomeStream::new(taken.chain(body).boxed(), Arc::clone(&gw), correlation, status.as_u16(), started);
             Body::from_stream(stream)
         };
         let mut response = Response::new(body);
