@@ -233,6 +233,7 @@ struct Run {
     p99: f64,
     rps: f64,
     cpu_us_per_call: Option<f64>,
+    switches_per_call: Option<f64>,
 }
 
 /// One way of calling: the body and headers a client of one protocol
@@ -324,8 +325,12 @@ fn drive(oha: &Path, url: &str, call: &Call, requests: usize, concurrency: usize
     }
     command.arg(url).stdout(Stdio::piped()).stderr(Stdio::inherit());
     let cpu_before = sidecar.map(cpu_us);
+    let switches_before = sidecar.map(support::context_switches);
     let output = command.output().expect("run oha");
     let cpu = sidecar.zip(cpu_before).map(|(pid, before)| (cpu_us(pid) - before) as f64 / requests as f64);
+    let switches = sidecar
+        .zip(switches_before)
+        .map(|(pid, before)| support::context_switches(pid).saturating_sub(before) as f64 / requests as f64);
     let report: Value = serde_json::from_slice(&output.stdout).expect("oha's JSON report");
     let codes = &report["statusCodeDistribution"];
     let all_ok = codes.as_object().is_some_and(|c| c.len() == 1 && c.contains_key("200"))
@@ -341,6 +346,7 @@ fn drive(oha: &Path, url: &str, call: &Call, requests: usize, concurrency: usize
         p99: report["latencyPercentiles"]["p99"].as_f64().unwrap_or(0.0) * 1000.0,
         rps: report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
         cpu_us_per_call: cpu,
+        switches_per_call: switches,
     }
 }
 
@@ -378,8 +384,8 @@ fn main() {
         }
         println!("sidecar benchmark: tools/call `add` (non-PHI; JWT check, policy, durable decision record), oha, rmcp server with SSE answers");
         println!("  {}  rounds {rounds}, direct and sidecar alternating", support::machine());
-        println!("| generation | c | direct p50 / p99 ms | sidecar p50 / p99 ms | added p50 ms (spread) | added p99 ms (spread) | direct req/s | sidecar req/s | ratio | sidecar CPU µs/call |");
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("| generation | c | direct p50 / p99 ms | sidecar p50 / p99 ms | added p50 ms (spread) | added p99 ms (spread) | direct req/s | sidecar req/s | ratio | sidecar CPU µs/call | sidecar switches/call |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         for (name, concurrencies, direct_call, sidecar_call) in &generations {
             for &(concurrency, requests) in *concurrencies {
                 let (mut direct, mut proxied) = (Vec::new(), Vec::new());
@@ -397,8 +403,9 @@ fn main() {
                 let added_p99: Vec<f64> = direct.iter().zip(&proxied).map(|(d, s)| s.p99 - d.p99).collect();
                 let ratios: Vec<f64> = direct.iter().zip(&proxied).map(|(d, s)| s.rps / d.rps).collect();
                 let cpu = median(&proxied.iter().filter_map(|r| r.cpu_us_per_call).collect::<Vec<_>>());
+                let switches = median(&proxied.iter().filter_map(|r| r.switches_per_call).collect::<Vec<_>>());
                 println!(
-                    "| {name} | {concurrency} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} ({}) | {:.2} ({}) | {:.0} | {:.0} | {:.2}× ({}) | {cpu:.0} |",
+                    "| {name} | {concurrency} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} ({}) | {:.2} ({}) | {:.0} | {:.0} | {:.2}× ({}) | {cpu:.0} | {switches:.1} |",
                     median(&direct.iter().map(|r| r.p50).collect::<Vec<_>>()),
                     median(&direct.iter().map(|r| r.p99).collect::<Vec<_>>()),
                     median(&proxied.iter().map(|r| r.p50).collect::<Vec<_>>()),

@@ -36,6 +36,26 @@ pub fn cpu_us(pid: u32) -> u64 {
     (ticks(14) + ticks(15)) * 1_000_000 / hz
 }
 
+/// Context switches (voluntary and not) of a process's live threads: a
+/// count per call that a shared machine's drift does not move, where CPU
+/// time and latency do.
+pub fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.ends_with("ctxt_switches").then(|| value.trim().parse::<u64>().ok()).flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 /// The CPU's model name.
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
