@@ -10,6 +10,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,9 +33,9 @@ fn lease(n: u64) -> Event {
 /// Child mode: open the storage at this path, print what it cost.
 const OPEN_ONLY: &str = "MCPW_BENCH_OPEN_STORAGE";
 
-fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+/// A field of this process's `/proc` status, in KiB.
+fn own_kib(field: &str) -> u64 {
+    support::status_kib(std::process::id(), field).unwrap_or(0)
 }
 
 /// A storage of `n` records of one stream, written in batches as a
@@ -67,15 +68,15 @@ fn reopen(n: u64) {
 
 fn main() {
     if let Some(dir) = std::env::var_os(OPEN_ONLY) {
-        let before = status_kib("VmRSS:");
+        let before = own_kib("VmRSS:");
         let started = Instant::now();
         let storage = Storage::open(std::path::Path::new(&dir)).expect("open");
         let took = started.elapsed();
         let stored: u64 = storage.heads().iter().map(|h| h.seq).sum();
         println!(
             "collector restart over {stored} stored records: open {took:.2?}, VmHWM {:.1} MiB, VmRSS {:.1} MiB (before opening {:.1})",
-            status_kib("VmHWM:") as f64 / 1024.0,
-            status_kib("VmRSS:") as f64 / 1024.0,
+            own_kib("VmHWM:") as f64 / 1024.0,
+            own_kib("VmRSS:") as f64 / 1024.0,
             before as f64 / 1024.0
         );
         return;
