@@ -251,7 +251,13 @@ pub struct Storage {
     root: PathBuf,
     streams: HashMap<String, StreamState>,
     incidents: HashMap<String, u32>,
+    /// The bytes of the batch being appended, kept for the next batch.
+    append_buffer: Vec<u8>,
 }
+
+/// The append buffer is kept up to this capacity (a shipper's batch is at
+/// most 1 MiB); a larger batch's buffer is let go after its append.
+const APPEND_BUFFER_KEPT: usize = 2 * 1024 * 1024;
 
 impl From<std::io::Error> for Refused {
     fn from(e: std::io::Error) -> Refused {
@@ -330,7 +336,7 @@ impl Storage {
                 *incidents.entry(incident.stream).or_insert(0) += 1;
             }
         }
-        Ok(Storage { root: root.to_path_buf(), streams, incidents })
+        Ok(Storage { root: root.to_path_buf(), streams, incidents, append_buffer: Vec::new() })
     }
 
     /// Counts an incident against a stream.
@@ -421,25 +427,23 @@ impl Storage {
             duplicates: 0,
             incidents: Vec::new(),
         };
-        let mut fresh = Vec::new();
-        for record in &records {
-            if record.seq <= state.last_seq {
-                match state.recent.check(record.seq, &record.hash) {
-                    Known::Same => stored.duplicates += 1,
-                    Known::Different => {
-                        let kept = state.recent.hex(record.seq).unwrap_or_default();
-                        return Err(integrity(
-                            IncidentClass::Fork,
-                            record.seq,
-                            format!("a different record for a stored position (stored {kept}, sent {})", record.hash),
-                        ));
-                    }
-                    // Older than what is kept in memory, or before an anchor.
-                    Known::Unknown => stored.duplicates += 1,
+        // The batch's seqs are consecutive: what is already stored comes first.
+        let stored_already = records.iter().take_while(|r| r.seq <= state.last_seq).count();
+        let (resent, fresh) = records.split_at(stored_already);
+        for record in resent {
+            match state.recent.check(record.seq, &record.hash) {
+                Known::Same => stored.duplicates += 1,
+                Known::Different => {
+                    let kept = state.recent.hex(record.seq).unwrap_or_default();
+                    return Err(integrity(
+                        IncidentClass::Fork,
+                        record.seq,
+                        format!("a different record for a stored position (stored {kept}, sent {})", record.hash),
+                    ));
                 }
-                continue;
+                // Older than what is kept in memory, or before an anchor.
+                Known::Unknown => stored.duplicates += 1,
             }
-            fresh.push(record);
         }
         let Some(next) = fresh.first() else { return Ok(stored) };
         if next.seq == 1 && next.event.kind != crate::audit::record::Kind::StreamStart {
@@ -469,9 +473,13 @@ impl Storage {
             ));
         }
         // Append, fsync, then advance: a failure leaves nothing acknowledged.
-        let mut bytes = Vec::new();
-        for record in &fresh {
-            bytes.extend_from_slice(&record.to_line());
+        // Each line parsed as canonical (it is its record's `to_line`), so
+        // the lines are written as received, through one buffer kept across
+        // batches: no record serialized again, no buffer grown per batch.
+        let bytes = &mut self.append_buffer;
+        bytes.clear();
+        for line in &lines[stored_already..] {
+            bytes.extend_from_slice(line);
             bytes.push(b'\n');
         }
         let (path, len) = match &state.active {
@@ -479,7 +487,7 @@ impl Storage {
             _ => (state.dir.join(segment::segment_name(next.seq)), 0),
         };
         let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
-        if let Err(e) = file.write_all(&bytes).and_then(|_| file.sync_data()) {
+        if let Err(e) = file.write_all(bytes).and_then(|_| file.sync_data()) {
             // Cut back what may have been written, so no partial record stays.
             let _ = file.set_len(len);
             return Err(io(e));
@@ -488,7 +496,10 @@ impl Storage {
             segment::sync_dir(&state.dir).map_err(io)?;
         }
         state.active = Some((path, len + bytes.len() as u64));
-        for record in &fresh {
+        if bytes.capacity() > APPEND_BUFFER_KEPT {
+            *bytes = Vec::new();
+        }
+        for record in fresh {
             state.last_seq = record.seq;
             state.last_hash = record.hash.clone();
             state.note(record);
