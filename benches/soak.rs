@@ -20,8 +20,10 @@
 //! ```
 //!
 //! `cargo bench --bench soak`; MCPW_SOAK_SECONDS (600), MCPW_SOAK_REPORT
-//! (60, seconds between reports). The slope of RSS and open files over the
-//! last half of the reports is least squares over the samples, per minute.
+//! (60, seconds between reports). The slope of RSS, of RssAnon (the
+//! process's own memory; VmRSS also counts the binary's pages, which the
+//! three processes of the one binary share) and of open files over the last
+//! half of the reports is least squares over the samples, per minute.
 
 mod support;
 
@@ -149,15 +151,26 @@ fn load(
 struct Sample {
     minute: f64,
     rss_mib: f64,
+    anon_mib: f64,
     fds: f64,
     pid: u32,
 }
 
-/// VmHWM, VmRSS (KiB) and open files of a process.
-fn process(pid: Option<u32>) -> (u64, u64, usize) {
-    let Some(pid) = pid else { return (0, 0, 0) };
+/// What one process holds: VmHWM, VmRSS and RssAnon (KiB), open files.
+/// VmRSS also counts the binary's pages, shared by the three processes the
+/// same binary runs as; RssAnon is the process's own (heap, stacks).
+struct Held {
+    hwm: u64,
+    rss: u64,
+    anon: u64,
+    fds: usize,
+}
+
+fn process(pid: Option<u32>) -> Held {
+    let Some(pid) = pid else { return Held { hwm: 0, rss: 0, anon: 0, fds: 0 } };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
-    (status_kib(pid, "VmHWM:").unwrap_or(0), status_kib(pid, "VmRSS:").unwrap_or(0), fds)
+    let kib = |field| status_kib(pid, field).unwrap_or(0);
+    Held { hwm: kib("VmHWM:"), rss: kib("VmRSS:"), anon: kib("RssAnon:"), fds }
 }
 
 /// Least-squares slope of `ys` over `xs`.
@@ -195,15 +208,23 @@ fn report(soak: &Soak, parts: &[(&str, Option<u32>)], samples: &mut BTreeMap<Str
         println!("   {class:<9} {what:<28} {count:>8}{mark}");
     }
     for (name, pid) in parts {
-        let (hwm, rss, fds) = process(*pid);
+        let held = process(*pid);
+        let mib = |kib: u64| kib as f64 / 1024.0;
         println!(
-            "   {name:<9} VmHWM {:>7.1} MiB  VmRSS {:>7.1} MiB  fds {fds:>4}",
-            hwm as f64 / 1024.0,
-            rss as f64 / 1024.0
+            "   {name:<9} VmHWM {:>7.1} MiB  VmRSS {:>7.1} MiB  RssAnon {:>7.1} MiB  fds {:>4}",
+            mib(held.hwm),
+            mib(held.rss),
+            mib(held.anon),
+            held.fds
         );
         if let Some(pid) = pid {
-            let sample =
-                Sample { minute: at.as_secs_f64() / 60.0, rss_mib: rss as f64 / 1024.0, fds: fds as f64, pid: *pid };
+            let sample = Sample {
+                minute: at.as_secs_f64() / 60.0,
+                rss_mib: mib(held.rss),
+                anon_mib: mib(held.anon),
+                fds: held.fds as f64,
+                pid: *pid,
+            };
             samples.entry(name.to_string()).or_default().push(sample);
         }
     }
@@ -423,16 +444,16 @@ async fn conclude(soak: &Soak, stack: &mut Stack, exe: &Path, samples: &BTreeMap
         let Some(last) = series.last() else { continue };
         let half: Vec<&Sample> = series.iter().skip(series.len() / 2).filter(|s| s.pid == last.pid).collect();
         let xs: Vec<f64> = half.iter().map(|s| s.minute).collect();
-        let rss: Vec<f64> = half.iter().map(|s| s.rss_mib).collect();
-        let fds: Vec<f64> = half.iter().map(|s| s.fds).collect();
+        let series_of = |f: fn(&Sample) -> f64| -> Vec<f64> { half.iter().map(|s| f(s)).collect() };
+        let (rss, anon, fds) = (series_of(|s| s.rss_mib), series_of(|s| s.anon_mib), series_of(|s| s.fds));
+        let ends = |ys: &[f64]| (ys.first().copied().unwrap_or(0.0), ys.last().copied().unwrap_or(0.0));
+        let ((rss0, rss1), (anon0, anon1), (fds0, fds1)) = (ends(&rss), ends(&anon), ends(&fds));
         println!(
-            "   {name:<9} last half ({} samples of one process): RSS {:.1}→{:.1} MiB, slope {:+.3} MiB/min; fds {:.0}→{:.0}, slope {:+.2}/min",
+            "   {name:<9} last half ({} samples of one process): RSS {rss0:.1}→{rss1:.1} MiB, slope {:+.3} MiB/min; \
+             RssAnon {anon0:.1}→{anon1:.1} MiB, slope {:+.3} MiB/min; fds {fds0:.0}→{fds1:.0}, slope {:+.2}/min",
             half.len(),
-            rss.first().copied().unwrap_or(0.0),
-            rss.last().copied().unwrap_or(0.0),
             slope(&xs, &rss),
-            fds.first().copied().unwrap_or(0.0),
-            fds.last().copied().unwrap_or(0.0),
+            slope(&xs, &anon),
             slope(&xs, &fds)
         );
     }
