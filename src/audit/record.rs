@@ -581,6 +581,30 @@ impl Chain {
     }
 }
 
+/// Chains for the audit modules' tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// A stream's first `n` lines (a stream-start, then leases), and its
+    /// chain to go on with.
+    pub(crate) fn chain_lines(n: u64) -> (Chain, Vec<Vec<u8>>) {
+        let mut chain = Chain::new("clinic/lookup/pod/s1".into(), "clinic/lookup".into(), None);
+        let lines = (0..n)
+            .map(|i| {
+                if i == 0 {
+                    return chain.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
+                }
+                let mut e = Event::new(Kind::Lease);
+                e.lease =
+                    Some(Lease { id: format!("l{i}"), action: LeaseAction::Issued, role: None, valid_until: None });
+                chain.seal(e, chrono::Utc::now()).unwrap().record.to_line()
+            })
+            .collect();
+        (chain, lines)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,11 +71,17 @@ pub struct Line {
 pub fn split_lines(content: &[u8]) -> Vec<Line> {
     let mut lines = Vec::new();
     // Reading from memory cannot fail.
-    let _ = each_line::<_, io::Error>(content, |line| {
+    let _ = each_line_in::<io::Error>(content, |line| {
         lines.push(line.to_line());
         Ok(())
     });
     lines
+}
+
+/// The lines of segment contents already in memory, one at a time, as
+/// [`split_lines`] splits them, without copying them out.
+pub fn each_line_in<E: From<io::Error>>(content: &[u8], f: impl FnMut(LineRef<'_>) -> Result<(), E>) -> Result<(), E> {
+    each_line(content, f)
 }
 
 /// Reads and splits a segment.

@@ -43,6 +43,12 @@ pub enum ShipError {
     },
 }
 
+impl From<std::io::Error> for ShipError {
+    fn from(e: std::io::Error) -> ShipError {
+        ShipError::Read(e.to_string())
+    }
+}
+
 /// What a round did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shipped {
@@ -70,7 +76,7 @@ type Cursor = (u64, u64);
 
 /// A batch to send: its NDJSON body, its last seq, the cursor after it.
 struct Batch {
-    body: Vec<u8>,
+    body: bytes::Bytes,
     last: u64,
     cursor: Cursor,
 }
@@ -128,23 +134,33 @@ impl Shipper {
             file.seek(SeekFrom::Start(offset)).map_err(read)?;
             let mut buffer = Vec::new();
             file.take(MAX_BATCH_BYTES as u64).read_to_end(&mut buffer).map_err(read)?;
-            let mut body = Vec::new();
-            let mut last = None;
-            let mut consumed = 0u64;
-            for line in segment::split_lines(&buffer).into_iter().filter(|l| l.complete) {
-                consumed = line.offset + line.bytes.len() as u64 + 1;
-                let record = Record::parse_line(&line.bytes).map_err(|e| {
-                    ShipError::Read(format!("{} at byte {}: {e}", path.display(), offset + line.offset))
-                })?;
-                if record.seq <= self.shipped {
-                    continue;
+            // Seqs are consecutive in a segment: what was shipped is a prefix,
+            // and the batch is the complete lines after it, sent as read.
+            let (mut fresh_from, mut last, mut consumed) = (None, None, 0u64);
+            segment::each_line_in(&buffer, |line| {
+                if !line.complete {
+                    return Ok(());
                 }
-                body.extend_from_slice(&line.bytes);
-                body.push(b'\n');
-                last = Some(record.seq);
-            }
+                let at = || format!("{} at byte {}", path.display(), offset + line.offset);
+                consumed = line.offset + line.bytes.len() as u64 + 1;
+                let record = Record::parse_line(line.bytes).map_err(|e| ShipError::Read(format!("{}: {e}", at())))?;
+                match last {
+                    // A WAL's records are consecutive; the collector would refuse the batch.
+                    Some(before) if record.seq != before + 1 => {
+                        return Err(ShipError::Read(format!("{}: seq {} follows seq {before}", at(), record.seq)));
+                    }
+                    Some(_) => last = Some(record.seq),
+                    None if record.seq > self.shipped => {
+                        fresh_from = Some(line.offset);
+                        last = Some(record.seq);
+                    }
+                    None => {}
+                }
+                Ok(())
+            })?;
             let cursor = (*first, offset + consumed);
-            if let Some(last) = last {
+            if let (Some(last), Some(from)) = (last, fresh_from) {
+                let body = bytes::Bytes::from(buffer).slice(from as usize..consumed as usize);
                 return Ok(Some(Batch { body, last, cursor }));
             }
             if consumed > 0 {
@@ -252,4 +268,65 @@ pub async fn drain(mut shipper: Shipper) {
         }
     }
     tracing::error!(through = shipper.shipped(), "the audit stream was not shipped in full before shutdown");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::test_support::chain_lines;
+
+    /// A WAL directory of one segment holding `content`, and a shipper of
+    /// it that the collector has acknowledged through `shipped`.
+    fn shipper_over(content: &[u8], shipped: u64) -> (tempfile::TempDir, Shipper) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(segment::segment_name(1)), content).unwrap();
+        let mut shipper =
+            Shipper::new(dir.path().into(), "http://127.0.0.1:9", ClientCredential::Fixed("c".into())).unwrap();
+        shipper.shipped = shipped;
+        (dir, shipper)
+    }
+
+    fn joined(lines: &[Vec<u8>]) -> Vec<u8> {
+        lines.iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect()
+    }
+
+    #[test]
+    fn a_batch_is_the_complete_lines_after_what_was_shipped_as_written() {
+        let (_, lines) = chain_lines(6);
+        let mut content = joined(&lines);
+        let complete = content.len() as u64;
+        content.extend_from_slice(&lines[5][..40]); // a torn tail: not sent, not passed
+        let (_dir, mut shipper) = shipper_over(&content, 2);
+        let batch = shipper.next_batch().unwrap().expect("a batch");
+        assert_eq!(batch.body, joined(&lines[2..]));
+        assert_eq!((batch.last, batch.cursor.1), (6, complete));
+    }
+
+    #[test]
+    fn only_shipped_records_move_the_cursor_without_a_batch() {
+        let (_, lines) = chain_lines(3);
+        let (_dir, mut shipper) = shipper_over(&joined(&lines), 3);
+        assert!(shipper.next_batch().unwrap().is_none());
+        assert_eq!(shipper.cursor.map(|c| c.1), Some(joined(&lines).len() as u64));
+    }
+
+    #[test]
+    fn records_out_of_order_after_the_shipped_ones_are_an_error_not_a_batch() {
+        let (_, lines) = chain_lines(4);
+        let reordered = [lines[0].clone(), lines[2].clone(), lines[1].clone(), lines[3].clone()];
+        let (_dir, mut shipper) = shipper_over(&joined(&reordered), 1);
+        let error = shipper.next_batch().err().expect("refused").to_string();
+        assert!(error.contains("seq 2 follows seq 3"), "{error}");
+    }
+
+    #[test]
+    fn a_line_that_is_not_a_record_is_an_error_naming_where_not_what() {
+        let (_, lines) = chain_lines(2);
+        let mut content = joined(&lines);
+        content.extend_from_slice(b"{\"patient\":\"Jane Roe\"}\n");
+        let (_dir, mut shipper) = shipper_over(&content, 0);
+        let error = shipper.next_batch().err().expect("refused").to_string();
+        assert!(error.contains(&format!("at byte {}", joined(&lines).len())), "{error}");
+        assert!(!error.contains("Jane"), "{error}");
+    }
 }

@@ -591,32 +591,12 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::record::test_support::chain_lines;
     use crate::audit::record::{Chain, Event, Kind};
     use crate::audit::verify::{VerifyOptions, verify_dir};
 
     fn lines(n: u64) -> Vec<Vec<u8>> {
         chain_lines(n).1
-    }
-
-    /// A stream's first `n` lines, and its chain to go on with.
-    fn chain_lines(n: u64) -> (Chain, Vec<Vec<u8>>) {
-        let mut chain = Chain::new("clinic/lookup/pod/s1".into(), "clinic/lookup".into(), None);
-        let lines = (0..n)
-            .map(|i| {
-                if i == 0 {
-                    return chain.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
-                }
-                let mut e = Event::new(Kind::Lease);
-                e.lease = Some(crate::audit::record::Lease {
-                    id: format!("l{i}"),
-                    action: crate::audit::record::LeaseAction::Issued,
-                    role: None,
-                    valid_until: None,
-                });
-                chain.seal(e, chrono::Utc::now()).unwrap().record.to_line()
-            })
-            .collect();
-        (chain, lines)
     }
 
     fn refs(lines: &[Vec<u8>]) -> Vec<&[u8]> {
