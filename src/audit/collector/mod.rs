@@ -157,10 +157,70 @@ impl Readers {
 #[derive(Clone)]
 struct AppState {
     storage: Arc<Mutex<Storage>>,
+    intake: Intake,
     incidents: Arc<Wal>,
     senders: Senders,
     readers: Readers,
     abandon_grace: std::time::Duration,
+}
+
+/// Batches are judged and stored by one thread of their own. They wait for
+/// the storage's lock anyway; one thread keeps their allocations in one of
+/// glibc's per-thread arenas, where tokio's blocking threads, which come
+/// and go, had left the free space of a catch-up's batches in several
+/// (docs/soak.md).
+#[derive(Clone)]
+struct Intake {
+    jobs: tokio::sync::mpsc::Sender<Job>,
+}
+
+/// One batch for the intake thread, and where its outcome goes (`None`:
+/// storing it panicked).
+struct Job {
+    sender: String,
+    prefix: Option<String>,
+    body: Bytes,
+    done: tokio::sync::oneshot::Sender<Option<Result<store::Stored, Refused>>>,
+}
+
+/// Batches queued for the intake thread; senders beyond wait (each holds
+/// at most one request in flight).
+const INTAKE_QUEUE: usize = 16;
+
+impl Intake {
+    /// Starts the thread; it ends when the last handle is dropped.
+    fn start(storage: Arc<Mutex<Storage>>) -> Intake {
+        let (jobs, mut queue) = tokio::sync::mpsc::channel::<Job>(INTAKE_QUEUE);
+        std::thread::Builder::new()
+            .name("collector-intake".into())
+            .spawn(move || {
+                while let Some(job) = queue.blocking_recv() {
+                    let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let lines: Vec<&[u8]> = job.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+                        storage.lock().unwrap_or_else(|p| p.into_inner()).store(
+                            &job.sender,
+                            job.prefix.as_deref(),
+                            &lines,
+                        )
+                    }));
+                    let _ = job.done.send(stored.ok());
+                }
+            })
+            .expect("the collector's intake thread could not be started");
+        Intake { jobs }
+    }
+
+    /// Judges and stores one batch; `None` if the intake could not.
+    async fn store(
+        &self,
+        sender: String,
+        prefix: Option<String>,
+        body: Bytes,
+    ) -> Option<Result<store::Stored, Refused>> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.jobs.send(Job { sender, prefix, body, done }).await.ok()?;
+        outcome.await.ok().flatten()
+    }
 }
 
 /// The collector's router over opened storage.
@@ -182,7 +242,14 @@ pub fn router_with_grace(
         .route("/v1/health", axum::routing::get(health_of_servers))
         .route("/v1/pods", post(pods_present))
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
-        .with_state(AppState { storage, incidents, senders, readers, abandon_grace })
+        .with_state(AppState {
+            intake: Intake::start(Arc::clone(&storage)),
+            storage,
+            incidents,
+            senders,
+            readers,
+            abandon_grace,
+        })
 }
 
 /// Per MCPServer: streams, open streams by pod with their last seq and
@@ -283,15 +350,8 @@ async fn records(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         Ok(identity) => identity,
         Err(why) => return refuse(StatusCode::UNAUTHORIZED, "unauthenticated", why),
     };
-    let storage = Arc::clone(&state.storage);
-    let result = tokio::task::spawn_blocking(move || {
-        let lines: Vec<&[u8]> = body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
-        storage.lock().unwrap_or_else(|p| p.into_inner()).store(&sender, prefix.as_deref(), &lines)
-    })
-    .await;
-    let result = match result {
-        Ok(r) => r,
-        Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    let Some(result) = state.intake.store(sender, prefix, body).await else {
+        return refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the batch could not be stored".into());
     };
     match result {
         Ok(stored) => {
