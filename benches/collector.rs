@@ -88,18 +88,7 @@ fn main() {
     runtime.block_on(async {
         let wal_dir = tempfile::tempdir().expect("tempdir");
         let data = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(data.path().join("incidents")).expect("dir");
-        let storage = Arc::new(Mutex::new(Storage::open(data.path()).expect("storage")));
-        let incidents = Arc::new(
-            Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).expect("wal"),
-        );
-        let app = collector::router(
-            storage,
-            incidents,
-            collector::Senders::Static(StaticCredential::new(CREDENTIAL).expect("credential")),
-            collector::Readers::None,
-        );
-        let base = common::serve(app).await;
+        let base = serve_collector(data.path()).await;
         let wal = Arc::new(Wal::open(WalConfig::new(wal_dir.path(), "clinic/patient-lookup")).expect("wal"));
 
         let total: u64 = 20_000;
@@ -167,6 +156,21 @@ fn main() {
     reopen(env_number("MCPW_BENCH_STORED", 1_000_000));
 }
 
+/// A collector over a fresh storage in `data`, served on loopback; its URL.
+async fn serve_collector(data: &std::path::Path) -> String {
+    std::fs::create_dir_all(data.join("incidents")).expect("dir");
+    let storage = Arc::new(Mutex::new(Storage::open(data).expect("storage")));
+    let incidents =
+        Arc::new(Wal::open(WalConfig::new(data.join("incidents"), collector::COLLECTOR_SERVER)).expect("wal"));
+    let app = collector::router(
+        storage,
+        incidents,
+        collector::Senders::Static(StaticCredential::new(CREDENTIAL).expect("credential")),
+        collector::Readers::None,
+    );
+    common::serve(app).await
+}
+
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -176,7 +180,6 @@ fn env_number(name: &str, default: u64) -> u64 {
 async fn catch_up(n: u64) {
     let wal_dir = tempfile::tempdir().expect("tempdir");
     let data = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(data.path().join("incidents")).expect("dir");
     let wal = Arc::new(Wal::open(WalConfig::new(wal_dir.path(), "clinic/patient-lookup")).expect("wal"));
     let mut writers = Vec::new();
     for w in 0..16u64 {
@@ -190,16 +193,7 @@ async fn catch_up(n: u64) {
     for writer in writers {
         writer.await.expect("writer");
     }
-    let storage = Arc::new(Mutex::new(Storage::open(data.path()).expect("storage")));
-    let incidents =
-        Arc::new(Wal::open(WalConfig::new(data.path().join("incidents"), collector::COLLECTOR_SERVER)).expect("wal"));
-    let app = collector::router(
-        storage,
-        incidents,
-        collector::Senders::Static(StaticCredential::new(CREDENTIAL).expect("credential")),
-        collector::Readers::None,
-    );
-    let base = common::serve(app).await;
+    let base = serve_collector(data.path()).await;
     let mut shipper =
         Shipper::new(wal_dir.path().into(), &base, ClientCredential::Fixed(CREDENTIAL.into())).expect("shipper");
     let started = Instant::now();
