@@ -167,7 +167,8 @@ async fn serve_collector(data: &std::path::Path) -> String {
         incidents,
         collector::Senders::Static(StaticCredential::new(CREDENTIAL).expect("credential")),
         collector::Readers::None,
-    );
+    )
+    .expect("the collector's router");
     common::serve(app).await
 }
 

@@ -569,8 +569,9 @@ async fn collector_knows_senders_and_its_reader_by_real_service_account_tokens()
     let readers = Readers::ServiceAccount(Arc::clone(&reviewer), format!("system:serviceaccount:{ns}:mcpw-operator"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = collector::router(storage, incidents, senders, readers).expect("the collector's router");
     tokio::spawn(async move {
-        let _ = axum::serve(listener, collector::router(storage, incidents, senders, readers)).await;
+        let _ = axum::serve(listener, app).await;
     });
 
     let http = reqwest::Client::new();

@@ -45,7 +45,8 @@ async fn collector(data: &Path) -> (String, Arc<Wal>) {
         Arc::clone(&incidents),
         collector::Senders::Static(StaticCredential::new(CREDENTIAL).unwrap()),
         collector::Readers::Static(StaticCredential::new(READER).unwrap()),
-    );
+    )
+    .unwrap();
     (common::serve(app).await, incidents)
 }
 
@@ -264,7 +265,8 @@ async fn signed_checkpoints_prove_the_tail_and_their_own_integrity() {
         incidents,
         collector::Senders::Static(StaticCredential::new(CREDENTIAL).unwrap()),
         collector::Readers::None,
-    );
+    )
+    .unwrap();
     let base = common::serve(app).await;
 
     let w = wal(wal_dir.path());
@@ -364,7 +366,7 @@ async fn in_a_cluster_a_sidecar_may_write_only_its_own_servers_streams() {
             ("system:serviceaccount:mcp-warden:mcpw-operator".into(), collector::OPERATOR_SENDER),
         ],
     );
-    let base = common::serve(collector::router(storage, incidents, senders, collector::Readers::None)).await;
+    let base = common::serve(collector::router(storage, incidents, senders, collector::Readers::None).unwrap()).await;
 
     let mut chain = Chain::new("clinic/patient-lookup/pod-1/s".into(), "clinic/patient-lookup".into(), None);
     let mut line = chain.seal(Event::new(Kind::StreamStart), chrono::Utc::now()).unwrap().record.to_line();
@@ -422,7 +424,8 @@ async fn a_stream_whose_pod_is_gone_without_its_stream_end_becomes_an_incident()
             collector::Senders::Static(StaticCredential::new(CREDENTIAL).unwrap()),
             collector::Readers::Static(StaticCredential::new(READER).unwrap()),
             grace,
-        );
+        )
+        .unwrap();
         (app, incidents)
     };
     let (app, incidents) = open_collector(Duration::ZERO);

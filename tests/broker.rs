@@ -1178,7 +1178,8 @@ async fn the_broker_ships_its_lease_trail_to_the_collector_and_seals_it() {
         incidents,
         collector::Senders::Static(StaticCredential::new(SENDER).unwrap()),
         collector::Readers::None,
-    );
+    )
+    .unwrap();
     let url = common::serve(app).await;
     let to = Destination {
         url,

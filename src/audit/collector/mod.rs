@@ -189,25 +189,18 @@ const INTAKE_QUEUE: usize = 16;
 
 impl Intake {
     /// Starts the thread; it ends when the last handle is dropped.
-    fn start(storage: Arc<Mutex<Storage>>) -> Intake {
+    fn start(storage: Arc<Mutex<Storage>>) -> std::io::Result<Intake> {
         let (jobs, mut queue) = tokio::sync::mpsc::channel::<Job>(INTAKE_QUEUE);
-        std::thread::Builder::new()
-            .name("collector-intake".into())
-            .spawn(move || {
-                while let Some(job) = queue.blocking_recv() {
-                    let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let lines: Vec<&[u8]> = job.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
-                        storage.lock().unwrap_or_else(|p| p.into_inner()).store(
-                            &job.sender,
-                            job.prefix.as_deref(),
-                            &lines,
-                        )
-                    }));
-                    let _ = job.done.send(stored.ok());
-                }
-            })
-            .expect("the collector's intake thread could not be started");
-        Intake { jobs }
+        std::thread::Builder::new().name("collector-intake".into()).spawn(move || {
+            while let Some(job) = queue.blocking_recv() {
+                let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let lines: Vec<&[u8]> = job.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+                    storage.lock().unwrap_or_else(|p| p.into_inner()).store(&job.sender, job.prefix.as_deref(), &lines)
+                }));
+                let _ = job.done.send(stored.ok());
+            }
+        })?;
+        Ok(Intake { jobs })
     }
 
     /// Judges and stores one batch; `None` if the intake could not.
@@ -223,8 +216,14 @@ impl Intake {
     }
 }
 
-/// The collector's router over opened storage.
-pub fn router(storage: Arc<Mutex<Storage>>, incidents: Arc<Wal>, senders: Senders, readers: Readers) -> Router {
+/// The collector's router over opened storage (it starts the intake
+/// thread: an error if the thread cannot be started).
+pub fn router(
+    storage: Arc<Mutex<Storage>>,
+    incidents: Arc<Wal>,
+    senders: Senders,
+    readers: Readers,
+) -> std::io::Result<Router> {
     router_with_grace(storage, incidents, senders, readers, ABANDON_GRACE)
 }
 
@@ -236,20 +235,14 @@ pub fn router_with_grace(
     senders: Senders,
     readers: Readers,
     abandon_grace: std::time::Duration,
-) -> Router {
-    Router::new()
+) -> std::io::Result<Router> {
+    let intake = Intake::start(Arc::clone(&storage))?;
+    Ok(Router::new()
         .route("/v1/records", post(records))
         .route("/v1/health", axum::routing::get(health_of_servers))
         .route("/v1/pods", post(pods_present))
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
-        .with_state(AppState {
-            intake: Intake::start(Arc::clone(&storage)),
-            storage,
-            incidents,
-            senders,
-            readers,
-            abandon_grace,
-        })
+        .with_state(AppState { storage, intake, incidents, senders, readers, abandon_grace }))
 }
 
 /// Per MCPServer: streams, open streams by pod with their last seq and
@@ -470,7 +463,8 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
             }
         })
     });
-    let app = router(Arc::clone(&storage), Arc::clone(&incidents), senders, readers);
+    let app = router(Arc::clone(&storage), Arc::clone(&incidents), senders, readers)
+        .context("starting the collector's intake thread")?;
     bound.serve(app).await?;
     stopping.cancel();
     if let Some(task) = checkpoints {
