@@ -818,6 +818,51 @@ async fn revoking_the_lease_closes_the_proxied_connection() {
     drop(ticket);
 }
 
+/// A compromised MCP server can stop reading its answers: the proxy is
+/// then stuck writing to it (and the store to the proxy). The call's end
+/// must still cut that connection, not leave it to the server.
+#[tokio::test]
+async fn a_server_that_stops_reading_is_cut_off_when_its_call_ends() {
+    let world = World::start(reference_server()).await;
+    let mut ticket = world.grants.ticket();
+    let token = world.token(&mut ticket, None).await;
+    let mut bytes = packet(196_608, b"user\0mcp\0database\0ehr\0\0");
+    let mut password = token.into_bytes();
+    password.push(0);
+    bytes.push(b'p');
+    bytes.extend_from_slice(&((4 + password.len()) as i32).to_be_bytes());
+    bytes.extend_from_slice(&password);
+    // 200 answers of a megabyte each: far more than the sockets between
+    // the store, the proxy and this client hold.
+    let query = b"SELECT repeat('x', 1000000)\0";
+    for _ in 0..200 {
+        bytes.push(b'Q');
+        bytes.extend_from_slice(&((4 + query.len()) as i32).to_be_bytes());
+        bytes.extend_from_slice(query);
+    }
+    let mut socket = tokio::net::TcpStream::connect(world.proxy).await.unwrap();
+    socket.write_all(&bytes).await.unwrap();
+    eventually("the relay to start", async || (world.metrics.open_connections() == 1).then_some(())).await;
+    // Not reading: the proxy fills this socket and waits on it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(world.metrics.open_connections(), 1, "the relay ended before the call did");
+
+    drop(ticket);
+    eventually("the proxy to let the connection go", async || (world.metrics.open_connections() == 0).then_some(()))
+        .await;
+    let cut = eventually("the statements left in flight on the trail, ended with the call", async || {
+        let cut = world
+            .sidecar_records()
+            .into_iter()
+            .filter(|r| r.event.kind == Kind::Statement && r.event.reason.as_deref() == Some("call_ended"))
+            .count();
+        (cut > 0).then_some(cut)
+    })
+    .await;
+    assert!(cut < 200, "{cut}: the answers relayed before the proxy got stuck are not among them");
+    drop(socket);
+}
+
 #[tokio::test]
 async fn over_tls_the_proxy_verifies_the_store_and_logs_in_encrypted() {
     let world = World::start_with(reference_server(), true).await;

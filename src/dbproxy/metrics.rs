@@ -71,6 +71,11 @@ impl ProxyMetrics {
         self.refusals_unrecorded.inc();
     }
 
+    /// Connections being relayed now (tests).
+    pub fn open_connections(&self) -> i64 {
+        self.open.get()
+    }
+
     /// The count for a connection result (tests).
     pub fn connections_for(&self, result: &str) -> u64 {
         self.connections.get_or_create(&ResultLabels { result: result.to_string() }).get()

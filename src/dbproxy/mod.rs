@@ -13,9 +13,11 @@
 //! Modules: `wire` (framing, bounds, the few messages written here),
 //! `normalize` (literal removal), `tracker` (which answer belongs to which
 //! statement; what is refused), `grants` (tokens and cancel keys),
-//! `upstream` (TLS + SCRAM login as the caller), `session` (one client
-//! connection, start to end).
+//! `upstream` (TLS + SCRAM login as the caller), `cut` (the call's end and
+//! the credential's expiry, which cut a connection wherever it waits),
+//! `session` (one client connection, start to end).
 
+mod cut;
 pub mod grants;
 pub mod metrics;
 pub mod normalize;

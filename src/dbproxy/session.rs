@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 
 use super::DbProxy;
+use super::cut::{Cause, Cut, FAREWELL_WAIT};
 use super::grants::{CallGrant, LookupError};
 use super::tracker::{BackAction, Ending, Finished, FrontAction, Tracker};
 use super::upstream::{self, Io};
@@ -200,6 +201,15 @@ enum End {
     AuditUnavailable,
 }
 
+impl From<Cause> for End {
+    fn from(cause: Cause) -> Self {
+        match cause {
+            Cause::CallEnded => End::CallEnded,
+            Cause::CredentialExpired => End::CredentialExpired,
+        }
+    }
+}
+
 impl End {
     fn class(self) -> &'static str {
         match self {
@@ -233,7 +243,7 @@ async fn relay(
     proxy: Arc<DbProxy>,
     socket: TcpStream,
     grant: Arc<CallGrant>,
-    mut ended: tokio::sync::watch::Receiver<bool>,
+    ended: tokio::sync::watch::Receiver<bool>,
     up: upstream::Upstream,
     leftover: BytesMut,
 ) {
@@ -262,23 +272,23 @@ async fn relay(
     let mut tracker = Tracker::new(grant.allow_copy);
     let mut done = Vec::new();
     // One timer for the connection, not one registered per message.
-    let expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(grant.expires));
-    tokio::pin!(expiry);
-    let end = if client_write.write_all(&out).await.is_err() {
-        End::ClientClosed
-    } else {
-        loop {
+    let mut cut = Cut::new(ended, grant.expires);
+    let end = match cut.unless(client_write.write_all(&out)).await {
+        Err(cause) => cause.into(),
+        Ok(Err(_)) => End::ClientClosed,
+        Ok(Ok(())) => loop {
+            // Reads wait here; writes wait inside the steps, each also cut
+            // by the call's end and the credential's expiry.
             let step = tokio::select! {
                 frame = from_client.next() => {
-                    let mut out = Out { proxy: &proxy, grant: &grant, client: &mut client_write };
+                    let mut out = Out { proxy: &proxy, grant: &grant, client: &mut client_write, cut: &mut cut };
                     client_step(frame, &mut from_client, &mut tracker, &mut done, &mut server_write, &mut out).await
                 }
                 frame = from_server.next() => {
-                    let mut out = Out { proxy: &proxy, grant: &grant, client: &mut client_write };
+                    let mut out = Out { proxy: &proxy, grant: &grant, client: &mut client_write, cut: &mut cut };
                     server_step(frame, &mut from_server, &mut tracker, &mut done, &mut out).await
                 }
-                _ = async { ended.wait_for(|ended| *ended).await.map(|_| ()) } => Err(End::CallEnded),
-                _ = &mut expiry => Err(End::CredentialExpired),
+                cause = cut.wait() => Err(cause.into()),
             };
             if record_statements(&proxy, &grant, &mut done).await.is_err() {
                 break End::AuditUnavailable;
@@ -286,16 +296,18 @@ async fn relay(
             if let Err(end) = step {
                 break end;
             }
-        }
+        },
     };
     if let End::ClientProtocol(class) = end {
         proxy.record_refusal(Decision::Deny, class.to_string(), call_event(&grant, Kind::Decision)).await;
     }
+    // A peer that stopped reading gets no notice and no clean shutdown.
     if let Some((code, text)) = end.notice() {
-        let _ = wire::send(&mut client_write, &backend::error("FATAL", code, text)).await;
+        let notice = backend::error("FATAL", code, text);
+        let _ = tokio::time::timeout(FAREWELL_WAIT, wire::send(&mut client_write, &notice)).await;
     }
-    let _ = client_write.shutdown().await;
-    let _ = server_write.shutdown().await;
+    let _ = tokio::time::timeout(FAREWELL_WAIT, client_write.shutdown()).await;
+    let _ = tokio::time::timeout(FAREWELL_WAIT, server_write.shutdown()).await;
     if let Some(pid) = our_key {
         proxy.cancel_keys.remove(pid);
     }
@@ -318,7 +330,9 @@ async fn relay(
 
 type ServerWrite = WriteHalf<Box<dyn Io>>;
 
-/// The way back to the MCP server. Finished statements' records are queued
+/// The way back to the MCP server, and the connection's [`Cut`], which
+/// every write here waits beside (a peer that stops reading cannot hold the
+/// connection past its call). Finished statements' records are queued
 /// in the WAL before the bytes that end them are written, so a record the
 /// gateway makes durable after the call's answer (which the MCP server can
 /// only write after reading these bytes) makes them durable too.
@@ -326,12 +340,20 @@ struct Out<'a> {
     proxy: &'a DbProxy,
     grant: &'a CallGrant,
     client: &'a mut OwnedWriteHalf,
+    cut: &'a mut Cut,
 }
 
 impl Out<'_> {
+    /// Records first (never cut: a record queued is a record kept), then
+    /// the bytes, unless the connection is cut while they wait.
     async fn write(&mut self, bytes: &[u8], done: &mut Vec<Finished>) -> Result<(), End> {
         record_statements(self.proxy, self.grant, done).await.map_err(|()| End::AuditUnavailable)?;
-        self.client.write_all(bytes).await.map_err(|_| End::ClientClosed)
+        self.cut.unless(self.client.write_all(bytes)).await?.map_err(|_| End::ClientClosed)
+    }
+
+    /// Bytes to the server, unless the connection is cut while they wait.
+    async fn flush_to_server(&mut self, server: &mut ServerWrite, bytes: &mut BytesMut) -> Result<(), End> {
+        self.cut.unless(flush(server, bytes)).await?.map_err(|_| End::ServerClosed)
     }
 }
 
@@ -355,14 +377,14 @@ async fn client_step(
         match tracker.client(&frame, Instant::now(), done).map_err(|e| End::ClientProtocol(e.class()))? {
             FrontAction::Forward => to_server.extend_from_slice(&frame.raw),
             FrontAction::Answer(answers) => {
-                flush(server, &mut to_server).await.map_err(|_| End::ServerClosed)?;
+                client.flush_to_server(server, &mut to_server).await?;
                 for answer in answers {
                     client.write(&answer, done).await?;
                 }
             }
         }
         if terminate {
-            flush(server, &mut to_server).await.map_err(|_| End::ServerClosed)?;
+            client.flush_to_server(server, &mut to_server).await?;
             return Err(End::ClientClosed);
         }
         match reader.buffered().map_err(|e| End::ClientProtocol(e.class()))? {
@@ -370,7 +392,7 @@ async fn client_step(
             None => break,
         }
     }
-    flush(server, &mut to_server).await.map_err(|_| End::ServerClosed)
+    client.flush_to_server(server, &mut to_server).await
 }
 
 /// One server message (and any others already buffered) to the client.
