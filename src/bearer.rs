@@ -66,7 +66,11 @@ impl ClientCredential {
 /// An HTTP client for a control-plane API, trusting the system roots and,
 /// when given, the PEM CA bundle in `ca_file` (the warden's own CA).
 pub fn api_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+    // Idle connections are let go well before the server would close them
+    // (`http_server`), so a request never goes out on one being closed.
+    let mut builder = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .pool_idle_timeout(crate::http_server::HEADER_READ_TIMEOUT / 2);
     if let Some(path) = ca_file {
         let pem = std::fs::read(path).map_err(|e| format!("CA file {}: {e}", path.display()))?;
         for cert in reqwest::Certificate::from_pem_bundle(&pem)

@@ -37,6 +37,7 @@ pub mod deid;
 pub mod demo;
 pub mod fuzzing;
 pub mod health;
+pub mod http_server;
 pub mod jwks;
 pub mod jwt;
 pub mod leader;

@@ -80,9 +80,9 @@ impl Bound {
             Some(certificate) => {
                 certificate.keep_fresh(CERTIFICATE_RELOAD_INTERVAL);
                 let listener = TlsListener::new(self.listener, certificate.server_config()?)?;
-                axum::serve(listener, app).with_graceful_shutdown(shutdown).await?
+                crate::http_server::serve(listener, app, shutdown).await;
             }
-            None => axum::serve(crate::net::no_delay(self.listener), app).with_graceful_shutdown(shutdown).await?,
+            None => crate::http_server::serve(crate::net::no_delay(self.listener), app, shutdown).await,
         }
         Ok(())
     }

@@ -371,7 +371,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         controllers_stopped.notify_one();
     };
     info!(listen = %args.health_listen, "mcp-warden operator starting");
-    let (_, _, served) = tokio::join!(controllers, election, health_server);
+    tokio::join!(controllers, election, health_server);
     // The verdict trail is sealed and what is left of it shipped.
     let shippers = match verdict_shipping {
         Some(shipping) => shipping.stop().await,
@@ -381,7 +381,6 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         trail.close().await;
     }
     crate::audit::trail_shipping::drain(shippers).await;
-    served?;
     info!("mcp-warden operator stopped");
     Ok(())
 }

@@ -35,13 +35,14 @@ use metrics::SidecarMetrics;
 
 /// Serves the gateway on its public listener until `shutdown` resolves.
 /// Nagle is off on every connection (`net`): streamed answers go out as
-/// they are written.
+/// they are written; a request head must arrive within `http_server`'s
+/// timeout, so silent connections do not pile up.
 pub async fn serve_public(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(crate::net::no_delay(listener), router).with_graceful_shutdown(shutdown).await
+) {
+    crate::http_server::serve(crate::net::no_delay(listener), router, shutdown).await
 }
 
 /// Flags of `mcp-warden sidecar`.
@@ -311,7 +312,7 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         _ = crate::health::shutdown_signal() => {}
         result = &mut server => {
             // The server stopped by itself: that is a failure, not a shutdown.
-            result??;
+            result?;
             anyhow::bail!("the public listener stopped");
         }
     }
