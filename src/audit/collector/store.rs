@@ -269,6 +269,18 @@ fn io(e: impl std::fmt::Display) -> Refused {
     Refused::Storage(e.to_string())
 }
 
+/// Appends `bytes` to the segment at `path` (`len` bytes long) and makes
+/// them durable; on failure cuts the segment back to `len`, so no partial
+/// record stays.
+fn append_durably(path: &Path, len: u64, bytes: &[u8]) -> Result<(), Refused> {
+    let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+    if let Err(e) = file.write_all(bytes).and_then(|_| file.sync_data()) {
+        let _ = file.set_len(len);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
 impl Storage {
     /// Opens (or creates) the storage under `root/streams`, loading each
     /// stream's head from disk.
@@ -486,19 +498,17 @@ impl Storage {
             Some((path, len)) if *len < SEGMENT_BYTES => (path.clone(), *len),
             _ => (state.dir.join(segment::segment_name(next.seq)), 0),
         };
-        let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
-        if let Err(e) = file.write_all(bytes).and_then(|_| file.sync_data()) {
-            // Cut back what may have been written, so no partial record stays.
-            let _ = file.set_len(len);
-            return Err(io(e));
-        }
-        if len == 0 {
-            segment::sync_dir(&state.dir).map_err(io)?;
-        }
-        state.active = Some((path, len + bytes.len() as u64));
+        let added = bytes.len() as u64;
+        let appended = append_durably(&path, len, bytes);
+        // A large batch's buffer is let go whether or not it was stored.
         if bytes.capacity() > APPEND_BUFFER_KEPT {
             *bytes = Vec::new();
         }
+        appended?;
+        if len == 0 {
+            segment::sync_dir(&state.dir).map_err(io)?;
+        }
+        state.active = Some((path, len + added));
         for record in fresh {
             state.last_seq = record.seq;
             state.last_hash = record.hash.clone();
@@ -622,6 +632,22 @@ mod tests {
         assert_eq!(server.open_streams.len(), 1);
         assert_eq!(server.open_streams.values().next().unwrap().last_seq, 10);
         assert_eq!(server.open_incidents, 0);
+    }
+
+    #[test]
+    fn a_large_batch_lets_its_buffer_go_even_when_its_append_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = lines(12_001);
+        let mut storage = Storage::open(dir.path()).unwrap();
+        storage.store("a", None, &refs(&all[..1])).unwrap();
+        // The active segment becomes a directory: the next append fails.
+        let (path, _) = storage.streams.values().next().unwrap().active.clone().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let batch = refs(&all[1..]);
+        assert!(batch.iter().map(|l| l.len() + 1).sum::<usize>() > APPEND_BUFFER_KEPT);
+        assert!(storage.store("a", None, &batch).is_err());
+        assert_eq!(storage.append_buffer.capacity(), 0, "a failed batch's buffer was kept");
     }
 
     #[test]
