@@ -12,6 +12,7 @@ mod pg;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::{AUDIENCE, ISSUER, claims, rs256};
 use mcp_warden::broker::inventory::Inventory;
@@ -137,11 +138,24 @@ struct World {
     broker: Arc<Broker>,
 }
 
+/// PostgreSQL with the clinic and the extra schema, not yet seen by a broker.
+async fn store() -> Postgres {
+    let pg = Postgres::start().await;
+    prepare_database(&pg).await;
+    pg.superuser("ehr").await.batch_execute(EXTRA_SCHEMA).await.unwrap();
+    pg
+}
+
 impl World {
     async fn new() -> World {
-        let pg = Postgres::start().await;
-        prepare_database(&pg).await;
-        pg.superuser("ehr").await.batch_execute(EXTRA_SCHEMA).await.unwrap();
+        let world = World::unsynced(store().await);
+        let problems = world.broker.sync().await;
+        assert!(problems.is_empty(), "{problems:?}");
+        world
+    }
+
+    /// A broker over `pg` that has not made its first pass.
+    fn unsynced(pg: Postgres) -> World {
         let dir = tempfile::tempdir().unwrap();
         let manifests_dir = dir.path().join("manifests");
         std::fs::create_dir_all(&manifests_dir).unwrap();
@@ -156,8 +170,6 @@ impl World {
         let settings = Settings { max_ttl: None, connection_limit: 4, ..Default::default() };
         let broker =
             Arc::new(Broker::new(inventory, trail, settings, BrokerMetrics::register(&mut Registry::default())));
-        let problems = broker.sync().await;
-        assert!(problems.is_empty(), "{problems:?}");
         World { pg, _dir: dir, broker }
     }
 
@@ -212,6 +224,43 @@ async fn probe(session: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, 
 
 fn is_pseudonym(value: &str) -> bool {
     value.strip_prefix("pt_").is_some_and(|h| h.len() == 20 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The broker's pass puts triggers on classified tables. Waiting for an
+/// application's open write transaction, its lock request would sit in
+/// PostgreSQL's queue ahead of every later write to the table: the
+/// hospital's application would stall behind the broker. It gives up after
+/// its lock timeout instead, says so, and succeeds once the table is free.
+#[tokio::test]
+async fn a_busy_table_fails_the_brokers_pass_quickly_instead_of_stalling_the_application() {
+    let world = World::unsynced(store().await);
+    let application = world.pg.superuser("ehr").await;
+    application.batch_execute("BEGIN; UPDATE clinical.patients SET diagnosis = diagnosis WHERE id = 2").await.unwrap();
+    let another_writer = world.pg.superuser("ehr").await;
+
+    let pass = tokio::spawn({
+        let broker = Arc::clone(&world.broker);
+        async move { broker.sync().await }
+    });
+    // While the broker waits for its lock, another write to the table waits
+    // behind it: only as long as the broker's lock timeout.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let write = tokio::time::timeout(
+        Duration::from_secs(20),
+        another_writer.batch_execute("UPDATE clinical.patients SET diagnosis = diagnosis WHERE id = 3"),
+    )
+    .await;
+    assert!(write.is_ok(), "a write to the table stalled behind the broker's pass");
+    write.unwrap().unwrap();
+    let problems = tokio::time::timeout(Duration::from_secs(20), pass)
+        .await
+        .expect("the pass kept waiting for the application's lock")
+        .unwrap();
+    assert!(problems.iter().any(|p| p.contains("lock timeout")), "{problems:?}");
+
+    application.batch_execute("COMMIT").await.unwrap();
+    let problems = world.broker.sync().await;
+    assert!(problems.is_empty(), "{problems:?}");
 }
 
 #[tokio::test]

@@ -21,6 +21,14 @@ use crate::policy::CompiledStore;
 
 /// How long a connection attempt to a store may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest the broker's DDL waits for a lock on a store's object (its
+/// `lock_timeout`). A lock request waiting in PostgreSQL's queue blocks every
+/// later request that conflicts with it: a trigger waiting for an
+/// application's open write transaction would hold up all the application's
+/// writes to that table. The broker gives up instead, reports it, and tries
+/// again at its next pass.
+pub const LOCK_TIMEOUT: &str = "5s";
 /// How long the reaper waits for a terminated backend to exit.
 const TERMINATE_WAIT_MS: i64 = 5000;
 
@@ -139,6 +147,7 @@ pub async fn connect(access: &StoreAccess) -> Result<Client, StoreError> {
         .user(&access.admin_user)
         .password(access.admin_password.as_bytes())
         .application_name("mcp-warden-broker")
+        .options(format!("-c lock_timeout={LOCK_TIMEOUT}"))
         .connect_timeout(CONNECT_TIMEOUT);
     let client = match store.ssl_mode {
         SslMode::Disable => {
