@@ -115,6 +115,16 @@ async fn upstream(log: Log) -> String {
                 if let Some(mode) = headers.get("x-test-hostile-list").and_then(|v| v.to_str().ok()) {
                     return hostile_list(mode, &id).into_response();
                 }
+                if headers.get("x-test-made-up-tools").is_some() {
+                    // A thousand names never listed before, in every answer.
+                    let mut list = answer(&body);
+                    let tools = list["tools"].as_array_mut().expect("tools");
+                    for i in 0..1000 {
+                        tools.push(json!({"name": format!("made-up-{id}-{i}"), "inputSchema": {"type": "object"}}));
+                    }
+                    let reply = json!({"jsonrpc": "2.0", "id": id, "result": list});
+                    return ([("content-type", "application/json")], reply.to_string()).into_response();
+                }
                 if headers.get("x-test-slow-sse").is_some() {
                     return slow_sse(&body["id"]).into_response();
                 }
@@ -813,6 +823,20 @@ async fn a_changed_policy_file_takes_effect_and_a_bad_one_is_refused() {
     std::fs::write(&file, "{not json").expect("write");
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(s.gateway.policy().server.name, "patient-lookup");
+}
+
+#[tokio::test]
+async fn a_server_listing_new_names_in_every_answer_does_not_grow_the_sidecar() {
+    let s = sidecar().await;
+    let token = rs256(&claims("alice", &["front-desk"]));
+    for id in 0..20 {
+        let (status, _, body) =
+            s.post(Some(&token), &rpc(id, "tools/list", json!({})), &[("x-test-made-up-tools", "1")]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(!tool_names(&body["result"]).iter().any(|n| n.starts_with("made-up")), "an undeclared tool was listed");
+    }
+    // 20,000 names listed; only the declared tools the server listed are kept.
+    assert_eq!(s.gateway.remembered_tools(), 2);
 }
 
 #[tokio::test]

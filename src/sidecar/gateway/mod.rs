@@ -218,23 +218,28 @@ impl Gateway {
         self.scans.read().unwrap_or_else(|p| p.into_inner()).get(tool).cloned()
     }
 
-    /// Remembers which parameters each tool mirrors into headers, and
-    /// compares each listed tool that declares its arguments with its
-    /// declaration: the drift goes on the list's outcome record.
+    /// Remembers which parameters each declared tool mirrors into headers,
+    /// and compares each listed tool that declares its arguments with its
+    /// declaration: the drift goes on the list's outcome record. Tools the
+    /// policy does not declare are never remembered: they cannot be called,
+    /// and a server listing new names in every answer would grow the map
+    /// without bound.
     fn learn_tools(&self, result: &Value) -> SchemaDrift {
         let Some(tools) = result.get("tools").and_then(Value::as_array) else { return SchemaDrift::new() };
         let policy = self.policy();
         let mut drift = SchemaDrift::new();
         let mut map = self.mirrored_params.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|name, _| policy.tools.contains_key(name));
         for tool in tools {
-            if let Some(name) = tool.get("name").and_then(Value::as_str) {
-                let mirrored = tool.get("inputSchema").map(messages::mirrored_params).unwrap_or_default();
-                map.insert(name.to_string(), mirrored);
-                if let Some((known, declared)) =
-                    policy.tools.get_key_value(name).and_then(|(n, t)| Some((n, t.arguments.as_deref()?)))
-                {
-                    drift.insert(known.clone(), arguments::schema_drift(declared, tool.get("inputSchema")));
-                }
+            let Some((known, declared)) =
+                tool.get("name").and_then(Value::as_str).and_then(|n| policy.tools.get_key_value(n))
+            else {
+                continue;
+            };
+            let mirrored = tool.get("inputSchema").map(messages::mirrored_params).unwrap_or_default();
+            map.insert(known.clone(), mirrored);
+            if let Some(arguments) = declared.arguments.as_deref() {
+                drift.insert(known.clone(), arguments::schema_drift(arguments, tool.get("inputSchema")));
             }
         }
         drop(map);
@@ -260,6 +265,11 @@ impl Gateway {
             }
         }
         self.metrics.tools_drifted(seen.values().filter(|f| !f.is_empty()).count());
+    }
+
+    /// How many tools' mirrored parameters are remembered (tests).
+    pub fn remembered_tools(&self) -> usize {
+        self.mirrored_params.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn mirrored_for(&self, tool: &str) -> Option<messages::MirroredParams> {
