@@ -13,6 +13,7 @@
 //!     lists     tools/list, 1/s
 //!     refusals  lookup_patient by a caller outside front-desk, 1/s (a refusal is the expected answer)
 //!     expiring  clinic_hours, 1/s, with a token that expires at 1/3 of the run (401 expected after)
+//!   (the other callers take new tokens every 20 minutes, as clients refresh theirs)
 //!   faults (fraction of the run)        expected error classes while it lasts (+10 s)
 //!     0.25 JWKS rotation (new key, new tokens; the broker's manifests rewritten)   401 on any class, phi refused
 //!     0.45 collector restart                                                        none
@@ -33,9 +34,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mcp_warden::demo::issuer::Issuer;
 use mcp_warden::demo::stack::{Part, Stack};
 use serde_json::{Value, json};
 use support::{env_number, machine, status_kib};
+
+/// How often the load's callers take new tokens (the issuer's last an
+/// hour): a run longer than that would otherwise end in 401s.
+const TOKEN_REFRESH: Duration = Duration::from_secs(20 * 60);
 
 /// One call's fate.
 struct Outcome {
@@ -66,6 +72,15 @@ struct Soak {
 impl Soak {
     fn token(&self, who: &'static str) -> String {
         self.tokens.lock().unwrap()[who].clone()
+    }
+
+    /// New tokens for the callers whose tokens are meant to stay valid, as
+    /// clients refresh theirs (the issuer's last an hour; eve's is left to
+    /// expire).
+    fn refresh_tokens(&self, issuer: &Issuer) {
+        let mut tokens = self.tokens.lock().unwrap();
+        tokens.insert("dana", issuer.token("dana", &["front-desk"]).unwrap());
+        tokens.insert("bob", issuer.token("bob", &["billing"]).unwrap());
     }
 
     fn expected(&self, class: &'static str, error: &str, at: Duration) -> bool {
@@ -291,17 +306,20 @@ fn main() {
         let mut faults_done = 0;
         let mut next_report = Duration::from_secs(every);
         let grace = Duration::from_secs(10);
+        let mut refreshed = Duration::ZERO;
         while soak.started.elapsed() < duration {
             tokio::time::sleep(Duration::from_millis(250)).await;
             let at = soak.started.elapsed();
+            if at - refreshed >= TOKEN_REFRESH {
+                soak.refresh_tokens(&issuer);
+                refreshed = at;
+            }
             let fraction = at.as_secs_f64() / duration.as_secs_f64();
             if faults_done == 0 && fraction >= 0.25 {
                 issuer.rotate().unwrap();
                 stack.publish_jwks().expect("manifests");
-                let mut tokens = soak.tokens.lock().unwrap();
-                tokens.insert("dana", issuer.token("dana", &["front-desk"]).unwrap());
-                tokens.insert("bob", issuer.token("bob", &["billing"]).unwrap());
-                drop(tokens);
+                soak.refresh_tokens(&issuer);
+                refreshed = at;
                 let until = soak.started.elapsed() + grace;
                 soak.faults.lock().unwrap().push(Fault {
                     name: "JWKS rotation",
@@ -421,21 +439,45 @@ async fn conclude(soak: &Soak, stack: &mut Stack, exe: &Path, samples: &BTreeMap
         bytes(&stack.dir.path().join("sidecar-audit")) as f64 / 1048576.0
     );
 
-    // Every call with a correlation id is on the collector's trail.
-    let loaded = mcp_warden::audit::query::read_records(&storage);
-    let on_trail: std::collections::HashSet<String> =
-        loaded.records.iter().filter_map(|r| r.event.correlation.clone()).collect();
+    // Every call with a correlation id is on the collector's trail. The
+    // trail is read a line at a time, only the calls' ids held: a two-hour
+    // run stores tens of millions of records, and loading them all at once
+    // ran this machine (24 GiB) out of memory.
     let outcomes = soak.outcomes.lock().unwrap();
-    let with_id: Vec<&Outcome> = outcomes.iter().filter(|o| o.correlation.is_some()).collect();
-    let missing = with_id.iter().filter(|o| !on_trail.contains(o.correlation.as_deref().unwrap_or(""))).count();
-    let without_id = outcomes.len() - with_id.len();
+    let mut unseen: std::collections::HashSet<&str> =
+        outcomes.iter().filter_map(|o| o.correlation.as_deref()).collect();
+    let with_id = outcomes.iter().filter(|o| o.correlation.is_some()).count();
+    let mut unreadable = 0u64;
+    for dir in walkdir::WalkDir::new(&storage).into_iter().filter_map(|e| e.ok()).filter(|e| e.file_type().is_dir()) {
+        for (_, path) in mcp_warden::audit::segment::list_segments(dir.path()).unwrap_or_default() {
+            let read = mcp_warden::audit::segment::for_each_line(&path, |line| {
+                match mcp_warden::audit::record::Record::parse_line(line.bytes) {
+                    Ok(record) => {
+                        if let Some(id) = record.event.correlation.as_deref() {
+                            unseen.remove(id);
+                        }
+                    }
+                    Err(_) => unreadable += 1,
+                }
+                Ok::<(), std::io::Error>(())
+            });
+            if read.is_err() {
+                unreadable += 1;
+            }
+        }
+    }
+    if unreadable > 0 {
+        println!("   {unreadable} trail lines or segments could not be read");
+    }
+    let missing = unseen.len();
+    let without_id = outcomes.len() - with_id;
     let unexpected =
         outcomes.iter().filter(|o| o.error.as_ref().is_some_and(|e| !soak.expected(o.class, e, o.at))).count();
     println!(
         "   calls: {} ({} without an answer naming its correlation id); on the collector's trail: {}; missing: {missing}",
         outcomes.len(),
         without_id,
-        with_id.len() - missing
+        with_id - missing
     );
     println!("   unexpected errors: {unexpected}");
     // Flat after warm-up: the slope over the last half of the reports,
