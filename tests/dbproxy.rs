@@ -850,7 +850,9 @@ async fn a_server_that_stops_reading_is_cut_off_when_its_call_ends() {
     drop(ticket);
     eventually("the proxy to let the connection go", async || (world.metrics.open_connections() == 0).then_some(()))
         .await;
-    let cut = eventually("the statements left in flight on the trail, ended with the call", async || {
+    // Whether the first answers got through before the proxy stuck depends
+    // on socket buffers; that some statements were left in flight does not.
+    eventually("the statements left in flight on the trail, ended with the call", async || {
         let cut = world
             .sidecar_records()
             .into_iter()
@@ -859,7 +861,6 @@ async fn a_server_that_stops_reading_is_cut_off_when_its_call_ends() {
         (cut > 0).then_some(cut)
     })
     .await;
-    assert!(cut < 200, "{cut}: the answers relayed before the proxy got stuck are not among them");
     drop(socket);
 }
 
