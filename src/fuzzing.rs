@@ -350,7 +350,7 @@ fn converse(data: &[u8]) -> usize {
                     statements += usize::from(started);
                 }
                 Ok(FrontAction::Answer(_)) => statements += done.len() - before,
-                Err(_) => {
+                Ok(FrontAction::Close(_)) | Err(_) => {
                     statements += done.len() - before;
                     break;
                 }

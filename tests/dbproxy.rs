@@ -787,7 +787,9 @@ async fn literals_with_backslash_escapes_end_the_connection_and_keep_no_value() 
     // words. (In one simple query PostgreSQL parses every statement before
     // the SET runs, so the hidden literal needs a query of its own.)
     let err = client.simple_query("SET standard_conforming_strings = off").await.expect_err("the connection ends");
-    assert!(err.is_closed() || err.code().is_some(), "{err}");
+    // Told why (it once heard that COPY is not allowed).
+    let told = err.as_db_error().map(|e| (e.code().code(), e.message()));
+    assert!(told.is_some_and(|(code, text)| code == "0A000" && text.contains("standard_conforming_strings")), "{err}");
     let hidden = client.simple_query("SELECT 'x\\' OR Zebulon Quist \\''").await;
     assert!(hidden.is_err(), "nothing more is relayed");
     let trail = eventually("the withheld statement's record", async || {
@@ -800,6 +802,36 @@ async fn literals_with_backslash_escapes_end_the_connection_and_keep_no_value() 
     .await;
     let text = format!("{trail:?}");
     assert!(!text.contains("Zebulon") && !text.contains("Quist"), "a literal's value reached the trail");
+    drop(ticket);
+}
+
+#[tokio::test]
+async fn a_server_preparing_statements_without_end_is_cut_off_and_recorded() {
+    let world = World::start(reference_server()).await;
+    let mut ticket = world.grants.ticket();
+    let token = world.token(&mut ticket, None).await;
+    let client = world.via_proxy(&token, "ehr").await.unwrap();
+    // Named statements never closed, pipelined: PostgreSQL would keep them
+    // all; the proxy keeps their texts, so it stops at its bound.
+    let query = format!("SELECT diagnosis FROM {VIEWS}.patients WHERE id = $1");
+    let prepared =
+        futures::future::join_all((0..=mcp_warden::dbproxy::tracker::MAX_KEPT_NAMES).map(|_| client.prepare(&query)))
+            .await;
+    let refused = prepared.iter().filter_map(|p| p.as_ref().err()).find_map(|e| e.as_db_error()).expect("refused");
+    assert_eq!(refused.code().code(), "54000", "{refused}");
+    assert!(refused.message().contains("prepared statements"), "{refused}");
+    assert!(client.simple_query("SELECT 1").await.is_err(), "the connection ended");
+    let record = eventually("the refusal's record", async || {
+        world.sidecar_records().into_iter().find(|r| {
+            r.event.kind == Kind::Statement && r.event.reason.as_deref() == Some("too_many_prepared_statements")
+        })
+    })
+    .await;
+    assert_eq!(record.event.outcome.map(|o| o.status), Some(OutcomeStatus::Refused));
+    assert_eq!(record.event.statement.as_deref(), Some(query.as_str()));
+    // The proxy goes on serving the call.
+    let again = world.via_proxy(&token, "ehr").await.unwrap();
+    again.simple_query("SELECT 1").await.expect("served");
     drop(ticket);
 }
 

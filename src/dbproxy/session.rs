@@ -229,7 +229,7 @@ impl End {
         match self {
             End::CallEnded => Some(("57P01", "the call this connection was opened for has ended")),
             End::CredentialExpired => Some(("57P01", "the caller's database credential has expired")),
-            End::Refused(_) => Some(("42501", super::tracker::COPY_REFUSED)),
+            End::Refused(reason) => Some(super::tracker::refusal_notice(reason)),
             End::ClientProtocol("oversized_message") => Some(("54000", "message too large for the proxy")),
             End::ClientProtocol(_) => Some(("08P01", "invalid message")),
             End::ServerProtocol => Some(("08006", "the store sent an unreadable message")),
@@ -381,6 +381,10 @@ async fn client_step(
                 for answer in answers {
                     client.write(&answer, done).await?;
                 }
+            }
+            FrontAction::Close(reason) => {
+                client.flush_to_server(server, &mut to_server).await?;
+                return Err(End::Refused(reason));
             }
         }
         if terminate {

@@ -4,6 +4,7 @@
 //! rows, outcome and duration. It also says what the proxy must refuse.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -47,6 +48,9 @@ pub enum FrontAction {
     /// Answer the client with these bytes instead; the statement is
     /// recorded as refused.
     Answer(Vec<Bytes>),
+    /// Refused, and the connection ends for this reason (the statement is
+    /// recorded as refused; [`refusal_notice`] says what the client is told).
+    Close(&'static str),
 }
 
 /// What to do with a server message.
@@ -59,7 +63,7 @@ pub enum BackAction {
 }
 
 struct Pending {
-    statement: String,
+    statement: Arc<str>,
     simple: bool,
     started: Instant,
     rows_seen: u64,
@@ -71,17 +75,60 @@ struct Pending {
 pub struct Tracker {
     allow_copy: bool,
     pending: VecDeque<Pending>,
-    prepared: HashMap<String, String>,
-    portals: HashMap<String, String>,
+    prepared: Named,
+    portals: Named,
     status: u8,
     /// Normalized texts of recently parsed statements: a client re-parsing
     /// the same text (the extended protocol's unnamed statement) is not
     /// tokenized again.
-    seen: HashMap<String, String>,
+    seen: HashMap<String, Arc<str>>,
 }
 
 /// Most texts kept in [`Tracker::seen`] before it starts over.
 const SEEN_TEXTS: usize = 256;
+/// Longest query remembered there (a message may hold 16 MiB: 256 of those
+/// would be 4 GiB of the sidecar's memory).
+const SEEN_QUERY_BYTES: usize = 16 * 1024;
+/// Most prepared statements and portals a connection may keep open
+/// together. PostgreSQL sets no limit, and the texts are kept here for the
+/// records of their executions; without one, an MCP server preparing names
+/// without end would grow the sidecar — the pod's auditor — instead of its
+/// own container. Drivers' statement caches keep a few hundred.
+pub const MAX_KEPT_NAMES: usize = 10_000;
+/// Most bytes of names and texts those may hold (counted per name, though a
+/// portal shares its statement's text): two statements of the largest
+/// message the proxy reads.
+pub const MAX_KEPT_BYTES: usize = 2 * super::wire::MAX_MESSAGE_BYTES;
+/// Why a connection ends when it keeps more than that.
+pub const TOO_MANY_KEPT: &str = "too_many_prepared_statements";
+
+/// Prepared statements or portals by name, with the bytes they hold.
+#[derive(Default)]
+struct Named {
+    texts: HashMap<String, Arc<str>>,
+    bytes: usize,
+}
+
+impl Named {
+    fn text(&self, name: &str) -> Arc<str> {
+        self.texts.get(name).cloned().unwrap_or_else(|| UNKNOWN_STATEMENT.into())
+    }
+
+    fn insert(&mut self, name: String, text: Arc<str>) {
+        let name_bytes = name.len();
+        self.bytes += name_bytes + text.len();
+        if let Some(old) = self.texts.insert(name, text) {
+            // Replaced: one key (equal to `name`) stays, the old text goes.
+            self.bytes -= name_bytes + old.len();
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some((name, text)) = self.texts.remove_entry(name) {
+            self.bytes -= name.len() + text.len();
+        }
+    }
+}
 
 impl Tracker {
     /// A tracker for a connection whose policy does (or does not) allow COPY.
@@ -89,8 +136,8 @@ impl Tracker {
         Tracker {
             allow_copy,
             pending: VecDeque::new(),
-            prepared: HashMap::new(),
-            portals: HashMap::new(),
+            prepared: Named::default(),
+            portals: Named::default(),
             status: b'I',
             seen: HashMap::new(),
         }
@@ -113,40 +160,49 @@ impl Tracker {
                 // statements in flight the server's CopyResponse ends the
                 // connection instead (see `server`).
                 if normalized.copy && !self.allow_copy && self.pending.is_empty() {
-                    done.push(refused(normalized.text, "copy_not_allowed"));
+                    done.push(refused(normalized.text, COPY_NOT_ALLOWED));
                     return Ok(FrontAction::Answer(vec![
                         super::wire::backend::error("ERROR", "42501", COPY_REFUSED),
                         super::wire::backend::ready_for_query(self.status),
                     ]));
                 }
-                self.pending.push_back(Pending::new(normalized.text, true, now));
+                self.pending.push_back(Pending::new(normalized.text.into(), true, now));
             }
             b'P' => {
                 let name = cstring(&mut body)?;
                 let query = cstring(&mut body)?;
                 let text = match self.seen.get(&query) {
-                    Some(text) => text.clone(),
+                    Some(text) => Arc::clone(text),
                     None => {
-                        if self.seen.len() >= SEEN_TEXTS {
-                            self.seen.clear();
+                        let text: Arc<str> = normalize(&query).text.into();
+                        if query.len() <= SEEN_QUERY_BYTES {
+                            if self.seen.len() >= SEEN_TEXTS {
+                                self.seen.clear();
+                            }
+                            self.seen.insert(query, Arc::clone(&text));
                         }
-                        let text = normalize(&query).text;
-                        self.seen.insert(query, text.clone());
                         text
                     }
                 };
-                self.prepared.insert(name, text);
+                self.prepared.insert(name, Arc::clone(&text));
+                if self.keeps_too_much() {
+                    done.push(refused(text.to_string(), TOO_MANY_KEPT));
+                    return Ok(FrontAction::Close(TOO_MANY_KEPT));
+                }
             }
             b'B' => {
                 let portal = cstring(&mut body)?;
                 let statement = cstring(&mut body)?;
-                let text = self.prepared.get(&statement).cloned().unwrap_or_else(|| UNKNOWN_STATEMENT.to_string());
-                self.portals.insert(portal, text);
+                let text = self.prepared.text(&statement);
+                self.portals.insert(portal, Arc::clone(&text));
+                if self.keeps_too_much() {
+                    done.push(refused(text.to_string(), TOO_MANY_KEPT));
+                    return Ok(FrontAction::Close(TOO_MANY_KEPT));
+                }
             }
             b'E' => {
                 let portal = cstring(&mut body)?;
-                let text = self.portals.get(&portal).cloned().unwrap_or_else(|| UNKNOWN_STATEMENT.to_string());
-                self.pending.push_back(Pending::new(text, false, now));
+                self.pending.push_back(Pending::new(self.portals.text(&portal), false, now));
             }
             b'C' => {
                 let kind = body.first().copied().ok_or(WireError::Malformed("close"))?;
@@ -246,14 +302,21 @@ impl Tracker {
             b'G' | b'H' | b'W' if !self.allow_copy => {
                 if let Some(p) = self.pending.pop_front() {
                     let mut f = p.finish(now);
-                    f.ending = Ending::Refused("copy_not_allowed");
+                    f.ending = Ending::Refused(COPY_NOT_ALLOWED);
                     done.push(f);
                 }
-                return Ok(BackAction::Close("copy_not_allowed"));
+                return Ok(BackAction::Close(COPY_NOT_ALLOWED));
             }
             _ => {}
         }
         Ok(BackAction::Forward)
+    }
+
+    /// Whether the prepared statements and portals kept exceed what one
+    /// connection may keep.
+    fn keeps_too_much(&self) -> bool {
+        self.prepared.texts.len() + self.portals.texts.len() > MAX_KEPT_NAMES
+            || self.prepared.bytes + self.portals.bytes > MAX_KEPT_BYTES
     }
 
     /// The connection ended: what was still in flight did not finish.
@@ -264,8 +327,27 @@ impl Tracker {
     }
 }
 
+/// Why a COPY is refused (and its connection ends, when the server started it).
+pub const COPY_NOT_ALLOWED: &str = "copy_not_allowed";
 /// Told to a client whose statement holds a COPY.
 pub const COPY_REFUSED: &str = "COPY is not allowed for this tool: its policy does not set allowCopy";
+
+/// What a client is told (SQLSTATE, message) when the connection ends for
+/// `reason`, one of the tracker's refusals ([`FrontAction::Close`],
+/// [`BackAction::Close`]).
+pub fn refusal_notice(reason: &str) -> (&'static str, &'static str) {
+    match reason {
+        BACKSLASH_LITERALS => (
+            "0A000",
+            "standard_conforming_strings off is not served: the proxy could not record statements without their values",
+        ),
+        TOO_MANY_KEPT => {
+            ("54000", "too many prepared statements and portals open on this connection; close those no longer needed")
+        }
+        COPY_NOT_ALLOWED => ("42501", COPY_REFUSED),
+        _ => ("42501", "refused by the proxy"),
+    }
+}
 const UNKNOWN_STATEMENT: &str = "<unknown prepared statement>";
 
 /// Why a connection ends when string literals start taking backslash
@@ -300,7 +382,7 @@ fn refused(statement: String, reason: &'static str) -> Finished {
 }
 
 impl Pending {
-    fn new(statement: String, simple: bool, started: Instant) -> Self {
+    fn new(statement: Arc<str>, simple: bool, started: Instant) -> Self {
         Pending { statement, simple, started, rows_seen: 0, rows_tagged: 0, error: None }
     }
 
@@ -310,7 +392,7 @@ impl Pending {
             None => Ending::Ok,
         };
         Finished {
-            statement: self.statement,
+            statement: self.statement.to_string(),
             rows: self.rows_tagged.max(self.rows_seen),
             ending,
             duration: now.saturating_duration_since(self.started),
@@ -480,6 +562,108 @@ mod tests {
         assert_eq!(tracker.in_flight(), 0);
         // Why: read as with the setting on, the value's words stay.
         assert_eq!(normalize("SELECT 'x\\' OR Joe Doe \\''").text, "SELECT ? OR Joe Doe ??");
+    }
+
+    fn parse(name: &str, query: &str) -> Frame {
+        frame(b'P', format!("{name}\0{query}\0\0\0").as_bytes())
+    }
+
+    fn bind(portal: &str, statement: &str) -> Frame {
+        frame(b'B', format!("{portal}\0{statement}\0\0\0\0\0\0\0").as_bytes())
+    }
+
+    fn close(kind: u8, name: &str) -> Frame {
+        frame(b'C', format!("{}{name}\0", kind as char).as_bytes())
+    }
+
+    #[test]
+    fn a_connection_keeping_too_many_prepared_statements_is_closed_and_recorded() {
+        let mut t = Tracker::new(false);
+        let (now, mut done) = (Instant::now(), Vec::new());
+        for i in 0..MAX_KEPT_NAMES {
+            let action = t.client(&parse(&format!("s{i}"), "SELECT a FROM t WHERE id = 7"), now, &mut done);
+            assert_eq!(action.unwrap(), FrontAction::Forward, "statement {i}");
+        }
+        let last = t.client(&parse("one_more", "SELECT a FROM t WHERE id = 7"), now, &mut done).unwrap();
+        assert_eq!(last, FrontAction::Close(TOO_MANY_KEPT));
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].statement.as_str(), &done[0].ending),
+            ("SELECT a FROM t WHERE id = ?", &Ending::Refused(TOO_MANY_KEPT))
+        );
+        assert_eq!(refusal_notice(TOO_MANY_KEPT).0, "54000");
+
+        // Portals count too.
+        let mut t = Tracker::new(false);
+        t.client(&parse("s", "SELECT 1"), now, &mut done).unwrap();
+        let closed = (0..=MAX_KEPT_NAMES).position(|i| {
+            t.client(&bind(&format!("p{i}"), "s"), now, &mut done).unwrap() == FrontAction::Close(TOO_MANY_KEPT)
+        });
+        assert_eq!(closed, Some(MAX_KEPT_NAMES - 1));
+    }
+
+    #[test]
+    fn closed_and_replaced_statements_free_what_they_held() {
+        let mut t = Tracker::new(false);
+        let (now, mut done) = (Instant::now(), Vec::new());
+        // Far more names than may be kept at once, each closed after use.
+        for i in 0..3 * MAX_KEPT_NAMES {
+            let name = format!("s{i}");
+            for f in [parse(&name, "SELECT 1"), bind(&name, &name), close(b'P', &name), close(b'S', &name)] {
+                assert_eq!(t.client(&f, now, &mut done).unwrap(), FrontAction::Forward, "name {i}");
+            }
+        }
+        assert_eq!((t.prepared.bytes, t.portals.bytes), (0, 0));
+        // A 1 MiB name, replaced 64 times: one kept.
+        let name = "n".repeat(1024 * 1024);
+        for _ in 0..64 {
+            assert_eq!(t.client(&parse(&name, "SELECT 1"), now, &mut done).unwrap(), FrontAction::Forward);
+        }
+        assert_eq!(t.prepared.bytes, name.len() + "SELECT 1".len());
+        assert!(done.is_empty());
+    }
+
+    #[test]
+    fn the_bytes_kept_are_bounded_even_under_the_count() {
+        let mut t = Tracker::new(false);
+        let (now, mut done) = (Instant::now(), Vec::new());
+        // Names of 1 MiB (the protocol bounds them only by the message).
+        let name = |i: usize| format!("{i:08}{}", "n".repeat(1024 * 1024 - 8));
+        let closed = (0..MAX_KEPT_NAMES).position(|i| {
+            t.client(&parse(&name(i), "SELECT 1"), now, &mut done).unwrap() == FrontAction::Close(TOO_MANY_KEPT)
+        });
+        assert_eq!(closed, Some(MAX_KEPT_BYTES / (1024 * 1024 + "SELECT 1".len())));
+        assert_eq!(done.len(), 1);
+    }
+
+    #[test]
+    fn only_short_queries_are_remembered_for_their_texts() {
+        let mut t = Tracker::new(false);
+        let (now, mut done) = (Instant::now(), Vec::new());
+        let long = |i: usize| format!("SELECT {} FROM t{i}", vec!["a"; SEEN_QUERY_BYTES / 2].join(","));
+        for i in 0..2 * SEEN_TEXTS {
+            let mut queries = vec![format!("SELECT a FROM t WHERE id = {i}")];
+            if i % 64 == 0 {
+                queries.push(long(i));
+            }
+            for query in queries {
+                assert_eq!(t.client(&parse("", &query), now, &mut done).unwrap(), FrontAction::Forward);
+            }
+        }
+        assert!(!t.seen.is_empty() && t.seen.len() <= SEEN_TEXTS);
+        assert!(t.seen.keys().all(|query| query.len() <= SEEN_QUERY_BYTES));
+        // A long query's text is computed each time, the same.
+        t.client(&parse("", &long(7)), now, &mut done).unwrap();
+        assert_eq!(t.prepared.text("").as_ref(), normalize(&long(7)).text);
+    }
+
+    #[test]
+    fn each_refusal_tells_the_client_its_own_reason() {
+        assert_eq!(refusal_notice(COPY_NOT_ALLOWED), ("42501", COPY_REFUSED));
+        let (code, text) = refusal_notice(BACKSLASH_LITERALS);
+        assert_eq!(code, "0A000");
+        assert!(text.contains("standard_conforming_strings") && !text.contains("COPY"), "{text}");
+        assert!(refusal_notice(TOO_MANY_KEPT).1.contains("prepared statements"));
     }
 
     #[test]
