@@ -442,6 +442,10 @@ async fn post(
             let reason = format!("request body larger than {} bytes", gw.config.max_body_bytes);
             return refusal.refuse("POST", StatusCode::PAYLOAD_TOO_LARGE, INVALID_REQUEST, &reason, None).await;
         }
+        Err(StatusCode::REQUEST_TIMEOUT) => {
+            let reason = "request body not received in time";
+            return refusal.refuse("POST", StatusCode::REQUEST_TIMEOUT, INVALID_REQUEST, reason, None).await;
+        }
         Err(status) => {
             return refusal.refuse("POST", status, INVALID_REQUEST, "unreadable body", None).await;
         }

@@ -47,10 +47,13 @@ impl Refusal<'_> {
     }
 }
 
+/// The request's body, up to `limit` bytes: 413 past it, 408 when it did
+/// not arrive in time (`http_server`'s deadline), 400 when unreadable.
 pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, StatusCode> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(StatusCode::PAYLOAD_TOO_LARGE),
+        Err(e) if crate::http_server::is_body_timeout(&*e) => Err(StatusCode::REQUEST_TIMEOUT),
         Err(_) => Err(StatusCode::BAD_REQUEST),
     }
 }
@@ -71,5 +74,27 @@ pub(super) fn session_for_upstream(
         Some(presented) => {
             gw.sessions.unbind(&caller.subject, presented).map(Some).map_err(|_| "session not found for this caller")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http_server::BodyTimeout;
+
+    fn failing(error: impl std::error::Error + Send + Sync + 'static) -> Body {
+        let chunks: Vec<Result<Bytes, Box<dyn std::error::Error + Send + Sync>>> =
+            vec![Ok(Bytes::from_static(b"{\"jsonrpc\"")), Err(Box::new(error))];
+        Body::from_stream(futures::stream::iter(chunks))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_or_refused_with_why() {
+        let whole = read_body(Body::from("{}"), 1024).await;
+        assert_eq!(whole.as_deref(), Ok(&b"{}"[..]));
+        assert_eq!(read_body(Body::from("x".repeat(2048)), 1024).await, Err(StatusCode::PAYLOAD_TOO_LARGE));
+        let late = read_body(failing(BodyTimeout(std::time::Duration::from_secs(30))), 1024).await;
+        assert_eq!(late, Err(StatusCode::REQUEST_TIMEOUT));
+        assert_eq!(read_body(failing(std::io::Error::other("reset")), 1024).await, Err(StatusCode::BAD_REQUEST));
     }
 }
