@@ -63,7 +63,7 @@ pub enum BackAction {
 }
 
 struct Pending {
-    statement: Arc<str>,
+    statement: String,
     simple: bool,
     started: Instant,
     rows_seen: u64,
@@ -166,7 +166,7 @@ impl Tracker {
                         super::wire::backend::ready_for_query(self.status),
                     ]));
                 }
-                self.pending.push_back(Pending::new(normalized.text.into(), true, now));
+                self.pending.push_back(Pending::new(normalized.text, true, now));
             }
             b'P' => {
                 let name = cstring(&mut body)?;
@@ -202,7 +202,7 @@ impl Tracker {
             }
             b'E' => {
                 let portal = cstring(&mut body)?;
-                self.pending.push_back(Pending::new(self.portals.text(&portal), false, now));
+                self.pending.push_back(Pending::new(self.portals.text(&portal).to_string(), false, now));
             }
             b'C' => {
                 let kind = body.first().copied().ok_or(WireError::Malformed("close"))?;
@@ -382,7 +382,7 @@ fn refused(statement: String, reason: &'static str) -> Finished {
 }
 
 impl Pending {
-    fn new(statement: Arc<str>, simple: bool, started: Instant) -> Self {
+    fn new(statement: String, simple: bool, started: Instant) -> Self {
         Pending { statement, simple, started, rows_seen: 0, rows_tagged: 0, error: None }
     }
 
@@ -392,7 +392,7 @@ impl Pending {
             None => Ending::Ok,
         };
         Finished {
-            statement: self.statement.to_string(),
+            statement: self.statement,
             rows: self.rows_tagged.max(self.rows_seen),
             ending,
             duration: now.saturating_duration_since(self.started),
